@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Usage: benchmarks/gpu_check.sh OUT_DIR
+#
+# One command for a GPU machine, offline: the correctness tests (on CUDA wherever a GPU is present),
+# `sdpo-fast check-kernels` for the local GPU's arch and the GPU benchmarks, within one deadline (460 s by default,
+# TOTAL_TIMEOUT), each step under `timeout`. Writes OUT_DIR/results.md and OUT_DIR/results.json, with each step's
+# log and the pytest-benchmark JSON files beside them. Installs nothing but the wheels in $WHEELS_DIR, if set
+# (--no-deps --no-index), and this checkout itself (editable, offline; or a sitecustomize shim when that fails).
+# Exit status 0 when every step exited 0.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then echo "usage: $0 OUT_DIR" >&2; exit 2; fi
+mkdir -p "$1" && OUT=$(cd "$1" && pwd -P) || exit 2
+REPO=$(cd "$(dirname "$0")/.." && pwd -P)
+cd "$REPO" || exit 2
+PY=${PYTHON:-python}
+DEADLINE=$((SECONDS + ${TOTAL_TIMEOUT:-460}))
+: >"$OUT/steps.tsv"
+
+# run_step NAME LIMIT_S CMD...: CMD under `timeout` (clipped to the deadline), output in OUT/NAME.log.
+run_step() {
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  if ((DEADLINE - SECONDS < limit)); then limit=$((DEADLINE - SECONDS)); fi
+  if ((limit < 10)); then
+    echo "not run: out of time" >"$OUT/$name.log"
+    rc=124
+  else
+    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" >>"$OUT/steps.tsv"
+  echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)"
+}
+
+if [ -n "${WHEELS_DIR:-}" ]; then
+  "$PY" -m pip install --no-deps --no-index "$WHEELS_DIR"/*.whl >>"$OUT/install.log" 2>&1 \
+    || echo "installing the wheels in $WHEELS_DIR failed: see $OUT/install.log" >&2
+fi
+
+# sdpo_fast.kernels is the top-level kernels/ folder (setuptools package-dir), which PYTHONPATH alone cannot map.
+imports_checkout() {
+  (cd / && "$PY" -c '
+import os, sys
+import sdpo_fast, sdpo_fast.kernels
+sys.exit(not all(os.path.realpath(m.__file__).startswith(sys.argv[1]) for m in (sdpo_fast, sdpo_fast.kernels)))
+' "$REPO/") 2>>"$OUT/install.log"
+}
+if ! imports_checkout; then
+  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e "$REPO" >>"$OUT/install.log" 2>&1
+fi
+if ! imports_checkout; then
+  SHIM=$(mktemp -d)
+  cat >"$SHIM/sitecustomize.py" <<EOF
+"""Map sdpo_fast.kernels onto $REPO/kernels, as an installed sdpo_fast does (written by gpu_check.sh)."""
+import importlib.util
+import sys
+
+
+class _KernelsFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "sdpo_fast.kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, "$REPO/kernels/__init__.py", submodule_search_locations=["$REPO/kernels"])
+
+
+sys.meta_path.insert(0, _KernelsFinder)
+EOF
+  export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  echo "using the sitecustomize shim in $SHIM" >>"$OUT/install.log"
+fi
+imports_checkout || { echo "cannot import sdpo_fast.kernels from $REPO: see $OUT/install.log" >&2; exit 1; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/nvidia-smi.txt" 2>/dev/null \
+  || echo "nvidia-smi failed or is missing" >"$OUT/nvidia-smi.txt"
+"$PY" - >"$OUT/env.json" <<'EOF'
+import json, platform, subprocess
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+
+def pkg(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+cuda = torch.cuda.is_available()
+try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+except OSError:
+    commit = None
+print(json.dumps({
+    "gpu": torch.cuda.get_device_name() if cuda else None,
+    "arch": "sm_%d%d" % torch.cuda.get_device_capability() if cuda else None,
+    "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    **{name: pkg(name) for name in ("triton", "transformers", "peft", "pytest-benchmark", "liger-kernel")},
+    "commit": commit,
+}))
+EOF
+ARCH=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["arch"] or "")' "$OUT/env.json")
+
+run_step tests "${TESTS_TIMEOUT:-200}" "$PY" -m pytest tests/ -q -rfE --maxfail=20 --junitxml="$OUT/tests.xml"
+run_step check_kernels "${KERNELS_TIMEOUT:-45}" "$PY" -m sdpo_fast.cli check-kernels ${ARCH:+--arch "$ARCH"}
+# Separate runs and JSON files, so a timeout in one keeps the other's figures; -k cuda keeps the GPU cases.
+run_step bench_loss "${BENCH_TIMEOUT:-170}" "$PY" -m pytest benchmarks/test_loss_bench.py --benchmark-only -q -rs \
+  --benchmark-json="$OUT/bench_loss.json"
+run_step bench_prefix "${PREFIX_TIMEOUT:-45}" "$PY" -m pytest benchmarks/test_prefix_bench.py -k cuda --benchmark-only \
+  -q -rs --benchmark-json="$OUT/bench_prefix.json"
+
+"$PY" - "$OUT" <<'EOF'
+import json, re, sys
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+import summarize
+
+out = Path(sys.argv[1])
+env = json.loads((out / "env.json").read_text())
+steps = {name: {"exit": int(rc), "seconds": int(s), "limit_s": int(limit)}
+         for name, rc, s, limit in (line.split("\t") for line in (out / "steps.tsv").read_text().splitlines())}
+test_log = (out / "tests.log").read_text(errors="replace").splitlines()
+summary = next((line.strip("= ") for line in reversed(test_log) if re.search(r"\d+ (passed|failed|errors?)\b", line)),
+               f"no pytest summary (exit {steps['tests']['exit']})")
+failures = [line for line in test_log if line.startswith(("FAILED ", "ERROR "))]
+kernels = (out / "check_kernels.log").read_text(errors="replace").splitlines()
+kernel_table = [line for line in kernels if line.startswith("|")]
+kernel_notes = [line for line in kernels if not line.startswith("|")]
+benches = [json.loads(p.read_text()) for p in (out / "bench_loss.json", out / "bench_prefix.json") if p.exists()]
+gpu = (out / "nvidia-smi.txt").read_text().strip()
+
+results = {"env": env, "nvidia_smi": gpu, "steps": steps, "tests": {"summary": summary, "failures": failures},
+           "check_kernels": "\n".join(kernels), "benchmarks": summarize.rows(benches)}
+(out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("gpu", "arch", "commit") and v)
+md = ["# sdpo_fast GPU check", "", f"- GPU: {env['gpu'] or 'none'} ({env['arch'] or 'no CUDA'}); nvidia-smi: {gpu}",
+      f"- {versions}", f"- commit: {env['commit'] or 'unknown'}", "",
+      "| step | exit | seconds | limit s |", "|---|--:|--:|--:|"]
+md += [f"| {name} | {s['exit']} | {s['seconds']} | {s['limit_s']} |" for name, s in steps.items()]
+md += ["", "## Tests", "", summary, "", *[f"- {line}" for line in failures], "",
+       f"## check-kernels ({env['arch'] or 'default archs'})", "", *kernel_table, ""]
+if kernel_notes:
+    md += ["```", *kernel_notes, "```", ""]
+md += ["## Benchmarks", ""]
+md.append(summarize.markdown(benches) if benches else "no benchmark results (see bench_*.log)")
+(out / "results.md").write_text("\n".join(md) + "\n")
+sys.exit(any(s["exit"] for s in steps.values()))
+EOF

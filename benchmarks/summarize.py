@@ -1,0 +1,83 @@
+"""Turn a pytest-benchmark JSON file into markdown tables (or, with --json, one JSON row per benchmark).
+
+Usage: python benchmarks/summarize.py BENCH_JSON [BENCH_JSON ...] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+LOSS_NOTE = ("Time: median (and min) of the rounds, one forward+backward each. Effective TFLOP/s counts "
+             "10·N·d·V per SDPO step (student and teacher logits, recompute, grad_h, grad_W) and 6·N·d·V per Liger "
+             "cross-entropy step. x cuBLAS: median time / cuBLAS time of the same matrix products, same run. "
+             "Peak: growth of peak memory over the inputs during one fwd+bwd (CUDA allocator, or process RSS on "
+             "CPU). `*` marks the backend that backend=\"auto\" picks.")
+
+
+def rows(benches: list[dict]) -> list[dict]:
+    """One flat row per benchmark: name, group, time statistics in seconds, extra_info fields."""
+    return [{"name": b["name"], "group": b["group"], "median_s": b["stats"]["median"], "min_s": b["stats"]["min"],
+             "rounds": b["stats"]["rounds"], **b["extra_info"]} for bench in benches for b in bench["benchmarks"]]
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _machine(bench: dict) -> str:
+    info = bench["machine_info"]
+    extra = info.get("sdpo_fast", {})
+    parts = [f"CPU: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}",
+             f"GPU: {extra.get('gpu') or 'none'}", f"Python {info.get('python_version', '?')}"]
+    parts += [f"{k} {extra[k]}" for k in ("torch", "cuda", "triton", "liger_kernel", "torch_threads") if extra.get(k)]
+    commit = bench.get("commit_info", {})
+    if commit.get("id", "unknown") != "unknown":
+        parts.append(f"commit {commit['id'][:12]}{' (dirty)' if commit.get('dirty') else ''}")
+    return " · ".join(parts)
+
+
+def markdown(benches: list[dict]) -> str:
+    """The first file's machine line, then one table of loss steps and one of the other benchmarks."""
+    table = rows(benches)
+    loss = [r for r in table if "backend" in r]
+    other = [r for r in table if "backend" not in r]
+    out = [_machine(benches[0]), ""]
+    if loss:
+        out += ["### sdpo_loss forward+backward", "", LOSS_NOTE, "",
+                "| device | dtype | N | d | V | backend | median s | min s | rounds | TFLOP/s | x cuBLAS "
+                "| peak MiB | peak / reference |",
+                "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in loss:
+            peak = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20
+            out.append(" | ".join([
+                f"| {r['device']}", r["dtype"], str(r["n"]), str(r["d"]), str(r["vocab"]),
+                r["backend"] + (" *" if r.get("default_backend") else ""), _fmt(r["median_s"], ".4g"),
+                _fmt(r["min_s"], ".4g"), str(r["rounds"]), _fmt(r.get("tflops"), ".3g"),
+                _fmt(r.get("x_cublas"), ".2f"), _fmt(peak, ".0f"), _fmt(r.get("peak_vs_reference"), ".1%")]) + " |")
+        out.append("")
+    if other:
+        out += ["### Other benchmarks", "", "| benchmark | median s | min s | rounds | extra |", "|---|--:|--:|--:|---|"]
+        for r in other:
+            extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("name", "group", "median_s", "min_s",
+                                                                              "rounds"))
+            out.append(f"| {r['name']} | {r['median_s']:.4g} | {r['min_s']:.4g} | {r['rounds']} | {extra} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench_json", nargs="+", help="files written by pytest --benchmark-json")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
+    args = parser.parse_args(argv)
+    benches = []
+    for path in args.bench_json:
+        with open(path) as f:
+            benches.append(json.load(f))
+    print(json.dumps(rows(benches), indent=1) if args.json else markdown(benches))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Forward+backward time and peak memory of each `sdpo_loss` backend against the reference and against
+Liger-Kernel's fused linear cross entropy, at the same shapes.
+
+Run: pytest benchmarks/test_loss_bench.py --benchmark-only [--benchmark-json FILE; then benchmarks/summarize.py FILE]
+Every case runs on CUDA when a GPU is present, else on CPU (the Qwen3-8B shapes need CUDA).
+
+- Peak memory is the growth over the inputs during one fwd+bwd. CUDA: torch.cuda.max_memory_allocated after
+  reset_peak_memory_stats, minus memory_allocated before. CPU: a fresh subprocess (this file run as a script)
+  warms the code path on a tiny shape, builds the inputs, resets VmHWM through /proc/self/clear_refs, runs the
+  step and reports VmHWM - VmRSS; glibc is told to mmap blocks >= 1 MiB so freed tensors leave the RSS.
+- Effective TFLOP/s counts 10·N·d·V per SDPO step (student and teacher logits, the backward's recompute,
+  grad_h, grad_W) and 6·N·d·V per Liger cross-entropy step (logits, grad_h, grad_W), over the median time.
+- x_cublas (CUDA only) is that median time over cuBLAS's time for the same matrix products (torch.mm at the
+  same shapes and dtype, timed with CUDA events in the same run).
+- The issue's target is asserted: the default path (backend="auto") at N=4096, d=256, V=65536 fp32 grows peak
+  memory by at most 25% of what the reference needs.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from sdpo_fast import sdpo_loss
+from sdpo_fast.loss import _resolve_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEFAULT_BACKEND = _resolve_backend("auto", torch.device(DEVICE))
+BACKENDS = ["reference", "torch", "triton", "liger"]
+MAX_DEFAULT_VS_REFERENCE = 0.25
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Shape(NamedTuple):
+    name: str
+    n: int
+    d: int
+    vocab: int
+    dtype: str
+    rounds: int
+    warmup_rounds: int
+    cuda_only: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.name}-N{self.n}-d{self.d}-V{self.vocab}-{self.dtype}"
+
+
+TARGET = Shape("target", 4096, 256, 65536, "fp32", rounds=2, warmup_rounds=0)
+SHAPES = [
+    Shape("small", 1024, 128, 50257, "fp32", rounds=3, warmup_rounds=1),
+    TARGET,
+    Shape("qwen3-8b", 4096, 4096, 151936, "bf16", rounds=5, warmup_rounds=1, cuda_only=True),
+    Shape("qwen3-8b", 16384, 4096, 151936, "bf16", rounds=5, warmup_rounds=1, cuda_only=True),
+]
+
+
+def make_inputs(shape: Shape, device: str, n: int | None = None, vocab: int | None = None) -> dict:
+    """Student/teacher hidden states, lm_head weight (both leaves needing grad) and targets; n/vocab override."""
+    n, vocab, dtype = n or shape.n, vocab or shape.vocab, _DTYPES[shape.dtype]
+    g = torch.Generator(device).manual_seed(0)
+    student = torch.randn(n, shape.d, generator=g, device=device, dtype=dtype)
+    teacher = torch.randn(n, shape.d, generator=g, device=device, dtype=dtype).mul_(0.7).add_(student)
+    weight = torch.randn(vocab, shape.d, generator=g, device=device, dtype=dtype).mul_(2 / shape.d ** 0.5)
+    targets = torch.randint(0, vocab, (n,), generator=g, device=device)
+    return dict(student_hidden=student.requires_grad_(), lm_head_weight=weight.requires_grad_(),
+                target_ids=targets, teacher_hidden=teacher)
+
+
+def make_step(backend: str, inputs: dict):
+    """One forward+backward (grads reset first); Liger computes plain cross entropy on the student only."""
+    student, weight = inputs["student_hidden"], inputs["lm_head_weight"]
+    if backend == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    def step():
+        student.grad = weight.grad = None
+        if backend == "liger":
+            loss = liger_fused_linear_cross_entropy(student, weight, inputs["target_ids"])
+        else:
+            loss = sdpo_loss(**inputs, backend=backend)
+        loss.backward()
+        if student.is_cuda:
+            torch.cuda.synchronize()
+
+    return step
+
+
+def step_flops(shape: Shape, backend: str) -> int:
+    return (6 if backend == "liger" else 10) * shape.n * shape.d * shape.vocab
+
+
+def _cuda_peak_growth(step) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _cpu_peak_growth_here(shape: Shape, backend: str) -> int:
+    """Run inside a fresh process: bytes the process's peak RSS grows during one fwd+bwd."""
+    make_step(backend, make_inputs(shape, "cpu", n=8, vocab=512))()  # load lazily initialized code first
+    step = make_step(backend, make_inputs(shape, "cpu"))
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    baseline = _proc_status_kb("VmRSS")
+    if _proc_status_kb("VmHWM") > baseline + 1024:
+        raise RuntimeError("could not reset VmHWM through /proc/self/clear_refs")
+    step()
+    return (_proc_status_kb("VmHWM") - baseline) * 1024
+
+
+@functools.cache
+def peak_growth(shape: Shape, backend: str) -> int | None:
+    """Peak memory growth of one fwd+bwd over its inputs, in bytes; None when CUDA runs out of memory."""
+    if DEVICE == "cuda":
+        try:
+            return _cuda_peak_growth(make_step(backend, make_inputs(shape, DEVICE)))
+        except torch.cuda.OutOfMemoryError:
+            return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    spec = json.dumps([shape._asdict(), backend])
+    out = subprocess.run([sys.executable, __file__, spec], env=env, check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1])
+
+
+def _cuda_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+@functools.cache
+def cublas_seconds(shape: Shape) -> dict:
+    """cuBLAS times of the (N,d)@(d,V) logits product, grad_h (N,V)@(V,d) and grad_W (V,N)@(N,d)."""
+    g = torch.Generator(DEVICE).manual_seed(1)
+    dtype = _DTYPES[shape.dtype]
+    hidden = torch.randn(shape.n, shape.d, generator=g, device=DEVICE, dtype=dtype)
+    weight = torch.randn(shape.vocab, shape.d, generator=g, device=DEVICE, dtype=dtype)
+    grad_logits = torch.randn(shape.n, shape.vocab, generator=g, device=DEVICE, dtype=dtype)
+    logits = torch.empty_like(grad_logits)
+    grad_h, grad_w = torch.empty_like(hidden), torch.empty_like(weight)
+    times = {
+        "logits": _cuda_seconds(lambda: torch.mm(hidden, weight.T, out=logits)),
+        "grad_h": _cuda_seconds(lambda: torch.mm(grad_logits, weight, out=grad_h)),
+        "grad_w": _cuda_seconds(lambda: torch.mm(grad_logits.T, hidden, out=grad_w)),
+    }
+    del hidden, weight, grad_logits, logits, grad_h, grad_w
+    torch.cuda.empty_cache()
+    return times
+
+
+def _skip_unsupported(shape: Shape, backend: str) -> None:
+    if shape.cuda_only and DEVICE != "cuda":
+        pytest.skip("Qwen3-8B shapes need a CUDA GPU")
+    if backend == "triton" and DEVICE != "cuda":
+        pytest.skip("Triton kernels need a CUDA GPU")
+    if backend == "liger":
+        if DEVICE != "cuda":
+            pytest.skip("Liger-Kernel's fused linear cross entropy needs a CUDA GPU")
+        pytest.importorskip("liger_kernel.transformers.functional", reason="liger-kernel is not installed")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{DEVICE}-{s}")
+def test_fwd_bwd(benchmark, shape, backend):
+    _skip_unsupported(shape, backend)
+    benchmark.group = f"fwd+bwd {DEVICE} {shape}"
+    step = make_step(backend, make_inputs(shape, DEVICE))
+    try:
+        benchmark.pedantic(step, rounds=shape.rounds, warmup_rounds=shape.warmup_rounds, iterations=1)
+    except torch.cuda.OutOfMemoryError as exc:
+        pytest.skip(f"{backend} ran out of GPU memory: {str(exc).splitlines()[0]}")
+    del step
+    gc.collect()
+
+    seconds = benchmark.stats.stats.median
+    flops = step_flops(shape, backend)
+    info = dict(backend=backend, device=DEVICE, dtype=shape.dtype, n=shape.n, d=shape.d, vocab=shape.vocab,
+                flops=flops, tflops=flops / seconds / 1e12, default_backend=backend == DEFAULT_BACKEND)
+    peak = peak_growth(shape, backend)
+    reference_peak = peak_growth(shape, "reference")
+    info["peak_bytes"] = peak
+    if peak is not None and reference_peak and backend != "reference":
+        info["peak_vs_reference"] = peak / reference_peak
+    if DEVICE == "cuda":
+        gemm = cublas_seconds(shape)
+        products = ("logits", "grad_h", "grad_w") if backend == "liger" else ("logits",) * 3 + ("grad_h", "grad_w")
+        info["cublas_seconds"] = sum(gemm[p] for p in products)
+        info["x_cublas"] = seconds / info["cublas_seconds"]
+    benchmark.extra_info.update(info)
+
+    if shape == TARGET and backend == DEFAULT_BACKEND:
+        assert peak <= MAX_DEFAULT_VS_REFERENCE * reference_peak, (
+            f"default path ({backend}) grows peak memory by {peak / 2**20:.0f} MiB, more than "
+            f"{MAX_DEFAULT_VS_REFERENCE:.0%} of the reference's {reference_peak / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":  # peak_growth's CPU worker: argv[1] = JSON [shape fields, backend]
+    fields, backend_name = json.loads(sys.argv[1])
+    print(_cpu_peak_growth_here(Shape(**fields), backend_name))

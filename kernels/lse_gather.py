@@ -1,0 +1,87 @@
+"""Forward: per-token logsumexp over the vocabulary and the target's logit, logits never written to memory.
+
+Each program owns BLOCK_N tokens and one contiguous vocabulary split; it sweeps the split's tiles with an
+online logsumexp. Splits (for parallelism at small N) are merged on the host; merging is deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .config import KernelConfig, launch_config, tile_meta as launch_meta
+from .logits_tile import logits_tile
+
+
+@triton.jit
+def lse_gather_kernel(
+    hidden_ptr, weight_ptr, target_ptr, lse_ptr, target_logit_ptr,
+    n_tokens, vocab_size, hidden_dim, vocab_per_split,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    inv_temperature,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+):
+    pid_split = tl.program_id(1)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    n_valid = n_tokens - row0
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_v = tl.arange(0, BLOCK_V)
+    row_mask = offs_n < n_valid
+    targets = tl.load(target_ptr + row0 + offs_n, mask=row_mask, other=-1)
+    hidden_base = hidden_ptr + row0 * stride_hn
+
+    running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    target_logit = tl.zeros([BLOCK_N], dtype=tl.float32)
+    v_begin = pid_split.to(tl.int64) * vocab_per_split
+    v_end = tl.minimum(v_begin + vocab_per_split, vocab_size)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        v_valid = v_end - v0
+        logits = logits_tile(
+            hidden_base, weight_ptr + v0 * stride_wv, n_valid, v_valid, hidden_dim,
+            stride_hn, stride_hd, stride_wv, stride_wd, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, UPCAST_OPERANDS,
+        ) * inv_temperature
+        logits = tl.where((offs_v < v_valid)[None, :], logits, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+        local_target = (targets - v0).to(tl.int32)
+        target_logit += tl.sum(tl.where(offs_v[None, :] == local_target[:, None], logits, 0.0), axis=1)
+
+    out = pid_split.to(tl.int64) * n_tokens + row0 + offs_n
+    tl.store(lse_ptr + out, running_max + tl.log(running_sum), mask=row_mask)
+    tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
+
+
+def _vocab_splits(n_tokens: int, vocab_size: int, cfg: KernelConfig, device: torch.device) -> int:
+    """Vocabulary splits so that the grid has about two programs per SM (one split on CPU)."""
+    if device.type != "cuda":
+        return 1
+    row_blocks = triton.cdiv(n_tokens, cfg.block_n)
+    wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(vocab_size, cfg.block_v), triton.cdiv(wanted, row_blocks)))
+
+
+def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float):
+    """hidden (N, d), weight (V, d) same float dtype, targets (N,) int64 in [0, V).
+
+    Returns (lse, target_logit): (N,) float32 each, of logits = hidden @ weight.T * inv_temperature.
+    """
+    n_tokens, hidden_dim = hidden.shape
+    vocab_size = weight.shape[0]
+    cfg = launch_config(hidden.dtype, hidden.device)
+    splits = _vocab_splits(n_tokens, vocab_size, cfg, hidden.device)
+    vocab_per_split = triton.cdiv(triton.cdiv(vocab_size, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(vocab_size, vocab_per_split)
+    lse_parts = torch.empty((splits, n_tokens), dtype=torch.float32, device=hidden.device)
+    target_parts = torch.empty_like(lse_parts)
+    grid = (triton.cdiv(n_tokens, cfg.block_n), splits)
+    lse_gather_kernel[grid](
+        hidden, weight, targets, lse_parts, target_parts,
+        n_tokens, vocab_size, hidden_dim, vocab_per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        inv_temperature,
+        **launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits == 1:
+        return lse_parts[0], target_parts[0]
+    return torch.logsumexp(lse_parts, dim=0), target_parts.sum(dim=0)

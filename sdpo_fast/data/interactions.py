@@ -1,0 +1,76 @@
+"""Interaction tuples (history x, completion y, follow-up u) cut from one conversation."""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Interaction:
+    """history: [{"role", "content"}] ending at the user turn answered by `completion`;
+    followup: the user message that came right after `completion`; meta: source ids, model, language…"""
+
+    history: list[dict]
+    completion: str
+    followup: str
+    meta: dict = field(default_factory=dict)
+
+
+def extract_interactions(
+    messages: list[dict],
+    max_history: int = 5,
+    *,
+    meta: dict | None = None,
+    skipped: collections.Counter | None = None,
+) -> list[Interaction]:
+    """One Interaction per assistant message directly followed by a user message.
+
+    messages: [{"role": "system"|"user"|"assistant", "content": str}, ...].
+    History = the last `max_history` messages before the assistant message, trimmed at the front
+    until it starts with a user message; a system message at index 0 is put in front of every
+    history and does not count toward `max_history`. Interactions whose completion or follow-up is
+    empty/whitespace, or whose history has no user message, are skipped and counted in `skipped`
+    (reasons "empty_completion", "empty_followup", "no_user_message_in_history").
+    Each Interaction gets a copy of `meta` plus "assistant_index": the completion's index in `messages`.
+    """
+    if not isinstance(messages, list):
+        raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TypeError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+        if message.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}]['role'] must be one of {ROLES}, got {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
+            raise TypeError(f"messages[{i}]['content'] must be a str")
+    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+        raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
+    return extract_validated(messages, max_history, meta or {}, skipped if skipped is not None else collections.Counter())
+
+
+def extract_validated(
+    messages: list[dict], max_history: int, meta: dict, skipped: collections.Counter
+) -> list[Interaction]:
+    """extract_interactions without argument checks, for messages already normalized by the loader."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    interactions = []
+    for i in range(start, len(messages) - 1):
+        if messages[i]["role"] != "assistant" or messages[i + 1]["role"] != "user":
+            continue
+        completion = messages[i]["content"]
+        followup = messages[i + 1]["content"]
+        if not completion.strip():
+            skipped["empty_completion"] += 1
+            continue
+        if not followup.strip():
+            skipped["empty_followup"] += 1
+            continue
+        window = messages[max(start, i - max_history):i]
+        first_user = next((k for k, m in enumerate(window) if m["role"] == "user"), None)
+        if first_user is None:
+            skipped["no_user_message_in_history"] += 1
+            continue
+        history = [{"role": m["role"], "content": m["content"]} for m in messages[:start] + window[first_user:]]
+        interactions.append(Interaction(history, completion, followup, {**meta, "assistant_index": i}))
+    return interactions

@@ -1,0 +1,247 @@
+"""Student and teacher token ids for one interaction (paper, Table 1).
+
+student = chat_template(history, generation prompt) + completion ids
+teacher = chat_template(history with the hindsight block appended to its last user message,
+          generation prompt) + the same completion ids
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Iterable
+
+from sdpo_fast.data.interactions import Interaction
+
+DEFAULT_HINDSIGHT_TEMPLATE = (
+    "\n\n<hindsight context> The following is a future user message. "
+    "Use this to guide your answer to the user prompt: {followup}"
+)
+"""Paper Table 1 wording, appended to the content of the last user message; `{followup}` is the
+next user message. (The authors' released code words it as AUTHORS_CODE_HINDSIGHT_TEMPLATE.)"""
+
+AUTHORS_CODE_HINDSIGHT_TEMPLATE = (
+    "\n\n=== HINDSIGHT CONTEXT ===\n"
+    "[The following is a future user message. Use this to guide your answer to the user prompt.]\n"
+    "{followup}"
+)
+
+_FOLLOWUP_SLOT = "{followup}"
+_SENTINEL = "\u2063sdpo-end-of-turn-probe\u2063"
+
+
+@dataclass(frozen=True)
+class EncodedInteraction:
+    """Token ids of one interaction. The completion ids end both input id lists."""
+
+    student_input_ids: list[int]
+    teacher_input_ids: list[int]
+    completion_ids: list[int]
+    shared_prefix_len: int
+    """Longest common prefix of the student and teacher prompt ids."""
+
+    @property
+    def student_prompt_len(self) -> int:
+        return len(self.student_input_ids) - len(self.completion_ids)
+
+    @property
+    def teacher_prompt_len(self) -> int:
+        return len(self.teacher_input_ids) - len(self.completion_ids)
+
+
+class SkipInteraction(Exception):
+    """An interaction that cannot be encoded; `reason` is a short fixed string used as a count key."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode_interaction(
+    tokenizer,
+    interaction: Interaction,
+    *,
+    hindsight_template: str = DEFAULT_HINDSIGHT_TEMPLATE,
+    max_prompt_tokens: int = 2048,
+    max_completion_tokens: int = 2048,
+    end_of_turn_token: str | int | None = "auto",
+    chat_template_kwargs: dict | None = None,
+    chat_template: str | None = None,
+) -> EncodedInteraction:
+    """Encode one interaction; raises SkipInteraction when it cannot fit or is empty.
+
+    hindsight_template: text with a `{followup}` slot (substituted literally; other braces stay as
+      they are), appended to the content of the history's last user message for the teacher.
+    end_of_turn_token: appended to the completion ids so student and teacher targets end the turn;
+      "auto" = the first special token the chat template puts after an assistant message (else
+      eos), a token string or id, or None to append nothing.
+    Limits: the completion ids (end-of-turn included) are cut at the end to max_completion_tokens; a
+      cut completion has no end-of-turn since the reply did not end there. The oldest history
+      messages are dropped (a leading system message is kept, the history still starts with a user
+      message) until both prompts fit max_prompt_tokens; if even the last user turn does not fit the
+      interaction is skipped ("prompt_too_long").
+    chat_template_kwargs: passed to apply_chat_template; enable_thinking defaults to False for
+      templates that use it (Qwen3). chat_template: overrides tokenizer.chat_template.
+    """
+    return InteractionEncoder(
+        tokenizer, hindsight_template, max_prompt_tokens, max_completion_tokens,
+        end_of_turn_token, chat_template_kwargs, chat_template,
+    ).encode(interaction)
+
+
+def encode_interactions(
+    tokenizer, interactions: Iterable[Interaction], **options
+) -> tuple[list[EncodedInteraction], collections.Counter]:
+    """encode_interaction over `interactions` (same keyword options); returns the encoded ones and
+    the counts of skipped ones by reason."""
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TypeError(f"encode_interactions got unknown options {unknown}; allowed: {sorted(_OPTIONS)}")
+    encoder = InteractionEncoder(tokenizer, **options)
+    encoded, skipped = [], collections.Counter()
+    for interaction in interactions:
+        try:
+            encoded.append(encoder.encode(interaction))
+        except SkipInteraction as skip:
+            skipped[skip.reason] += 1
+    return encoded, skipped
+
+
+_OPTIONS = frozenset(
+    {"hindsight_template", "max_prompt_tokens", "max_completion_tokens", "end_of_turn_token",
+     "chat_template_kwargs", "chat_template"}
+)
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class InteractionEncoder:
+    """encode_interaction's options checked once (end-of-turn id resolved); `.encode(interaction)`
+    returns an EncodedInteraction or raises SkipInteraction. Same keyword options as encode_interaction."""
+
+    def __init__(
+        self,
+        tokenizer,
+        hindsight_template: str = DEFAULT_HINDSIGHT_TEMPLATE,
+        max_prompt_tokens: int = 2048,
+        max_completion_tokens: int = 2048,
+        end_of_turn_token: str | int | None = "auto",
+        chat_template_kwargs: dict | None = None,
+        chat_template: str | None = None,
+    ):
+        if not isinstance(hindsight_template, str) or _FOLLOWUP_SLOT not in hindsight_template:
+            raise ValueError(f"hindsight_template must be a str containing {_FOLLOWUP_SLOT!r}")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise TypeError(f"chat_template_kwargs must be a dict or None, got {type(chat_template_kwargs).__name__}")
+        template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError(
+                "the tokenizer has no chat template: pass chat_template='<jinja template>' (or set "
+                "tokenizer.chat_template = ...) or use a tokenizer whose tokenizer_config.json has one "
+                "(instruct/chat checkpoints usually do)"
+            )
+        self.tokenizer = tokenizer
+        self.hindsight_template = hindsight_template
+        self.max_prompt_tokens = _positive_int("max_prompt_tokens", max_prompt_tokens)
+        self.max_completion_tokens = _positive_int("max_completion_tokens", max_completion_tokens)
+        self.template_kwargs = dict(chat_template_kwargs or {})
+        if chat_template is not None:
+            self.template_kwargs["chat_template"] = chat_template
+        if _mentions_enable_thinking(template):
+            self.template_kwargs.setdefault("enable_thinking", False)
+        self.end_of_turn_id = self._resolve_end_of_turn(end_of_turn_token)
+
+    def encode(self, interaction: Interaction) -> EncodedInteraction:
+        if not interaction.completion.strip():
+            raise SkipInteraction("empty_completion")
+        if not interaction.followup.strip():
+            raise SkipInteraction("empty_followup")
+        completion_ids = self._completion_ids(interaction.completion)
+        if not completion_ids:
+            raise SkipInteraction("empty_completion")
+        student, teacher = self._prompt_ids(interaction)
+        return EncodedInteraction(
+            student_input_ids=student + completion_ids,
+            teacher_input_ids=teacher + completion_ids,
+            completion_ids=completion_ids,
+            shared_prefix_len=common_prefix_len(student, teacher),
+        )
+
+    def _completion_ids(self, completion: str) -> list[int]:
+        ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if self.end_of_turn_id is None:
+            return ids[: self.max_completion_tokens]
+        if len(ids) + 1 <= self.max_completion_tokens:
+            return ids + [self.end_of_turn_id]
+        return ids[: self.max_completion_tokens]
+
+    def _prompt_ids(self, interaction: Interaction) -> tuple[list[int], list[int]]:
+        history = interaction.history
+        last_user = max((i for i, m in enumerate(history) if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise SkipInteraction("no_user_message_in_history")
+        block = self.hindsight_template.replace(_FOLLOWUP_SLOT, interaction.followup)
+        teacher_history = list(history)
+        teacher_history[last_user] = {**history[last_user], "content": history[last_user]["content"] + block}
+        start = 1 if history[0]["role"] == "system" else 0
+        # Candidate first kept messages: user turns, oldest first, up to the last user turn.
+        for first in [i for i in range(start, last_user + 1) if history[i]["role"] == "user"]:
+            student = self._render(history[:start] + history[first:])
+            if len(student) > self.max_prompt_tokens:
+                continue
+            teacher = self._render(teacher_history[:start] + teacher_history[first:])
+            if len(teacher) <= self.max_prompt_tokens:
+                return student, teacher
+        raise SkipInteraction("prompt_too_long")
+
+    def _render(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _resolve_end_of_turn(self, token) -> int | None:
+        if token is None:
+            return None
+        vocab_size = len(self.tokenizer)
+        if isinstance(token, int) and not isinstance(token, bool):
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"end_of_turn_token id {token} is outside the vocabulary [0, {vocab_size})")
+            return token
+        if not isinstance(token, str):
+            raise TypeError(f"end_of_turn_token must be 'auto', a token string, an id or None, got {type(token).__name__}")
+        if token != "auto":
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == self.tokenizer.unk_token_id or self.tokenizer.convert_ids_to_tokens(token_id) != token:
+                raise ValueError(f"end_of_turn_token {token!r} is not a single token of this tokenizer")
+            return token_id
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+        text = self.tokenizer.apply_chat_template(probe, tokenize=False, **self.template_kwargs)
+        at = text.rfind(_SENTINEL)
+        if at >= 0:
+            special = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+            tail_ids = self.tokenizer(text[at + len(_SENTINEL):], add_special_tokens=False)["input_ids"]
+            found = next((i for i in tail_ids if i in special), None)
+            if found is not None:
+                return found
+        if self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        raise ValueError("could not detect the end-of-turn token: pass end_of_turn_token='<token>' (or None)")
+
+
+def _mentions_enable_thinking(template) -> bool:
+    if isinstance(template, dict):
+        return any("enable_thinking" in t for t in template.values())
+    return "enable_thinking" in template

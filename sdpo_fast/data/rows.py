@@ -1,0 +1,75 @@
+"""One dataset row → normalized messages. Row formats:
+
+- WildChat: `conversation` = [{"role": "user"|"assistant"|"system", "content": str, ...}]
+- WildFeedback: `conversations` = [{"from": "human"|"gpt"|"system", "value": str}]
+- OpenAI-style: `messages` = [{"role": "user"|"assistant"|"system", "content": str}]
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+_FORMATS = (
+    ("conversation", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    ("conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
+    ("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+)
+_ID_FIELDS = ("conversation_id", "conversation_hash", "id")
+_META_FIELDS = ("model", "language", "redacted")
+
+
+class BadRow(Exception):
+    """A row that cannot be read; `reason` is a short fixed string (never row content)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Conversation(NamedTuple):
+    """messages: [{"role", "content"}] with roles system|user|assistant; meta: ids, model,
+    language, toxic (row flag or any message flag), when the row has them."""
+
+    messages: list[dict]
+    meta: dict
+
+
+def parse_row(row) -> Conversation:
+    """Normalize one row; raises BadRow (reasons: row_not_an_object, missing_conversation_field,
+    conversation_not_a_list, message_not_an_object, message_missing_field, unknown_role,
+    non_string_content)."""
+    if not isinstance(row, dict):
+        raise BadRow("row_not_an_object")
+    for field, role_key, content_key, roles in _FORMATS:
+        if field in row:
+            break
+    else:
+        raise BadRow("missing_conversation_field")
+    raw = row[field]
+    if not isinstance(raw, list):
+        raise BadRow("conversation_not_a_list")
+    messages = []
+    toxic = row.get("toxic") is True
+    for message in raw:
+        if not isinstance(message, dict):
+            raise BadRow("message_not_an_object")
+        if role_key not in message or content_key not in message:
+            raise BadRow("message_missing_field")
+        role = roles.get(message[role_key]) if isinstance(message[role_key], str) else None
+        if role is None:
+            raise BadRow("unknown_role")
+        content = message[content_key]
+        if not isinstance(content, str):
+            raise BadRow("non_string_content")
+        messages.append({"role": role, "content": content})
+        toxic = toxic or message.get("toxic") is True
+    meta = {}
+    for key in _ID_FIELDS:
+        if isinstance(row.get(key), (str, int)) and not isinstance(row.get(key), bool):
+            meta["conversation_id"] = row[key]
+            break
+    for key in _META_FIELDS:
+        if isinstance(row.get(key), (str, int, float, bool)):
+            meta[key] = row[key]
+    if "toxic" in row or any(isinstance(m, dict) and "toxic" in m for m in raw):
+        meta["toxic"] = toxic
+    return Conversation(messages, meta)

@@ -1,0 +1,264 @@
+"""The `sdpo_varlen` attention implementation: packed (varlen) causal attention plugged into transformers.
+
+A model switched to `sdpo_varlen` (see `sdpo_attention`) attends as usual ("sdpa") unless a forward
+receives a `VarlenCall` as the `sdpo_call` keyword argument; transformers hands that argument to every
+attention layer, and gradient-checkpointed layers keep it for their recomputation. With a call, the
+single packed row [1, T] holds several sequences delimited by `cu_seqlens_q`:
+
+- mode "plain": causal attention within each sequence;
+- mode "student": the same, and each layer's shared-prefix K/V are kept in `prefix_cache` (once);
+- mode "teacher": the row holds suffixes only; sequence i attends to [stored prefix i; suffix i],
+  causal, aligned bottom-right.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .prefix_cache import PrefixKVCache
+
+ATTN_IMPLEMENTATION = "sdpo_varlen"
+BACKENDS = ("auto", "flash", "torch", "sdpa")
+MODES = ("plain", "student", "teacher")
+_HALF = (torch.float16, torch.bfloat16)
+
+_packed_forward: contextvars.ContextVar[bool] = contextvars.ContextVar("sdpo_packed_forward", default=False)
+
+
+@dataclass
+class VarlenCall:
+    """State of one packed forward, read by every attention layer.
+
+    cu_seqlens_q: (n + 1,) int32 on the model's device, query offsets in the packed row; lengths_q the
+    same as Python ints. Teacher calls also carry the key layout ([prefix; suffix] per sequence) and the
+    index that assembles it from cat([stored prefix K/V, suffix K/V]). attention_calls counts the layer
+    calls that received it (a model that drops the keyword would leave it at 0).
+    """
+
+    mode: str
+    backend: str
+    cu_seqlens_q: torch.Tensor
+    lengths_q: tuple[int, ...]
+    prefix_cache: PrefixKVCache | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    lengths_k: tuple[int, ...] | None = None
+    join_index: torch.Tensor | None = None
+    attention_calls: int = 0
+
+
+def _cu_seqlens(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def make_call(mode: str, lengths: Sequence[int], device: torch.device, *, backend: str = "auto",
+              prefix_cache: PrefixKVCache | None = None) -> VarlenCall:
+    """Build the `sdpo_call` for a packed row of sequences with `lengths` query tokens each.
+
+    "student" and "teacher" need `prefix_cache`; for "teacher", `lengths` are the suffix lengths.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_backend(backend)
+    lengths = tuple(int(n) for n in lengths)
+    if not lengths or min(lengths) < 0:
+        raise ValueError(f"lengths must be a non-empty sequence of non-negative ints, got {lengths}")
+    if mode != "plain" and prefix_cache is None:
+        raise ValueError(f"mode {mode!r} needs a prefix_cache")
+    if prefix_cache is not None and prefix_cache.num_sequences != len(lengths):
+        raise ValueError(f"prefix_cache holds {prefix_cache.num_sequences} sequences, lengths has {len(lengths)}")
+    cu_q = _cu_seqlens(lengths, device)
+    if mode != "teacher":
+        if mode == "student" and prefix_cache.sequence_lengths != lengths:
+            raise ValueError("student lengths must equal the prefix_cache's sequence_lengths")
+        return VarlenCall(mode, backend, cu_q, lengths, prefix_cache)
+    lengths_k = tuple(p + s for p, s in zip(prefix_cache.prefix_lengths, lengths))
+    return VarlenCall(mode, backend, cu_q, lengths, prefix_cache, _cu_seqlens(lengths_k, device), lengths_k,
+                      prefix_cache.join_index(lengths, device))
+
+
+@functools.cache
+def _flash_varlen():
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _torch_varlen_params() -> frozenset[str]:
+    return frozenset(inspect.signature(_torch_varlen()).parameters)
+
+
+def check_backend(backend: str) -> None:
+    """Raise ValueError if `backend` is unknown or its library is missing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "flash" and _flash_varlen() is None:
+        raise ValueError("attn_backend='flash' needs the flash-attn package")
+    if backend == "torch" and _torch_varlen() is None:
+        raise ValueError("attn_backend='torch' needs torch.nn.attention.varlen (torch >= 2.10)")
+
+
+def resolve_backend(backend: str, query: torch.Tensor, dropout: float) -> str:
+    """The backend that runs: "auto" picks flash, then torch varlen (CUDA, fp16/bf16), else sdpa."""
+    if backend != "auto":
+        return backend
+    if query.is_cuda and query.dtype in _HALF:
+        if _flash_varlen() is not None:
+            return "flash"
+        if _torch_varlen() is not None and dropout == 0.0:
+            return "torch"
+    return "sdpa"
+
+
+def _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout):
+    outs, start_q, start_k = [], 0, 0
+    for n_q, n_k in zip(lengths_q, lengths_k):
+        qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (q[start_q:start_q + n_q], k[start_k:start_k + n_k],
+                                                                  v[start_k:start_k + n_k]))
+        start_q, start_k = start_q + n_q, start_k + n_k
+        if n_q == 0:
+            continue
+        skip = n_k - n_q if 2 * n_q > n_k else 0
+        if skip:  # cheaper as the causal square (blocks above the diagonal skipped) minus its first `skip` rows
+            qi = F.pad(qi, (0, 0, skip, 0))
+        mask = None if n_q + skip == n_k else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+        out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                             scale=scale, enable_gqa=ki.shape[1] != qi.shape[1])
+        outs.append(out[0, :, skip:].transpose(0, 1))
+    return torch.cat(outs, dim=0) if outs else torch.empty_like(q)
+
+
+def _torch_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    params = _torch_varlen_params()
+    kwargs = {"scale": scale}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, lengths_q: Sequence[int], lengths_k: Sequence[int], *,
+                     scale: float | None = None, dropout: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """Causal attention per packed sequence, aligned bottom-right when a sequence has more keys than queries.
+
+    q (Tq, H, D), k/v (Tk, Hkv, D) with H % Hkv == 0; cu_seqlens_* (n + 1,) int32 on q's device and
+    lengths_* the per-sequence lengths as ints. Returns (Tq, H, D) in q's dtype.
+    """
+    backend = resolve_backend(backend, q, dropout)
+    if backend == "sdpa":
+        return _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout)
+    max_q, max_k = max(lengths_q), max(lengths_k)
+    if backend == "flash":
+        return _flash_varlen()(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p=dropout,
+                               softmax_scale=scale, causal=True)
+    if dropout != 0.0:
+        raise ValueError("attn_backend='torch' does not support attention dropout")
+    return _torch_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale)
+
+
+def sdpo_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          sliding_window: int | None = None, sdpo_call: VarlenCall | None = None, **kwargs):
+    """transformers attention function: query (1, H, T, D), key/value (1, Hkv, T, D) after RoPE.
+
+    Returns (attn_output (1, T, H, D), None). Without `sdpo_call` it is transformers' sdpa attention.
+    """
+    if sdpo_call is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
+    if sliding_window is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("sdpo_varlen does not support sliding-window or soft-capped attention layers")
+    if query.shape[0] != 1 or query.shape[2] != sum(sdpo_call.lengths_q):
+        raise ValueError(f"a packed call expects query (1, H, {sum(sdpo_call.lengths_q)}, D), "
+                         f"got {tuple(query.shape)}")
+    sdpo_call.attention_calls += 1
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    cu_k, lengths_k = sdpo_call.cu_seqlens_q, sdpo_call.lengths_q
+    if sdpo_call.mode == "student":
+        sdpo_call.prefix_cache.store(module, k, v)
+    elif sdpo_call.mode == "teacher":
+        k, v = sdpo_call.prefix_cache.join(module, k, v, sdpo_call.join_index)
+        cu_k, lengths_k = sdpo_call.cu_seqlens_k, sdpo_call.lengths_k
+    out = varlen_attention(q, k, v, sdpo_call.cu_seqlens_q, cu_k, sdpo_call.lengths_q, lengths_k, scale=scaling,
+                           dropout=dropout, backend=sdpo_call.backend)
+    return out.unsqueeze(0), None
+
+
+def _sdpo_mask(*args, **kwargs):
+    if _packed_forward.get():
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register `sdpo_varlen` with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, sdpo_varlen_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _sdpo_mask)
+
+
+@contextlib.contextmanager
+def packed_forward() -> Iterator[None]:
+    """Within it, models on `sdpo_varlen` build no attention mask (the packed call defines the layout)."""
+    token = _packed_forward.set(True)
+    try:
+        yield
+    finally:
+        _packed_forward.reset(token)
+
+
+def enable_sdpo_attention(model: PreTrainedModel) -> str:
+    """Switch `model` to `sdpo_varlen` and return the implementation it had before."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    register()
+    previous = model.config._attn_implementation
+    if previous != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise TypeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use "
+                            "transformers' AttentionInterface")
+    return previous
+
+
+@contextlib.contextmanager
+def sdpo_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run the block with `model` on `sdpo_varlen`, then restore its previous attention implementation."""
+    previous = enable_sdpo_attention(model)
+    try:
+        yield
+    finally:
+        if previous != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(previous)

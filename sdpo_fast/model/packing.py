@@ -1,0 +1,71 @@
+"""Packing token sequences into one row without padding, and token-budget micro-batches."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """Sequences concatenated into one row.
+
+    input_ids, position_ids: (1, T) int64; positions restart at each sequence's offset (0 unless given).
+    lengths: tokens per sequence; starts: each sequence's first index in the row.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    lengths: tuple[int, ...]
+    starts: tuple[int, ...]
+
+
+def pack(sequences: Sequence[Sequence[int]], *, position_offsets: Sequence[int] | None = None,
+         device: torch.device | str = "cpu") -> PackedRow:
+    """Pack token-id sequences into one row; sequence i's positions run from position_offsets[i] (default 0)."""
+    if not sequences:
+        raise ValueError("sequences must be non-empty")
+    offsets = [0] * len(sequences) if position_offsets is None else [int(o) for o in position_offsets]
+    if len(offsets) != len(sequences):
+        raise ValueError(f"position_offsets has {len(offsets)} entries, sequences {len(sequences)}")
+    lengths = tuple(len(s) for s in sequences)
+    starts, total = [], 0
+    for n in lengths:
+        starts.append(total)
+        total += n
+    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
+    positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths)])
+    return PackedRow(ids.view(1, -1).to(device), positions.view(1, -1).to(device), lengths, tuple(starts))
+
+
+def gather_index(starts: Sequence[int], first: Sequence[int], counts: Sequence[int],
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row indices starts[i] + first[i] + k for k < counts[i], concatenated over i: (sum(counts),) int64."""
+    parts = [torch.arange(s + f, s + f + c) for s, f, c in zip(starts, first, counts)]
+    return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def plan_micro_batches(costs: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group item indices so each group's total cost is at most `max_tokens` (first-fit decreasing).
+
+    An item costlier than `max_tokens` gets a group of its own. Deterministic: items are taken by
+    decreasing cost, ties by index; groups keep creation order and list their indices ascending.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    costs = [int(c) for c in costs]
+    if any(c < 0 for c in costs):
+        raise ValueError("costs must be non-negative")
+    groups: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        for g, load in enumerate(loads):
+            if load + costs[i] <= max_tokens:
+                groups[g].append(i)
+                loads[g] += costs[i]
+                break
+        else:
+            groups.append([i])
+            loads.append(costs[i])
+    return [sorted(g) for g in groups]

@@ -1,0 +1,12 @@
+import os
+
+import torch
+
+# Triton decides whether kernels are interpreted when it is imported and when kernels are decorated, so the
+# flag is set, and triton imported, before any test can change the environment.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass

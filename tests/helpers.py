@@ -1,0 +1,123 @@
+"""Shared builders and comparisons for the loss and kernel tests."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def triton_device() -> str:
+    """Where Triton kernels run in this session: the interpreter on CPU, or a real GPU."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
+
+
+def backend_device(backend: str) -> str:
+    if backend == "triton":
+        return triton_device()
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (0 when both are 0)."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def make_case(n, d, vocab, *, dtype=torch.float32, device="cpu", seed=0, ignore_frac=0.0, teacher_d=None,
+              separate_teacher_weight=False, leading=None):
+    """Random student/teacher hidden states, lm_head weight(s) and targets, built in fp64 then cast."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n,) if leading is None else leading
+    teacher_d = teacher_d or d
+    student = torch.randn(*shape, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, d, generator=g, dtype=torch.float64) / max(d, 1) ** 0.5 * 2
+    if separate_teacher_weight or teacher_d != d:
+        teacher_weight = torch.randn(vocab, teacher_d, generator=g, dtype=torch.float64) / max(teacher_d, 1) ** 0.5 * 2
+        teacher = torch.randn(*shape, teacher_d, generator=g, dtype=torch.float64)
+    else:
+        teacher_weight = None
+        teacher = student + 0.7 * torch.randn(*shape, d, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, vocab, shape, generator=g)
+    if ignore_frac > 0:
+        targets[torch.rand(shape, generator=g) < ignore_frac] = -100
+    to = dict(dtype=dtype, device=device)
+    case = dict(student_hidden=student.to(**to), lm_head_weight=weight.to(**to), target_ids=targets.to(device),
+                teacher_hidden=teacher.to(**to))
+    if teacher_weight is not None:
+        case["teacher_lm_head_weight"] = teacher_weight.to(**to)
+    return case
+
+
+def run_loss(sdpo_loss, case: dict, backend: str, **options):
+    """Loss, grads and stats for one backend on fresh leaf copies of the case's tensors."""
+    inputs = dict(case)
+    student = case["student_hidden"].detach().clone().requires_grad_()
+    weight = case["lm_head_weight"].detach().clone().requires_grad_()
+    inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
+    loss, stats = sdpo_loss(**inputs, backend=backend, return_stats=True, **options)
+    loss.backward()
+    return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad,
+            "student_logprobs": stats.student_logprobs, "teacher_logprobs": stats.teacher_logprobs,
+            "advantages": stats.advantages}
+
+
+def run_truth(case: dict, **options):
+    """The reference in fp64 on the case's values: the ground truth a backend's error is measured against."""
+    from sdpo_fast import reference_sdpo_loss
+
+    def to64(value):
+        return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    inputs = {k: to64(v) for k, v in case.items()}
+    options = {k: to64(v) for k, v in options.items()}
+    student = inputs["student_hidden"].clone().requires_grad_()
+    weight = inputs["lm_head_weight"].clone().requires_grad_()
+    inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
+    loss, (logp, logq, adv) = reference_sdpo_loss(**inputs, **options)
+    loss.backward()
+    return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad,
+            "student_logprobs": logp, "teacher_logprobs": logq, "advantages": adv}
+
+
+def error_scales(case: dict, truth: dict, **options) -> dict:
+    """Condition-aware scales: the size of the terms each output sums, so cancellation is not mistaken for error.
+
+    grad_hidden = G @ W and grad_weight = G.T @ h with G = w A (softmax - onehot) / T, A = log q - log pi; the loss sums
+    w (log q - log pi) log pi; log-probs are compared to their own magnitude.
+    """
+    d = case["student_hidden"].shape[-1]
+    temperature = options.get("temperature", 1.0)
+    hidden = case["student_hidden"].detach().double().reshape(-1, d).cpu()
+    weight = case["lm_head_weight"].detach().double().cpu()
+    targets = case["target_ids"].reshape(-1).cpu()
+    mask = targets != -100
+    weights = options.get("token_weights")
+    weights = mask.double() / mask.sum().clamp(min=1) if weights is None else weights.double().reshape(-1).cpu()
+    weights = weights * mask
+    logp, logq, adv = (truth[k].reshape(-1).cpu() for k in ("student_logprobs", "teacher_logprobs", "advantages"))
+    probs = torch.softmax(hidden @ weight.T / temperature, dim=-1)
+    onehot = torch.zeros_like(probs)
+    onehot[mask, targets[mask]] = 1.0
+    # |A| is replaced by the size of what it is the difference of: that is how large its rounding error can be.
+    g_abs = (weights.abs() * (logq.abs() + logp.abs()))[:, None] * (probs + onehot) / temperature
+    return {
+        "loss": (weights.abs() * (logq.abs() + logp.abs()) * logp.abs()).sum().item(),
+        "grad_hidden": (g_abs @ weight.abs()).max().item() if g_abs.numel() else 0.0,
+        "grad_weight": (g_abs.T @ hidden.abs()).max().item() if g_abs.numel() else 0.0,
+        "student_logprobs": logp.abs().max().item() if logp.numel() else 0.0,
+        "teacher_logprobs": logq.abs().max().item() if logq.numel() else 0.0,
+        "advantages": (logq.abs() + logp.abs()).max().item() if logp.numel() else 0.0,
+    }
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if expected.numel() == 0:
+        return 0.0
+    return (actual.double().cpu() - expected.double().cpu()).abs().max().item()
