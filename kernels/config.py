@@ -29,7 +29,7 @@ def kernel_config(dtype: torch.dtype, arch: int | None) -> KernelConfig:
     small_smem = arch in (86, 87, 89, 120)
     if dtype == torch.float32:
         return KernelConfig(64, 64, 32, 8, 2, "ieee")
-    return KernelConfig(128, 128, 64, 8, 2 if small_smem else 3, "tf32")
+    return KernelConfig(128, 128, 32, 8, 2 if small_smem else 3, "tf32")
 
 
 def launch_config(dtype: torch.dtype, device: torch.device) -> KernelConfig:

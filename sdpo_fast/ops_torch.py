@@ -1,6 +1,9 @@
 """Chunked PyTorch ops: per-token log-probs and the advantage-weighted gradient without an (N, V) buffer.
 
-Tokens are processed in chunks whose fp32 logits fit `SDPO_FAST_TORCH_CHUNK_MB` (default 32 MiB).
+The gradient is formed in the same sweep as the student's log-probs (8·N·d·V FLOPs with the teacher pass).
+
+Tokens are processed in chunks whose fp32 logits fit one reused buffer of `SDPO_FAST_TORCH_CHUNK_MB` (default
+64 MiB; larger chunks make fewer passes over the fp32 grad_weight).
 """
 from __future__ import annotations
 
@@ -9,46 +12,64 @@ import os
 import torch
 
 
-def _chunks(n_tokens: int, vocab_size: int):
-    budget = int(os.environ.get("SDPO_FAST_TORCH_CHUNK_MB", "32")) << 20
-    rows = max(1, budget // (4 * vocab_size))
+def _chunks(n_tokens: int, vocab_size: int, device: torch.device):
+    """Row slices whose fp32 logits fit the budget, and one reusable (rows, V) fp32 buffer for them."""
+    budget = int(os.environ.get("SDPO_FAST_TORCH_CHUNK_MB", "64")) << 20
+    rows = min(max(1, budget // (4 * vocab_size)), max(n_tokens, 1))
+    buffer = torch.empty((rows, vocab_size), dtype=torch.float32, device=device)
     for start in range(0, n_tokens, rows):
-        yield slice(start, min(start + rows, n_tokens))
+        stop = min(start + rows, n_tokens)
+        yield slice(start, stop), buffer[: stop - start]
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    return (hidden @ weight.T).float().mul_(inv_temperature)
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float, out: torch.Tensor) -> torch.Tensor:
+    if hidden.dtype == torch.float32:
+        torch.mm(hidden, weight.T, out=out)
+    else:
+        out.copy_(hidden @ weight.T)
+    return out.mul_(inv_temperature)
+
+
+def _softmax_parts(hidden, weight, targets, inv_temperature: float, buffer: torch.Tensor):
+    """One chunk: exp(z - max) (n, V) fp32 (in `buffer`), its row sums (n,) fp64, and the target log-probs
+    (n,) fp32. Row sums are fp64: an fp32 sum over a 10^5-word vocabulary loses ~1e-5 of relative precision.
+    """
+    logits = _logits(hidden, weight, inv_temperature, buffer)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    row_max = logits.max(dim=1, keepdim=True).values.squeeze(1)
+    exp = logits.sub_(row_max[:, None]).exp_()
+    sums = exp.sum(dim=1, dtype=torch.float64)
+    return exp, sums, (target_logit - row_max - sums.log()).float()
 
 
 def token_logprobs(hidden, weight, targets, inv_temperature: float):
     """hidden (N, d), weight (V, d), targets (N,) int64 -> (logprobs, lse), each (N,) fp32."""
     n_tokens = hidden.shape[0]
-    lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-    target_logit = torch.empty_like(lse)
-    for rows in _chunks(n_tokens, weight.shape[0]):
-        logits = _logits(hidden[rows], weight, inv_temperature)
-        target_logit[rows] = logits.gather(1, targets[rows, None]).squeeze(1)
-        row_max = logits.max(dim=1, keepdim=True).values
-        # fp64 row sums: an fp32 sum over a 10^5-word vocabulary loses ~1e-5 of relative precision.
-        lse[rows] = (row_max.squeeze(1) + logits.sub_(row_max).exp_().sum(dim=1, dtype=torch.float64).log()).float()
-    return target_logit - lse, lse
+    logprobs = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    for rows, buffer in _chunks(n_tokens, weight.shape[0], hidden.device):
+        _, _, logprobs[rows] = _softmax_parts(hidden[rows], weight, targets[rows], inv_temperature, buffer)
+    return logprobs, None
 
 
-def grad(hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool, need_weight: bool):
-    """Gradients of L = sum_n coef[n] * -log_softmax(z_n)[target_n], z = hidden @ weight.T * inv_temperature.
+def logprobs_and_grad(hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
+                      need_weight: bool):
+    """Log-probs and the gradients of L = sum_n coef[n] * -log_softmax(z_n)[target_n] in one sweep over the
+    logits (z = hidden @ weight.T * inv_temperature), so no chunk is computed twice.
 
-    coef (N,) fp32 (constant per token). Returns (grad_hidden (N, d) or None, grad_weight (V, d) or None);
-    grad_weight is accumulated in fp32 and cast to weight's dtype at the end.
+    coef_of(rows, logprobs_of_rows) -> coef (n,) fp32, held constant. Returns (logprobs (N,) fp32,
+    grad_hidden (N, d) in hidden's dtype or None, grad_weight (V, d) fp32 or None).
     """
     n_tokens = hidden.shape[0]
+    logprobs = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-    for rows in _chunks(n_tokens, weight.shape[0]):
-        probs = _logits(hidden[rows], weight, inv_temperature).sub_(lse[rows, None]).exp_()
+    for rows, buffer in _chunks(n_tokens, weight.shape[0], hidden.device):
+        exp, sums, logprobs[rows] = _softmax_parts(hidden[rows], weight, targets[rows], inv_temperature, buffer)
+        probs = exp.div_(sums.float()[:, None])
         probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
-        grad_logits = probs.mul_((coef[rows] * inv_temperature)[:, None])
+        grad_logits = probs.mul_((coef_of(rows, logprobs[rows]) * inv_temperature)[:, None])
         if need_hidden:
             grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight
         if need_weight:
             grad_weight.addmm_(grad_logits.T, hidden[rows].float())
-    return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+    return logprobs, grad_hidden, grad_weight

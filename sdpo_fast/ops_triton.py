@@ -38,7 +38,8 @@ def token_logprobs(hidden, weight, targets, inv_temperature: float):
 
 
 def grad(hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool, need_weight: bool):
-    """Same contract as `ops_torch.grad`."""
+    """Gradients of L = sum_n coef[n] * -log_softmax(z_n)[target_n], z = hidden @ weight.T * inv_temperature,
+    from the saved lse (N,) fp32 and coef (N,) fp32: (grad_hidden (N, d) or None, grad_weight (V, d) fp32 or None)."""
     hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
     n_tokens = hidden.shape[0]
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
@@ -53,4 +54,4 @@ def grad(hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden
             torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
         if need_weight:
             accumulate_grad_weight(grad_logits_chunk, hidden[rows], grad_weight)
-    return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight

@@ -10,3 +10,9 @@ try:
     import triton  # noqa: F401
 except ImportError:
     pass
+
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run (reproducible CI); explore with --hypothesis-seed=N.
+settings.register_profile("deterministic", derandomize=True)
+settings.load_profile("deterministic")

@@ -86,34 +86,51 @@ def run_truth(case: dict, **options):
             "student_logprobs": logp, "teacher_logprobs": logq, "advantages": adv}
 
 
-def error_scales(case: dict, truth: dict, **options) -> dict:
-    """Condition-aware scales: the size of the terms each output sums, so cancellation is not mistaken for error.
+def _logprob_condition(hidden, weight, targets, temperature):
+    """|z_target| + |logsumexp z| per token: the size of the two terms log pi is the difference of."""
+    logits = hidden @ weight.T / temperature
+    return logits.gather(1, targets[:, None]).squeeze(1).abs() + torch.logsumexp(logits, 1).abs()
 
-    grad_hidden = G @ W and grad_weight = G.T @ h with G = w A (softmax - onehot) / T, A = log q - log pi; the loss sums
-    w (log q - log pi) log pi; log-probs are compared to their own magnitude.
-    """
+
+def error_scales(case: dict, truth: dict, **options) -> dict:
+    """Condition-aware scales: the size of the terms each output is computed from, so rounding that any fp32
+    computation suffers (cancellation in log pi = z_y - lse, in A = log q - log pi, in the sums of the
+    gradients G @ W and G.T @ h with G = w A (softmax - onehot) / T) is not mistaken for error."""
     d = case["student_hidden"].shape[-1]
     temperature = options.get("temperature", 1.0)
     hidden = case["student_hidden"].detach().double().reshape(-1, d).cpu()
     weight = case["lm_head_weight"].detach().double().cpu()
     targets = case["target_ids"].reshape(-1).cpu()
     mask = targets != -100
+    safe = torch.where(mask, targets, torch.zeros_like(targets))
     weights = options.get("token_weights")
     weights = mask.double() / mask.sum().clamp(min=1) if weights is None else weights.double().reshape(-1).cpu()
     weights = weights * mask
     logp, logq, adv = (truth[k].reshape(-1).cpu() for k in ("student_logprobs", "teacher_logprobs", "advantages"))
+    cond_p = _logprob_condition(hidden, weight, safe, temperature) * mask
+    if "teacher_hidden" in case:
+        teacher = case["teacher_hidden"].detach().double()
+        teacher_weight = case.get("teacher_lm_head_weight", case["lm_head_weight"]).detach().double().cpu()
+        cond_q = _logprob_condition(teacher.reshape(-1, teacher.shape[-1]).cpu(), teacher_weight, safe,
+                                    temperature) * mask
+    else:
+        cond_q = logq.abs()
+    cond_a = cond_p + cond_q
     probs = torch.softmax(hidden @ weight.T / temperature, dim=-1)
     onehot = torch.zeros_like(probs)
     onehot[mask, targets[mask]] = 1.0
-    # |A| is replaced by the size of what it is the difference of: that is how large its rounding error can be.
-    g_abs = (weights.abs() * (logq.abs() + logp.abs()))[:, None] * (probs + onehot) / temperature
+    g_abs = (weights.abs() * cond_a)[:, None] * (probs + onehot) / temperature
+
+    def largest(values):
+        return values.max().item() if values.numel() else 0.0
+
     return {
-        "loss": (weights.abs() * (logq.abs() + logp.abs()) * logp.abs()).sum().item(),
-        "grad_hidden": (g_abs @ weight.abs()).max().item() if g_abs.numel() else 0.0,
-        "grad_weight": (g_abs.T @ hidden.abs()).max().item() if g_abs.numel() else 0.0,
-        "student_logprobs": logp.abs().max().item() if logp.numel() else 0.0,
-        "teacher_logprobs": logq.abs().max().item() if logq.numel() else 0.0,
-        "advantages": (logq.abs() + logp.abs()).max().item() if logp.numel() else 0.0,
+        "loss": (weights.abs() * (cond_a * logp.abs() + adv.abs() * cond_p)).sum().item(),
+        "grad_hidden": largest(g_abs @ weight.abs()),
+        "grad_weight": largest(g_abs.T @ hidden.abs()),
+        "student_logprobs": largest(cond_p),
+        "teacher_logprobs": largest(cond_q),
+        "advantages": largest(cond_a),
     }
 
 

@@ -13,7 +13,8 @@ FP32_TOL = 1e-5
 
 
 def assert_matches_reference(case, backend, **options):
-    """fp32 backend output within FP32_TOL of the fp64 reference, relative to each output's condition scale."""
+    """fp32 backend output within FP32_TOL of the fp64 reference, relative to each output's condition scale
+    (helpers.error_scales)."""
     got = run_loss(sdpo_loss, case, backend, **options)
     truth = run_truth(case, **options)
     scales = error_scales(case, truth, **options)
@@ -85,14 +86,12 @@ def test_no_loss_tokens_gives_zero_loss_and_zero_grads(backend, n):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_weight_does_no_weight_gradient_work(backend, monkeypatch):
-    from sdpo_fast import ops_torch
+    from sdpo_fast import ops_torch, ops_triton
     device = backend_device(backend)
-    ops = ops_torch
-    if backend == "triton":
-        from sdpo_fast import ops_triton as ops
+    ops, name = (ops_triton, "grad") if backend == "triton" else (ops_torch, "logprobs_and_grad")
     calls = []
-    original = ops.grad
-    monkeypatch.setattr(ops, "grad", lambda *a: calls.append(a[-1]) or original(*a))
+    original = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a: calls.append(a[-1]) or original(*a))
     case = make_case(20, 24, 90, device=device, seed=1)
     student = case["student_hidden"].clone().requires_grad_()
     loss = sdpo_loss(student, case["lm_head_weight"], case["target_ids"], teacher_hidden=case["teacher_hidden"],
@@ -101,6 +100,18 @@ def test_frozen_weight_does_no_weight_gradient_work(backend, monkeypatch):
     assert calls == [False]
     want = run_loss(sdpo_loss, case, "reference")["grad_hidden"]
     assert rel_err(student.grad, want) <= FP32_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_scales_with_upstream_gradient(backend):
+    case = make_case(25, 16, 70, device=backend_device(backend), seed=6)
+    plain = run_loss(sdpo_loss, case, backend)
+    student = case["student_hidden"].clone().requires_grad_()
+    weight = case["lm_head_weight"].clone().requires_grad_()
+    loss = sdpo_loss(student, weight, case["target_ids"], teacher_hidden=case["teacher_hidden"], backend=backend)
+    (loss * -3.0).backward()
+    assert rel_err(student.grad, -3.0 * plain["grad_hidden"]) <= FP32_TOL
+    assert rel_err(weight.grad, -3.0 * plain["grad_weight"]) <= FP32_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -168,24 +179,32 @@ def test_large_vocabulary_triton():
 
 
 @pytest.mark.slow
-def test_more_than_2_pow_31_logits_torch():
+@pytest.mark.parametrize("backend", [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                    reason="needs a CUDA GPU (the interpreter would take hours)")),
+])
+def test_more_than_2_pow_31_logits(backend):
     """N * V > 2**31: rows past the int32 range still get the right log-probs and gradients (fp64 truth)."""
+    device = backend_device(backend)
     vocab, d = 262144, 4
     n = 2**31 // vocab + 8
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, d, generator=g).requires_grad_()
-    weight = torch.randn(vocab, d, generator=g)
-    targets = torch.randint(0, vocab, (n,), generator=g)
-    teacher_lp = -torch.rand(n, generator=g) * 10
-    weights = torch.zeros(n)
+    hidden = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    weight = torch.randn(vocab, d, generator=g).to(device).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    teacher_lp = (-torch.rand(n, generator=g) * 10).to(device)
+    weights = torch.zeros(n, device=device)
     weights[-8:] = 0.125
     loss, stats = sdpo_loss(hidden, weight, targets, teacher_logprobs=teacher_lp, token_weights=weights,
-                            backend="torch", return_stats=True)
+                            backend=backend, return_stats=True)
     loss.backward()
     tail = hidden[-8:].detach().double().requires_grad_()
-    want, want_stats = reference_sdpo_loss(tail, weight.double(), targets[-8:], token_weights=weights[-8:].double(),
+    tail_weight = weight.detach().double().requires_grad_()
+    want, want_stats = reference_sdpo_loss(tail, tail_weight, targets[-8:], token_weights=weights[-8:].double(),
                                            teacher_logprobs=teacher_lp[-8:].double())
     want.backward()
     assert rel_err(stats.student_logprobs[-8:], want_stats[0]) <= FP32_TOL
     assert rel_err(hidden.grad[-8:], tail.grad) <= FP32_TOL
+    assert rel_err(weight.grad, tail_weight.grad) <= FP32_TOL
     assert rel_err(loss, want) <= FP32_TOL

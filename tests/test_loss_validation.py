@@ -11,7 +11,7 @@ def no_compute(monkeypatch):
     def forbidden(*args):
         raise AssertionError("compute ran before validation")
     monkeypatch.setattr(ops_torch, "token_logprobs", forbidden)
-    monkeypatch.setattr(ops_torch, "grad", forbidden)
+    monkeypatch.setattr(ops_torch, "logprobs_and_grad", forbidden)
 
 
 def case(**changes):
