@@ -1,4 +1,4 @@
-"""Turn a pytest-benchmark JSON file into markdown tables (or, with --json, one JSON row per benchmark).
+"""Turn pytest-benchmark JSON files into markdown tables (or, with --json, one JSON row per benchmark).
 
 Usage: python benchmarks/summarize.py BENCH_JSON [BENCH_JSON ...] [--json]
 """
@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 LOSS_NOTE = ("Time: median (and min) of the rounds, one forward+backward each. Effective TFLOP/s counts "
-             "10·N·d·V per SDPO step (student and teacher logits, recompute, grad_h, grad_W) and 6·N·d·V per Liger "
-             "cross-entropy step. x cuBLAS: median time / cuBLAS time of the same matrix products, same run. "
+             "10·N·d·V per SDPO step (student and teacher logits, recompute, grad_h, grad_W) and 6·N·d·V per "
+             "Liger cross-entropy step. x cuBLAS: median time / cuBLAS time of the same matrix products, same run. "
              "Peak: growth of peak memory over the inputs during one fwd+bwd (CUDA allocator, or process RSS on "
              "CPU). `*` marks the backend that backend=\"auto\" picks.")
 
@@ -32,7 +33,7 @@ def _machine(bench: dict) -> str:
              f"GPU: {extra.get('gpu') or 'none'}", f"Python {info.get('python_version', '?')}"]
     parts += [f"{k} {extra[k]}" for k in ("torch", "cuda", "triton", "liger_kernel", "torch_threads") if extra.get(k)]
     commit = bench.get("commit_info", {})
-    if commit.get("id", "unknown") != "unknown":
+    if re.fullmatch(r"[0-9a-f]{40}", commit.get("id") or ""):
         parts.append(f"commit {commit['id'][:12]}{' (dirty)' if commit.get('dirty') else ''}")
     return " · ".join(parts)
 
@@ -57,10 +58,11 @@ def markdown(benches: list[dict]) -> str:
                 _fmt(r.get("x_cublas"), ".2f"), _fmt(peak, ".0f"), _fmt(r.get("peak_vs_reference"), ".1%")]) + " |")
         out.append("")
     if other:
-        out += ["### Other benchmarks", "", "| benchmark | median s | min s | rounds | extra |", "|---|--:|--:|--:|---|"]
+        out += ["### Other benchmarks", "", "| benchmark | median s | min s | rounds | extra |",
+                "|---|--:|--:|--:|---|"]
         for r in other:
-            extra = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("name", "group", "median_s", "min_s",
-                                                                              "rounds"))
+            extra = ", ".join(f"{k}={v}" for k, v in r.items()
+                              if k not in ("name", "group", "median_s", "min_s", "rounds"))
             out.append(f"| {r['name']} | {r['median_s']:.4g} | {r['min_s']:.4g} | {r['rounds']} | {extra} |")
         out.append("")
     return "\n".join(out)

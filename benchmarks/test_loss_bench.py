@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from bench_memory import cpu_peak_growth, cuda_peak_growth, subprocess_env
 from sdpo_fast import sdpo_loss
 from sdpo_fast.loss import _resolve_backend
 
@@ -97,32 +97,10 @@ def step_flops(shape: Shape, backend: str) -> int:
     return (6 if backend == "liger" else 10) * shape.n * shape.d * shape.vocab
 
 
-def _cuda_peak_growth(step) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    return torch.cuda.max_memory_allocated() - before
-
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _cpu_peak_growth_here(shape: Shape, backend: str) -> int:
     """Run inside a fresh process: bytes the process's peak RSS grows during one fwd+bwd."""
     make_step(backend, make_inputs(shape, "cpu", n=8, vocab=512))()  # load lazily initialized code first
-    step = make_step(backend, make_inputs(shape, "cpu"))
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    baseline = _proc_status_kb("VmRSS")
-    if _proc_status_kb("VmHWM") > baseline + 1024:
-        raise RuntimeError("could not reset VmHWM through /proc/self/clear_refs")
-    step()
-    return (_proc_status_kb("VmHWM") - baseline) * 1024
+    return cpu_peak_growth(make_step(backend, make_inputs(shape, "cpu")))
 
 
 @functools.cache
@@ -130,12 +108,12 @@ def peak_growth(shape: Shape, backend: str) -> int | None:
     """Peak memory growth of one fwd+bwd over its inputs, in bytes; None when CUDA runs out of memory."""
     if DEVICE == "cuda":
         try:
-            return _cuda_peak_growth(make_step(backend, make_inputs(shape, DEVICE)))
+            return cuda_peak_growth(make_step(backend, make_inputs(shape, DEVICE)))
         except torch.cuda.OutOfMemoryError:
             return None
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     spec = json.dumps([shape._asdict(), backend])
-    out = subprocess.run([sys.executable, __file__, spec], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, spec], env=subprocess_env(), check=True, capture_output=True,
+                         text=True)
     return int(out.stdout.split()[-1])
 
 

@@ -10,6 +10,10 @@ _COMMANDS = [
     "sdpo_fast.commands.demo",
     "sdpo_fast.commands.check_kernels",
     "sdpo_fast.commands.data",
+    "sdpo_fast.commands.explain",
+    "sdpo_fast.commands.train",
+    "sdpo_fast.commands.plan",
+    "sdpo_fast.commands.online",
 ]
 
 

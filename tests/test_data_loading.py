@@ -286,3 +286,13 @@ def test_hub_id_fails_fast_and_clearly_when_offline(monkeypatch):
     with pytest.raises(ValueError, match="cannot be reached.*local path"):
         load_interactions("allenai/WildChat-1M")
     assert time.monotonic() - start < 10
+
+
+def test_grouping_labels_are_kept_in_meta(tmp_path):
+    path = tmp_path / "labelled.jsonl"
+    rows = [{"kind": "style", "label": 3, "conversation": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "less formal"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (interaction,) = list(load_interactions(path))
+    assert interaction.meta["kind"] == "style" and interaction.meta["label"] == 3

@@ -14,7 +14,8 @@ _FORMATS = (
     ("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
 )
 _ID_FIELDS = ("conversation_id", "conversation_hash", "id")
-_META_FIELDS = ("model", "language", "redacted")
+# Scalar row fields kept as labels in each interaction's meta ("kind"/"label": user-defined grouping labels).
+_META_FIELDS = ("model", "language", "redacted", "kind", "label")
 
 
 class BadRow(Exception):

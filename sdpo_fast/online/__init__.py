@@ -1,0 +1,15 @@
+"""Online SDPO: a policy that answers, hears the user's reply and learns from it (the paper's Algorithm 1),
+per-user LoRA adapters, simulated users, pairwise judges and the personalization experiments."""
+from .adapters import UserAdapters, check_user_id
+from .judge import LLMJudge, RuleJudge, WinRate, bootstrap_se, judge_all, judge_pair, summarize, win_rate
+from .loop import (PRESETS, EmptyGenerationError, OnlineConfig, OnlinePolicy, accumulate_online_gradients,
+                   generate, run_online)
+from .personas import RULES, Persona, get_persona, load_personas, parse_personas
+from .users import EndpointError, HFChat, LLMUser, OpenAIChat, RuleUser
+
+__all__ = [
+    "PRESETS", "RULES", "EmptyGenerationError", "EndpointError", "HFChat", "LLMJudge", "LLMUser", "OnlineConfig",
+    "OnlinePolicy", "OpenAIChat", "Persona", "RuleJudge", "RuleUser", "UserAdapters", "WinRate",
+    "accumulate_online_gradients", "bootstrap_se", "check_user_id", "generate", "get_persona", "judge_all",
+    "judge_pair", "load_personas", "parse_personas", "run_online", "summarize", "win_rate",
+]

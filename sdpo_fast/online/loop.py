@@ -1,0 +1,360 @@
+"""Online SDPO (the paper's Algorithm 1): the policy answers, the user replies, and every `update_every`
+interactions the policy is updated from its own (x, y, u) samples with the live hindsight teacher.
+
+Per-sequence mean-centred advantages: with A_t = log q_t - log pi_t, the centred A'_t = A_t - mean_seq(A) is
+obtained exactly by giving `sdpo_loss` the teacher log-probs log q_t - mean_seq(A) (a per-sequence constant
+shift of log q shifts A by the same constant); the signal clip then applies to A'.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data.interactions import Interaction
+from ..data.prompts import EncodedInteraction, InteractionEncoder, SkipInteraction
+from ..loss import sdpo_loss
+from ..model import forward_micro_batch, micro_batch_indices, sdpo_attention, unwrap_model
+from ..train.trainer import IGNORE, interaction_weights, loss_token_counts, optimizer_step
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Paper Table 5 (personalization) and the authors' online trainers (see shared/ANCHORS.md).
+    "paper-personalization": dict(update_every=16, lr=5e-6, max_new_tokens=258, temperature=1.0,
+                                  center_advantages=True, signal_clip=2.0, lora_r=64, lora_alpha=128.0),
+}
+
+
+@dataclass
+class OnlineConfig:
+    """Options of the online loop; `validate()` names the offending field."""
+
+    update_every: int = 16
+    """k: interactions per SDPO update (the batch)."""
+    lr: float = 5e-6
+    """Constant learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    center_advantages: bool = True
+    signal_clip: float | None = 2.0
+    ignore_first_k: int = 0
+    temperature: float = 1.0
+    """Sampling temperature of the policy, and the temperature of the loss's log-probs."""
+    max_new_tokens: int = 258
+    max_prompt_tokens: int = 2048
+    lora_r: int = 64
+    """0: update all weights (single-user policies only)."""
+    lora_alpha: float = 128.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    micro_batch_tokens: int = 8192
+    prefix_reuse: bool = True
+    attn_backend: str = "auto"
+    loss_backend: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> "OnlineConfig":
+        for key, low in (("update_every", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
+                         ("micro_batch_tokens", 1), ("ignore_first_k", 0), ("lora_r", 0), ("seed", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        for key in ("lr", "temperature", "lora_alpha", "weight_decay", "lora_dropout", "max_grad_norm",
+                    "signal_clip"):
+            value = getattr(self, key)
+            if value is None and key in ("max_grad_norm", "signal_clip"):
+                continue
+            positive = key not in ("weight_decay", "lora_dropout")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                raise ValueError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+        if self.lora_dropout >= 1:
+            raise ValueError(f"lora_dropout must be < 1, got {self.lora_dropout!r}")
+        for key in ("center_advantages", "prefix_reuse"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        targets = self.lora_target_modules
+        if not (targets == "all-linear" or (isinstance(targets, list) and targets
+                                            and all(isinstance(t, str) and t for t in targets))):
+            raise ValueError(f"lora_target_modules must be 'all-linear' or a list of module names, got {targets!r}")
+        return self
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "OnlineConfig":
+        """A config from PRESETS[name], with `overrides` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown OnlineConfig fields {unknown}")
+        return cls(**{**PRESETS[name], **overrides}).validate()
+
+
+class EmptyGenerationError(ValueError):
+    """The policy produced no text for a prompt."""
+
+
+def lora_config(config: OnlineConfig):
+    """The peft LoraConfig of `config`."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ValueError("LoRA needs peft (pip install 'sdpo_fast[online]'); or set lora_r 0") from None
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def _template_kwargs(tokenizer) -> dict:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    text = " ".join(template.values()) if isinstance(template, dict) else template
+    return {"enable_thinking": False} if "enable_thinking" in text else {}
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
+                   temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None) -> list[str]:
+    """One reply per chat in `conversations`, generated together (left padding; HF generate; full-distribution
+    sampling at `temperature`, greedy at 0).
+
+    The global RNG is left untouched: sampling uses its own seed. stop_token_ids default: the tokenizer's eos.
+    Returns the decoded texts without special tokens, stripped.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template")
+    kwargs = _template_kwargs(tokenizer)
+    prompts = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kwargs),
+                         add_special_tokens=False)["input_ids"] for m in conversations]
+    device = unwrap_model(model).get_input_embeddings().weight.device
+    stops = stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
+        else dict(do_sample=False)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _eval_mode(model):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=stops, pad_token_id=pad, **sampling)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+
+def generate(model, tokenizer, messages: list[dict], **options) -> str:
+    """`generate_batch` for one chat."""
+    return generate_batch(model, tokenizer, [messages], **options)[0]
+
+
+def centered_teacher_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
+                              sequence_index: torch.Tensor, loss_mask: torch.Tensor, n_sequences: int) -> torch.Tensor:
+    """log q - mean_seq(log q - log pi) over each sequence's loss tokens (all tensors (N,), fp32, detached)."""
+    advantages = torch.where(loss_mask, teacher_logprobs - student_logprobs, torch.zeros_like(teacher_logprobs))
+    sums = torch.zeros(n_sequences, device=advantages.device).index_add_(0, sequence_index, advantages)
+    counts = torch.zeros(n_sequences, device=advantages.device).index_add_(0, sequence_index, loss_mask.float())
+    return teacher_logprobs - (sums / counts.clamp(min=1))[sequence_index]
+
+
+def accumulate_online_gradients(model, encoded: list[EncodedInteraction], config: OnlineConfig) -> dict:
+    """Forward and backward of one online SDPO update over `encoded`; adds the gradient to `.grad`.
+
+    Loss: per-sequence mean (over tokens past ignore_first_k), then batch mean, of -clip(A'_t) * log pi(y_t)
+    with A' the (optionally mean-centred) advantage. Returns loss, mean advantage (before centring) and tokens.
+    """
+    counts = loss_token_counts(encoded, config.ignore_first_k)
+    weights = interaction_weights(counts, "sequence")
+    loss_sum, signal_sum = 0.0, 0.0
+    for group in micro_batch_indices(encoded, config.micro_batch_tokens):
+        if not any(counts[i] for i in group):
+            continue
+        mb = forward_micro_batch(model, [encoded[i] for i in group], prefix_reuse=config.prefix_reuse,
+                                 attn_backend=config.attn_backend)
+        seq = mb.sequence_index
+        token_weights = torch.tensor([weights[i] for i in group], device=seq.device)[seq]
+        targets = mb.target_ids.masked_fill(mb.position_in_completion < config.ignore_first_k, IGNORE)
+        mask = targets != IGNORE
+        with torch.no_grad():
+            _, stats = sdpo_loss(mb.student_hidden.detach(), mb.lm_head_weight, targets,
+                                 teacher_hidden=mb.teacher_hidden, temperature=config.temperature,
+                                 backend=config.loss_backend, return_stats=True)
+        teacher_lp = stats.teacher_logprobs
+        if config.center_advantages:
+            teacher_lp = centered_teacher_logprobs(teacher_lp, stats.student_logprobs, seq, mask, len(group))
+        loss = sdpo_loss(mb.student_hidden, mb.lm_head_weight, targets, teacher_logprobs=teacher_lp,
+                         token_weights=token_weights, temperature=config.temperature,
+                         signal_clip=config.signal_clip, backend=config.loss_backend)
+        loss.backward()
+        loss_sum += float(loss.detach())
+        signal_sum += float(stats.advantages[mask].sum())
+    return {"loss": loss_sum, "mean_advantage": signal_sum / max(sum(counts), 1), "loss_tokens": sum(counts)}
+
+
+def adapter_parameters(model, adapter_name: str) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of adapter `adapter_name` in a peft model."""
+    found = []
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if any(parts[i].startswith("lora_") and parts[i + 1] == adapter_name for i in range(len(parts) - 1)):
+            found.append(param)
+    return found
+
+
+class OnlinePolicy:
+    """A policy that answers and learns online: a peft model's adapter `adapter_name` (LoRA), or the whole
+    model (lora_r 0, adapter_name None).
+
+    Several policies may share one peft model, each with its own adapter and optimizer: before each use the
+    policy activates its adapter and makes only that adapter trainable.
+    """
+
+    def __init__(self, model, tokenizer, config: OnlineConfig, adapter_name: str | None = "default"):
+        config.validate()
+        self.model, self.tokenizer, self.config, self.adapter_name = model, tokenizer, config, adapter_name
+        if adapter_name is None:
+            unwrap_model(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            params = adapter_parameters(model, adapter_name)
+            if not params:
+                raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.parameters = params
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.encoder = InteractionEncoder(tokenizer, max_prompt_tokens=config.max_prompt_tokens,
+                                          max_completion_tokens=config.max_new_tokens + 1)
+        self.stop_token_ids = sorted({self.encoder.end_of_turn_id, tokenizer.eos_token_id} - {None})
+        self.pending: list[Interaction] = []
+        self.generations = 0
+        self.updates = 0
+
+    @contextlib.contextmanager
+    def active(self):
+        """This policy's adapter active and the only trainable parameters (the whole model when no adapter)."""
+        if self.adapter_name is not None:
+            self.model.set_adapter(self.adapter_name)
+            mine = {id(p) for p in self.parameters}
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in mine)
+        yield
+
+    def respond_batch(self, conversations: list[list[dict]]) -> list[str]:
+        """Sample one reply per chat, together (seeded by config.seed and this policy's generation count); an
+        empty string where the policy ended the turn at once."""
+        if not isinstance(conversations, list) or not conversations:
+            raise ValueError("conversations must be a non-empty list of chats")
+        for i, messages in enumerate(conversations):
+            _check_messages(messages, f"conversations[{i}]", last_role="user")
+        seed = self.config.seed * 1_000_003 + self.generations
+        self.generations += len(conversations)
+        with self.active():
+            return generate_batch(self.model, self.tokenizer, conversations, max_new_tokens=self.config.max_new_tokens,
+                                  temperature=self.config.temperature, seed=seed, stop_token_ids=self.stop_token_ids)
+
+    def respond(self, messages: list[dict]) -> str:
+        """One sampled reply; raises EmptyGenerationError when it is empty."""
+        _check_messages(messages, "messages", last_role="user")
+        text = self.respond_batch([messages])[0]
+        if not text:
+            raise EmptyGenerationError("the policy generated no text for this prompt (it ended the turn at once)")
+        return text
+
+    def observe(self, messages: list[dict], response: str, followup: str) -> dict | None:
+        """Buffer (x, y, u); run an update when `update_every` are buffered. Returns the update's stats or None."""
+        self.pending.append(Interaction(list(messages), response, followup))
+        if len(self.pending) < self.config.update_every:
+            return None
+        return self.update()
+
+    def update(self) -> dict | None:
+        """One SDPO step on the buffered interactions (None when nothing is buffered); empties the buffer."""
+        batch, self.pending = self.pending, []
+        encoded, skipped = [], 0
+        for interaction in batch:
+            try:
+                encoded.append(self.encoder.encode(interaction))
+            except SkipInteraction:
+                skipped += 1
+        if not encoded:
+            return {"interactions": 0, "skipped": skipped} if batch else None
+        with self.active(), sdpo_attention(unwrap_model(self.model)):  # generation keeps its own attention
+            self.model.train()
+            stats = accumulate_online_gradients(self.model, encoded, self.config)
+            stats["grad_norm"] = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm)
+        self.updates += 1
+        return {**stats, "interactions": len(encoded), "skipped": skipped}
+
+    def interact_batch(self, conversations: list[list[dict]], user) -> list[dict]:
+        """Algorithm 1 for several prompts at once (at most up to the next update, so every reply comes from the
+        current weights): y ~ policy(x), u = user(x, y), learn from (x, y, u) when a batch is full.
+
+        Returns per prompt {"response", "followup", "update"}; an empty reply is not shown to the user (followup
+        None). "update" holds the stats of an update triggered by that interaction, else None.
+        """
+        room = self.config.update_every - len(self.pending)
+        if len(conversations) > room:
+            raise ValueError(f"at most {room} prompts fit before the next update, got {len(conversations)}")
+        out = []
+        for messages, response in zip(conversations, self.respond_batch(conversations)):
+            if not response:
+                out.append({"response": "", "followup": None, "update": None})
+                continue
+            followup = user.reply(messages, response)
+            out.append({"response": response, "followup": followup,
+                        "update": self.observe(messages, response, followup)})
+        return out
+
+    def room(self) -> int:
+        """Interactions until the next update."""
+        return self.config.update_every - len(self.pending)
+
+
+def _check_messages(messages, name: str, last_role: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{name} must be a non-empty list of {{'role', 'content'}} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"{name}[{i}] must be a dict with role system/user/assistant and str content")
+    if messages[-1]["role"] != last_role:
+        raise ValueError(f"{name} must end with a {last_role} message, got {messages[-1]['role']!r}")
+
+
+def prompt_messages(prompt: str, system: str | None = None) -> list[dict]:
+    """A one-turn conversation for `prompt`, with an optional system message."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def run_online(policy: OnlinePolicy, user, prompts: list[str], n_interactions: int, *,
+               callback=None) -> list[dict]:
+    """Algorithm 1 over `n_interactions` prompts taken from `prompts` in turn; `callback(i, record)` after each
+    interaction i (1-based). Returns per-interaction records without the texts (response length, update stats)."""
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if isinstance(n_interactions, bool) or not isinstance(n_interactions, int) or n_interactions < 1:
+        raise ValueError(f"n_interactions must be an integer >= 1, got {n_interactions!r}")
+    records: list[dict] = []
+    while len(records) < n_interactions:
+        n = min(policy.room(), n_interactions - len(records))
+        prompts_now = [prompts[(len(records) + j) % len(prompts)] for j in range(n)]
+        for out in policy.interact_batch([prompt_messages(p) for p in prompts_now], user):
+            record = {"interaction": len(records) + 1, "response_words": len(out["response"].split()),
+                      "empty": not out["response"], "update": out["update"]}
+            records.append(record)
+            if callback is not None:
+                callback(record["interaction"], record)
+    return records

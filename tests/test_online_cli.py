@@ -1,0 +1,97 @@
+"""`sdpo-fast online`: the CPU demo and an experiment end to end (small), and bad arguments."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from sdpo_fast.cli import main
+from sdpo_fast.online.experiments import Phase, run_schedule
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["online", "demo", "--interactions", "4", "--eval-every", "2", "--eval-prompts", "3",
+                 "--max-new-tokens", "6", "--output-dir", str(out)]) == 0
+    rows = _rows(out / "win_rate_curve.csv")
+    assert [int(r["interactions"]) for r in rows] == [0, 2, 4]
+    assert all(r["eval_persona"] == "no-emojis" for r in rows)
+    assert (out / "win_rate_curve.png").stat().st_size > 1000
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    printed = capsys.readouterr().out
+    assert "interactions/s" in printed and "Tell me" not in printed  # no conversation text by default
+
+
+@pytest.mark.parametrize("experiment, personas, name", [
+    ("flip", "no-emojis", "preference_flip"),
+    ("sequential", "no-emojis,concise-casual-beginner", "sequential_preferences")])
+def test_two_phase_experiments_on_the_tiny_model(tmp_path, experiment, personas, name):
+    out = tmp_path / experiment
+    assert main(["online", experiment, "--persona", personas, "--interactions", "2", "--eval-every", "2",
+                 "--eval-prompts", "2", "--max-new-tokens", "4", "--update-every", "2", "--lora-r", "4",
+                 "--output-dir", str(out)]) == 0
+    rows = _rows(out / f"{name}.csv")
+    expected = {"no-emojis", "loves-emojis" if experiment == "flip" else "concise-casual-beginner"}
+    assert {r["eval_persona"] for r in rows} == expected == {r["train_persona"] for r in rows}
+    assert [int(r["interactions"]) for r in rows] == [0, 0, 2, 2, 4, 4]
+    assert (out / f"{name}.png").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["online", "curve", "--persona", "nobody"], "--persona 'nobody' is not defined"),
+    (["online", "curve", "--persona", "no-emojis,structured"], "--persona must name one persona"),
+    (["online", "curve", "--interactions", "0"], "--interactions must be >= 1"),
+    (["online", "curve", "--user", "openai"], "--user openai needs --user-base-url and --user-model"),
+    (["online", "curve", "--judge", "hf"], "--judge hf needs --judge-model"),
+    (["online", "curve", "--lora-r", "0"], "--lora-r must be >= 1"),
+    (["online", "demo", "--update-every", "0"], "update_every must be an integer >= 1"),
+])
+def test_bad_arguments_are_reported(argv, message, tmp_path, capsys):
+    assert main(argv + ["--output-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreachable_judge_keeps_completed_results(tmp_path):
+    from peft import get_peft_model
+
+    from sdpo_fast.online.loop import OnlineConfig, OnlinePolicy, lora_config
+    from sdpo_fast.online.personas import get_persona
+    from sdpo_fast.online.users import EndpointError, RuleUser
+    from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
+
+    class FlakyJudge:
+        """Answers for the first `budget` verdicts, then fails like an unreachable endpoint."""
+
+        def __init__(self, budget):
+            self.budget = budget
+
+        def prefer(self, persona, prompt, a, b):
+            self.budget -= 1
+            if self.budget < 0:
+                raise EndpointError("http://127.0.0.1:9/v1/chat/completions failed after 4 attempts")
+            return "tie"
+
+    config = OnlineConfig(update_every=2, max_new_tokens=4, lora_r=4, lora_alpha=8).validate()
+    policy = OnlinePolicy(get_peft_model(tiny_causal_lm(initializer_range=0.2), lora_config(config)),
+                          tiny_tokenizer(), config)
+    persona = get_persona("no-emojis")
+    # 2 prompts x 2 orders = 4 verdicts per judging: oracle, start, 2 interactions, then the judge fails.
+    with pytest.raises(EndpointError, match="stopped after 4 interactions, results so far in"):
+        run_schedule(policy, [Phase(persona, 6)], RuleUser, FlakyJudge(12), tmp_path, eval_every=2,
+                     eval_prompts=["a?", "b?"], name="run")
+    assert [int(r["interactions"]) for r in _rows(tmp_path / "run.csv")] == [0, 2]
+
+
+def test_unreachable_user_endpoint_is_one_clear_error(tmp_path, capsys):
+    argv = ["online", "curve", "--user", "openai", "--user-base-url", "http://127.0.0.1:9/v1", "--user-model", "m",
+            "--retries", "0", "--timeout", "1", "--interactions", "2", "--eval-every", "2", "--eval-prompts", "2",
+            "--max-new-tokens", "4", "--update-every", "2", "--lora-r", "4", "--output-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1:9" in err and "failed after 1 attempts" in err and "stopped after 0 interactions" in err
+    assert (tmp_path / "win_rate_curve.csv").is_file()
