@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from sdpo_fast.train.config import PRESETS, TrainConfig, field_names, load_yaml, resolve_config
+from sdpo_fast.train.config import PRESETS, TrainConfig, field_docs, field_names, load_yaml, resolve_config
 
 _METAVARS = {"int": "N", "int | None": "N", "float": "X", "float | None": "X", "str": "S", "str | None": "S",
              "list[str]": "A,B"}
@@ -33,10 +33,11 @@ def add_parser(subparsers) -> None:
         epilog="Precedence: defaults < --preset < --config file < flags. Flags default to the config value shown "
                "in `TrainConfig` (sdpo_fast/train/config.py); list values are comma-separated.")
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (same names as the flags, with _)")
+    docs = field_docs()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        help_text = f"(default {default})"
+        help_text = f"{docs[f.name]} (default {default})" if f.name in docs else f"(default {default})"
         if f.name == "preset":
             parser.add_argument(flag, choices=sorted(PRESETS), default=argparse.SUPPRESS, help=help_text)
         elif f.type == "bool":

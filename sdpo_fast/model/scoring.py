@@ -208,7 +208,8 @@ def micro_batch_indices(encoded: Sequence[EncodedInteraction], max_tokens: int) 
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for `module` and its submodules inside the block; each one's own mode restored after."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -266,7 +267,7 @@ def score_interactions(model, tokenizer, interactions: Sequence[Interaction | En
         stack.enter_context(torch.no_grad())
         for module, hf in ((model, hf_model), (teacher_model, teacher_hf)):
             if module is not None:
-                stack.enter_context(_eval_mode(module))
+                stack.enter_context(eval_mode(module))
                 stack.enter_context(sdpo_attention(hf))
         for group in groups:
             batch = forward_micro_batch(model, [encoded[i] for i in group], prefix_reuse=prefix_reuse,

@@ -19,6 +19,7 @@ from ..data.interactions import Interaction
 from ..data.prompts import EncodedInteraction, InteractionEncoder, SkipInteraction
 from ..loss import sdpo_loss
 from ..model import forward_micro_batch, micro_batch_indices, sdpo_attention, unwrap_model
+from ..model.scoring import eval_mode
 from ..train.trainer import IGNORE, interaction_weights, loss_token_counts, optimizer_step
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -114,17 +115,6 @@ def _template_kwargs(tokenizer) -> dict:
     return {"enable_thinking": False} if "enable_thinking" in text else {}
 
 
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 @torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
                    temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None) -> list[str]:
@@ -147,7 +137,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
         else dict(do_sample=False)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _eval_mode(model):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              eos_token_id=stops, pad_token_id=pad, **sampling)

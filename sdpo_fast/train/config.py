@@ -1,10 +1,13 @@
 """`TrainConfig`: every training option, merged from defaults < preset < YAML file < flags, then validated."""
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
 import os
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,23 +49,30 @@ class TrainConfig:
     output_dir: str | None = None
     """None: runs/sdpo-<timestamp>."""
     loss: str = "sdpo"
+    """sdpo, or sft (the paper's baseline: cross-entropy on the logged replies)."""
     aggregation: str = "sequence"
     """sequence: mean over each interaction's loss tokens, then over the step's interactions; token: mean over
     all loss tokens of the step."""
     batch_size: int = 32
     """Interactions per optimizer step."""
     micro_batch_tokens: int = 8192
+    """Token budget of one packed forward (bounds activation memory)."""
     epochs: int = 2
     max_steps: int | None = None
     """Overrides epochs when set."""
     lr: float = 2e-6
+    """Peak learning rate."""
     warmup_ratio: float = 0.05
     schedule: str = "cosine"
+    """cosine or constant, after the warm-up."""
     optimizer: str = "adamw"
+    """adamw (fused on CUDA), adamw8bit (bitsandbytes) or sgd."""
     weight_decay: float = 0.0
     max_grad_norm: float | None = 10.0
     ignore_first_k: int = 2
+    """Reply tokens at the start left out of the loss."""
     signal_clip: float | None = None
+    """Clamp each token's advantage to +-this (None: off)."""
     temperature: float = 1.0
     seed: int = 0
     shuffle: bool = True
@@ -77,8 +87,11 @@ class TrainConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     prefix_reuse: bool = True
+    """The teacher pass reuses the student's K/V of the shared prompt prefix."""
     attn_backend: str = "auto"
+    """auto, flash, torch or sdpa (packed varlen attention)."""
     loss_backend: str = "auto"
+    """sdpo_loss backend: auto, triton, torch or reference."""
     max_prompt_tokens: int = 2048
     max_completion_tokens: int = 2048
     max_history: int = 5
@@ -138,6 +151,15 @@ class TrainConfig:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_docs() -> dict[str, str]:
+    """The docstring under each TrainConfig field (for the CLI's help), whitespace folded."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig))).body[0].body
+    return {node.target.id: " ".join(doc.value.value.split())
+            for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
 
 
 def _choice(key: str, value, options: tuple) -> None:
