@@ -16,6 +16,7 @@ LOSSES = ("sdpo", "sft")
 AGGREGATIONS = ("sequence", "token")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+REPORTERS = ("tensorboard", "wandb")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -102,6 +103,12 @@ class TrainConfig:
     resume: bool = False
     """Continue from the latest checkpoint in output_dir."""
     logging_steps: int = 1
+    report_to: list[str] = field(default_factory=list)
+    """Also log metrics to: tensorboard (output_dir/tensorboard), wandb (both optional packages)."""
+    load_in_4bit: bool = False
+    """QLoRA: the base weights in 4-bit NF4 (bitsandbytes, CUDA; needs lora_r > 0)."""
+    use_liger: bool = False
+    """Patch the model with Liger-Kernel's RMSNorm/SwiGLU/RoPE kernels (CUDA; liger-kernel installed)."""
     preset: str | None = None
 
     def validate(self) -> "TrainConfig":
@@ -131,7 +138,8 @@ class TrainConfig:
             _number(key, getattr(self, key))
             if getattr(self, key) >= high:
                 raise ValueError(f"{key} must be in [0, {high}), got {getattr(self, key)!r}")
-        for key in ("shuffle", "gradient_checkpointing", "trust_remote_code", "prefix_reuse", "resume"):
+        for key in ("shuffle", "gradient_checkpointing", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit",
+                    "use_liger"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("model", "data", "output_dir", "data_preset"):
@@ -141,6 +149,10 @@ class TrainConfig:
                 and all(isinstance(m, str) and m for m in self.lora_target_modules)):
             raise ValueError(f"lora_target_modules must be a non-empty list of module names, "
                              f"got {self.lora_target_modules!r}")
+        if not (isinstance(self.report_to, list) and all(r in REPORTERS for r in self.report_to)):
+            raise ValueError(f"report_to must be a list among {list(REPORTERS)}, got {self.report_to!r}")
+        if self.load_in_4bit and not self.lora_r:
+            raise ValueError("load_in_4bit (QLoRA) trains adapters only: set lora_r > 0")
         if self.loss == "sft" and self.signal_clip is not None:
             raise ValueError("signal_clip applies to loss 'sdpo' only; unset it for loss 'sft'")
         return self
@@ -186,8 +198,9 @@ def _check_keys(values: dict, where: str) -> None:
 
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
-    if isinstance(out.get("lora_target_modules"), str):
-        out["lora_target_modules"] = [m.strip() for m in out["lora_target_modules"].split(",") if m.strip()]
+    for key in ("lora_target_modules", "report_to"):
+        if isinstance(out.get(key), str):
+            out[key] = [m.strip() for m in out[key].split(",") if m.strip()]
     for key in ("lr", "weight_decay", "warmup_ratio", "temperature", "max_grad_norm", "signal_clip",
                 "lora_alpha", "lora_dropout"):
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):

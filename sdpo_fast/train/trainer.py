@@ -21,9 +21,10 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from ..data import EncodedInteraction, encode_interactions, load_interactions
 from ..data.synthetic import tiny_sample_path
 from ..loss import sdpo_loss
-from ..model import forward_micro_batch, micro_batch_indices, unwrap_model
+from ..model import apply_liger_kernels, forward_micro_batch, micro_batch_indices, unwrap_model
 from .checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
 from .config import TrainConfig, save_config, write_atomic
+from .reporting import Reporters, check_reporters
 
 IGNORE = -100
 _SFT_CHUNK_BYTES = 32 << 20
@@ -238,9 +239,16 @@ def _load_model(name: str, config: TrainConfig, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     _check_local(name)
+    quantization = {}
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+        quantization["device_map"] = {"": 0}
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=config.trust_remote_code,
-                                                    use_safetensors=True)
+                                                    use_safetensors=True, **quantization)
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
 
@@ -252,14 +260,23 @@ def load_model_and_tokenizer(config: TrainConfig, checkpoint: Path | None = None
     """
     if config.lora_r and not _importable("peft"):
         raise ValueError(_NO_PEFT)
+    check_reporters(config.report_to)
     device = _device(config)
+    if config.load_in_4bit and (device.type != "cuda" or not _importable("bitsandbytes")):
+        raise ValueError("load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
+                         "use lora_r without load_in_4bit instead")
+    if config.use_liger and (device.type != "cuda" or not _importable("liger_kernel")):
+        raise ValueError("use_liger needs a CUDA GPU and liger-kernel (pip install liger-kernel)")
     dtype = _dtype(config, device)
     torch.manual_seed(config.seed)  # LoRA adapters are initialized from the global RNG
     name = config.model or str(tiny_model_path())
     full_weights = str(checkpoint) if checkpoint is not None and not config.lora_r else name
     tokenizer = _load_tokenizer(name, config)
     model = _load_model(full_weights, config, dtype)
-    model = model.to(device=device, dtype=dtype)
+    if not config.load_in_4bit:
+        model = model.to(device=device, dtype=dtype)
+    if config.use_liger:
+        apply_liger_kernels(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r:
@@ -360,6 +377,7 @@ class Trainer:
         tokens = 0
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"sdpo-fast train ({cfg.loss})", unit="step",
                    disable=not progress, dynamic_ncols=True)
+        reporters = Reporters(cfg.report_to, self.output_dir, cfg.to_dict())
         with open(self.output_dir / "metrics.jsonl", "a") as metrics:
             for step, batch in self.batches():
                 t0 = time.perf_counter()
@@ -378,6 +396,7 @@ class Trainer:
                 first = first or last
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
+                reporters.log(last, self.step)
                 if self.step % cfg.logging_steps == 0:
                     bar.set_postfix(_postfix(last), refresh=False)
                 bar.update()
@@ -386,6 +405,7 @@ class Trainer:
                 if stop_after is not None and self.step >= stop_after:
                     break
         bar.close()
+        reporters.close()
         elapsed = time.perf_counter() - start
         return {"steps": self.step, "total_steps": self.total_steps, "interactions": len(self.encoded),
                 "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
