@@ -11,8 +11,20 @@ try:
 except ImportError:
     pass
 
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # Property tests draw the same examples on every run (reproducible CI); explore with --hypothesis-seed=N.
 settings.register_profile("deterministic", derandomize=True)
 settings.load_profile("deterministic")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """A saved tiny random Qwen3 (context-sensitive init) and its chat tokenizer, as a local model directory."""
+    from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_causal_lm("qwen3", initializer_range=0.2, seed=3).save_pretrained(path)
+    tiny_tokenizer("qwen3").save_pretrained(path)
+    return str(path)

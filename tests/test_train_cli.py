@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from sdpo_fast import cli
 from sdpo_fast.data import sample_path
-from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 from sdpo_fast.train import PRESETS, TrainConfig, latest_checkpoint, load_yaml, resolve_config, train
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -47,14 +46,6 @@ def test_bad_config_values_name_the_key(values, message):
 
 
 # --- training runs on a saved tiny model ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_causal_lm("qwen3", initializer_range=0.2, seed=3).save_pretrained(path)
-    tiny_tokenizer("qwen3").save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

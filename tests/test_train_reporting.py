@@ -7,16 +7,7 @@ import torch
 
 from sdpo_fast import cli
 from sdpo_fast.data import sample_path
-from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 from sdpo_fast.train import TrainConfig, resolve_config, train
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_causal_lm("qwen3", initializer_range=0.2, seed=3).save_pretrained(path)
-    tiny_tokenizer("qwen3").save_pretrained(path)
-    return str(path)
 
 
 def test_tensorboard_gets_the_same_metrics_as_the_jsonl(tmp_path, model_dir):
