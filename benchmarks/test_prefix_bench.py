@@ -16,6 +16,7 @@ import torch
 from sdpo_fast.data import EncodedInteraction
 from sdpo_fast.model.scoring import new_prefix_cache, student_hidden_states, teacher_hidden_states
 from sdpo_fast.testing import tiny_causal_lm
+from sdpo_fast.threads import single_thread
 
 SETTINGS = {
     # device: (dtype, hidden_size, layers, sequences per micro-batch, teacher length, rounds)
@@ -29,10 +30,8 @@ COMPLETION = 64
 
 @pytest.fixture(autouse=True)
 def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def _model(device):

@@ -17,6 +17,7 @@ from sdpo_fast.data.synthetic import (
 )
 from sdpo_fast.model import score_interactions
 from sdpo_fast.style import count_emojis, emoji_rate, formality, has_emoji, preferred_style_rate, word_count
+from sdpo_fast.threads import single_thread
 from sdpo_fast.train import load_yaml, resolve_config
 from sdpo_fast.train.style_report import held_out_histories, prompt_ids, sample_replies
 from sdpo_fast.train.trainer import load_model_and_tokenizer
@@ -24,11 +25,8 @@ from sdpo_fast.train.trainer import load_model_and_tokenizer
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny ops on a shared 2-core machine are dominated by thread hand-offs; one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -66,19 +66,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from sdpo_fast.threads import single_thread
+
     config = config_from_args(args)
-    threads = torch.get_num_threads()
-    if config.model is None:
-        # The tiny model's CPU ops are too small to gain from threads; on a busy 2-core machine the thread hand-offs
-        # made its steps 30x slower (5 s instead of 0.15 s).
-        torch.set_num_threads(1)
     try:
-        return _train_and_report(config, args)
+        with single_thread(enabled=config.model is None):
+            return _train_and_report(config, args)
     except torch.OutOfMemoryError:
         raise ValueError("out of GPU memory: lower --micro-batch-tokens, or enable --gradient-checkpointing, "
                          "or train LoRA adapters (--lora-r 16)") from None
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
