@@ -144,6 +144,22 @@ def test_completion_truncation_keeps_eot_only_when_whole_reply_fits():
     assert cut.student_input_ids[-3:] == cut.teacher_input_ids[-3:] == text[:3]
 
 
+def test_given_completion_ids_are_used_as_they_are():
+    from sdpo_fast.data import InteractionEncoder
+
+    tok = tiny_tokenizer("qwen3")
+    encoder = InteractionEncoder(tok, max_completion_tokens=4)
+    chars = [tok.convert_tokens_to_ids(c) for c in "Friday"]  # one id per letter: not how the text tokenizes
+    assert chars != ids(tok, "Friday")[:6]
+    e = encoder.encode(ITEM, completion_ids=chars)
+    assert e.completion_ids == chars[:4]
+    assert e.student_input_ids == encoder.encode(ITEM).student_input_ids[:e.student_prompt_len] + chars[:4]
+    assert e.teacher_input_ids[-4:] == chars[:4]
+    for bad in ([len(tok)], [-1], ["a"], [True], 7):
+        with pytest.raises(ValueError, match="completion_ids"):
+            encoder.encode(ITEM, completion_ids=bad)
+
+
 LONG_HISTORY = [
     SYSTEM,
     {"role": "user", "content": "First question about the weather in Zurich today?"},

@@ -163,12 +163,17 @@ class InteractionEncoder:
             self.template_kwargs.setdefault("enable_thinking", False)
         self.end_of_turn_id = self._resolve_end_of_turn(end_of_turn_token)
 
-    def encode(self, interaction: Interaction) -> EncodedInteraction:
+    def encode(self, interaction: Interaction, completion_ids: list[int] | None = None) -> EncodedInteraction:
+        """completion_ids: the completion's own token ids when known (an online policy's sampled ids, its stop
+        token included), used as they are (cut to max_completion_tokens) instead of re-tokenizing the text."""
         if not interaction.completion.strip():
             raise SkipInteraction("empty_completion")
         if not interaction.followup.strip():
             raise SkipInteraction("empty_followup")
-        completion_ids = self._completion_ids(interaction.completion)
+        if completion_ids is None:
+            completion_ids = self._completion_ids(interaction.completion)
+        else:
+            completion_ids = self._checked_ids(completion_ids)[: self.max_completion_tokens]
         if not completion_ids:
             raise SkipInteraction("empty_completion")
         student, teacher = self._prompt_ids(interaction)
@@ -186,6 +191,13 @@ class InteractionEncoder:
         if len(ids) + 1 <= self.max_completion_tokens:
             return ids + [self.end_of_turn_id]
         return ids[: self.max_completion_tokens]
+
+    def _checked_ids(self, ids) -> list[int]:
+        vocab_size = len(self.tokenizer)
+        if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"completion_ids must be a list of token ids in [0, {vocab_size})")
+        return list(ids)
 
     def _prompt_ids(self, interaction: Interaction) -> tuple[list[int], list[int]]:
         history = interaction.history

@@ -2,22 +2,30 @@
 `respond(user_id, messages)` and `learn(user_id, messages_with_followup)`.
 
 Each user id has its own adapter and optimizer; an update for one user touches only that user's adapter
-parameters (base weights are frozen). A user's adapter, optimizer state, counters and not-yet-learned
-interactions are saved in `root/<user_id>.pt` (written to a temporary file, fsynced, then renamed).
+parameters (base weights are frozen). A user's files live in `root/<user_id>/`: the adapter as peft writes it
+(`adapter_model.safetensors`, `adapter_config.json`: `PeftModel.from_pretrained(base, root/user_id)` loads it)
+and `online_state.pt` (optimizer state, counters, not-yet-learned interactions; tensors and plain data only,
+read with `weights_only=True`). The directory is written under a temporary name, then renamed into place.
+At most `max_loaded_users` adapters stay in memory; the least recently used one is saved and unloaded.
 """
 from __future__ import annotations
 
+import collections
+import copy
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from ..data.interactions import Interaction
-from .loop import OnlineConfig, OnlinePolicy, _check_messages, lora_config
+from .loop import OnlineConfig, OnlinePolicy, PendingInteraction, _check_messages, lora_config
 
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_FORMAT = 1
+_FORMAT = 2
+ADAPTER_FILE = "adapter_model.safetensors"
+STATE_FILE = "online_state.pt"
 
 
 def check_user_id(user_id) -> str:
@@ -32,24 +40,29 @@ class UserAdapters:
     """One base model, one LoRA adapter per user id, saved under `root`.
 
     model: a transformers causal LM (not yet peft-wrapped); its weights are frozen. config.lora_r must be > 0.
+    max_loaded_users: adapters (with their optimizers) kept in memory at once.
     """
 
-    def __init__(self, model, tokenizer, root: str | os.PathLike, config: OnlineConfig | None = None):
+    def __init__(self, model, tokenizer, root: str | os.PathLike, config: OnlineConfig | None = None, *,
+                 max_loaded_users: int = 16, generator=None):
         self.config = (config or OnlineConfig()).validate()
         if self.config.lora_r < 1:
             raise ValueError("per-user adapters need lora_r >= 1")
-        self.base, self.tokenizer = model, tokenizer
+        if isinstance(max_loaded_users, bool) or not isinstance(max_loaded_users, int) or max_loaded_users < 1:
+            raise ValueError(f"max_loaded_users must be an integer >= 1, got {max_loaded_users!r}")
+        self.base, self.tokenizer, self.generator = model, tokenizer, generator
+        self.max_loaded_users = max_loaded_users
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".*.pt.tmp*"):
-            stale.unlink()
+        _recover(self.root)
         self.model = None
-        self.policies: dict[str, OnlinePolicy] = {}
+        self.policies: collections.OrderedDict[str, OnlinePolicy] = collections.OrderedDict()
         for p in model.parameters():
             p.requires_grad_(False)
 
     def path(self, user_id: str) -> Path:
-        return self.root / f"{check_user_id(user_id)}.pt"
+        """The directory of the user's adapter."""
+        return self.root / check_user_id(user_id)
 
     def _add_adapter(self, user_id: str) -> None:
         if self.model is None:
@@ -63,29 +76,37 @@ class UserAdapters:
         """The user's policy, loaded from disk or created fresh (a new adapter starts equal to the base model)."""
         check_user_id(user_id)
         if user_id in self.policies:
+            self.policies.move_to_end(user_id)
             return self.policies[user_id]
         path = self.path(user_id)
-        state = None
-        if path.exists():
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-                raise ValueError(f"{path}: cannot read the adapter file of user {user_id!r} ({exc})") from None
-            if not isinstance(state, dict) or state.get("format") != _FORMAT:
-                raise ValueError(f"{path}: not an adapter file of this version")
+        adapter, state = _read(path, user_id) if path.exists() else (None, None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             self._add_adapter(user_id)
-        policy = OnlinePolicy(self.model, self.tokenizer, self.config, adapter_name=user_id)
-        if state is not None:
+        policy = OnlinePolicy(self.model, self.tokenizer, self.config, adapter_name=user_id,
+                              generator=self.generator)
+        if adapter is not None:
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.model, state["adapter"], adapter_name=user_id)
+            set_peft_model_state_dict(self.model, adapter, adapter_name=user_id)
             policy.optimizer.load_state_dict(state["optimizer"])
             policy.generations, policy.updates = state["generations"], state["updates"]
-            policy.pending = [Interaction(i["history"], i["completion"], i["followup"]) for i in state["pending"]]
+            policy.pending = [PendingInteraction(Interaction(i["history"], i["completion"], i["followup"]),
+                                                 None if i["completion_ids"] is None else tuple(i["completion_ids"]))
+                              for i in state["pending"]]
+            policy.recent.update((text, tuple(ids)) for text, ids in state["recent"])
         self.policies[user_id] = policy
+        while len(self.policies) > self.max_loaded_users:
+            self.unload(next(iter(self.policies)))
         return policy
+
+    def unload(self, user_id: str) -> None:
+        """Save the user's adapter and free it (and its optimizer) from memory; a later call loads it again."""
+        if user_id not in self.policies:
+            return
+        self.save(user_id)
+        del self.policies[user_id]
+        self.model.delete_adapter(user_id)
 
     def respond(self, user_id: str, messages: list[dict]) -> str:
         """The user's adapted model's reply to `messages` (ending with a user message)."""
@@ -93,7 +114,9 @@ class UserAdapters:
 
     def learn(self, user_id: str, messages_with_followup: list[dict]) -> dict | None:
         """Learn from a conversation ending [..., user x, assistant y, user u]; updates the user's adapter once
-        `update_every` such interactions are collected, then saves it. Returns the update's stats or None."""
+        `update_every` such interactions are collected, then saves it. Returns the update's stats or None.
+
+        When y is one of this user's recent `respond` replies, the update uses its sampled token ids."""
         _check_messages(messages_with_followup, "messages_with_followup", last_role="user")
         if len(messages_with_followup) < 3 or messages_with_followup[-2]["role"] != "assistant" \
                 or messages_with_followup[-3]["role"] != "user":
@@ -105,23 +128,81 @@ class UserAdapters:
         return stats
 
     def save(self, user_id: str) -> Path:
-        """Write the user's adapter, optimizer state, counters and pending interactions atomically."""
-        from peft import get_peft_model_state_dict
-
+        """Write the user's adapter directory (adapter, optimizer state, counters, pending interactions)."""
         policy = self.policy(user_id)
-        adapter = {k: v.detach().cpu().clone()
-                   for k, v in get_peft_model_state_dict(self.model, adapter_name=user_id).items()}
-        state = {"format": _FORMAT, "adapter": adapter, "optimizer": policy.optimizer.state_dict(),
+        state = {"format": _FORMAT, "optimizer": policy.optimizer.state_dict(),
                  "generations": policy.generations, "updates": policy.updates,
-                 "pending": [{"history": i.history, "completion": i.completion, "followup": i.followup}
-                             for i in policy.pending]}
+                 "pending": [{"history": p.interaction.history, "completion": p.interaction.completion,
+                              "followup": p.interaction.followup,
+                              "completion_ids": None if p.completion_ids is None else list(p.completion_ids)}
+                             for p in policy.pending],
+                 "recent": [[text, list(ids)] for text, ids in policy.recent.items()]}
         final = self.path(user_id)
-        tmp = self.root / f".{user_id}.pt.tmp{os.getpid()}"
+        tmp = self.root / f".{user_id}.tmp{os.getpid()}"
+        old = self.root / f".{user_id}.old{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            torch.save(state, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            write_adapter(self.model, user_id, tmp)
+            torch.save(state, tmp / STATE_FILE)
+            _fsync(tmp / STATE_FILE)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+
+def write_adapter(model, adapter_name: str, directory: Path) -> None:
+    """Write peft adapter `adapter_name` of `model` into a new `directory` as `PeftModel.from_pretrained` reads it
+    (adapter_model.safetensors, adapter_config.json with its target modules sorted)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    tensors = {k: v.detach().cpu().contiguous()
+               for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    save_file(tensors, directory / ADAPTER_FILE, metadata={"format": "pt"})
+    _fsync(directory / ADAPTER_FILE)
+    _sorted_targets(model.peft_config[adapter_name]).save_pretrained(directory)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _sorted_targets(config):
+    """A copy of a peft config whose target module set is a sorted list, so that equal adapters save equal files."""
+    if isinstance(config.target_modules, (set, frozenset)):
+        config = copy.copy(config)
+        config.target_modules = sorted(config.target_modules)
+    return config
+
+
+def _read(path: Path, user_id: str) -> tuple[dict, dict]:
+    """The adapter tensors and online state in `path`; ValueError naming the user when unreadable."""
+    from safetensors.torch import load_file
+
+    try:
+        adapter = load_file(path / ADAPTER_FILE)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(f"{path}: cannot read the adapter of user {user_id!r} ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not an online adapter directory of this version")
+    return adapter, state
+
+
+def _recover(root: Path) -> None:
+    """Finish or undo saves that were interrupted: a directory renamed aside whose replacement never arrived
+    is put back; temporary and superseded directories are removed."""
+    for aside in root.glob(".*.old*"):
+        user_id = aside.name[1:].rsplit(".old", 1)[0]
+        if _USER_ID.match(user_id) and not (root / user_id).exists():
+            aside.rename(root / user_id)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    for tmp in root.glob(".*.tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -7,11 +7,12 @@ shift of log q shifts A by the same constant); the signal clip then applies to A
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -95,6 +96,17 @@ class OnlineConfig:
         return cls(**{**PRESETS[name], **overrides}).validate()
 
 
+RECENT_SAMPLES = 256
+"""Replies whose sampled ids a policy remembers for `observe` calls that pass only the text."""
+
+
+class PendingInteraction(NamedTuple):
+    """An interaction waiting for the next update, with the reply's sampled ids when known."""
+
+    interaction: Interaction
+    completion_ids: tuple[int, ...] | None
+
+
 class EmptyGenerationError(ValueError):
     """The policy produced no text for a prompt."""
 
@@ -115,20 +127,24 @@ def _template_kwargs(tokenizer) -> dict:
     return {"enable_thinking": False} if "enable_thinking" in text else {}
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sampled reply: its decoded text (special tokens skipped, stripped) and the sampled token ids, up to
+    and including the stop token when one was sampled (a reply cut at max_new_tokens has none)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
 @torch.no_grad()
-def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-                   temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None) -> list[str]:
+def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
+                 temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None) -> list[Sample]:
     """One reply per chat in `conversations`, generated together (left padding; HF generate; full-distribution
     sampling at `temperature`, greedy at 0).
 
     The global RNG is left untouched: sampling uses its own seed. stop_token_ids default: the tokenizer's eos.
-    Returns the decoded texts without special tokens, stripped.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template")
-    kwargs = _template_kwargs(tokenizer)
-    prompts = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kwargs),
-                         add_special_tokens=False)["input_ids"] for m in conversations]
+    prompts = chat_prompt_ids(tokenizer, conversations)
     device = unwrap_model(model).get_input_embeddings().weight.device
     stops = stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -141,7 +157,28 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], *, max_new
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              eos_token_id=stops, pad_token_id=pad, **sampling)
-    return [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    return [make_sample(tokenizer, row, stops) for row in out[:, width:].tolist()]
+
+
+def chat_prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """The chat-template prompt ids (generation prompt added, thinking off where the template has the switch)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template")
+    kwargs = _template_kwargs(tokenizer)
+    return [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kwargs),
+                      add_special_tokens=False)["input_ids"] for m in conversations]
+
+
+def make_sample(tokenizer, generated: list[int], stop_token_ids: list[int]) -> Sample:
+    """A Sample of the generated ids, cut after the first stop token (what follows is padding)."""
+    end = next((i + 1 for i, t in enumerate(generated) if t in stop_token_ids), len(generated))
+    ids = tuple(generated[:end])
+    return Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], **options) -> list[str]:
+    """The texts of `sample_batch` (same options)."""
+    return [s.text for s in sample_batch(model, tokenizer, conversations, **options)]
 
 
 def generate(model, tokenizer, messages: list[dict], **options) -> str:
@@ -208,9 +245,14 @@ class OnlinePolicy:
 
     Several policies may share one peft model, each with its own adapter and optimizer: before each use the
     policy activates its adapter and makes only that adapter trainable.
+
+    Updates learn from the sampled token ids of the replies (on-policy exactly, even where re-tokenizing the
+    text would give other ids). generator: None samples with Hugging Face generate; else an object with
+    `sample(policy, conversations, seed) -> list[Sample]` (e.g. `VLLMGenerator`).
     """
 
-    def __init__(self, model, tokenizer, config: OnlineConfig, adapter_name: str | None = "default"):
+    def __init__(self, model, tokenizer, config: OnlineConfig, adapter_name: str | None = "default",
+                 generator=None):
         config.validate()
         self.model, self.tokenizer, self.config, self.adapter_name = model, tokenizer, config, adapter_name
         if adapter_name is None:
@@ -228,7 +270,9 @@ class OnlinePolicy:
         self.encoder = InteractionEncoder(tokenizer, max_prompt_tokens=config.max_prompt_tokens,
                                           max_completion_tokens=config.max_new_tokens + 1)
         self.stop_token_ids = sorted({self.encoder.end_of_turn_id, tokenizer.eos_token_id} - {None})
-        self.pending: list[Interaction] = []
+        self.generator = generator
+        self.pending: list[PendingInteraction] = []
+        self.recent: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
         self.generations = 0
         self.updates = 0
 
@@ -245,15 +289,29 @@ class OnlinePolicy:
     def respond_batch(self, conversations: list[list[dict]]) -> list[str]:
         """Sample one reply per chat, together (seeded by config.seed and this policy's generation count); an
         empty string where the policy ended the turn at once."""
+        return [s.text for s in self._sample(conversations)]
+
+    def _sample(self, conversations: list[list[dict]]) -> list[Sample]:
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("conversations must be a non-empty list of chats")
         for i, messages in enumerate(conversations):
             _check_messages(messages, f"conversations[{i}]", last_role="user")
         seed = self.config.seed * 1_000_003 + self.generations
         self.generations += len(conversations)
-        with self.active():
-            return generate_batch(self.model, self.tokenizer, conversations, max_new_tokens=self.config.max_new_tokens,
-                                  temperature=self.config.temperature, seed=seed, stop_token_ids=self.stop_token_ids)
+        if self.generator is not None:
+            samples = self.generator.sample(self, conversations, seed)
+        else:
+            with self.active():
+                samples = sample_batch(self.model, self.tokenizer, conversations, seed=seed,
+                                       max_new_tokens=self.config.max_new_tokens,
+                                       temperature=self.config.temperature, stop_token_ids=self.stop_token_ids)
+        for sample in samples:
+            if sample.text:
+                self.recent[sample.text] = sample.token_ids
+                self.recent.move_to_end(sample.text)
+        while len(self.recent) > RECENT_SAMPLES:
+            self.recent.popitem(last=False)
+        return samples
 
     def respond(self, messages: list[dict]) -> str:
         """One sampled reply; raises EmptyGenerationError when it is empty."""
@@ -263,9 +321,17 @@ class OnlinePolicy:
             raise EmptyGenerationError("the policy generated no text for this prompt (it ended the turn at once)")
         return text
 
-    def observe(self, messages: list[dict], response: str, followup: str) -> dict | None:
-        """Buffer (x, y, u); run an update when `update_every` are buffered. Returns the update's stats or None."""
-        self.pending.append(Interaction(list(messages), response, followup))
+    def observe(self, messages: list[dict], response: str, followup: str,
+                response_ids: list[int] | tuple[int, ...] | None = None) -> dict | None:
+        """Buffer (x, y, u); run an update when `update_every` are buffered. Returns the update's stats or None.
+
+        response_ids: y's sampled token ids; default: the ids of this policy's recent reply with exactly this
+        text, else (a reply not sampled here, or too long ago) the tokenized text.
+        """
+        if response_ids is None:
+            response_ids = self.recent.pop(response, None)
+        self.pending.append(PendingInteraction(Interaction(list(messages), response, followup),
+                                               None if response_ids is None else tuple(response_ids)))
         if len(self.pending) < self.config.update_every:
             return None
         return self.update()
@@ -274,19 +340,21 @@ class OnlinePolicy:
         """One SDPO step on the buffered interactions (None when nothing is buffered); empties the buffer."""
         batch, self.pending = self.pending, []
         encoded, skipped = [], 0
-        for interaction in batch:
+        for item in batch:
             try:
-                encoded.append(self.encoder.encode(interaction))
+                ids = None if item.completion_ids is None else list(item.completion_ids)
+                encoded.append(self.encoder.encode(item.interaction, completion_ids=ids))
             except SkipInteraction:
                 skipped += 1
+        retokenized = sum(item.completion_ids is None for item in batch)
         if not encoded:
-            return {"interactions": 0, "skipped": skipped} if batch else None
+            return {"interactions": 0, "skipped": skipped, "retokenized": retokenized} if batch else None
         with self.active(), sdpo_attention(unwrap_model(self.model)):  # generation keeps its own attention
             self.model.train()
             stats = accumulate_online_gradients(self.model, encoded, self.config)
             stats["grad_norm"] = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm)
         self.updates += 1
-        return {**stats, "interactions": len(encoded), "skipped": skipped}
+        return {**stats, "interactions": len(encoded), "skipped": skipped, "retokenized": retokenized}
 
     def interact_batch(self, conversations: list[list[dict]], user) -> list[dict]:
         """Algorithm 1 for several prompts at once (at most up to the next update, so every reply comes from the
@@ -299,13 +367,14 @@ class OnlinePolicy:
         if len(conversations) > room:
             raise ValueError(f"at most {room} prompts fit before the next update, got {len(conversations)}")
         out = []
-        for messages, response in zip(conversations, self.respond_batch(conversations)):
-            if not response:
+        for messages, sample in zip(conversations, self._sample(conversations)):
+            if not sample.text:
                 out.append({"response": "", "followup": None, "update": None})
                 continue
-            followup = user.reply(messages, response)
-            out.append({"response": response, "followup": followup,
-                        "update": self.observe(messages, response, followup)})
+            self.recent.pop(sample.text, None)
+            followup = user.reply(messages, sample.text)
+            out.append({"response": sample.text, "followup": followup,
+                        "update": self.observe(messages, sample.text, followup, sample.token_ids)})
         return out
 
     def room(self) -> int:
