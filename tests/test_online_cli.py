@@ -16,7 +16,7 @@ def _rows(path):
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["online", "demo", "--interactions", "4", "--eval-every", "2", "--eval-prompts", "3",
+    assert main(["demo", "--interactions", "4", "--eval-every", "2", "--eval-prompts", "3",
                  "--max-new-tokens", "6", "--output-dir", str(out)]) == 0
     rows = _rows(out / "win_rate_curve.csv")
     assert [int(r["interactions"]) for r in rows] == [0, 2, 4]
@@ -54,6 +54,15 @@ def test_two_phase_experiments_on_the_tiny_model(tmp_path, experiment, personas,
 def test_bad_arguments_are_reported(argv, message, tmp_path, capsys):
     assert main(argv + ["--output-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_vllm_generation_without_vllm_is_reported_before_loading(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert main(["online", "curve", "--generation", "vllm", "--output-dir", str(tmp_path)]) == 2
+    assert "generation backend 'vllm' needs vLLM" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unreachable_judge_keeps_completed_results(tmp_path):

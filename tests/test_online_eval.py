@@ -63,6 +63,10 @@ def test_rule_user_names_the_broken_rule():
     assert user.reply([], LONG) == "Too long. Keep it short and simple."
     assert user.reply([], SHORT) == SATISFIED_REPLY
     assert RuleUser(get_persona("no-emojis")).reply([], "Hi \U0001F642") == "Please stop using emojis."
+    twenty, twenty_one = " ".join(["word"] * 20), " ".join(["word"] * 21)
+    brief, fuller = RuleUser(get_persona("brief")), RuleUser(get_persona("fuller"))
+    assert (brief.reply([], twenty), brief.reply([], twenty_one)) == (SATISFIED_REPLY, "Too long, make it shorter.")
+    assert (fuller.reply([], twenty), fuller.reply([], twenty_one)) == ("Can you give more detail?", SATISFIED_REPLY)
 
 
 def test_bundled_personas_have_the_five_profiles():

@@ -17,7 +17,7 @@ def _common(parser, demo: bool) -> None:
     parser.add_argument("--interactions", type=int, default=200, help="interactions per phase (default 200)")
     parser.add_argument("--eval-every", type=int, default=25 if demo else 20,
                         help="evaluate every N interactions (default %(default)s)")
-    parser.add_argument("--eval-prompts", type=int, default=32 if demo else 16,
+    parser.add_argument("--eval-prompts", type=int, default=64 if demo else 16,
                         help="held-out prompts judged (default %(default)s)")
     parser.add_argument("--update-every", type=int, help="interactions per SDPO update")
     parser.add_argument("--lr", type=float, help="learning rate (constant)")
@@ -29,8 +29,15 @@ def _common(parser, demo: bool) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="reply length limit")
     parser.add_argument("--seed", type=int, default=0)
     if demo:
+        _flip_after(parser, "100 with --flip")
         parser.add_argument("--flip", action="store_true",
-                            help="run the preference flip: no-emojis, then its opposite (loves-emojis)")
+                            help="run the preference flip instead: a user who wants brief answers (--flip-after "
+                                 "interactions), then one who wants fuller ones (--interactions)")
+
+
+def _flip_after(parser, default: str) -> None:
+    parser.add_argument("--flip-after", type=int,
+                        help=f"interactions before the preference flips (default: {default})")
 
 
 def add_parser(subparsers) -> None:
@@ -55,12 +62,25 @@ def add_parser(subparsers) -> None:
                        help="environment variable holding the endpoint's API key (default %(default)s)")
         p.add_argument("--timeout", type=float, default=60.0, help="endpoint timeout in seconds (default 60)")
         p.add_argument("--retries", type=int, default=3, help="endpoint retries (default 3)")
+        p.add_argument("--generation", default="hf", choices=["hf", "vllm"],
+                       help="policy sampler: Hugging Face generate, or vLLM serving the LoRA adapter (needs vllm "
+                            "and a CUDA GPU; evaluation replies still use Hugging Face generate)")
+        p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
+                       help="vLLM's share of GPU memory with --generation vllm (default %(default)s)")
+        if name == "flip":
+            _flip_after(p, "--interactions")
         p.set_defaults(func=run, experiment=name)
-    demo = sub.add_parser("demo", help="CPU demo: the bundled tiny model learns a rule-based user's hidden "
-                                       "preference (no emojis); prints and plots the win rate vs the base model",
-                          description="CPU demo of online SDPO on the bundled tiny model. Demo settings unless "
-                                      "given: LoRA r 8, alpha 16, lr 2e-3, update every 4, replies of at most 48 "
-                                      "tokens, signal clip 2, mean-centred advantages.")
+    add_demo_parser(sub)
+
+
+def add_demo_parser(subparsers) -> None:
+    """The CPU demo's sub-command (`sdpo-fast demo` and `sdpo-fast online demo`)."""
+    demo = subparsers.add_parser(
+        "demo", help="online SDPO on CPU: the bundled tiny model learns a rule-based user's hidden preference "
+                     "(no emojis); prints and plots the win rate vs the base model",
+        description="CPU demo of online SDPO on the bundled tiny model. Demo settings unless given: LoRA r 8, "
+                    "alpha 16, lr 2e-3 (1e-3 with --flip), update every 4, replies of at most 48 tokens (96 with "
+                    "--flip), signal clip 2, mean-centred advantages.")
     _common(demo, demo=True)
     demo.set_defaults(func=run_demo)
 
@@ -107,19 +127,19 @@ def _backend(args, role: str):
 
 
 def _checks(args) -> None:
-    for key, low in (("interactions", 1), ("eval_every", 1), ("eval_prompts", 1)):
-        if getattr(args, key) < low:
+    for key, low in (("interactions", 1), ("eval_every", 1), ("eval_prompts", 1), ("flip_after", 1)):
+        if getattr(args, key, None) is not None and getattr(args, key) < low:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(args, key)}")
 
 
-def _policy(model, tokenizer, config):
+def _policy(model, tokenizer, config, generator=None):
     from peft import get_peft_model
 
     from ..online.loop import OnlinePolicy, lora_config
 
     if config.lora_r < 1:
         raise ValueError("--lora-r must be >= 1: experiments compare the adapter against the base model")
-    return OnlinePolicy(get_peft_model(model, lora_config(config)), tokenizer, config)
+    return OnlinePolicy(get_peft_model(model, lora_config(config)), tokenizer, config, generator=generator)
 
 
 def _run_experiment(args, policy, personas_by_name, names, make_user, judge, train_prompts, eval_prompts):
@@ -137,7 +157,8 @@ def _run_experiment(args, policy, personas_by_name, names, make_user, judge, tra
                                               args.interactions, **options)
         elif args.experiment == "flip":
             rows = experiments.preference_flip(policy, personas[0], personas_by_name[personas[0].opposite],
-                                               make_user, judge, args.output_dir, args.interactions, **options)
+                                               make_user, judge, args.output_dir, args.interactions,
+                                               flip_after=args.flip_after, **options)
         else:
             rows = experiments.sequential_preferences(policy, personas, make_user, judge, args.output_dir,
                                                       args.interactions, **options)
@@ -167,6 +188,13 @@ def run(args) -> int:
         if n not in personas:
             raise ValueError(f"--persona {n!r} is not defined; available: {sorted(personas)}")
     config = _config(args)
+    generator = None
+    if args.generation == "vllm":  # first: vLLM sizes its share of the GPU before training takes memory
+        from ..online.vllm_generator import VLLMGenerator
+
+        generator = VLLMGenerator(args.model or str(_TINY_MODEL), max_lora_rank=config.lora_r, seed=args.seed,
+                                  gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                  adapter_dir=Path(args.output_dir) / "vllm-adapters")
     model, tokenizer = _load(args.model, args.device, args.seed)
     user_backend = None if args.user == "rule" else _backend(args, "user")
     judge = RuleJudge() if args.judge == "rule" else LLMJudge(_backend(args, "judge"))
@@ -174,7 +202,7 @@ def run(args) -> int:
     def make_user(persona):
         return RuleUser(persona) if user_backend is None else LLMUser(persona, user_backend)
 
-    policy = _policy(model, tokenizer, config)
+    policy = _policy(model, tokenizer, config, generator)
     if args.model is None:
         train_prompts, eval_prompts = demo_prompts(args.seed, args.eval_prompts)
     else:
@@ -200,15 +228,25 @@ def run_demo(args) -> int:
     from ..online.judge import RuleJudge
     from ..online.personas import load_personas
     from ..online.users import RuleUser
+    from ..threads import single_thread
 
     _checks(args)
     personas = load_personas(args.personas_file)
-    config = _config(args, update_every=4, lr=2e-3, lora_r=8, lora_alpha=16.0, max_new_tokens=48, signal_clip=2.0)
+    config = _config(args, update_every=4, lr=1e-3 if args.flip else 2e-3, lora_r=8, lora_alpha=16.0,
+                     max_new_tokens=96 if args.flip else 48, signal_clip=2.0)
     model, tokenizer = _load(None, "cpu", args.seed)
     policy = _policy(model, tokenizer, config)
     train_prompts, eval_prompts = demo_prompts(args.seed, args.eval_prompts)
     args.experiment = "flip" if args.flip else "curve"
-    print(f"online SDPO demo: bundled tiny model, rule-based user who dislikes emojis, {args.interactions} "
-          f"interactions{' per phase' if args.flip else ''}, update every {config.update_every}")
-    _run_experiment(args, policy, personas, ["no-emojis"], RuleUser, RuleJudge(), train_prompts, eval_prompts)
+    if args.flip and args.flip_after is None:
+        args.flip_after = 100
+    persona = "brief" if args.flip else "no-emojis"
+    if persona not in personas:
+        raise ValueError(f"the demo needs persona {persona!r} in --personas-file; it has {sorted(personas)}")
+    who = "who wants brief answers, then fuller ones" if args.flip else "who dislikes emojis"
+    counts = f"{args.flip_after} + {args.interactions}" if args.flip else str(args.interactions)
+    print(f"online SDPO demo: bundled tiny model, rule-based user {who}, {counts} interactions, "
+          f"update every {config.update_every}")
+    with single_thread():
+        _run_experiment(args, policy, personas, [persona], RuleUser, RuleJudge(), train_prompts, eval_prompts)
     return 0

@@ -179,9 +179,11 @@ def win_rate_curve(policy, persona: Persona, make_user, judge, output_dir, inter
 
 
 def preference_flip(policy, persona: Persona, opposite: Persona, make_user, judge, output_dir,
-                    interactions: int = 200, **options):
-    """`interactions` with `persona`, then as many with `opposite`; judged under both."""
-    return run_schedule(policy, [Phase(persona, interactions), Phase(opposite, interactions)], make_user, judge,
+                    interactions: int = 200, flip_after: int | None = None, **options):
+    """`flip_after` (default: `interactions`) interactions with `persona`, then `interactions` with `opposite`;
+    judged under both."""
+    first = interactions if flip_after is None else flip_after
+    return run_schedule(policy, [Phase(persona, first), Phase(opposite, interactions)], make_user, judge,
                         output_dir, name=options.pop("name", "preference_flip"), **options)
 
 

@@ -44,6 +44,8 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("structured", lambda t: bool(_MARKDOWN.search(t)), "Please structure it with headings or bullet points."),
     Rule("concise", lambda t: _words(t) <= 40, "Too long. Keep it short and simple."),
     Rule("detailed", lambda t: _words(t) >= 80, "Too brief. I want a thorough, detailed answer."),
+    Rule("brief", lambda t: _words(t) <= 20, "Too long, make it shorter."),
+    Rule("fuller", lambda t: _words(t) > 20, "Can you give more detail?"),
 )}
 """Built-in rules by name, for rule-based users and judges."""
 
