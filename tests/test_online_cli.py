@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from sdpo_fast.cli import main
 from sdpo_fast.online.experiments import Phase, run_schedule
@@ -16,7 +17,7 @@ def _rows(path):
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--interactions", "4", "--eval-every", "2", "--eval-prompts", "3",
+    assert main(["demo", "--interactions", "4", "--eval-every", "2", "--eval-prompts", "3", "--update-every", "2",
                  "--max-new-tokens", "6", "--output-dir", str(out)]) == 0
     rows = _rows(out / "win_rate_curve.csv")
     assert [int(r["interactions"]) for r in rows] == [0, 2, 4]
@@ -63,6 +64,29 @@ def test_vllm_generation_without_vllm_is_reported_before_loading(tmp_path, capsy
     assert main(["online", "curve", "--generation", "vllm", "--output-dir", str(tmp_path)]) == 2
     assert "generation backend 'vllm' needs vLLM" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluation_cadence_does_not_change_training(tmp_path):
+    from peft import get_peft_model
+
+    from sdpo_fast.online.judge import RuleJudge
+    from sdpo_fast.online.loop import OnlineConfig, OnlinePolicy, lora_config
+    from sdpo_fast.online.personas import get_persona
+    from sdpo_fast.online.users import RuleUser
+    from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
+
+    adapters = []
+    for eval_every, evaluations in ((3, [0, 4, 8, 10]), (100, [0, 10])):
+        config = OnlineConfig(update_every=4, max_new_tokens=6, lora_r=4, lora_alpha=8, lr=1e-2).validate()
+        torch.manual_seed(0)  # LoRA initialization
+        policy = OnlinePolicy(get_peft_model(tiny_causal_lm(initializer_range=0.2), lora_config(config)),
+                              tiny_tokenizer(), config)
+        rows = run_schedule(policy, [Phase(get_persona("brief"), 10)], RuleUser, RuleJudge(),
+                            tmp_path / str(eval_every), eval_every=eval_every, eval_prompts=["a?"], oracle=False)
+        assert [r["interactions"] for r in rows] == evaluations
+        assert policy.updates == 2 and len(policy.pending) == 2  # batches of 4, 4, then 2 at the phase end
+        adapters.append({n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n})
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
 
 
 def test_unreachable_judge_keeps_completed_results(tmp_path):

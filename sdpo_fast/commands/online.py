@@ -15,7 +15,7 @@ def _common(parser, demo: bool) -> None:
                         help="where the CSV, PNG and adapter go (default %(default)s)")
     parser.add_argument("--personas-file", help="persona YAML (default: the bundled personas)")
     parser.add_argument("--interactions", type=int, default=200, help="interactions per phase (default 200)")
-    parser.add_argument("--eval-every", type=int, default=25 if demo else 20,
+    parser.add_argument("--eval-every", type=int, default=20,
                         help="evaluate every N interactions (default %(default)s)")
     parser.add_argument("--eval-prompts", type=int, default=64 if demo else 16,
                         help="held-out prompts judged (default %(default)s)")

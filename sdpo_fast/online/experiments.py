@@ -106,8 +106,10 @@ def run_schedule(policy: OnlinePolicy, phases: list[Phase], make_user, judge: Ju
                  name: str = "online", eval_personas: list[Persona] | None = None, eval_every: int = 20,
                  train_prompts=TRAIN_PROMPTS, eval_prompts=EVAL_PROMPTS, oracle: bool = True,
                  log=None) -> list[dict]:
-    """Train `policy` (a LoRA adapter) through `phases`, judging it against the base model every `eval_every`
-    interactions (and at the start) under each of `eval_personas` (default: the phases' personas).
+    """Train `policy` (a LoRA adapter) through `phases`, judging it against the base model at the start, at the
+    end of each phase, and after the update batch that reaches each multiple of `eval_every` interactions
+    (exactly there when update_every divides it), under each of `eval_personas` (default: the phases' personas).
+    Evaluation never splits a batch, so what is learned does not depend on `eval_every`.
 
     make_user(persona) -> user. Writes output_dir/{name}.csv after every evaluation (so an endpoint failure
     keeps what was completed) and output_dir/{name}.png at the end. Returns the rows.
@@ -151,13 +153,13 @@ def run_schedule(policy: OnlinePolicy, phases: list[Phase], make_user, judge: Ju
             user = make_user(phase.persona)
             end = done + phase.interactions
             while done < end:
-                n = min(policy.room(), end - done, eval_every - done % eval_every)
+                n = min(policy.room(), end - done)
                 batch = [prompt_messages(train_prompts[(done + j) % len(train_prompts)]) for j in range(n)]
                 started = time.perf_counter()
                 policy.interact_batch(batch, user)
                 train_seconds += time.perf_counter() - started
                 done += n
-                if done % eval_every == 0 or done == end:
+                if done // eval_every > (done - n) // eval_every or done == end:
                     evaluate(index)
         if log is not None:
             log(f"training: {done} interactions in {train_seconds:.1f}s ({done / max(train_seconds, 1e-9):.2f} "
