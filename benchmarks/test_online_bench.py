@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from sdpo_fast.commands.online import _TINY_MODEL, demo_prompts
+from sdpo_fast.bundled import tiny_model_path
+from sdpo_fast.commands.online import demo_prompts
 from sdpo_fast.online.loop import OnlineConfig, OnlinePolicy, lora_config, prompt_messages
 from sdpo_fast.online.personas import get_persona
 from sdpo_fast.online.users import RuleUser
@@ -25,8 +26,8 @@ def test_online_interactions_per_second(benchmark, update_every, max_new_tokens)
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_TINY_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(_TINY_MODEL).to(DEVICE)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path()).to(DEVICE)
     config = OnlineConfig(update_every=update_every, lr=2e-3, lora_r=8, lora_alpha=16.0,
                           max_new_tokens=max_new_tokens).validate()
     policy = OnlinePolicy(get_peft_model(model, lora_config(config)), tokenizer, config)

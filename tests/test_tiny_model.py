@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from sdpo_fast import cli
+from sdpo_fast.bundled import tiny_sample_path
 from sdpo_fast.data import load_interactions
 from sdpo_fast.data.synthetic import (
     EMOJIS, STYLE_SAMPLE_SEED, STYLE_SAMPLE_SIZE, Style, generate_preference_conversations, random_request,
-    style_followup, style_subjects, styled_reply, tiny_sample_path,
+    style_followup, style_subjects, styled_reply,
 )
 from sdpo_fast.model import score_interactions
 from sdpo_fast.style import count_emojis, emoji_rate, formality, has_emoji, preferred_style_rate, word_count

@@ -96,6 +96,20 @@ def test_step_gradient_equals_reference(batch, options):
     signals = torch.cat([_reference_signal(ref, e, config)[k:] for e in batch])
     assert stats.mean_signal == pytest.approx(signals.mean().item(), abs=1e-5)
     assert stats.positive == int((signals > 0).sum())
+    teacher_tokens = sum(len(e.teacher_input_ids) for e in batch) if config.loss == "sdpo" else 0
+    assert stats.tokens == sum(len(e.student_input_ids) for e in batch) + teacher_tokens
+
+
+def test_sft_runs_no_teacher_pass(batch, monkeypatch):
+    from sdpo_fast.model import scoring
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the SFT step ran a teacher pass")
+
+    monkeypatch.setattr(scoring, "teacher_hidden_states", no_teacher)
+    accumulate_gradients(_model(), batch, TrainConfig(loss="sft", micro_batch_tokens=400))
+    with pytest.raises(AssertionError, match="teacher pass"):
+        accumulate_gradients(_model(), batch, TrainConfig(micro_batch_tokens=400))
 
 
 @torch.no_grad()

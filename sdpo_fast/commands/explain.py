@@ -7,7 +7,7 @@ import json
 import sys
 
 from sdpo_fast.data import load_interactions
-from sdpo_fast.data.synthetic import tiny_sample_path
+from sdpo_fast.bundled import tiny_model_path, tiny_sample_path
 from sdpo_fast.explain import explain, render_terminal, write_html
 from sdpo_fast.explain.report import SORTS
 
@@ -48,7 +48,6 @@ def load_model(name: str, trust_remote_code: bool = False):
 def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    from sdpo_fast.train.trainer import tiny_model_path
 
     model, tokenizer = load_model(args.model or str(tiny_model_path()), args.trust_remote_code)
     data = args.data or str(tiny_sample_path())

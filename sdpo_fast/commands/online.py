@@ -6,8 +6,9 @@ import random
 import time
 from pathlib import Path
 
+from ..bundled import tiny_model_path
+
 _EXPERIMENTS = ("curve", "flip", "sequential")
-_TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny_model"
 
 
 def _common(parser, demo: bool) -> None:
@@ -105,9 +106,9 @@ def _load(model_name: str | None, device: str, seed: int):
     from ..train.config import TrainConfig
     from ..train.trainer import load_model_and_tokenizer
 
-    if model_name is None and not (_TINY_MODEL / "config.json").is_file():
-        raise FileNotFoundError(f"the bundled tiny model is missing ({_TINY_MODEL}); pass --model")
-    config = TrainConfig(model=model_name or str(_TINY_MODEL), lora_r=0, device=device, seed=seed)
+    if model_name is None and not (tiny_model_path() / "config.json").is_file():
+        raise FileNotFoundError(f"the bundled tiny model is missing ({tiny_model_path()}); pass --model")
+    config = TrainConfig(model=model_name or str(tiny_model_path()), lora_r=0, device=device, seed=seed)
     return load_model_and_tokenizer(config)
 
 
@@ -192,7 +193,7 @@ def run(args) -> int:
     if args.generation == "vllm":  # first: vLLM sizes its share of the GPU before training takes memory
         from ..online.vllm_generator import VLLMGenerator
 
-        generator = VLLMGenerator(args.model or str(_TINY_MODEL), max_lora_rank=config.lora_r, seed=args.seed,
+        generator = VLLMGenerator(args.model or str(tiny_model_path()), max_lora_rank=config.lora_r, seed=args.seed,
                                   gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                                   adapter_dir=Path(args.output_dir) / "vllm-adapters")
     model, tokenizer = _load(args.model, args.device, args.seed)

@@ -411,7 +411,3 @@ def generate_preference_conversations(n: int, *, seed: int = STYLE_SAMPLE_SEED) 
                  ("user", style_followup(kind, rng, subjects, request))]
         yield _row(index, seed, f"style:{kind}", turns)
 
-
-def tiny_sample_path() -> Path:
-    """Path of the bundled default's data: generate_preference_conversations(STYLE_SAMPLE_SIZE) as JSONL."""
-    return Path(str(importlib.resources.files("sdpo_fast").joinpath("assets", "tiny_sample.jsonl")))

@@ -29,13 +29,14 @@ from .prefix_cache import PrefixKVCache
 class SDPOBatch:
     """What `sdpo_loss` needs for one micro-batch; N = total completion tokens, d = hidden size.
 
-    student_hidden (N, d) with grad; teacher_hidden (N, d_t) detached; target_ids, sequence_index (which
+    student_hidden (N, d) with grad; teacher_hidden (N, d_t) detached, or None without a teacher pass;
+    target_ids, sequence_index (which
     interaction of the micro-batch) and position_in_completion (N,) int64; lm_head_weight (V, d);
     teacher_lm_head_weight (V, d_t), or None when the teacher is the model itself.
     """
 
     student_hidden: torch.Tensor
-    teacher_hidden: torch.Tensor
+    teacher_hidden: torch.Tensor | None
     target_ids: torch.Tensor
     sequence_index: torch.Tensor
     position_in_completion: torch.Tensor
@@ -171,8 +172,10 @@ def teacher_hidden_states(model, encoded: Sequence[EncodedInteraction], *,
 
 
 def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_reuse: bool = True,
-                        teacher_model=None, attn_backend: str = "auto") -> SDPOBatch:
+                        teacher_model=None, attn_backend: str = "auto", teacher: bool = True) -> SDPOBatch:
     """Student pass (grad as the caller's mode allows), then teacher pass (no grad), over one micro-batch.
+
+    teacher False: the student pass only (teacher_hidden None), e.g. for an SFT loss.
 
     prefix_reuse: the teacher reuses the student's shared-prefix K/V (needs the live teacher, i.e.
     teacher_model None). teacher_model: another causal LM (or peft model) over the same token ids, run as a
@@ -183,9 +186,10 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
     hf_model = unwrap_model(model)
     teacher_hf = hf_model if teacher_model is None else unwrap_model(teacher_model)
     encoded = _check_encoded(encoded, _vocab_size(hf_model, teacher_hf), prefix_reuse)
-    cache = new_prefix_cache(encoded) if prefix_reuse else None
+    cache = new_prefix_cache(encoded) if prefix_reuse and teacher else None
     student_hidden = student_hidden_states(hf_model, encoded, prefix_cache=cache, attn_backend=attn_backend)
-    teacher_hidden = teacher_hidden_states(teacher_hf, encoded, prefix_cache=cache, attn_backend=attn_backend)
+    teacher_hidden = teacher_hidden_states(teacher_hf, encoded, prefix_cache=cache, attn_backend=attn_backend) \
+        if teacher else None
 
     device = student_hidden.device
     completion_lengths = [len(e.completion_ids) for e in encoded]

@@ -31,6 +31,7 @@ __all__ = [
     "load_encoded_data",
     "load_model_and_tokenizer",
     "load_trainer_state",
+    "load_yaml",
     "optimizer_step",
     "plan_memory",
     "reference_loss",

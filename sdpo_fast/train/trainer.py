@@ -6,7 +6,6 @@ sum of the micro-batch gradients equals the gradient of the step's loss taken in
 from __future__ import annotations
 
 import importlib
-import importlib.resources
 import json
 import math
 import shutil
@@ -19,7 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ..data import EncodedInteraction, encode_interactions, load_interactions
-from ..data.synthetic import tiny_sample_path
+from ..bundled import tiny_model_path, tiny_sample_path
 from ..loss import sdpo_loss
 from ..model import apply_liger_kernels, forward_micro_batch, micro_batch_indices, unwrap_model
 from .checkpoint import latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
@@ -74,8 +73,8 @@ def sft_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
 @dataclass(frozen=True)
 class StepStats:
-    """One step: its loss (sum of the micro-batch losses), student + teacher tokens run, and over its loss tokens,
-    their count, the sum of the signal (advantage for sdpo, NLL for sft) and how many signals are > 0."""
+    """One step: its loss (sum of the micro-batch losses), tokens run (student, plus teacher for sdpo), and over
+    its loss tokens, their count, the sum of the signal (advantage for sdpo, NLL for sft) and how many are > 0."""
 
     loss: float
     tokens: int
@@ -105,7 +104,7 @@ def accumulate_gradients(model, batch: list[EncodedInteraction], config: TrainCo
         if not any(counts[i] for i in group):
             continue
         mb = forward_micro_batch(model, [batch[i] for i in group], prefix_reuse=config.prefix_reuse,
-                                 attn_backend=config.attn_backend)
+                                 attn_backend=config.attn_backend, teacher=config.loss == "sdpo")
         seq = mb.sequence_index
         token_weights = torch.tensor([weights[i] for i in group], device=seq.device)[seq]
         targets = mb.target_ids.masked_fill(mb.position_in_completion < config.ignore_first_k, IGNORE)
@@ -120,7 +119,8 @@ def accumulate_gradients(model, batch: list[EncodedInteraction], config: TrainCo
         loss.backward()
         sums.append(torch.stack([loss.detach().double(), signal.sum().double(), (signal > 0).sum().double()]))
     loss_sum, signal_sum, positive = torch.stack(sums).sum(0).tolist() if sums else (0.0, 0.0, 0.0)
-    return StepStats(loss=loss_sum, tokens=sum(len(e.student_input_ids) + len(e.teacher_input_ids) for e in batch),
+    run = [len(e.student_input_ids) + (len(e.teacher_input_ids) if config.loss == "sdpo" else 0) for e in batch]
+    return StepStats(loss=loss_sum, tokens=sum(run),
                      loss_tokens=sum(counts), signal_sum=signal_sum, positive=int(positive))
 
 
@@ -218,11 +218,6 @@ def _check_local(name: str) -> None:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         if not Path(name).expanduser().exists():
             raise FileNotFoundError(f"model path {name!r} does not exist")
-
-
-def tiny_model_path() -> Path:
-    """The bundled tiny Qwen3 and tokenizer (sdpo_fast/assets/tiny_model, see its README.md)."""
-    return Path(str(importlib.resources.files("sdpo_fast").joinpath("assets", "tiny_model")))
 
 
 def _load_tokenizer(name: str, config: TrainConfig):
