@@ -163,7 +163,8 @@ class InteractionEncoder:
             self.template_kwargs.setdefault("enable_thinking", False)
         self.end_of_turn_id = self._resolve_end_of_turn(end_of_turn_token)
 
-    def encode(self, interaction: Interaction, completion_ids: list[int] | None = None) -> EncodedInteraction:
+    def encode(self, interaction: Interaction,
+               completion_ids: list[int] | tuple[int, ...] | None = None) -> EncodedInteraction:
         """completion_ids: the completion's own token ids when known (an online policy's sampled ids, its stop
         token included), used as they are (cut to max_completion_tokens) instead of re-tokenizing the text."""
         if not interaction.completion.strip():

@@ -410,4 +410,3 @@ def generate_preference_conversations(n: int, *, seed: int = STYLE_SAMPLE_SEED) 
         turns = [("user", request.text), ("assistant", styled_reply(request, style, rng)),
                  ("user", style_followup(kind, rng, subjects, request))]
         yield _row(index, seed, f"style:{kind}", turns)
-

@@ -30,9 +30,8 @@ class SDPOBatch:
     """What `sdpo_loss` needs for one micro-batch; N = total completion tokens, d = hidden size.
 
     student_hidden (N, d) with grad; teacher_hidden (N, d_t) detached, or None without a teacher pass;
-    target_ids, sequence_index (which
-    interaction of the micro-batch) and position_in_completion (N,) int64; lm_head_weight (V, d);
-    teacher_lm_head_weight (V, d_t), or None when the teacher is the model itself.
+    target_ids, sequence_index (which interaction of the micro-batch) and position_in_completion (N,) int64;
+    lm_head_weight (V, d); teacher_lm_head_weight (V, d_t), or None when the teacher is the model itself.
     """
 
     student_hidden: torch.Tensor

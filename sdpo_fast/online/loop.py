@@ -288,8 +288,15 @@ class OnlinePolicy:
 
     def respond_batch(self, conversations: list[list[dict]]) -> list[str]:
         """Sample one reply per chat, together (seeded by config.seed and this policy's generation count); an
-        empty string where the policy ended the turn at once."""
-        return [s.text for s in self._sample(conversations)]
+        empty string where the policy ended the turn at once. The sampled ids are remembered for `observe`."""
+        samples = self._sample(conversations)
+        for sample in samples:
+            if sample.text:
+                self.recent[sample.text] = sample.token_ids
+                self.recent.move_to_end(sample.text)
+        while len(self.recent) > RECENT_SAMPLES:
+            self.recent.popitem(last=False)
+        return [s.text for s in samples]
 
     def _sample(self, conversations: list[list[dict]]) -> list[Sample]:
         if not isinstance(conversations, list) or not conversations:
@@ -299,19 +306,11 @@ class OnlinePolicy:
         seed = self.config.seed * 1_000_003 + self.generations
         self.generations += len(conversations)
         if self.generator is not None:
-            samples = self.generator.sample(self, conversations, seed)
-        else:
-            with self.active():
-                samples = sample_batch(self.model, self.tokenizer, conversations, seed=seed,
-                                       max_new_tokens=self.config.max_new_tokens,
-                                       temperature=self.config.temperature, stop_token_ids=self.stop_token_ids)
-        for sample in samples:
-            if sample.text:
-                self.recent[sample.text] = sample.token_ids
-                self.recent.move_to_end(sample.text)
-        while len(self.recent) > RECENT_SAMPLES:
-            self.recent.popitem(last=False)
-        return samples
+            return self.generator.sample(self, conversations, seed)
+        with self.active():
+            return sample_batch(self.model, self.tokenizer, conversations, seed=seed,
+                                max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                                stop_token_ids=self.stop_token_ids)
 
     def respond(self, messages: list[dict]) -> str:
         """One sampled reply; raises EmptyGenerationError when it is empty."""
@@ -342,8 +341,7 @@ class OnlinePolicy:
         encoded, skipped = [], 0
         for item in batch:
             try:
-                ids = None if item.completion_ids is None else list(item.completion_ids)
-                encoded.append(self.encoder.encode(item.interaction, completion_ids=ids))
+                encoded.append(self.encoder.encode(item.interaction, completion_ids=item.completion_ids))
             except SkipInteraction:
                 skipped += 1
         retokenized = sum(item.completion_ids is None for item in batch)
@@ -371,7 +369,6 @@ class OnlinePolicy:
             if not sample.text:
                 out.append({"response": "", "followup": None, "update": None})
                 continue
-            self.recent.pop(sample.text, None)
             followup = user.reply(messages, sample.text)
             out.append({"response": sample.text, "followup": followup,
                         "update": self.observe(messages, sample.text, followup, sample.token_ids)})

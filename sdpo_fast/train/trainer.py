@@ -99,12 +99,13 @@ def accumulate_gradients(model, batch: list[EncodedInteraction], config: TrainCo
     """
     counts = loss_token_counts(batch, config.ignore_first_k)
     weights = interaction_weights(counts, config.aggregation)
+    teacher = config.loss == "sdpo"
     sums = []
     for group in micro_batch_indices(batch, config.micro_batch_tokens):
         if not any(counts[i] for i in group):
             continue
         mb = forward_micro_batch(model, [batch[i] for i in group], prefix_reuse=config.prefix_reuse,
-                                 attn_backend=config.attn_backend, teacher=config.loss == "sdpo")
+                                 attn_backend=config.attn_backend, teacher=teacher)
         seq = mb.sequence_index
         token_weights = torch.tensor([weights[i] for i in group], device=seq.device)[seq]
         targets = mb.target_ids.masked_fill(mb.position_in_completion < config.ignore_first_k, IGNORE)
@@ -119,7 +120,7 @@ def accumulate_gradients(model, batch: list[EncodedInteraction], config: TrainCo
         loss.backward()
         sums.append(torch.stack([loss.detach().double(), signal.sum().double(), (signal > 0).sum().double()]))
     loss_sum, signal_sum, positive = torch.stack(sums).sum(0).tolist() if sums else (0.0, 0.0, 0.0)
-    run = [len(e.student_input_ids) + (len(e.teacher_input_ids) if config.loss == "sdpo" else 0) for e in batch]
+    run = [len(e.student_input_ids) + (len(e.teacher_input_ids) if teacher else 0) for e in batch]
     return StepStats(loss=loss_sum, tokens=sum(run),
                      loss_tokens=sum(counts), signal_sum=signal_sum, positive=int(positive))
 
