@@ -105,7 +105,7 @@ EOF
 ARCH=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["arch"] or "")' "$OUT/env.json")
 
 run_step tests "${TESTS_TIMEOUT:-200}" "$PY" -m pytest tests/ -q -rfE --maxfail=20 --junitxml="$OUT/tests.xml" \
-    --ignore=tests/test_online_demo.py  # CPU-only demo runs (~2.5 min; CI runs them): keep the GPU time
+    --ignore=tests/online/test_demo.py  # CPU-only demo runs (~2.5 min; CI runs them): keep the GPU time
 run_step check_kernels "${KERNELS_TIMEOUT:-45}" "$PY" -m sdpo_fast.cli check-kernels ${ARCH:+--arch "$ARCH"}
 # Separate runs and JSON files, so a timeout in one keeps the other's figures; -k cuda keeps the GPU cases.
 run_step bench_loss "${BENCH_TIMEOUT:-170}" "$PY" -m pytest benchmarks/test_loss_bench.py --benchmark-only -q -rs \

@@ -30,10 +30,10 @@ import torch
 
 from bench_memory import cpu_peak_growth, cuda_peak_growth, subprocess_env
 from sdpo_fast import sdpo_loss
-from sdpo_fast.loss import _resolve_backend
+from sdpo_fast.loss import resolve_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DEFAULT_BACKEND = _resolve_backend("auto", torch.device(DEVICE))
+DEFAULT_BACKEND = resolve_backend("auto", torch.device(DEVICE))
 BACKENDS = ["reference", "torch", "triton", "liger"]
 MAX_DEFAULT_VS_REFERENCE = 0.25
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
-from sdpo_fast.bundled import tiny_model_path
-from sdpo_fast.commands.online import demo_prompts
+from sdpo_fast.demo.assets import tiny_model_path
+from sdpo_fast.demo.report import demo_prompts
 from sdpo_fast.online.loop import OnlineConfig, OnlinePolicy, lora_config, prompt_messages
 from sdpo_fast.online.personas import get_persona
 from sdpo_fast.online.users import RuleUser
-from sdpo_fast.threads import single_thread
+from sdpo_fast.demo.threads import single_thread
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

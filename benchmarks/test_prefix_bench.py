@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from sdpo_fast.data import EncodedInteraction
-from sdpo_fast.model.scoring import new_prefix_cache, student_hidden_states, teacher_hidden_states
+from sdpo_fast.model.passes import new_prefix_cache, student_hidden_states, teacher_hidden_states
 from sdpo_fast.testing import tiny_causal_lm
-from sdpo_fast.threads import single_thread
+from sdpo_fast.demo.threads import single_thread
 
 SETTINGS = {
     # device: (dtype, hidden_size, layers, sequences per micro-batch, teacher length, rounds)

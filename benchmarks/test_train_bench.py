@@ -23,7 +23,9 @@ from bench_memory import cpu_peak_growth, cuda_peak_growth, subprocess_env
 from sdpo_fast.data import EncodedInteraction
 from sdpo_fast.train.config import TrainConfig
 from sdpo_fast.train.reference_step import reference_step
-from sdpo_fast.train.trainer import accumulate_gradients, apply_lora, build_optimizer, build_scheduler, optimizer_step
+from sdpo_fast.train.setup import apply_lora, build_optimizer, build_scheduler, lora_config
+from sdpo_fast.train.step import train_step
+from sdpo_fast.train.trainer import objective_of, step_options
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GIB = 2**30
@@ -64,12 +66,14 @@ def build(size: Size, device: str):
     train_config = TrainConfig(lora_r=size.lora_r, lr=1e-5, gradient_checkpointing=device == "cuda",
                                micro_batch_tokens=2 * (size.prompt + size.completion + 64)).validate()
     if size.lora_r:
-        model = apply_lora(model, train_config)
+        model = apply_lora(model, lora_config(train_config.lora_r, train_config.lora_alpha, train_config.lora_dropout,
+                                              train_config.lora_target_modules))
     if train_config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = build_optimizer(model, train_config)
-    scheduler = build_scheduler(optimizer, train_config, total_steps=100)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train_config.optimizer,
+                                train_config.lr, train_config.weight_decay)
+    scheduler = build_scheduler(optimizer, train_config.schedule, train_config.warmup_ratio, total_steps=100)
     g = torch.Generator().manual_seed(1)
     batch = []
     for _ in range(size.interactions):
@@ -87,8 +91,7 @@ def make_step(kind: str, size: Size, device: str):
 
     def step():
         if kind == "trainer":
-            accumulate_gradients(model, batch, config)
-            optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
+            train_step(model, batch, objective_of(config), optimizer, scheduler, step_options(config))
         else:
             reference_step(model, optimizer, scheduler, batch, max_grad_norm=config.max_grad_norm)
         if device == "cuda":

@@ -27,13 +27,14 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sdpo_fast.data import DEFAULT_HINDSIGHT_TEMPLATE, Interaction, InteractionEncoder
-from sdpo_fast.data.synthetic import (
+from sdpo_fast.data.synthetic import write_jsonl
+from sdpo_fast.demo.sample import (
     STYLE_FOLLOWUP_KINDS, STYLE_SAMPLE_SEED, STYLE_SAMPLE_SIZE, generate_preference_conversations, random_request,
-    random_style, style_followup, style_subjects, styled_reply, wished_style, write_jsonl,
+    random_style, style_followup, style_subjects, styled_reply, wished_style,
 )
-from sdpo_fast.style import preferred_style_rate
+from sdpo_fast.demo.style import preferred_style_rate
 from sdpo_fast.testing import _QWEN3_TEMPLATE
-from sdpo_fast.train.style_report import held_out_histories, prompt_ids, sample_replies
+from sdpo_fast.demo.report import held_out_histories, prompt_ids, sample_replies
 
 ASSETS = Path(__file__).resolve().parent.parent / "sdpo_fast" / "assets"
 SEED = 0

@@ -1,16 +1,17 @@
 """Logged conversations → interaction tuples → student/teacher token ids."""
-from sdpo_fast.data.filters import PRESETS, ConversationFilter
-from sdpo_fast.data.interactions import Interaction, extract_interactions
-from sdpo_fast.data.loading import BadRowError, BadRowLocation, InteractionStream, LoadStats, load_interactions
-from sdpo_fast.data.prompts import (
+from .filters import PRESETS, ConversationFilter
+from .interactions import Interaction, extract_interactions
+from .loading import BadRowError, BadRowLocation, InteractionStream, LoadStats, load_interactions
+from .prompts import (
     DEFAULT_HINDSIGHT_TEMPLATE,
     EncodedInteraction,
+    default_template_kwargs,
     InteractionEncoder,
     SkipInteraction,
     encode_interaction,
     encode_interactions,
 )
-from sdpo_fast.data.synthetic import generate_conversations, sample_path
+from .synthetic import generate_conversations, sample_path
 
 __all__ = [
     "DEFAULT_HINDSIGHT_TEMPLATE",
@@ -24,6 +25,7 @@ __all__ = [
     "InteractionStream",
     "LoadStats",
     "SkipInteraction",
+    "default_template_kwargs",
     "encode_interaction",
     "encode_interactions",
     "extract_interactions",

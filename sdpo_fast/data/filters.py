@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, fields
+from ..utils.checks import check_int
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,7 @@ class ConversationFilter:
             object.__setattr__(self, "languages", frozenset(x.lower() for x in languages))
         for name in ("max_message_chars", "max_conversation_chars", "min_messages"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+            check_int(name, value, 1, optional=True)
         for name in ("drop_toxic", "deduplicate"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from ..utils.checks import check_int
 
 ROLES = ("system", "user", "assistant")
 
@@ -44,8 +45,7 @@ def extract_interactions(
             raise ValueError(f"messages[{i}]['role'] must be one of {ROLES}, got {message.get('role')!r}")
         if not isinstance(message.get("content"), str):
             raise TypeError(f"messages[{i}]['content'] must be a str")
-    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-        raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
+    check_int("max_history", max_history, 1)
     return extract_validated(messages, max_history, meta or {}, skipped if skipped is not None else collections.Counter())
 
 

@@ -6,10 +6,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
-from sdpo_fast.data.filters import PRESETS, ConversationFilter, conversation_digest
-from sdpo_fast.data.interactions import Interaction, extract_validated
-from sdpo_fast.data.rows import BadRow, parse_row
-from sdpo_fast.data.sources import InvalidRow, Rows, resolve_source
+from ..utils.checks import check_int
+from .filters import PRESETS, ConversationFilter, conversation_digest
+from .interactions import Interaction, extract_validated
+from .rows import BadRow, parse_row
+from .sources import InvalidRow, Rows, resolve_source
 
 MAX_BAD_ROWS_KEPT = 1000
 
@@ -117,8 +118,7 @@ def load_interactions(
     first. Filters are off by default; `preset` ("paper": the authors' settings) fills the filter
     arguments left unset. The source is checked now; rows are read while iterating.
     """
-    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-        raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
+    check_int("max_history", max_history, 1)
     if not isinstance(strict, bool):
         raise TypeError("strict must be a bool")
     if not isinstance(split, str):

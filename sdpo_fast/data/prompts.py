@@ -7,10 +7,11 @@ teacher = chat_template(history with the hindsight block appended to its last us
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
 from typing import Iterable
 
-from sdpo_fast.data.interactions import Interaction
+from ..model.inputs import EncodedInteraction
+from ..utils.checks import check_int
+from .interactions import Interaction
 
 DEFAULT_HINDSIGHT_TEMPLATE = (
     "\n\n<hindsight context> The following is a future user message. "
@@ -27,25 +28,6 @@ AUTHORS_CODE_HINDSIGHT_TEMPLATE = (
 
 _FOLLOWUP_SLOT = "{followup}"
 _SENTINEL = "\u2063sdpo-end-of-turn-probe\u2063"
-
-
-@dataclass(frozen=True)
-class EncodedInteraction:
-    """Token ids of one interaction. The completion ids end both input id lists."""
-
-    student_input_ids: list[int]
-    teacher_input_ids: list[int]
-    completion_ids: list[int]
-    shared_prefix_len: int
-    """Longest common prefix of the student and teacher prompt ids."""
-
-    @property
-    def student_prompt_len(self) -> int:
-        return len(self.student_input_ids) - len(self.completion_ids)
-
-    @property
-    def teacher_prompt_len(self) -> int:
-        return len(self.teacher_input_ids) - len(self.completion_ids)
 
 
 class SkipInteraction(Exception):
@@ -121,12 +103,6 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 class InteractionEncoder:
     """encode_interaction's options checked once (end-of-turn id resolved); `.encode(interaction)`
     returns an EncodedInteraction or raises SkipInteraction. Same keyword options as encode_interaction."""
@@ -154,13 +130,14 @@ class InteractionEncoder:
             )
         self.tokenizer = tokenizer
         self.hindsight_template = hindsight_template
-        self.max_prompt_tokens = _positive_int("max_prompt_tokens", max_prompt_tokens)
-        self.max_completion_tokens = _positive_int("max_completion_tokens", max_completion_tokens)
+        check_int("max_prompt_tokens", max_prompt_tokens, 1)
+        check_int("max_completion_tokens", max_completion_tokens, 1)
+        self.max_prompt_tokens, self.max_completion_tokens = max_prompt_tokens, max_completion_tokens
         self.template_kwargs = dict(chat_template_kwargs or {})
         if chat_template is not None:
             self.template_kwargs["chat_template"] = chat_template
-        if _mentions_enable_thinking(template):
-            self.template_kwargs.setdefault("enable_thinking", False)
+        for key, value in default_template_kwargs(template).items():
+            self.template_kwargs.setdefault(key, value)
         self.end_of_turn_id = self._resolve_end_of_turn(end_of_turn_token)
 
     def encode(self, interaction: Interaction,
@@ -254,7 +231,8 @@ class InteractionEncoder:
         raise ValueError("could not detect the end-of-turn token: pass end_of_turn_token='<token>' (or None)")
 
 
-def _mentions_enable_thinking(template) -> bool:
-    if isinstance(template, dict):
-        return any("enable_thinking" in t for t in template.values())
-    return "enable_thinking" in template
+def default_template_kwargs(template) -> dict:
+    """{"enable_thinking": False} for a chat template (str, or dict of named templates) with that switch
+    (Qwen3: no thinking block before the reply), else {}."""
+    text = " ".join(template.values()) if isinstance(template, dict) else (template or "")
+    return {"enable_thinking": False} if "enable_thinking" in text else {}

@@ -12,6 +12,7 @@ from .report import (
     explain,
     text_colour,
 )
+from .scoring import ScoredInteraction, score_interactions
 from .terminal import render_terminal
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "RED",
     "InteractionSummary",
     "Report",
+    "ScoredInteraction",
     "TokenScore",
     "advantage_colour",
     "build_report",
@@ -26,6 +28,7 @@ __all__ = [
     "explain",
     "render_html",
     "render_terminal",
+    "score_interactions",
     "text_colour",
     "write_html",
 ]

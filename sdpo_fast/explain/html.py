@@ -6,9 +6,9 @@ import base64
 import hashlib
 import html
 import os
-import tempfile
 from pathlib import Path
 
+from ..utils.files import write_text_atomic
 from .report import SCALE_PERCENTILE, Report, TokenScore, advantage_colour, text_colour, visible
 
 _CSS = """
@@ -148,15 +148,4 @@ def render_html(report: Report, sort: str = "signal") -> str:
 
 def write_html(report: Report, path: str | os.PathLike, sort: str = "signal") -> Path:
     """Write render_html(report) to `path` atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    text = render_html(report, sort)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, render_html(report, sort), mode=0o644)

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from ..data import Interaction, InteractionEncoder, SkipInteraction
-from ..model import ScoredInteraction, score_interactions
+from ..utils.checks import check_int
+from .scoring import ScoredInteraction, score_interactions
 
 BLUE = (33, 102, 172)
 RED = (178, 24, 43)
@@ -146,8 +147,7 @@ def build_report(interactions: Sequence[Interaction], scored: Sequence[ScoredInt
 def explain(model, tokenizer, interactions: Iterable[Interaction], *, n: int = 24, model_name: str = "model",
             data_name: str = "data", group_by: str | None = None, **score_options) -> Report:
     """Score the first `n` encodable interactions (others are skipped) and build their Report."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n, 1)
     encoder = InteractionEncoder(tokenizer)
     kept, encoded = [], []
     for interaction in interactions:

@@ -1,34 +1,39 @@
-"""Packed student/teacher passes with prefix K/V reuse, on any transformers decoder using AttentionInterface."""
+"""Model integration: packed student/teacher passes with prefix K/V reuse on any transformers decoder that uses
+AttentionInterface, and Hugging Face helpers."""
 from .attention import ATTN_IMPLEMENTATION, enable_sdpo_attention, sdpo_attention, varlen_attention
+from .hf import apply_liger_kernels, eval_mode, unwrap_model
+from .inputs import EncodedInteraction
 from .packing import pack, plan_micro_batches
-from .prefix_cache import PrefixKVCache
-from .scoring import (
-    ScoredInteraction,
+from .passes import (
     SDPOBatch,
-    apply_liger_kernels,
+    check_encoded,
+    check_pass_options,
     forward_micro_batch,
     micro_batch_indices,
     new_prefix_cache,
-    score_interactions,
+    shared_vocab_size,
     student_hidden_states,
     teacher_hidden_states,
-    unwrap_model,
 )
+from .prefix_cache import PrefixKVCache
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "EncodedInteraction",
     "PrefixKVCache",
     "SDPOBatch",
-    "ScoredInteraction",
     "apply_liger_kernels",
+    "check_encoded",
+    "check_pass_options",
     "enable_sdpo_attention",
+    "eval_mode",
     "forward_micro_batch",
     "micro_batch_indices",
     "new_prefix_cache",
     "pack",
     "plan_micro_batches",
-    "score_interactions",
     "sdpo_attention",
+    "shared_vocab_size",
     "student_hidden_states",
     "teacher_hidden_states",
     "unwrap_model",

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from ..utils.checks import check_int
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,7 @@ def plan_micro_batches(costs: Sequence[int], max_tokens: int) -> list[list[int]]
     An item costlier than `max_tokens` gets a group of its own. Deterministic: items are taken by
     decreasing cost, ties by index; groups keep creation order and list their indices ascending.
     """
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    check_int("max_tokens", max_tokens, 1)
     costs = [int(c) for c in costs]
     if any(c < 0 for c in costs):
         raise ValueError("costs must be non-negative")

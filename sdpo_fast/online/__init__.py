@@ -2,7 +2,7 @@
 per-user LoRA adapters, simulated users, pairwise judges and the personalization experiments."""
 from .adapters import UserAdapters, check_user_id
 from .judge import LLMJudge, RuleJudge, WinRate, bootstrap_se, judge_all, judge_pair, summarize, win_rate
-from .loop import (PRESETS, EmptyGenerationError, OnlineConfig, OnlinePolicy, Sample, accumulate_online_gradients,
+from .loop import (PRESETS, EmptyGenerationError, OnlineConfig, OnlinePolicy, Sample,
                    generate, run_online, sample_batch)
 from .personas import RULES, Persona, get_persona, load_personas, parse_personas
 from .users import EndpointError, HFChat, LLMUser, OpenAIChat, RuleUser
@@ -11,7 +11,7 @@ from .vllm_generator import VLLMGenerator
 __all__ = [
     "PRESETS", "RULES", "EmptyGenerationError", "EndpointError", "HFChat", "LLMJudge", "LLMUser", "OnlineConfig",
     "OnlinePolicy", "OpenAIChat", "Persona", "RuleJudge", "RuleUser", "Sample", "UserAdapters", "VLLMGenerator",
-    "WinRate", "accumulate_online_gradients", "bootstrap_se", "check_user_id", "generate", "get_persona",
+    "WinRate", "bootstrap_se", "check_user_id", "generate", "get_persona",
     "judge_all", "judge_pair", "load_personas", "parse_personas", "run_online", "sample_batch", "summarize",
     "win_rate",
 ]

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from ..data.interactions import Interaction
-from .loop import OnlineConfig, OnlinePolicy, PendingInteraction, _check_messages, lora_config
+from ..utils.files import fsync_file, replace_dir
+from ..utils.checks import check_int
+from .loop import OnlineConfig, OnlinePolicy, PendingInteraction, check_messages, lora_config
 
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _FORMAT = 2
@@ -48,8 +50,7 @@ class UserAdapters:
         self.config = (config or OnlineConfig()).validate()
         if self.config.lora_r < 1:
             raise ValueError("per-user adapters need lora_r >= 1")
-        if isinstance(max_loaded_users, bool) or not isinstance(max_loaded_users, int) or max_loaded_users < 1:
-            raise ValueError(f"max_loaded_users must be an integer >= 1, got {max_loaded_users!r}")
+        check_int("max_loaded_users", max_loaded_users, 1)
         self.base, self.tokenizer, self.generator = model, tokenizer, generator
         self.max_loaded_users = max_loaded_users
         self.root = Path(root)
@@ -117,7 +118,7 @@ class UserAdapters:
         `update_every` such interactions are collected, then saves it. Returns the update's stats or None.
 
         When y is one of this user's recent `respond` replies, the update uses its sampled token ids."""
-        _check_messages(messages_with_followup, "messages_with_followup", last_role="user")
+        check_messages(messages_with_followup, "messages_with_followup", last_role="user")
         if len(messages_with_followup) < 3 or messages_with_followup[-2]["role"] != "assistant" \
                 or messages_with_followup[-3]["role"] != "user":
             raise ValueError("messages_with_followup must end with user, assistant, user messages")
@@ -137,21 +138,12 @@ class UserAdapters:
                               "completion_ids": None if p.completion_ids is None else list(p.completion_ids)}
                              for p in policy.pending],
                  "recent": [[text, list(ids)] for text, ids in policy.recent.items()]}
-        final = self.path(user_id)
-        tmp = self.root / f".{user_id}.tmp{os.getpid()}"
-        old = self.root / f".{user_id}.old{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+
+        def write(tmp: Path) -> None:
             write_adapter(self.model, user_id, tmp)
             torch.save(state, tmp / STATE_FILE)
-            _fsync(tmp / STATE_FILE)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
+
+        return replace_dir(self.path(user_id), write)
 
 
 def write_adapter(model, adapter_name: str, directory: Path) -> None:
@@ -160,17 +152,12 @@ def write_adapter(model, adapter_name: str, directory: Path) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous()
                for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     save_file(tensors, directory / ADAPTER_FILE, metadata={"format": "pt"})
-    _fsync(directory / ADAPTER_FILE)
+    fsync_file(directory / ADAPTER_FILE)
     _sorted_targets(model.peft_config[adapter_name]).save_pretrained(directory)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _sorted_targets(config):

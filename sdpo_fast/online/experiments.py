@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.checks import check_int
 from .judge import Judge, judge_all, summarize
 from .loop import OnlinePolicy, generate_batch, prompt_messages
 from .personas import Persona
@@ -118,8 +119,7 @@ def run_schedule(policy: OnlinePolicy, phases: list[Phase], make_user, judge: Ju
         raise ValueError("experiments compare against the base model: the policy needs a LoRA adapter (lora_r > 0)")
     if not phases or not all(isinstance(p, Phase) and p.interactions >= 1 for p in phases):
         raise ValueError("phases must be a non-empty list of Phase with interactions >= 1")
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be an integer >= 1, got {eval_every!r}")
+    check_int("eval_every", eval_every, 1)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     personas = eval_personas or list({p.persona.name: p.persona for p in phases}.values())

@@ -1,27 +1,26 @@
 """Online SDPO (the paper's Algorithm 1): the policy answers, the user replies, and every `update_every`
 interactions the policy is updated from its own (x, y, u) samples with the live hindsight teacher.
 
-Per-sequence mean-centred advantages: with A_t = log q_t - log pi_t, the centred A'_t = A_t - mean_seq(A) is
-obtained exactly by giving `sdpo_loss` the teacher log-probs log q_t - mean_seq(A) (a per-sequence constant
-shift of log q shifts A by the same constant); the signal clip then applies to A'.
+Each update is one `train_step` (train/step.py) with the SDPO objective; per-sequence mean-centred advantages
+(A'_t = A_t - mean_seq(A), then the signal clip) are formed inside that step's single `sdpo_loss` call.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from ..data.interactions import Interaction
-from ..data.prompts import EncodedInteraction, InteractionEncoder, SkipInteraction
-from ..loss import sdpo_loss
-from ..model import forward_micro_batch, micro_batch_indices, sdpo_attention, unwrap_model
-from ..model.scoring import eval_mode
-from ..train.trainer import IGNORE, interaction_weights, loss_token_counts, optimizer_step
+from ..data import Interaction, InteractionEncoder, SkipInteraction, default_template_kwargs
+from ..loss import SDPOObjective
+from ..model import eval_mode, sdpo_attention, unwrap_model
+from ..train.setup import build_optimizer
+from ..train.setup import lora_config as make_lora_config
+from ..train.step import StepOptions, train_step
+from ..utils.checks import check_bool, check_int, check_number
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Paper Table 5 (personalization) and the authors' online trainers (see shared/ANCHORS.md).
@@ -61,23 +60,15 @@ class OnlineConfig:
     def validate(self) -> "OnlineConfig":
         for key, low in (("update_every", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
                          ("micro_batch_tokens", 1), ("ignore_first_k", 0), ("lora_r", 0), ("seed", 0)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+            check_int(key, getattr(self, key), low)
         for key in ("lr", "temperature", "lora_alpha", "weight_decay", "lora_dropout", "max_grad_norm",
                     "signal_clip"):
-            value = getattr(self, key)
-            if value is None and key in ("max_grad_norm", "signal_clip"):
-                continue
-            positive = key not in ("weight_decay", "lora_dropout")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (positive and value == 0):
-                raise ValueError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+            check_number(key, getattr(self, key), positive=key not in ("weight_decay", "lora_dropout"),
+                         optional=key in ("max_grad_norm", "signal_clip"))
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout must be < 1, got {self.lora_dropout!r}")
         for key in ("center_advantages", "prefix_reuse"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+            check_bool(key, getattr(self, key))
         targets = self.lora_target_modules
         if not (targets == "all-linear" or (isinstance(targets, list) and targets
                                             and all(isinstance(t, str) and t for t in targets))):
@@ -113,18 +104,7 @@ class EmptyGenerationError(ValueError):
 
 def lora_config(config: OnlineConfig):
     """The peft LoraConfig of `config`."""
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise ValueError("LoRA needs peft (pip install 'sdpo_fast[online]'); or set lora_r 0") from None
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
-
-
-def _template_kwargs(tokenizer) -> dict:
-    template = getattr(tokenizer, "chat_template", None) or ""
-    text = " ".join(template.values()) if isinstance(template, dict) else template
-    return {"enable_thinking": False} if "enable_thinking" in text else {}
+    return make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
 
 
 @dataclass(frozen=True)
@@ -164,7 +144,7 @@ def chat_prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int
     """The chat-template prompt ids (generation prompt added, thinking off where the template has the switch)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template")
-    kwargs = _template_kwargs(tokenizer)
+    kwargs = default_template_kwargs(tokenizer.chat_template)
     return [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kwargs),
                       add_special_tokens=False)["input_ids"] for m in conversations]
 
@@ -184,49 +164,6 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], **options)
 def generate(model, tokenizer, messages: list[dict], **options) -> str:
     """`generate_batch` for one chat."""
     return generate_batch(model, tokenizer, [messages], **options)[0]
-
-
-def centered_teacher_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
-                              sequence_index: torch.Tensor, loss_mask: torch.Tensor, n_sequences: int) -> torch.Tensor:
-    """log q - mean_seq(log q - log pi) over each sequence's loss tokens (all tensors (N,), fp32, detached)."""
-    advantages = torch.where(loss_mask, teacher_logprobs - student_logprobs, torch.zeros_like(teacher_logprobs))
-    sums = torch.zeros(n_sequences, device=advantages.device).index_add_(0, sequence_index, advantages)
-    counts = torch.zeros(n_sequences, device=advantages.device).index_add_(0, sequence_index, loss_mask.float())
-    return teacher_logprobs - (sums / counts.clamp(min=1))[sequence_index]
-
-
-def accumulate_online_gradients(model, encoded: list[EncodedInteraction], config: OnlineConfig) -> dict:
-    """Forward and backward of one online SDPO update over `encoded`; adds the gradient to `.grad`.
-
-    Loss: per-sequence mean (over tokens past ignore_first_k), then batch mean, of -clip(A'_t) * log pi(y_t)
-    with A' the (optionally mean-centred) advantage. Returns loss, mean advantage (before centring) and tokens.
-    """
-    counts = loss_token_counts(encoded, config.ignore_first_k)
-    weights = interaction_weights(counts, "sequence")
-    loss_sum, signal_sum = 0.0, 0.0
-    for group in micro_batch_indices(encoded, config.micro_batch_tokens):
-        if not any(counts[i] for i in group):
-            continue
-        mb = forward_micro_batch(model, [encoded[i] for i in group], prefix_reuse=config.prefix_reuse,
-                                 attn_backend=config.attn_backend)
-        seq = mb.sequence_index
-        token_weights = torch.tensor([weights[i] for i in group], device=seq.device)[seq]
-        targets = mb.target_ids.masked_fill(mb.position_in_completion < config.ignore_first_k, IGNORE)
-        mask = targets != IGNORE
-        with torch.no_grad():
-            _, stats = sdpo_loss(mb.student_hidden.detach(), mb.lm_head_weight, targets,
-                                 teacher_hidden=mb.teacher_hidden, temperature=config.temperature,
-                                 backend=config.loss_backend, return_stats=True)
-        teacher_lp = stats.teacher_logprobs
-        if config.center_advantages:
-            teacher_lp = centered_teacher_logprobs(teacher_lp, stats.student_logprobs, seq, mask, len(group))
-        loss = sdpo_loss(mb.student_hidden, mb.lm_head_weight, targets, teacher_logprobs=teacher_lp,
-                         token_weights=token_weights, temperature=config.temperature,
-                         signal_clip=config.signal_clip, backend=config.loss_backend)
-        loss.backward()
-        loss_sum += float(loss.detach())
-        signal_sum += float(stats.advantages[mask].sum())
-    return {"loss": loss_sum, "mean_advantage": signal_sum / max(sum(counts), 1), "loss_tokens": sum(counts)}
 
 
 def adapter_parameters(model, adapter_name: str) -> list[torch.nn.Parameter]:
@@ -265,8 +202,14 @@ class OnlinePolicy:
         if not params:
             raise ValueError("the model has no trainable parameters")
         self.parameters = params
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(params, "adamw", config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.objective = SDPOObjective(temperature=config.temperature, signal_clip=config.signal_clip,
+                                       center_advantages=config.center_advantages, backend=config.loss_backend)
+        self.step_options = StepOptions(micro_batch_tokens=config.micro_batch_tokens,
+                                        ignore_first_k=config.ignore_first_k, aggregation="sequence",
+                                        max_grad_norm=config.max_grad_norm, prefix_reuse=config.prefix_reuse,
+                                        attn_backend=config.attn_backend)
         self.encoder = InteractionEncoder(tokenizer, max_prompt_tokens=config.max_prompt_tokens,
                                           max_completion_tokens=config.max_new_tokens + 1)
         self.stop_token_ids = sorted({self.encoder.end_of_turn_id, tokenizer.eos_token_id} - {None})
@@ -302,7 +245,7 @@ class OnlinePolicy:
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("conversations must be a non-empty list of chats")
         for i, messages in enumerate(conversations):
-            _check_messages(messages, f"conversations[{i}]", last_role="user")
+            check_messages(messages, f"conversations[{i}]", last_role="user")
         seed = self.config.seed * 1_000_003 + self.generations
         self.generations += len(conversations)
         if self.generator is not None:
@@ -314,7 +257,7 @@ class OnlinePolicy:
 
     def respond(self, messages: list[dict]) -> str:
         """One sampled reply; raises EmptyGenerationError when it is empty."""
-        _check_messages(messages, "messages", last_role="user")
+        check_messages(messages, "messages", last_role="user")
         text = self.respond_batch([messages])[0]
         if not text:
             raise EmptyGenerationError("the policy generated no text for this prompt (it ended the turn at once)")
@@ -349,10 +292,12 @@ class OnlinePolicy:
             return {"interactions": 0, "skipped": skipped, "retokenized": retokenized} if batch else None
         with self.active(), sdpo_attention(unwrap_model(self.model)):  # generation keeps its own attention
             self.model.train()
-            stats = accumulate_online_gradients(self.model, encoded, self.config)
-            stats["grad_norm"] = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm)
+            stats = train_step(self.model, encoded, self.objective, self.optimizer, self.scheduler,
+                               self.step_options)
         self.updates += 1
-        return {**stats, "interactions": len(encoded), "skipped": skipped, "retokenized": retokenized}
+        return {"loss": stats.loss, "mean_advantage": stats.mean_signal, "loss_tokens": stats.loss_tokens,
+                "grad_norm": stats.grad_norm, "interactions": len(encoded), "skipped": skipped,
+                "retokenized": retokenized}
 
     def interact_batch(self, conversations: list[list[dict]], user) -> list[dict]:
         """Algorithm 1 for several prompts at once (at most up to the next update, so every reply comes from the
@@ -379,7 +324,7 @@ class OnlinePolicy:
         return self.config.update_every - len(self.pending)
 
 
-def _check_messages(messages, name: str, last_role: str) -> None:
+def check_messages(messages, name: str, last_role: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{name} must be a non-empty list of {{'role', 'content'}} dicts")
     for i, m in enumerate(messages):
@@ -401,8 +346,7 @@ def run_online(policy: OnlinePolicy, user, prompts: list[str], n_interactions: i
     interaction i (1-based). Returns per-interaction records without the texts (response length, update stats)."""
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
-    if isinstance(n_interactions, bool) or not isinstance(n_interactions, int) or n_interactions < 1:
-        raise ValueError(f"n_interactions must be an integer >= 1, got {n_interactions!r}")
+    check_int("n_interactions", n_interactions, 1)
     records: list[dict] = []
     while len(records) < n_interactions:
         n = min(policy.room(), n_interactions - len(records))

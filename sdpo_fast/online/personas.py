@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..style import has_emoji
+from ..demo.style import has_emoji
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 

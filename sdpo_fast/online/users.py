@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from typing import Protocol
 
+from ..utils.checks import check_int, check_number
 from .personas import RULES, Persona
 
 USER_INSTRUCTIONS = (
@@ -46,12 +47,9 @@ class OpenAIChat:
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty string, got {model!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
-        for name, value in (("timeout", timeout), ("backoff", backoff)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-                    (name == "timeout" and value == 0):
-                raise ValueError(f"{name} must be a number {'> 0' if name == 'timeout' else '>= 0'}, got {value!r}")
+        check_int("retries", retries, 0)
+        check_number("timeout", timeout, positive=True)
+        check_number("backoff", backoff)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries, self.backoff = model, float(timeout), retries, float(backoff)
         self.temperature, self.max_tokens = temperature, max_tokens

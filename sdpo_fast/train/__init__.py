@@ -1,43 +1,43 @@
-"""Offline SDPO / SFT training: config, the exact-accumulation step, checkpoints and a reference step."""
+"""Training: the one `train_step`, setup factories, the offline trainer, config, checkpoints, memory plan and a
+pure-PyTorch reference step."""
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import PRESETS, TrainConfig, load_yaml, resolve_config
 from .plan import MemoryPlan, plan_memory
 from .reference_step import reference_loss, reference_step
-from .trainer import (
-    StepStats,
-    Trainer,
-    accumulate_gradients,
-    build_optimizer,
-    build_scheduler,
-    interaction_weights,
-    load_encoded_data,
-    load_model_and_tokenizer,
-    optimizer_step,
-    sft_loss,
-    train,
-)
+from .setup import (apply_lora, build_optimizer, build_scheduler, load_model, load_model_and_tokenizer,
+                    load_tokenizer, lora_config, resolve_device, resolve_dtype)
+from .step import StepOptions, StepStats, interaction_weights, loss_token_counts, train_step
+from .trainer import Trainer, load_encoded_data, objective_of, step_options, train
 
 __all__ = [
     "MemoryPlan",
     "PRESETS",
+    "StepOptions",
     "StepStats",
     "TrainConfig",
     "Trainer",
-    "accumulate_gradients",
+    "apply_lora",
     "build_optimizer",
     "build_scheduler",
     "interaction_weights",
     "latest_checkpoint",
     "load_encoded_data",
+    "load_model",
     "load_model_and_tokenizer",
+    "load_tokenizer",
     "load_trainer_state",
     "load_yaml",
-    "optimizer_step",
+    "loss_token_counts",
+    "lora_config",
+    "objective_of",
     "plan_memory",
     "reference_loss",
     "reference_step",
     "resolve_config",
+    "resolve_device",
+    "resolve_dtype",
     "save_checkpoint",
-    "sft_loss",
+    "step_options",
     "train",
+    "train_step",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
+from ..utils.files import replace_dir
+
 STATE_FILE = "trainer_state.pt"
+STALE_PATTERNS = (".checkpoint-*.tmp*", ".checkpoint-*.old*")
+"""What an interrupted `save_checkpoint` can leave in output_dir (removed when a run starts)."""
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -29,14 +32,11 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, optimizer, scheduler,
                     extra: dict) -> Path:
-    """Write output_dir/checkpoint-{step} through a temporary directory and os.replace; returns its path.
+    """Write output_dir/checkpoint-{step} atomically (built aside, then swapped in); returns its path.
 
     `extra` holds plain values (ints, floats, strings) describing the run position, stored with the state.
     """
-    final = Path(output_dir) / f"checkpoint-{step}"
-    tmp = Path(output_dir) / f".tmp-checkpoint-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -50,16 +50,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
         }
         torch.save(state, tmp / STATE_FILE)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-        for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return replace_dir(Path(output_dir) / f"checkpoint-{step}", write)
 
 
 def load_trainer_state(checkpoint: str | os.PathLike) -> dict:

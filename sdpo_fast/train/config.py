@@ -4,13 +4,15 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
-import math
 import os
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..demo.settings import TINY_DEMO_PRESET, TINY_DEMO_TRAIN
+from ..utils.checks import check_bool, check_choice, check_int, check_number
+from ..utils.files import write_text_atomic
 
 LOSSES = ("sdpo", "sft")
 AGGREGATIONS = ("sequence", "token")
@@ -28,14 +30,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         temperature=1.0, aggregation="sequence", gradient_checkpointing=True, max_prompt_tokens=2048,
         max_completion_tokens=2048, max_history=5, data_preset="paper",
     ),
-    # The bundled demo (no --model): the tiny model learns in seconds on CPU with a far larger lr than the paper's
-    # 2e-6 for an 8B model. Applied automatically when no model and no preset are given.
-    "tiny-demo": dict(
-        loss="sdpo", batch_size=16, lr=1e-3, epochs=3, max_steps=None, warmup_ratio=0.0, schedule="constant",
-        optimizer="adamw", weight_decay=0.0,
-    ),
+    TINY_DEMO_PRESET: dict(TINY_DEMO_TRAIN),
 }
-BUNDLED_PRESET = "tiny-demo"
+BUNDLED_PRESET = TINY_DEMO_PRESET
 
 
 @dataclass
@@ -112,36 +109,32 @@ class TrainConfig:
     preset: str | None = None
 
     def validate(self) -> "TrainConfig":
-        _choice("loss", self.loss, LOSSES)
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("device", self.device, DEVICES)
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
         if self.preset is not None:
-            _choice("preset", self.preset, tuple(PRESETS))
+            check_choice("preset", self.preset, tuple(PRESETS))
         for key in ("batch_size", "micro_batch_tokens", "epochs", "max_prompt_tokens", "max_completion_tokens",
                     "max_history", "logging_steps"):
-            _int(key, getattr(self, key), minimum=1)
+            check_int(key, getattr(self, key), 1)
         for key in ("ignore_first_k", "lora_r", "save_steps", "seed"):
-            _int(key, getattr(self, key), minimum=0)
-        if self.max_steps is not None:
-            _int("max_steps", self.max_steps, minimum=1)
-        _number("lr", self.lr, positive=True)
-        _number("temperature", self.temperature, positive=True)
-        _number("lora_alpha", self.lora_alpha, positive=True)
-        _number("weight_decay", self.weight_decay)
+            check_int(key, getattr(self, key), 0)
+        check_int("max_steps", self.max_steps, 1, optional=True)
+        for key in ("lr", "temperature", "lora_alpha"):
+            check_number(key, getattr(self, key), positive=True)
+        check_number("weight_decay", self.weight_decay)
         for key in ("max_grad_norm", "signal_clip"):
-            if getattr(self, key) is not None:
-                _number(key, getattr(self, key), positive=True)
+            check_number(key, getattr(self, key), positive=True, optional=True)
         for key, high in (("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
-            _number(key, getattr(self, key))
+            check_number(key, getattr(self, key))
             if getattr(self, key) >= high:
                 raise ValueError(f"{key} must be in [0, {high}), got {getattr(self, key)!r}")
         for key in ("shuffle", "gradient_checkpointing", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit",
                     "use_liger"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+            check_bool(key, getattr(self, key))
         for key in ("model", "data", "output_dir", "data_preset"):
             if getattr(self, key) is not None and not (isinstance(getattr(self, key), str) and getattr(self, key)):
                 raise ValueError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
@@ -172,22 +165,6 @@ def field_docs() -> dict[str, str]:
             for node, doc in zip(body, body[1:])
             if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
             and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
-
-
-def _choice(key: str, value, options: tuple) -> None:
-    if value not in options:
-        raise ValueError(f"{key} must be one of {list(options)}, got {value!r}")
-
-
-def _int(key: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _number(key: str, value, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-            or (positive and value == 0):
-        raise ValueError(f"{key} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
 def _check_keys(values: dict, where: str) -> None:
@@ -240,30 +217,15 @@ def resolve_config(file_values: dict[str, Any] | None = None, overrides: dict[st
         preset = overrides["preset"] = BUNDLED_PRESET
     merged: dict[str, Any] = {}
     if preset is not None:
-        _choice("preset", preset, tuple(PRESETS))
+        check_choice("preset", preset, tuple(PRESETS))
         merged.update(PRESETS[preset])
     merged.update(file_values)
     merged.update(overrides)
     return TrainConfig(**_coerce(merged)).validate()
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
     """The resolved config as YAML (atomic)."""
     import yaml
 
-    write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -19,11 +19,13 @@ def _completion_logprobs(model, input_ids: list[int], n: int, temperature: float
 
 
 def reference_loss(model, batch: list[EncodedInteraction], *, loss: str = "sdpo", aggregation: str = "sequence",
-                   ignore_first_k: int = 2, temperature: float = 1.0, signal_clip: float | None = None) -> torch.Tensor:
+                   ignore_first_k: int = 2, temperature: float = 1.0, signal_clip: float | None = None,
+                   center_advantages: bool = False) -> torch.Tensor:
     """The step loss over `batch` (0-dim fp32, differentiable in the model's trainable parameters).
 
     sdpo: per token -A_t log pi(y_t), A_t = log q(y_t | teacher ids) - log pi(y_t | student ids), detached and
-    optionally clipped to +-signal_clip; sft: -log pi(y_t) at temperature 1. Tokens at completion positions
+    optionally mean-centred over the interaction's loss tokens (center_advantages), then clipped to
+    +-signal_clip; sft: -log pi(y_t) at temperature 1. Tokens at completion positions
     < ignore_first_k are left out. sequence: mean per interaction, then mean over all interactions of the
     batch; token: mean over all loss tokens of the batch.
     """
@@ -37,6 +39,8 @@ def reference_loss(model, batch: list[EncodedInteraction], *, loss: str = "sdpo"
             with torch.no_grad():
                 teacher = _completion_logprobs(model, e.teacher_input_ids, n, temperature)
             advantage = teacher - student.detach()
+            if center_advantages and n > ignore_first_k:
+                advantage = advantage - advantage[ignore_first_k:].mean()
             if signal_clip is not None:
                 advantage = advantage.clamp(-signal_clip, signal_clip)
             per_token = -advantage * student

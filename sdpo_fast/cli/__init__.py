@@ -1,0 +1,35 @@
+"""`sdpo-fast` command line: one sub-command per module, each exposing `add_parser(subparsers)`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules whose `add_parser(subparsers)` registers one sub-command and sets `func`.
+_COMMANDS = [
+    "sdpo_fast.cli.demo",
+    "sdpo_fast.cli.check_kernels",
+    "sdpo_fast.cli.data",
+    "sdpo_fast.cli.explain",
+    "sdpo_fast.cli.train",
+    "sdpo_fast.cli.plan",
+    "sdpo_fast.cli.online",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdpo-fast", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMANDS:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"sdpo-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+

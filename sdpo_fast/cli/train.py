@@ -1,0 +1,102 @@
+"""`sdpo-fast train`: offline SDPO (or the SFT baseline) on logged conversations; by default the bundled tiny model
+on its bundled sample (CPU, about a minute), ending with a before/after style report."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..train.config import PRESETS, TrainConfig, field_docs, field_names, load_yaml, resolve_config
+
+_METAVARS = {"int": "N", "int | None": "N", "float": "X", "float | None": "X", "str": "S", "str | None": "S",
+             "list[str]": "A,B"}
+_PARSERS = {"int": int, "float": float, "str": str, "str | None": str, "list[str]": str}
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "off") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _flag_type(annotation: str):
+    if annotation in ("int | None", "float | None"):
+        return _optional(int if annotation.startswith("int") else float)
+    return _PARSERS[annotation]
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help=__doc__.split(":", 1)[1].strip(), description=__doc__,
+        epilog="Precedence: defaults < --preset < --config file < flags. Flags default to the config value shown "
+               "in `TrainConfig` (sdpo_fast/train/config.py); list values are comma-separated.")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of options (same names as the flags, with _)")
+    docs = field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f"{docs[f.name]} (default {default})" if f.name in docs else f"(default {default})"
+        if f.name == "preset":
+            parser.add_argument(flag, choices=sorted(PRESETS), default=argparse.SUPPRESS, help=help_text)
+        elif f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=_flag_type(f.type), default=argparse.SUPPRESS, help=help_text,
+                                metavar=_METAVARS[f.type])
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The resolved config: the --config file's values under the flags actually given. With --resume, the
+    config saved in the output directory comes first, so `--output-dir DIR --resume` alone continues a run."""
+    file_values = load_yaml(args.config) if args.config else {}
+    overrides = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
+    output_dir = overrides.get("output_dir", file_values.get("output_dir"))
+    if overrides.get("resume", file_values.get("resume")) and output_dir:
+        saved = Path(output_dir) / "config.yaml"
+        if saved.is_file():
+            file_values = {**load_yaml(saved), **file_values}
+    return resolve_config(file_values, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..demo import single_thread
+
+    config = config_from_args(args)
+    try:
+        with single_thread(enabled=config.model is None):
+            return _train_and_report(config, args)
+    except torch.OutOfMemoryError:
+        raise ValueError("out of GPU memory: lower --micro-batch-tokens, or enable --gradient-checkpointing, "
+                         "or train LoRA adapters (--lora-r 16)") from None
+
+
+def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
+    from ..train import train
+
+    summary = train(config, progress=not args.no_progress)
+    first, last = summary["first"], summary["last"]
+    model = config.model or "bundled tiny Qwen3"
+    print(f"trained {model}: {summary['steps']}/{summary['total_steps']} steps over {summary['interactions']} "
+          f"interactions, {summary['tokens']} tokens in {summary['seconds']:.1f}s "
+          f"({summary['tokens_per_s']:.0f} tokens/s)")
+    if first is not None:
+        key = "mean_advantage" if config.loss == "sdpo" else "mean_nll"
+        print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}; {key.replace('_', ' ')} "
+              f"{first[key]:+.4f} -> {last[key]:+.4f}")
+    print(f"checkpoint: {summary['checkpoint']}; metrics: {summary['output_dir']}/metrics.jsonl")
+    if config.model is None and config.data is None:
+        from ..demo import REPORT_PROMPTS, preferred_rate
+        from ..train.setup import load_model_and_tokenizer
+
+        before, after = (preferred_rate(*load_model_and_tokenizer(config, ckpt))
+                         for ckpt in (None, Path(summary["checkpoint"])))
+        print(f"preferred style (no emojis) in the model's own replies to {REPORT_PROMPTS} held-out requests, "
+              f"no hindsight: {before:.0%} before -> {after:.0%} after {config.loss}")
+    return 0

@@ -1,1 +1,0 @@
-"""Sub-commands of the `sdpo-fast` CLI (top layer: may import everything below)."""

@@ -1,0 +1,112 @@
+"""`sdpo_loss`: the SDPO policy-gradient loss computed straight from hidden states and the lm_head weight."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..constants import IGNORE_INDEX
+from .backends import get_backend, resolve_backend
+from .function import LossParams, SDPOFunction
+from .reference import reference_sdpo_loss
+from .validation import validate
+
+
+class SDPOStats(NamedTuple):
+    """Per-token statistics, each shaped like target_ids, float32, detached, 0 at ignored positions.
+
+    teacher_logprobs: log q as given or computed; advantages: the A_t the loss used (centred, clipped).
+    """
+
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    advantages: torch.Tensor
+
+
+def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
+              teacher_lm_head_weight=None, token_weights=None, ignore_index=IGNORE_INDEX, temperature=1.0,
+              signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False):
+    """SDPO loss  sum_t w_t * -(A_t * log pi(y_t)),  A_t = clip(log q(y_t) - log pi(y_t)) held constant.
+
+    student_hidden (..., d) and lm_head_weight (V, d): one float dtype; target_ids (...) integer, ignore_index
+    marks non-loss tokens. The teacher is teacher_hidden (..., d_t) with teacher_lm_head_weight (V, d_t)
+    (default lm_head_weight), or teacher_logprobs (...). token_weights (...) replaces the default weights
+    1/(number of loss tokens). center_advantages: A_t minus its mean over the loss tokens of its sequence
+    (sequence_index (...), integer ids in [0, number of positions)), before the clip, in the same pass.
+    Returns a 0-dim fp32 loss, or (loss, SDPOStats) with return_stats=True.
+    backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference".
+    """
+    validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
+             token_weights, ignore_index, temperature, signal_clip, sequence_index, center_advantages)
+    backend = resolve_backend(backend, student_hidden.device)
+    if backend == "reference":
+        loss, stats = reference_sdpo_loss(
+            student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
+            teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
+            token_weights=token_weights, ignore_index=ignore_index, temperature=temperature, signal_clip=signal_clip,
+            center_advantages=center_advantages, sequence_index=sequence_index)
+        return (loss, SDPOStats(*stats)) if return_stats else loss
+
+    ops = get_backend(backend)
+    params = LossParams(ops, 1.0 / float(temperature), signal_clip, center_advantages)
+    targets = target_ids.reshape(-1)
+    loss_mask = targets != ignore_index
+    rows = loss_mask.nonzero().squeeze(1)
+    every_row = rows.numel() == targets.numel()
+
+    def loss_rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if every_row else tensor.index_select(0, rows)
+
+    hidden = loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1]))
+    loss_targets = loss_rows(targets).long().contiguous()
+    if token_weights is None:
+        weights = torch.full((rows.numel(),), 1.0 / max(rows.numel(), 1), device=targets.device)
+    else:
+        weights = loss_rows(token_weights.reshape(-1)).float()
+    if teacher_logprobs is not None:
+        teacher_lp = loss_rows(teacher_logprobs.reshape(-1)).float()
+    else:
+        weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
+        with torch.no_grad():
+            teacher_rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+            teacher_lp, _ = ops.token_logprobs(teacher_rows, weight, loss_targets, params.inv_temperature)
+    sequences = loss_rows(sequence_index.reshape(-1)).long() if center_advantages else None
+
+    loss, student_lp, advantages = SDPOFunction.apply(
+        hidden, lm_head_weight, loss_targets, teacher_lp, weights, sequences, params, targets.numel())
+    if not return_stats:
+        return loss
+
+    def full(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        out[rows] = values.detach()
+        return out.reshape(target_ids.shape)
+
+    return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages))
+
+
+class SDPOLoss(torch.nn.Module):
+    """`sdpo_loss` as a module; constructor takes the keyword options, forward the tensors."""
+
+    def __init__(self, *, ignore_index=IGNORE_INDEX, temperature=1.0, signal_clip=None, center_advantages=False,
+                 backend="auto", return_stats=False):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.temperature = temperature
+        self.signal_clip = signal_clip
+        self.center_advantages = center_advantages
+        self.backend = backend
+        self.return_stats = return_stats
+
+    def forward(self, student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
+                teacher_lm_head_weight=None, token_weights=None, sequence_index=None):
+        return sdpo_loss(student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
+                         teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
+                         token_weights=token_weights, ignore_index=self.ignore_index, temperature=self.temperature,
+                         signal_clip=self.signal_clip, center_advantages=self.center_advantages,
+                         sequence_index=sequence_index, backend=self.backend, return_stats=self.return_stats)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, temperature={self.temperature}, "
+                f"signal_clip={self.signal_clip}, center_advantages={self.center_advantages}, "
+                f"backend={self.backend!r}")

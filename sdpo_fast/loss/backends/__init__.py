@@ -1,0 +1,73 @@
+"""Loss backends: the three ops every backend implements, and how one is chosen.
+
+A backend computes, from hidden (N, d) and weight (V, d) in one float dtype and targets (N,) int64 in [0, V),
+with z = hidden @ weight.T * inv_temperature:
+
+- `token_logprobs(hidden, weight, targets, inv_temperature) -> (logprobs, lse)`: log_softmax(z)[target] (N,)
+  fp32, and what `grad` needs saved (the logsumexp (N,) fp32, or None where `grad` recomputes it).
+- `grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight) -> (grad_hidden,
+  grad_weight)`: gradients of L = sum_n coef[n] * -log_softmax(z_n)[target_n] with coef (N,) fp32 held
+  constant; grad_hidden (N, d) in hidden's dtype, grad_weight (V, d) fp32, each None when not needed.
+- `logprobs_and_grad(hidden, weight, targets, inv_temperature, coef_of, need_hidden, need_weight) ->
+  (logprobs, grad_hidden, grad_weight)`: both at once, coef_of(rows, logprobs[rows]) -> coef[rows] computed
+  as the log-probs become known (per-token coefficients only).
+
+`grad_in_forward`: True when `logprobs_and_grad` costs less than `token_logprobs` + `grad` (the torch backend
+forms gradients in its forward sweep, 8·N·d·V instead of 10·N·d·V); the autograd function then uses it for
+per-token advantages.
+"""
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+class LossBackend(Protocol):
+    name: str
+    grad_in_forward: bool
+
+    def token_logprobs(self, hidden, weight, targets, inv_temperature: float): ...
+
+    def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
+             need_weight: bool): ...
+
+    def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
+                          need_weight: bool): ...
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend name `backend` means for tensors on `device`; ValueError when it cannot run there."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the `triton` package; use backend='torch' instead")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU tensors); "
+                f"got tensors on {device}"
+            )
+    return backend
+
+
+def get_backend(name: str) -> LossBackend:
+    """The backend object of a resolved name ("torch" or "triton")."""
+    if name == "triton":
+        from .triton_fused import TritonBackend
+        return TritonBackend()
+    from .torch_chunked import TorchBackend
+    return TorchBackend()

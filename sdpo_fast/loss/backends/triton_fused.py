@@ -1,0 +1,69 @@
+"""Triton backend: fused forward (logits never written), chunked fused backward.
+
+The backward writes one chunk's gradient w.r.t. the logits into a workspace of at most
+`SDPO_FAST_TRITON_WORKSPACE_MB` (default 256 MiB), never an (N, V) buffer.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...kernels.grad_logits import grad_logits
+from ...kernels.grad_weight import accumulate_grad_weight
+from ...kernels.lse_gather import lse_gather
+
+_MIN_CHUNK_ROWS = 128
+
+
+def _chunk_rows(vocab_size: int, dtype: torch.dtype) -> int:
+    budget = int(os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB", "256")) << 20
+    rows = budget // (vocab_size * torch.finfo(dtype).bits // 8)
+    return max(_MIN_CHUNK_ROWS, rows // _MIN_CHUNK_ROWS * _MIN_CHUNK_ROWS)
+
+
+def _inner_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernels are specialized for a unit stride along the hidden dimension."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+class TritonBackend:
+    """The fused Triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+    grad_in_forward = False
+
+    def token_logprobs(self, hidden, weight, targets, inv_temperature: float):
+        hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
+        if hidden.shape[0] == 0:
+            empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
+            return empty, empty
+        lse, target_logit = lse_gather(hidden, weight, targets, inv_temperature)
+        return target_logit - lse, lse
+
+    def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
+             need_weight: bool):
+        hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
+        n_tokens = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        if n_tokens == 0:
+            return grad_hidden, grad_weight
+        chunk = min(n_tokens, _chunk_rows(weight.shape[0], hidden.dtype))
+        workspace = torch.empty((chunk, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
+        for start in range(0, n_tokens, chunk):
+            rows = slice(start, min(start + chunk, n_tokens))
+            grad_logits_chunk = workspace[: rows.stop - start]
+            grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows], inv_temperature,
+                        grad_logits_chunk)
+            if need_hidden:
+                torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
+            if need_weight:
+                accumulate_grad_weight(grad_logits_chunk, hidden[rows], grad_weight)
+        return grad_hidden, grad_weight
+
+    def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
+                          need_weight: bool):
+        logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature)
+        coef = coef_of(slice(None), logprobs)
+        return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight))

@@ -1,0 +1,97 @@
+"""The SDPO loss as one autograd function over a backend, configured by one `LossParams`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backends import LossBackend
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Everything `SDPOFunction` needs besides tensors.
+
+    inv_temperature: 1/T of the log-probs. signal_clip: advantages clamped to +-signal_clip (None: off).
+    center: advantages mean-centred over each sequence's loss tokens before the clip.
+    """
+
+    backend: LossBackend
+    inv_temperature: float
+    signal_clip: float | None = None
+    center: bool = False
+
+
+def advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, signal_clip) -> torch.Tensor:
+    """A = log q - log pi, clamped to +-signal_clip when set; (n,) fp32."""
+    advantage = teacher_logprobs - student_logprobs
+    return advantage if signal_clip is None else advantage.clamp(-signal_clip, signal_clip)
+
+
+def centered_teacher_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
+                              sequence_index: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """log q - mean_seq(log q - log pi) (all (n,) fp32, detached; sequence_index (n,) int64 < n_slots).
+
+    A per-sequence constant shift of log q shifts A = log q - log pi by the same constant, so the advantages
+    formed from the result are mean-centred per sequence.
+    """
+    raw = teacher_logprobs - student_logprobs
+    sums = torch.zeros(n_slots, device=raw.device).index_add_(0, sequence_index, raw)
+    counts = torch.zeros(n_slots, device=raw.device).index_add_(0, sequence_index, torch.ones_like(raw))
+    return teacher_logprobs - (sums / counts.clamp(min=1))[sequence_index]
+
+
+class SDPOFunction(torch.autograd.Function):
+    """loss = -sum_n w_n * A_n * log pi_n with A_n (clipped, optionally centred log q_n - log pi_n) held constant.
+
+    Inputs: hidden (N, d), weight (V, d), targets (N,) int64 in [0, V), teacher_logprobs and weights (N,) fp32,
+    sequence_index (N,) int64 (read only when params.center; values < n_slots) and params.
+    Outputs: loss () fp32, student log-probs (N,) fp32, advantages (N,) fp32 (the last two not differentiable).
+    Per-token advantages on a `grad_in_forward` backend form the gradients in the forward sweep; otherwise the
+    backward recomputes logits tiles from what the forward saved. grad_weight is formed in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_logprobs, weights, sequence_index, params: LossParams,
+                n_slots: int):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        backend = params.backend
+        ctx.weight_dtype = weight.dtype
+        ctx.grads_ready = backend.grad_in_forward and not params.center and (need_hidden or need_weight)
+        if ctx.grads_ready:
+            def coef_of(rows, student_lp):
+                return weights[rows] * advantages(teacher_logprobs[rows], student_lp, params.signal_clip)
+
+            student_logprobs, grad_hidden, grad_weight = backend.logprobs_and_grad(
+                hidden, weight, targets, params.inv_temperature, coef_of, need_hidden, need_weight)
+        else:
+            student_logprobs, lse = backend.token_logprobs(hidden, weight, targets, params.inv_temperature)
+        if params.center:
+            teacher_logprobs = centered_teacher_logprobs(teacher_logprobs, student_logprobs, sequence_index, n_slots)
+        advantage = advantages(teacher_logprobs, student_logprobs, params.signal_clip)
+        coef = weights * advantage
+        loss = -(coef * student_logprobs).sum()
+        if ctx.grads_ready:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse, coef)
+            ctx.params = params
+        ctx.mark_non_differentiable(student_logprobs, advantage)
+        return loss, student_logprobs, advantage
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logprobs, _grad_advantages):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if ctx.grads_ready:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            scale = grad_loss.float()
+            grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype) if need_hidden else None
+            grad_weight = grad_weight * scale if need_weight else None
+        else:
+            hidden, weight, targets, lse, coef = ctx.saved_tensors
+            grad_hidden, grad_weight = ctx.params.backend.grad(
+                hidden, weight, targets, lse, coef * grad_loss.float(), ctx.params.inv_temperature, need_hidden,
+                need_weight)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None

@@ -1,0 +1,48 @@
+"""The objective interface: one micro-batch's loss-token tensors in, a loss and a per-token signal out."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch; N = its completion tokens, d = hidden size.
+
+    student_hidden (N, d) with grad; lm_head_weight (V, d); target_ids (N,) int64, IGNORE_INDEX where no loss;
+    token_weights (N,) fp32; sequence_index (N,) int64 (the sequence each token belongs to); teacher_hidden
+    (N, d_t) detached or None; teacher_lm_head_weight (V, d_t) or None (the teacher uses lm_head_weight).
+    """
+
+    student_hidden: torch.Tensor
+    lm_head_weight: torch.Tensor
+    target_ids: torch.Tensor
+    token_weights: torch.Tensor
+    sequence_index: torch.Tensor
+    teacher_hidden: torch.Tensor | None = None
+    teacher_lm_head_weight: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """loss () fp32 to backpropagate; signal (n,) fp32 detached, one value per loss token (the logged statistic)."""
+
+    loss: torch.Tensor
+    signal: torch.Tensor
+
+
+class Objective(ABC):
+    """A training loss over `LossInputs`.
+
+    needs_teacher: the step runs the teacher pass and fills `teacher_hidden`. signal_name: what `signal` holds,
+    the metric name of its mean ("mean_advantage", "mean_nll").
+    """
+
+    needs_teacher: bool = True
+    signal_name: str = "mean_signal"
+
+    @abstractmethod
+    def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
+        ...

@@ -1,0 +1,30 @@
+"""SDPO: -A_t * log pi(y_t) with A_t = log q - log pi from the hindsight teacher, optionally mean-centred."""
+from __future__ import annotations
+
+from ...constants import IGNORE_INDEX
+from ..api import sdpo_loss
+from .base import LossInputs, Objective, ObjectiveOutput
+
+
+class SDPOObjective(Objective):
+    """`sdpo_loss` over a micro-batch. center_advantages: per-sequence mean-centred advantages (the online loop's
+    choice), computed inside the same `sdpo_loss` call. signal: the raw advantage log q - log pi per loss token."""
+
+    needs_teacher = True
+    signal_name = "mean_advantage"
+
+    def __init__(self, *, temperature: float = 1.0, signal_clip: float | None = None,
+                 center_advantages: bool = False, backend: str = "auto"):
+        self.temperature, self.signal_clip = temperature, signal_clip
+        self.center_advantages, self.backend = center_advantages, backend
+
+    def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
+        loss, stats = sdpo_loss(inputs.student_hidden, inputs.lm_head_weight, inputs.target_ids,
+                                teacher_hidden=inputs.teacher_hidden,
+                                teacher_lm_head_weight=inputs.teacher_lm_head_weight,
+                                token_weights=inputs.token_weights, temperature=self.temperature,
+                                signal_clip=self.signal_clip, center_advantages=self.center_advantages,
+                                sequence_index=inputs.sequence_index if self.center_advantages else None,
+                                backend=self.backend, return_stats=True)
+        mask = inputs.target_ids != IGNORE_INDEX
+        return ObjectiveOutput(loss, (stats.teacher_logprobs - stats.student_logprobs)[mask])

@@ -1,0 +1,32 @@
+"""The SFT baseline's loss: token-weighted cross entropy from hidden states, one chunk of logits alive at a time."""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from ..constants import IGNORE_INDEX
+
+_SFT_CHUNK_BYTES = 32 << 20
+
+
+def _nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
+
+
+def sft_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+             token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_t w_t * -log softmax(hidden_t @ weight.T)[target_t] over targets != IGNORE_INDEX.
+
+    hidden (N, d) and weight (V, d) one float dtype; targets (N,) int64; token_weights (N,) fp32. Token chunks
+    are activation-checkpointed, so no more than one chunk of logits is alive. Returns the fp32 loss and the
+    detached per-loss-token NLL (fp32).
+    """
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden, targets, token_weights = hidden[rows], targets[rows], token_weights[rows]
+    chunk = max(1, _SFT_CHUNK_BYTES // (4 * weight.shape[0]))
+    loss, nlls = hidden.new_zeros((), dtype=torch.float32), []
+    for s in range(0, rows.numel(), chunk):
+        nll = activation_checkpoint(_nll, hidden[s:s + chunk], weight, targets[s:s + chunk], use_reentrant=False)
+        loss = loss + (token_weights[s:s + chunk] * nll).sum()
+        nlls.append(nll.detach())
+    return loss, torch.cat(nlls) if nlls else hidden.new_zeros(0, dtype=torch.float32)

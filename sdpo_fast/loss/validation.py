@@ -1,0 +1,108 @@
+"""Argument checks of `sdpo_loss`: TypeError/ValueError naming the argument, before any kernel runs."""
+from __future__ import annotations
+
+import torch
+
+from ..utils.checks import check_bool, check_number
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_float(name: str, tensor, ndim: int | None = None) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+
+
+def _check_same(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool) -> None:
+    if tensor.device != ref.device:
+        raise ValueError(f"{name} is on {tensor.device} but {ref_name} is on {ref.device}")
+    if dtype and tensor.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+def _check_integer(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
+
+
+def _check_index(name: str, tensor, target_ids: torch.Tensor) -> None:
+    _check_integer(name, tensor)
+    _check_like_targets(name, tensor, target_ids)
+    if tensor.numel() and bool(((tensor < 0) | (tensor >= tensor.numel())).any()):
+        raise ValueError(f"{name} values must lie in [0, {tensor.numel()}) (one id per sequence)")
+
+
+def _check_per_token(name: str, tensor, target_ids: torch.Tensor) -> None:
+    _check_float(name, tensor)
+    _check_like_targets(name, tensor, target_ids)
+
+
+def _check_like_targets(name: str, tensor, target_ids: torch.Tensor) -> None:
+    if tensor.shape != target_ids.shape:
+        raise ValueError(f"{name} must have the shape of target_ids {tuple(target_ids.shape)}, got {tuple(tensor.shape)}")
+    _check_same(name, tensor, "target_ids", target_ids, dtype=False)
+
+
+def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
+             token_weights, ignore_index, temperature, signal_clip, sequence_index=None,
+             center_advantages=False) -> None:
+    """Raise TypeError/ValueError naming the first bad argument of `sdpo_loss`; runs before any kernel."""
+    _check_float("student_hidden", student_hidden)
+    if student_hidden.dim() < 2:
+        raise ValueError(f"student_hidden must be (..., d), got shape {tuple(student_hidden.shape)}")
+    _check_float("lm_head_weight", lm_head_weight, ndim=2)
+    _check_same("lm_head_weight", lm_head_weight, "student_hidden", student_hidden, dtype=True)
+    vocab_size, hidden_dim = lm_head_weight.shape
+    if student_hidden.shape[-1] != hidden_dim:
+        raise ValueError(f"student_hidden has hidden size {student_hidden.shape[-1]} but lm_head_weight is "
+                         f"{tuple(lm_head_weight.shape)} (V, d)")
+    _check_integer("target_ids", target_ids)
+    if target_ids.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"target_ids must have shape {tuple(student_hidden.shape[:-1])} (student_hidden without "
+                         f"its last dim), got {tuple(target_ids.shape)}")
+    _check_same("target_ids", target_ids, "student_hidden", student_hidden, dtype=False)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    bad = (target_ids != ignore_index) & ((target_ids < 0) | (target_ids >= vocab_size))
+    if bool(bad.any()):
+        value = int(target_ids[bad][0])
+        raise ValueError(f"target_ids contains {value}, outside [0, {vocab_size}) and not ignore_index={ignore_index}")
+
+    if (teacher_hidden is None) == (teacher_logprobs is None):
+        raise ValueError("pass exactly one of teacher_hidden or teacher_logprobs")
+    if teacher_hidden is not None:
+        _check_float("teacher_hidden", teacher_hidden)
+        if teacher_hidden.shape[:-1] != target_ids.shape:
+            raise ValueError(f"teacher_hidden must have shape {tuple(target_ids.shape)} + (d,), "
+                             f"got {tuple(teacher_hidden.shape)}")
+        teacher_weight, weight_name = lm_head_weight, "lm_head_weight"
+        if teacher_lm_head_weight is not None:
+            _check_float("teacher_lm_head_weight", teacher_lm_head_weight, ndim=2)
+            if teacher_lm_head_weight.shape[0] != vocab_size:
+                raise ValueError(f"teacher_lm_head_weight has vocabulary {teacher_lm_head_weight.shape[0]} but "
+                                 f"lm_head_weight has {vocab_size}")
+            teacher_weight, weight_name = teacher_lm_head_weight, "teacher_lm_head_weight"
+        if teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+            raise ValueError(f"teacher_hidden has hidden size {teacher_hidden.shape[-1]} but {weight_name} is "
+                             f"{tuple(teacher_weight.shape)}")
+        _check_same("teacher_hidden", teacher_hidden, weight_name, teacher_weight, dtype=True)
+    else:
+        if teacher_lm_head_weight is not None:
+            raise ValueError("teacher_lm_head_weight is only used with teacher_hidden, not with teacher_logprobs")
+        _check_per_token("teacher_logprobs", teacher_logprobs, target_ids)
+    if token_weights is not None:
+        _check_per_token("token_weights", token_weights, target_ids)
+    check_number("temperature", temperature, positive=True)
+    check_number("signal_clip", signal_clip, positive=True, optional=True, what="None or a number > 0")
+    check_bool("center_advantages", center_advantages)
+    if center_advantages:
+        if not isinstance(sequence_index, torch.Tensor):
+            raise ValueError("center_advantages=True needs sequence_index, an integer tensor shaped like target_ids")
+    if sequence_index is not None:
+        _check_index("sequence_index", sequence_index, target_ids)

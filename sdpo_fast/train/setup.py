@@ -1,0 +1,163 @@
+"""Setup factories shared by train, online and explain: device and dtype, tokenizer and model (safetensors only),
+LoRA adapters, optimizer and schedule. Each fails with one ValueError naming the option and the fix."""
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import torch
+
+from ..demo.assets import tiny_model_path
+from ..model import apply_liger_kernels, unwrap_model
+
+NO_PEFT = "lora_r > 0 needs peft (pip install 'sdpo_fast[lora]'); or set lora_r 0 for full fine-tuning"
+NO_BNB = "optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes; CUDA); use --optimizer adamw instead"
+
+
+def importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on CUDA, float32 elsewhere; else the named torch dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _check_local(name: str) -> None:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not Path(name).expanduser().exists():
+            raise FileNotFoundError(f"model path {name!r} does not exist")
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_local(name)
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load the tokenizer of {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, trust_remote_code: bool = False,
+               load_in_4bit: bool = False):
+    """A causal LM from a local dir or Hub id on `device` (safetensors only). dtype "auto": the checkpoint's.
+    load_in_4bit: NF4 base weights (bitsandbytes), placed on `device` by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(name)
+    quantization = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+        quantization["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True, **quantization)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+    if load_in_4bit:
+        return model
+    return model.to(device=device, dtype=dtype) if isinstance(dtype, torch.dtype) else model.to(device)
+
+
+def lora_config(r: int, alpha: float, dropout: float, target_modules: str | list[str]):
+    """A peft LoraConfig for a causal LM; target_modules "all-linear" (or ["all-linear"]) or module names."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ValueError(NO_PEFT) from None
+    if target_modules == ["all-linear"]:
+        target_modules = "all-linear"
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+                      task_type="CAUSAL_LM")
+
+
+def apply_lora(model, config, adapter_name: str = "default"):
+    """`model` wrapped with fresh LoRA adapters of peft `config` (initialized from the global RNG)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    except ValueError as exc:
+        raise ValueError(f"lora_target_modules {config.target_modules}: {exc}") from None
+
+
+def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """"adamw" (fused on CUDA), "adamw8bit" (bitsandbytes) or "sgd" over `params`."""
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ValueError(NO_BNB) from None
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def build_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: int):
+    """"cosine" or "constant", after a linear warm-up over ceil(warmup_ratio * total_steps) steps."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def load_model_and_tokenizer(config, checkpoint: Path | None = None):
+    """The model a `TrainConfig` trains (LoRA-wrapped if lora_r > 0, weights from `checkpoint` when resuming)
+    and its tokenizer. model None: the bundled tiny Qwen3."""
+    if config.lora_r and not importable("peft"):
+        raise ValueError(NO_PEFT)
+    device = resolve_device(config.device)
+    if config.load_in_4bit and (device.type != "cuda" or not importable("bitsandbytes")):
+        raise ValueError("load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
+                         "use lora_r without load_in_4bit instead")
+    if config.use_liger and (device.type != "cuda" or not importable("liger_kernel")):
+        raise ValueError("use_liger needs a CUDA GPU and liger-kernel (pip install liger-kernel)")
+    dtype = resolve_dtype(config.dtype, device)
+    torch.manual_seed(config.seed)  # LoRA adapters are initialized from the global RNG
+    name = config.model or str(tiny_model_path())
+    full_weights = str(checkpoint) if checkpoint is not None and not config.lora_r else name
+    tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
+    model = load_model(full_weights, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
+                       load_in_4bit=config.load_in_4bit)
+    if config.use_liger:
+        apply_liger_kernels(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora_r:
+        if checkpoint is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        else:
+            model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                  config.lora_target_modules))
+    unwrap_model(model)
+    return model.train(), tokenizer

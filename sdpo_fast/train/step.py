@@ -1,0 +1,99 @@
+"""One training step, offline and online alike: micro-batches, token weights, masking, backward, clipping, step.
+
+Token weights come from the whole step, so the micro-batch gradients add up to the gradient of the step's loss
+taken in one piece (exact accumulation). Statistics stay on the device until the step ends (one sync).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..constants import IGNORE_INDEX
+from ..loss import LossInputs, Objective
+from ..model import EncodedInteraction, forward_micro_batch, micro_batch_indices
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """micro_batch_tokens: token budget of one packed pass; ignore_first_k: completion tokens left out of the
+    loss; aggregation: "sequence" (per-interaction mean, then batch mean) or "token"; max_grad_norm: global-norm
+    clip (None: off); prefix_reuse / attn_backend: as `forward_micro_batch`."""
+
+    micro_batch_tokens: int = 8192
+    ignore_first_k: int = 0
+    aggregation: str = "sequence"
+    max_grad_norm: float | None = None
+    prefix_reuse: bool = True
+    attn_backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One step: its loss (sum over micro-batches), tokens run (student, plus teacher when the objective has one),
+    and over its loss tokens their count, the sum of the objective's signal and how many are > 0; the gradient
+    norm before clipping."""
+
+    loss: float
+    tokens: int
+    loss_tokens: int
+    signal_sum: float
+    positive: int
+    grad_norm: float
+
+    @property
+    def mean_signal(self) -> float:
+        return self.signal_sum / max(self.loss_tokens, 1)
+
+    @property
+    def positive_share(self) -> float:
+        return self.positive / max(self.loss_tokens, 1)
+
+
+def loss_token_counts(batch: list[EncodedInteraction], ignore_first_k: int) -> list[int]:
+    """Completion tokens of each interaction that enter the loss (all but the first `ignore_first_k`)."""
+    return [max(len(e.completion_ids) - ignore_first_k, 0) for e in batch]
+
+
+def interaction_weights(counts: list[int], aggregation: str) -> list[float]:
+    """Per-token weight of each interaction of a step, given its loss-token counts.
+
+    sequence: 1 / (n_interactions * count_i), the authors' per-sequence mean then batch mean (interactions
+    without loss tokens still count in the batch mean, as in their code); token: 1 / sum(counts).
+    """
+    if aggregation == "sequence":
+        return [1.0 / (len(counts) * c) if c else 0.0 for c in counts]
+    total = sum(counts)
+    return [1.0 / total if c else 0.0 for c in counts]
+
+
+def train_step(model, batch: list[EncodedInteraction], objective: Objective, optimizer, scheduler,
+               options: StepOptions) -> StepStats:
+    """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads."""
+    counts = loss_token_counts(batch, options.ignore_first_k)
+    weights = interaction_weights(counts, options.aggregation)
+    sums = []
+    for group in micro_batch_indices(batch, options.micro_batch_tokens):
+        if not any(counts[i] for i in group):
+            continue
+        mb = forward_micro_batch(model, [batch[i] for i in group], prefix_reuse=options.prefix_reuse,
+                                 attn_backend=options.attn_backend, teacher=objective.needs_teacher)
+        seq = mb.sequence_index
+        targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
+        out = objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets,
+                                   torch.tensor([weights[i] for i in group], device=seq.device)[seq], seq,
+                                   mb.teacher_hidden, mb.teacher_lm_head_weight))
+        out.loss.backward()
+        sums.append(torch.stack([out.loss.detach().double(), out.signal.sum().double(),
+                                 (out.signal > 0).sum().double()]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64)
+    loss_sum, signal_sum, positive, grad_norm = torch.cat([totals.cpu(), norm.detach().double().cpu()[None]]).tolist()
+    run = [len(e.student_input_ids) + (len(e.teacher_input_ids) if objective.needs_teacher else 0) for e in batch]
+    return StepStats(loss=loss_sum, tokens=sum(run), loss_tokens=sum(counts), signal_sum=signal_sum,
+                     positive=int(positive), grad_norm=grad_norm)
