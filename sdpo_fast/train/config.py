@@ -81,7 +81,8 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     gradient_checkpointing: bool = False
     dtype: str = "auto"
-    """auto: bfloat16 on CUDA, float32 on CPU."""
+    """auto: bfloat16 on CUDA, float32 on CPU; bfloat16 weights are stepped through fp32 master copies; float16
+    is refused (no loss scaling)."""
     device: str = "auto"
     trust_remote_code: bool = False
     prefix_reuse: bool = True
@@ -144,6 +145,9 @@ class TrainConfig:
                              f"got {self.lora_target_modules!r}")
         if not (isinstance(self.report_to, list) and all(r in REPORTERS for r in self.report_to)):
             raise ValueError(f"report_to must be a list among {list(REPORTERS)}, got {self.report_to!r}")
+        if self.dtype == "float16":
+            raise ValueError("dtype float16 has no loss scaling here (small gradients underflow to zero); use "
+                             "dtype bfloat16 (same memory, fp32 range)")
         if self.load_in_4bit and not self.lora_r:
             raise ValueError("load_in_4bit (QLoRA) trains adapters only: set lora_r > 0")
         if self.loss == "sft" and self.signal_clip is not None:

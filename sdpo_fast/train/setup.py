@@ -10,8 +10,11 @@ import torch
 
 from ..demo.assets import tiny_model_path
 from ..model import apply_liger_kernels, unwrap_model
+from .precision import needs_master_weights, with_master_weights
 
 NO_PEFT = "lora_r > 0 needs peft (pip install 'sdpo_fast[lora]'); or set lora_r 0 for full fine-tuning"
+FP16_REFUSED = ("dtype float16 has no loss scaling here (small gradients underflow to zero); use --dtype bfloat16 "
+                "(same memory, fp32 range)")
 NO_BNB = "optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes; CUDA); use --optimizer adamw instead"
 
 
@@ -104,19 +107,26 @@ def apply_lora(model, config, adapter_name: str = "default"):
 
 def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
                     weight_decay: float) -> torch.optim.Optimizer:
-    """"adamw" (fused on CUDA), "adamw8bit" (bitsandbytes) or "sgd" over `params`."""
+    """"adamw" (fused on CUDA), "adamw8bit" (bitsandbytes) or "sgd" over `params`; 16-bit parameters are
+    stepped through fp32 master copies (train/precision.py)."""
     if not params:
         raise ValueError("the model has no trainable parameters")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ValueError(NO_BNB) from None
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    fused = all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    if any(p.dtype == torch.float16 for p in params):
+        raise ValueError(FP16_REFUSED)
+
+    def build(group: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if name == "sgd":
+            return torch.optim.SGD(group, lr=lr, weight_decay=weight_decay)
+        if name == "adamw8bit":
+            try:
+                import bitsandbytes
+            except ImportError:
+                raise ValueError(NO_BNB) from None
+            return bitsandbytes.optim.AdamW8bit(group, lr=lr, weight_decay=weight_decay)
+        fused = all(p.device.type == "cuda" for p in group)
+        return torch.optim.AdamW(group, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+    return with_master_weights(params, build) if needs_master_weights(params) else build(params)
 
 
 def build_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: int):

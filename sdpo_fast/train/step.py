@@ -87,7 +87,7 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
         out.loss.backward()
         sums.append(torch.stack([out.loss.detach().double(), out.signal.sum().double(),
                                  (out.signal > 0).sum().double()]))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # fp32 masters under bf16
     norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
     optimizer.step()
     scheduler.step()

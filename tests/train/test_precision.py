@@ -1,0 +1,95 @@
+"""bf16 training through fp32 master weights: updates below a bf16 ulp survive, micro-batch gradients add up in
+fp32, resume is exact, fp16 is refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdpo_fast.demo.assets import tiny_model_path
+from sdpo_fast.train import TrainConfig, build_optimizer, train
+
+
+def _toy(dtype):
+    torch.manual_seed(0)
+    return torch.nn.Parameter((torch.randn(64, 64) * 0.02).to(dtype))
+
+
+def test_small_updates_survive_in_bf16_only_with_master_weights():
+    """At lr 1e-6 an AdamW step (~lr per weight) is far below half a bf16 ulp of 0.02-sized weights."""
+    fp32 = torch.nn.Parameter(_toy(torch.bfloat16).detach().float())  # the same start, held in fp32
+    bf16 = _toy(torch.bfloat16)
+    plain = _toy(torch.bfloat16)
+    optimizers = [build_optimizer([fp32], "adamw", 1e-6, 0.0), build_optimizer([bf16], "adamw", 1e-6, 0.0),
+                  torch.optim.AdamW([plain], lr=1e-6, weight_decay=0.0)]
+    start = bf16.detach().clone()
+    for _ in range(100):
+        for p, opt in zip((fp32, bf16, plain), optimizers):
+            p.sum().backward()  # gradient 1 everywhere
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert torch.equal(bf16, fp32.detach().to(torch.bfloat16))  # master weights: the fp32 trajectory, rounded
+    changed = (bf16 != start).float().mean().item()
+    assert changed > 0.5
+    assert (plain != start).float().mean().item() < 0.2 * changed  # plain bf16 AdamW: most updates round away
+
+
+def test_micro_batch_gradients_accumulate_in_fp32():
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    optimizer = build_optimizer([weight], "sgd", 1.0, 0.0)
+    parts = [torch.full((4,), 1.0), torch.full((4,), 2.0 ** -9)]  # 1 + 2^-9 is not a bf16 number
+    for part in parts:
+        (weight * part.to(torch.bfloat16)).sum().backward()
+    master = optimizer.param_groups[0]["params"][0]
+    assert weight.grad is None and master.dtype == torch.float32
+    assert master.grad.tolist() == [1.0 + 2.0 ** -9] * 4
+
+
+def test_fp16_is_refused():
+    with pytest.raises(ValueError, match="dtype float16 has no loss scaling"):
+        TrainConfig(dtype="float16").validate()
+    with pytest.raises(ValueError, match="use --dtype bfloat16"):
+        build_optimizer([torch.nn.Parameter(torch.ones(2, dtype=torch.float16))], "adamw", 1e-3, 0.0)
+
+
+def _run(tmp_path, name, dtype, **options):
+    config = TrainConfig(dtype=dtype, output_dir=str(tmp_path / name), batch_size=16, optimizer="adamw",
+                         schedule="constant", warmup_ratio=0.0, **options)
+    return train(config, progress=False)
+
+
+def test_bf16_resume_is_exact(tmp_path):
+    whole = _run(tmp_path, "whole", "bfloat16", lr=1e-4, max_steps=4)
+    first = TrainConfig(dtype="bfloat16", output_dir=str(tmp_path / "resumed"), batch_size=16, optimizer="adamw",
+                        schedule="constant", warmup_ratio=0.0, lr=1e-4, max_steps=4, save_steps=2)
+    train(first, progress=False, stop_after=2)
+    first.resume = True
+    resumed = train(first, progress=False)
+    a = load_file(whole["checkpoint"] + "/model.safetensors")
+    b = load_file(resumed["checkpoint"] + "/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.bfloat16 for v in a.values())
+
+
+@pytest.mark.slow
+def test_bf16_full_fine_tuning_tracks_fp32(tmp_path):
+    """The bundled tiny model, lr 1e-5, 50 steps: the bf16 run's weight change points where the fp32 run's does,
+    and as many weights change as in the fp32 run rounded to bf16."""
+    init = load_file(str(tiny_model_path() / "model.safetensors"))
+    runs = {d: load_file(_run(tmp_path, d, d, lr=1e-5, max_steps=50)["checkpoint"] + "/model.safetensors")
+            for d in ("float32", "bfloat16")}
+    dot = norm32 = norm16 = 0.0
+    changed16 = changed32 = total = 0
+    for name, w0 in init.items():
+        delta32 = runs["float32"][name].double() - w0.double()
+        delta16 = runs["bfloat16"][name].double() - w0.to(torch.bfloat16).double()
+        dot += (delta32 * delta16).sum().item()
+        norm32 += delta32.square().sum().item()
+        norm16 += delta16.square().sum().item()
+        start = w0.to(torch.bfloat16)
+        changed16 += int((runs["bfloat16"][name] != start).sum())
+        changed32 += int((runs["float32"][name].to(torch.bfloat16) != start).sum())
+        total += w0.numel()
+    assert dot / (norm32 * norm16) ** 0.5 >= 0.9
+    assert abs(changed16 - changed32) <= 0.1 * changed32
+    assert changed32 > 0.3 * total
