@@ -23,6 +23,15 @@ class SDPOStats(NamedTuple):
     advantages: torch.Tensor
 
 
+def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype an enclosing `torch.autocast` asks for when hidden/weight are fp32, else None."""
+    kind = hidden.device.type
+    if hidden.dtype != torch.float32 or weight.dtype != torch.float32 or not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
 def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
               teacher_lm_head_weight=None, token_weights=None, ignore_index=IGNORE_INDEX, temperature=1.0,
               signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False):
@@ -33,7 +42,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     (default lm_head_weight), or teacher_logprobs (...). token_weights (...) replaces the default weights
     1/(number of loss tokens). center_advantages: A_t minus its mean over the loss tokens of its sequence
     (sequence_index (...), integer ids in [0, number of positions)), before the clip, in the same pass.
-    Returns a 0-dim fp32 loss, or (loss, SDPOStats) with return_stats=True.
+    Returns a 0-dim fp32 loss, or (loss, SDPOStats) with return_stats=True. Under `torch.autocast` with fp32
+    inputs, the products run in the autocast dtype (tensor cores) with fp32 accumulation; grads stay fp32.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference".
     """
     validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
@@ -48,7 +58,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         return (loss, SDPOStats(*stats)) if return_stats else loss
 
     ops = get_backend(backend)
-    params = LossParams(ops, 1.0 / float(temperature), signal_clip, center_advantages)
+    compute_dtype = autocast_dtype(student_hidden, lm_head_weight)
+    params = LossParams(ops, 1.0 / float(temperature), signal_clip, center_advantages, compute_dtype)
     targets = target_ids.reshape(-1)
     loss_mask = targets != ignore_index
     rows = loss_mask.nonzero().squeeze(1)
@@ -69,6 +80,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
         with torch.no_grad():
             teacher_rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+            if compute_dtype is not None:
+                teacher_rows, weight = teacher_rows.to(compute_dtype), weight.to(compute_dtype)
             teacher_lp, _ = ops.token_logprobs(teacher_rows, weight, loss_targets, params.inv_temperature)
     sequences = loss_rows(sequence_index.reshape(-1)).long() if center_advantages else None
 

@@ -14,12 +14,15 @@ class LossParams:
 
     inv_temperature: 1/T of the log-probs. signal_clip: advantages clamped to +-signal_clip (None: off).
     center: advantages mean-centred over each sequence's loss tokens before the clip.
+    compute_dtype: the dtype hidden and weight are cast to for the products (an autocast dtype), or None to keep
+    theirs; gradients come back in the inputs' own dtypes, grad_weight accumulated in fp32.
     """
 
     backend: LossBackend
     inv_temperature: float
     signal_clip: float | None = None
     center: bool = False
+    compute_dtype: torch.dtype | None = None
 
 
 def advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, signal_clip) -> torch.Tensor:
@@ -56,7 +59,9 @@ class SDPOFunction(torch.autograd.Function):
                 n_slots: int):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         backend = params.backend
-        ctx.weight_dtype = weight.dtype
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        if params.compute_dtype is not None:
+            hidden, weight = hidden.to(params.compute_dtype), weight.to(params.compute_dtype)
         ctx.grads_ready = backend.grad_in_forward and not params.center and (need_hidden or need_weight)
         if ctx.grads_ready:
             def coef_of(rows, student_lp):
@@ -85,13 +90,15 @@ class SDPOFunction(torch.autograd.Function):
         if ctx.grads_ready:
             grad_hidden, grad_weight = ctx.saved_tensors
             scale = grad_loss.float()
-            grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype) if need_hidden else None
+            grad_hidden = (grad_hidden.float() * scale) if need_hidden else None
             grad_weight = grad_weight * scale if need_weight else None
         else:
             hidden, weight, targets, lse, coef = ctx.saved_tensors
             grad_hidden, grad_weight = ctx.params.backend.grad(
                 hidden, weight, targets, lse, coef * grad_loss.float(), ctx.params.inv_temperature, need_hidden,
                 need_weight)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(ctx.hidden_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None

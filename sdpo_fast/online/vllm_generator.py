@@ -14,17 +14,32 @@ from .adapters import write_adapter
 from .loop import Sample, chat_prompt_ids, make_sample
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for `max_lora_rank`."""
+
+
+def vllm_max_lora_rank(lora_r: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that serves adapters of rank `lora_r`."""
+    for rank in VLLM_LORA_RANKS:
+        if lora_r <= rank:
+            return rank
+    raise ValueError(f"lora_r {lora_r} is above {VLLM_LORA_RANKS[-1]}, the largest LoRA rank vLLM serves; "
+                     f"use --lora-r <= {VLLM_LORA_RANKS[-1]} or --generation hf")
+
+
 class VLLMGenerator:
     """`sample(policy, conversations, seed)` for `OnlinePolicy(generator=...)` and `UserAdapters(generator=...)`.
 
     model: the base model's Hugging Face id or local path (the one the policy's peft model wraps).
-    max_lora_rank: at least the policy's lora_r. gpu_memory_utilization: vLLM's share of the GPU; the rest is
+    max_lora_rank: the policy's lora_r (vLLM is given the smallest rank it accepts above it, see
+    `vllm_max_lora_rank`). gpu_memory_utilization: vLLM's share of the GPU; the rest is
     left to training. adapter_dir: where adapters are written (default: a new temporary directory).
     engine_options: more `vllm.LLM` arguments (dtype, max_model_len, enforce_eager, ...).
     """
 
     def __init__(self, model: str, *, max_lora_rank: int, gpu_memory_utilization: float = 0.3, seed: int = 0,
                  adapter_dir: str | Path | None = None, **engine_options):
+        served_rank = vllm_max_lora_rank(max_lora_rank)
         try:
             import vllm
             from vllm.lora.request import LoRARequest
@@ -33,7 +48,7 @@ class VLLMGenerator:
         if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization < 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization!r}")
         self._vllm, self._lora_request = vllm, LoRARequest
-        self.llm = vllm.LLM(model=str(model), enable_lora=True, max_lora_rank=max_lora_rank,
+        self.llm = vllm.LLM(model=str(model), enable_lora=True, max_lora_rank=served_rank,
                             gpu_memory_utilization=gpu_memory_utilization, seed=seed, **engine_options)
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else Path(tempfile.mkdtemp(prefix="sdpo-vllm-"))
         self.adapter_dir.mkdir(parents=True, exist_ok=True)

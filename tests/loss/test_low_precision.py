@@ -36,3 +36,27 @@ def test_grad_weight_accumulates_in_fp32(backend):
     truth = run_truth(case)["grad_weight"]
     rounding = truth.abs().max().item() * 2**-8  # one bf16 rounding of the final result
     assert max_abs_err(got, truth) <= 4 * rounding
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_runs_the_16_bit_path_with_fp32_grads(backend, monkeypatch):
+    """fp32 inputs under torch.autocast(bf16): the products run in bf16 (as with bf16 inputs), the gradients come
+    back fp32 (grad_W accumulated in fp32, not rounded to bf16)."""
+    from sdpo_fast.loss.backends.torch_chunked import TorchBackend
+    from sdpo_fast.loss.backends.triton_fused import TritonBackend
+
+    device = backend_device(backend)
+    case = make_case(33, 32, 300, device=device, seed=4)
+    seen = []
+    cls = TritonBackend if backend == "triton" else TorchBackend
+    original = cls.token_logprobs
+    monkeypatch.setattr(cls, "token_logprobs", lambda self, h, *a: seen.append(h.dtype) or original(self, h, *a))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        got = run_loss(sdpo_loss, case, backend)
+    low = run_loss(sdpo_loss, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in case.items()},
+                   backend)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert got["grad_hidden"].dtype == got["grad_weight"].dtype == torch.float32
+    assert torch.equal(got["loss"], low["loss"])
+    assert torch.equal(got["grad_hidden"].to(torch.bfloat16), low["grad_hidden"])
+    assert torch.equal(got["grad_weight"].to(torch.bfloat16), low["grad_weight"])

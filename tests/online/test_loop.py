@@ -410,7 +410,7 @@ def test_vllm_generator_samples_from_the_current_adapter(tokenizer, tmp_path, mo
                                           enable_thinking=False)
             for m in prompts]
         assert [p.seed for p in calls[-1]["params"]] == [round_ * 2, round_ * 2 + 1]
-    assert policy.updates == 3 and calls[0]["options"]["max_lora_rank"] == 4
+    assert policy.updates == 3 and calls[0]["options"]["max_lora_rank"] == 8  # rank 4 served as 8
     assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["default-update2"]
 
 
@@ -448,3 +448,12 @@ def test_an_update_calls_sdpo_loss_once_per_micro_batch(tokenizer, monkeypatch):
     policy.pending = [loop.PendingInteraction(i, None) for i in INTERACTIONS]
     stats = policy.update()
     assert calls == [True] and stats["interactions"] == 3
+
+
+def test_vllm_gets_the_smallest_rank_it_accepts():
+    from sdpo_fast.online.vllm_generator import vllm_max_lora_rank
+
+    assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 9, 24, 64, 300, 320, 321, 512)] == \
+        [8, 8, 8, 16, 32, 64, 320, 320, 512, 512]
+    with pytest.raises(ValueError, match="largest LoRA rank vLLM serves"):
+        vllm_max_lora_rank(513)

@@ -93,3 +93,29 @@ def test_bf16_full_fine_tuning_tracks_fp32(tmp_path):
     assert dot / (norm32 * norm16) ** 0.5 >= 0.9
     assert abs(changed16 - changed32) <= 0.1 * changed32
     assert changed32 > 0.3 * total
+
+
+def test_cuda_device_and_4bit_placement_follow_local_rank(monkeypatch):
+    """Under torchrun each process trains on GPU LOCAL_RANK; QLoRA's 4-bit weights are placed there too."""
+    import transformers
+
+    from sdpo_fast.train import setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    device = setup.resolve_device("auto")
+    assert device == torch.device("cuda", 3)
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(transformers, "BitsAndBytesConfig", lambda **kwargs: kwargs)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(Loaded):
+        setup.load_model(str(tiny_model_path()), dtype=torch.bfloat16, device=device, load_in_4bit=True)
+    assert seen["device_map"] == {"": 3} and seen["quantization_config"]["load_in_4bit"]
