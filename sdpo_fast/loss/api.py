@@ -9,7 +9,7 @@ from ..constants import IGNORE_INDEX
 from .backends import get_backend, resolve_backend
 from .function import LossParams, SDPOFunction
 from .reference import reference_sdpo_loss
-from .validation import validate
+from .validation import validate, validate_values
 
 
 class SDPOStats(NamedTuple):
@@ -34,7 +34,8 @@ def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | 
 
 def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
               teacher_lm_head_weight=None, token_weights=None, ignore_index=IGNORE_INDEX, temperature=1.0,
-              signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False):
+              signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False,
+              check_values=True, compact=True):
     """SDPO loss  sum_t w_t * -(A_t * log pi(y_t)),  A_t = clip(log q(y_t) - log pi(y_t)) held constant.
 
     student_hidden (..., d) and lm_head_weight (V, d): one float dtype; target_ids (...) integer, ignore_index
@@ -45,9 +46,14 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     Returns a 0-dim fp32 loss, or (loss, SDPOStats) with return_stats=True. Under `torch.autocast` with fp32
     inputs, the products run in the autocast dtype (tensor cores) with fp32 accumulation; grads stay fp32.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference".
+    check_values: check target (and sequence) id ranges; compact: drop ignored positions before the vocabulary
+    sweep. Each reads device values (a host sync on a GPU); with both False the call queues its work without
+    waiting (ids must then be valid; ignored positions are computed with weight 0).
     """
     validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
              token_weights, ignore_index, temperature, signal_clip, sequence_index, center_advantages)
+    if check_values:
+        validate_values(lm_head_weight, target_ids, ignore_index, sequence_index)
     backend = resolve_backend(backend, student_hidden.device)
     if backend == "reference":
         loss, stats = reference_sdpo_loss(
@@ -62,18 +68,27 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     params = LossParams(ops, 1.0 / float(temperature), signal_clip, center_advantages, compute_dtype)
     targets = target_ids.reshape(-1)
     loss_mask = targets != ignore_index
-    rows = loss_mask.nonzero().squeeze(1)
-    every_row = rows.numel() == targets.numel()
+    if compact:
+        rows = loss_mask.nonzero().squeeze(1)
+        every_row = rows.numel() == targets.numel()
+    else:
+        rows, every_row = None, True
 
     def loss_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if every_row else tensor.index_select(0, rows)
 
     hidden = loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1]))
-    loss_targets = loss_rows(targets).long().contiguous()
+    loss_targets = loss_rows(targets).long()
+    if not compact:
+        loss_targets = loss_targets.masked_fill(~loss_mask, 0)
+    loss_targets = loss_targets.contiguous()
     if token_weights is None:
-        weights = torch.full((rows.numel(),), 1.0 / max(rows.numel(), 1), device=targets.device)
+        weights = torch.full((rows.numel(),), 1.0 / max(rows.numel(), 1), device=targets.device) if compact \
+            else loss_mask.float() / loss_mask.sum().clamp(min=1)
     else:
         weights = loss_rows(token_weights.reshape(-1)).float()
+        if not compact:
+            weights = weights.masked_fill(~loss_mask, 0.0)
     if teacher_logprobs is not None:
         teacher_lp = loss_rows(teacher_logprobs.reshape(-1)).float()
     else:
@@ -83,14 +98,20 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
             if compute_dtype is not None:
                 teacher_rows, weight = teacher_rows.to(compute_dtype), weight.to(compute_dtype)
             teacher_lp, _ = ops.token_logprobs(teacher_rows, weight, loss_targets, params.inv_temperature)
-    sequences = loss_rows(sequence_index.reshape(-1)).long() if center_advantages else None
+    sequences = None
+    if center_advantages:  # uncompacted ignored positions are centred in a slot of their own, left unused
+        sequences = loss_rows(sequence_index.reshape(-1)).long()
+        if not compact:
+            sequences = sequences.masked_fill(~loss_mask, targets.numel())
 
     loss, student_lp, advantages = SDPOFunction.apply(
-        hidden, lm_head_weight, loss_targets, teacher_lp, weights, sequences, params, targets.numel())
+        hidden, lm_head_weight, loss_targets, teacher_lp, weights, sequences, params, targets.numel() + 1)
     if not return_stats:
         return loss
 
     def full(values: torch.Tensor) -> torch.Tensor:
+        if not compact:
+            return values.detach().masked_fill(~loss_mask, 0.0).reshape(target_ids.shape)
         out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
         out[rows] = values.detach()
         return out.reshape(target_ids.shape)

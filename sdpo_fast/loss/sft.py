@@ -10,7 +10,8 @@ _SFT_CHUNK_BYTES = 32 << 20
 
 
 def _nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")
+    return torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="none",
+                                             ignore_index=IGNORE_INDEX)
 
 
 def sft_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -19,13 +20,11 @@ def sft_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
     hidden (N, d) and weight (V, d) one float dtype; targets (N,) int64; token_weights (N,) fp32. Token chunks
     are activation-checkpointed, so no more than one chunk of logits is alive. Returns the fp32 loss and the
-    detached per-loss-token NLL (fp32).
+    detached per-token NLL (N,) fp32, 0 at ignored positions. Reads no device values (no host sync).
     """
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    hidden, targets, token_weights = hidden[rows], targets[rows], token_weights[rows]
     chunk = max(1, _SFT_CHUNK_BYTES // (4 * weight.shape[0]))
     loss, nlls = hidden.new_zeros((), dtype=torch.float32), []
-    for s in range(0, rows.numel(), chunk):
+    for s in range(0, targets.numel(), chunk):
         nll = activation_checkpoint(_nll, hidden[s:s + chunk], weight, targets[s:s + chunk], use_reentrant=False)
         loss = loss + (token_weights[s:s + chunk] * nll).sum()
         nlls.append(nll.detach())

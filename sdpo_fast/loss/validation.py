@@ -34,8 +34,6 @@ def _check_integer(name: str, tensor) -> None:
 def _check_index(name: str, tensor, target_ids: torch.Tensor) -> None:
     _check_integer(name, tensor)
     _check_like_targets(name, tensor, target_ids)
-    if tensor.numel() and bool(((tensor < 0) | (tensor >= tensor.numel())).any()):
-        raise ValueError(f"{name} values must lie in [0, {tensor.numel()}) (one id per sequence)")
 
 
 def _check_per_token(name: str, tensor, target_ids: torch.Tensor) -> None:
@@ -69,10 +67,6 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
     _check_same("target_ids", target_ids, "student_hidden", student_hidden, dtype=False)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    bad = (target_ids != ignore_index) & ((target_ids < 0) | (target_ids >= vocab_size))
-    if bool(bad.any()):
-        value = int(target_ids[bad][0])
-        raise ValueError(f"target_ids contains {value}, outside [0, {vocab_size}) and not ignore_index={ignore_index}")
 
     if (teacher_hidden is None) == (teacher_logprobs is None):
         raise ValueError("pass exactly one of teacher_hidden or teacher_logprobs")
@@ -106,3 +100,16 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
             raise ValueError("center_advantages=True needs sequence_index, an integer tensor shaped like target_ids")
     if sequence_index is not None:
         _check_index("sequence_index", sequence_index, target_ids)
+
+
+def validate_values(lm_head_weight, target_ids, ignore_index, sequence_index=None) -> None:
+    """The checks that read tensor values (each a device->host synchronization on a GPU): target ids in
+    [0, V) or ignore_index; sequence ids in [0, number of positions)."""
+    vocab_size = lm_head_weight.shape[0]
+    bad = (target_ids != ignore_index) & ((target_ids < 0) | (target_ids >= vocab_size))
+    if bool(bad.any()):
+        value = int(target_ids[bad][0])
+        raise ValueError(f"target_ids contains {value}, outside [0, {vocab_size}) and not ignore_index={ignore_index}")
+    if sequence_index is not None and sequence_index.numel() \
+            and bool(((sequence_index < 0) | (sequence_index >= sequence_index.numel())).any()):
+        raise ValueError(f"sequence_index values must lie in [0, {sequence_index.numel()}) (one id per sequence)")

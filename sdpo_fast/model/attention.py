@@ -26,6 +26,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..utils.device import upload
 from .prefix_cache import PrefixKVCache
 
 ATTN_IMPLEMENTATION = "sdpo_varlen"
@@ -61,7 +62,7 @@ def _cu_seqlens(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
     offsets = [0]
     for n in lengths:
         offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
+    return upload(offsets, torch.int32, device)
 
 
 def make_call(mode: str, lengths: Sequence[int], device: torch.device, *, backend: str = "auto",

@@ -5,7 +5,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from ..utils.checks import check_int
+from ..utils.device import upload
 
 
 @dataclass(frozen=True)
@@ -35,16 +37,15 @@ def pack(sequences: Sequence[Sequence[int]], *, position_offsets: Sequence[int] 
     for n in lengths:
         starts.append(total)
         total += n
-    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
-    positions = torch.cat([torch.arange(o, o + n) for o, n in zip(offsets, lengths)])
-    return PackedRow(ids.view(1, -1).to(device), positions.view(1, -1).to(device), lengths, tuple(starts))
+    ids = upload([t for s in sequences for t in s], torch.long, device)
+    positions = upload([o + k for o, n in zip(offsets, lengths) for k in range(n)], torch.long, device)
+    return PackedRow(ids.view(1, -1), positions.view(1, -1), lengths, tuple(starts))
 
 
 def gather_index(starts: Sequence[int], first: Sequence[int], counts: Sequence[int],
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """Row indices starts[i] + first[i] + k for k < counts[i], concatenated over i: (sum(counts),) int64."""
-    parts = [torch.arange(s + f, s + f + c) for s, f, c in zip(starts, first, counts)]
-    return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
+    return upload([s + f + k for s, f, c in zip(starts, first, counts) for k in range(c)], torch.long, device)
 
 
 def plan_micro_batches(costs: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from ..utils.device import upload
 from .attention import check_backend, enable_sdpo_attention, make_call, packed_forward
 from .hf import unwrap_model
 from .inputs import EncodedInteraction
@@ -77,9 +78,12 @@ def shared_vocab_size(*models: PreTrainedModel) -> int:
 
 
 def _trunk_hidden(hf_model: PreTrainedModel, row: PackedRow, call) -> torch.Tensor:
+    # A 4-D mask (a zero-size view: the packed call defines the layout) makes transformers skip its mask
+    # building, whose packed-sequence check reads a device value.
+    layout = torch.ones((), dtype=torch.bool, device=row.input_ids.device).expand(1, 1, *row.input_ids.shape[1:] * 2)
     with packed_forward():
         out = hf_model.get_decoder()(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False,
-                                     sdpo_call=call)
+                                     attention_mask=layout, sdpo_call=call)
     if call.attention_calls == 0:
         raise TypeError(f"{type(hf_model).__name__} did not pass the `sdpo_call` keyword to its attention layers; "
                         "packed passes need a model that forwards **kwargs to transformers' AttentionInterface")
@@ -149,14 +153,13 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
         if teacher else None
 
     device = student_hidden.device
-    completion_lengths = [len(e.completion_ids) for e in encoded]
+    lengths = [len(e.completion_ids) for e in encoded]
     return SDPOBatch(
         student_hidden=student_hidden,
         teacher_hidden=teacher_hidden,
-        target_ids=torch.tensor([t for e in encoded for t in e.completion_ids], dtype=torch.long, device=device),
-        sequence_index=torch.repeat_interleave(torch.arange(len(encoded), device=device),
-                                               torch.tensor(completion_lengths, device=device)),
-        position_in_completion=torch.cat([torch.arange(n, device=device) for n in completion_lengths]),
+        target_ids=upload([t for e in encoded for t in e.completion_ids], torch.long, device),
+        sequence_index=upload([i for i, n in enumerate(lengths) for _ in range(n)], torch.long, device),
+        position_in_completion=upload([k for n in lengths for k in range(n)], torch.long, device),
         lm_head_weight=hf_model.get_output_embeddings().weight,
         teacher_lm_head_weight=None if teacher_model is None else teacher_hf.get_output_embeddings().weight,
     )

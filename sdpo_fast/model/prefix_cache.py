@@ -5,6 +5,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..utils.device import upload
+
 
 class PrefixKVCache:
     """Detached prefix K/V, one entry per attention layer, for the sequences of one micro-batch.
@@ -23,6 +25,7 @@ class PrefixKVCache:
             if not 0 <= p <= n:
                 raise ValueError(f"prefix_lengths[{i}]={p} must lie in [0, sequence_lengths[{i}]={n}]")
         self._kv: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._store_indices: dict[torch.device, torch.Tensor] = {}
 
     @property
     def num_sequences(self) -> int:
@@ -33,11 +36,14 @@ class PrefixKVCache:
         return sum(self.prefix_lengths)
 
     def _store_index(self, device: torch.device) -> torch.Tensor:
-        starts, offset = [], 0
-        for p, n in zip(self.prefix_lengths, self.sequence_lengths):
-            starts.append(torch.arange(offset, offset + p))
-            offset += n
-        return torch.cat(starts).to(device)
+        """The packed row's prefix positions, uploaded once per cache (not once per layer)."""
+        if device not in self._store_indices:
+            rows, offset = [], 0
+            for p, n in zip(self.prefix_lengths, self.sequence_lengths):
+                rows += range(offset, offset + p)
+                offset += n
+            self._store_indices[device] = upload(rows, torch.long, device)
+        return self._store_indices[device]
 
     def is_stored(self, layer: torch.nn.Module) -> bool:
         return layer in self._kv
@@ -58,11 +64,11 @@ class PrefixKVCache:
         """Index into cat([prefix rows, suffix rows]) that yields [prefix i; suffix i] for each i, packed."""
         if len(suffix_lengths) != self.num_sequences:
             raise ValueError(f"suffix_lengths has {len(suffix_lengths)} entries, expected {self.num_sequences}")
-        parts, prefix_start, suffix_start = [], 0, self.num_prefix_tokens
+        rows, prefix_start, suffix_start = [], 0, self.num_prefix_tokens
         for p, s in zip(self.prefix_lengths, suffix_lengths):
-            parts += [torch.arange(prefix_start, prefix_start + p), torch.arange(suffix_start, suffix_start + s)]
+            rows += [*range(prefix_start, prefix_start + p), *range(suffix_start, suffix_start + s)]
             prefix_start, suffix_start = prefix_start + p, suffix_start + s
-        return torch.cat(parts).to(device)
+        return upload(rows, torch.long, device)
 
     def join(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
              index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

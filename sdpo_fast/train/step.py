@@ -13,6 +13,7 @@ import torch
 from ..constants import IGNORE_INDEX
 from ..loss import LossInputs, Objective
 from ..model import EncodedInteraction, forward_micro_batch, micro_batch_indices
+from ..utils.device import upload
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ def interaction_weights(counts: list[int], aggregation: str) -> list[float]:
     return [1.0 / total if c else 0.0 for c in counts]
 
 
+def read_totals(totals: torch.Tensor) -> list[float]:
+    """The step's one device->host synchronization: its statistics, once every kernel of the step is queued."""
+    return totals.cpu().tolist()
+
+
 def train_step(model, batch: list[EncodedInteraction], objective: Objective, optimizer, scheduler,
                options: StepOptions) -> StepStats:
     """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads."""
@@ -81,19 +87,20 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
                                  attn_backend=options.attn_backend, teacher=objective.needs_teacher)
         seq = mb.sequence_index
         targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
-        out = objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets,
-                                   torch.tensor([weights[i] for i in group], device=seq.device)[seq], seq,
+        token_weights = upload([weights[i] for i in group], torch.float32, seq.device)[seq]
+        out = objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets, token_weights, seq,
                                    mb.teacher_hidden, mb.teacher_lm_head_weight))
         out.loss.backward()
-        sums.append(torch.stack([out.loss.detach().double(), out.signal.sum().double(),
-                                 (out.signal > 0).sum().double()]))
+        signal = out.signal.masked_fill(~out.mask, 0.0)
+        sums.append(torch.stack([out.loss.detach().double(), signal.sum().double(),
+                                 ((signal > 0) & out.mask).sum().double()]))
     params = [p for group in optimizer.param_groups for p in group["params"]]  # fp32 masters under bf16
     norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    totals = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64)
-    loss_sum, signal_sum, positive, grad_norm = torch.cat([totals.cpu(), norm.detach().double().cpu()[None]]).tolist()
+    totals = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64, device=norm.device)
+    loss_sum, signal_sum, positive, grad_norm = read_totals(torch.cat([totals, norm.detach().double()[None]]))
     run = [len(e.student_input_ids) + (len(e.teacher_input_ids) if objective.needs_teacher else 0) for e in batch]
     return StepStats(loss=loss_sum, tokens=sum(run), loss_tokens=sum(counts), signal_sum=signal_sum,
                      positive=int(positive), grad_norm=grad_norm)

@@ -27,14 +27,16 @@ class LossInputs:
 
 @dataclass(frozen=True)
 class ObjectiveOutput:
-    """loss () fp32 to backpropagate; signal (n,) fp32 detached, one value per loss token (the logged statistic)."""
+    """loss () fp32 to backpropagate; signal (N,) fp32 detached, the logged per-token statistic, valid where
+    mask (N,) bool is set (the loss tokens) and 0 elsewhere."""
 
     loss: torch.Tensor
     signal: torch.Tensor
+    mask: torch.Tensor
 
 
 class Objective(ABC):
-    """A training loss over `LossInputs`.
+    """A training loss over `LossInputs`, computed without reading device values (no host synchronization).
 
     needs_teacher: the step runs the teacher pass and fills `teacher_hidden`. signal_name: what `signal` holds,
     the metric name of its mean ("mean_advantage", "mean_nll").

@@ -25,6 +25,6 @@ class SDPOObjective(Objective):
                                 token_weights=inputs.token_weights, temperature=self.temperature,
                                 signal_clip=self.signal_clip, center_advantages=self.center_advantages,
                                 sequence_index=inputs.sequence_index if self.center_advantages else None,
-                                backend=self.backend, return_stats=True)
-        mask = inputs.target_ids != IGNORE_INDEX
-        return ObjectiveOutput(loss, (stats.teacher_logprobs - stats.student_logprobs)[mask])
+                                backend=self.backend, return_stats=True, check_values=False, compact=False)
+        return ObjectiveOutput(loss, stats.teacher_logprobs - stats.student_logprobs,
+                               inputs.target_ids != IGNORE_INDEX)

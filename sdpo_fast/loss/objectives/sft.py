@@ -1,6 +1,7 @@
 """SFT, the paper's baseline: cross entropy on the logged replies; no teacher pass."""
 from __future__ import annotations
 
+from ...constants import IGNORE_INDEX
 from ..sft import sft_loss
 from .base import LossInputs, Objective, ObjectiveOutput
 
@@ -13,4 +14,4 @@ class SFTObjective(Objective):
 
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
         loss, nll = sft_loss(inputs.student_hidden, inputs.lm_head_weight, inputs.target_ids, inputs.token_weights)
-        return ObjectiveOutput(loss, nll)
+        return ObjectiveOutput(loss, nll, inputs.target_ids != IGNORE_INDEX)
