@@ -121,7 +121,7 @@ def check_backend(backend: str) -> None:
     if backend == "flash" and _flash_varlen() is None:
         raise ValueError("attn_backend='flash' needs the flash-attn package")
     if backend == "torch" and _torch_varlen() is None:
-        raise ValueError("attn_backend='torch' needs torch.nn.attention.varlen (torch >= 2.10)")
+        raise ValueError("attn_backend='torch' needs torch.nn.attention.varlen (torch >= 2.9)")
 
 
 def resolve_backend(backend: str, query: torch.Tensor, dropout: float) -> str:
@@ -136,7 +136,24 @@ def resolve_backend(backend: str, query: torch.Tensor, dropout: float) -> str:
     return "sdpa"
 
 
+@functools.cache
+def _fast_sdpa_backends() -> tuple:
+    """SDPA kernels other than the math one (which forms every H x n_q x n_k score): flash, efficient, cuDNN."""
+    from torch.nn.attention import SDPBackend
+
+    return tuple(getattr(SDPBackend, name) for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+                 if hasattr(SDPBackend, name))
+
+
+_NO_FAST_SDPA = ("no fused SDPA kernel takes these inputs ({why}); the math kernel would hold H x n_q x n_k scores "
+                 "per layer. Install flash-attn (attn_backend 'flash') or use torch >= 2.10 (attn_backend 'torch')")
+
+
 def _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout):
+    """Per-sequence SDPA. On CUDA the math kernel is never used: K/V heads are repeated per sequence for GQA
+    (fused kernels with masks do not all take `enable_gqa`) and a missing fused kernel is an error."""
+    on_cuda = q.is_cuda
+    groups = q.shape[1] // k.shape[1]
     outs, start_q, start_k = [], 0, 0
     for n_q, n_k in zip(lengths_q, lengths_k):
         qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (q[start_q:start_q + n_q], k[start_k:start_k + n_k],
@@ -148,26 +165,53 @@ def _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout):
         if skip:  # cheaper as the causal square (blocks above the diagonal skipped) minus its first `skip` rows
             qi = F.pad(qi, (0, 0, skip, 0))
         mask = None if n_q + skip == n_k else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-        out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                             scale=scale, enable_gqa=ki.shape[1] != qi.shape[1])
+        gqa = groups > 1 and not on_cuda
+        if on_cuda and groups > 1:
+            ki, vi = ki.repeat_interleave(groups, dim=1), vi.repeat_interleave(groups, dim=1)
+        with _sdpa_kernels(on_cuda):
+            out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=mask is None, scale=scale, enable_gqa=gqa)
         outs.append(out[0, :, skip:].transpose(0, 1))
     return torch.cat(outs, dim=0) if outs else torch.empty_like(q)
 
 
+@contextlib.contextmanager
+def _sdpa_kernels(on_cuda: bool) -> Iterator[None]:
+    if not on_cuda:
+        yield
+        return
+    from torch.nn.attention import sdpa_kernel
+
+    try:
+        with sdpa_kernel(list(_fast_sdpa_backends())):
+            yield
+    except RuntimeError as exc:
+        if "No available kernel" not in str(exc):
+            raise
+        raise ValueError(_NO_FAST_SDPA.format(why=str(exc).splitlines()[0])) from None
+
+
 def _torch_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """torch.nn.attention.varlen, feature-detected: `scale` (absent in 2.9) folded into q when missing; GQA by
+    `enable_gqa` where offered, else one call per query group sharing the same K/V (no repeated K/V kept for
+    backward)."""
     params = _torch_varlen_params()
-    kwargs = {"scale": scale}
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
-    else:
-        kwargs["is_causal"] = True
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    default_scale = q.shape[-1] ** -0.5
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None and scale != default_scale:
+        q = q * (scale / default_scale)
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    if "enable_gqa" in params:
+        return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa=True, **kwargs)
+    # query head h reads K/V head h // groups: heads g, g + groups, ... form one group over all K/V heads
+    grouped = q.unflatten(1, (k.shape[1], groups))
+    outs = [_torch_varlen()(grouped[:, :, g].contiguous(), k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+            for g in range(groups)]
+    return torch.stack(outs, dim=2).flatten(1, 2)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -186,3 +186,59 @@ def test_cuda_backends_match_sdpa_in_bf16(backend, lengths_q, lengths_k):
     ref_grads = torch.autograd.grad(ref.float().sum(), (q, k, v))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+def _fake_varlen(with_scale: bool, with_gqa: bool, calls: list):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn with the signature of a given torch version, computed
+    with the explicit attention (equal head counts unless enable_gqa, default scale unless given)."""
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False, is_causal=True):
+        assert is_causal and (enable_gqa or q.shape[1] == k.shape[1])
+        calls.append(q.shape[1])
+        lengths_q = (cu_q[1:] - cu_q[:-1]).tolist()
+        lengths_k = (cu_k[1:] - cu_k[:-1]).tolist()
+        return explicit_attention(q, k, v, lengths_q, lengths_k, q.shape[-1] ** -0.5 if scale is None else scale)
+
+    if with_scale and with_gqa:
+        return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False, is_causal=True: \
+            run(q, k, v, cu_q, cu_k, max_q, max_k, scale, enable_gqa, is_causal)
+    if with_scale:
+        return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=True: \
+            run(q, k, v, cu_q, cu_k, max_q, max_k, scale, False, is_causal)
+    return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=True: \
+        run(q, k, v, cu_q, cu_k, max_q, max_k, None, False, is_causal)
+
+
+@pytest.mark.parametrize("with_scale, with_gqa", [(False, False), (True, False), (True, True)],
+                         ids=["torch-2.9-signature", "no-enable_gqa", "scale-and-gqa"])
+def test_torch_varlen_signatures_give_the_same_attention(monkeypatch, with_scale, with_gqa):
+    """Without a `scale` argument the scale is folded into q; without `enable_gqa` each query group runs over the
+    shared K/V (never a repeated copy of K/V)."""
+    calls = []
+    fake = _fake_varlen(with_scale, with_gqa, calls)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: fake)
+    monkeypatch.setattr(attention, "_torch_varlen_params", lambda: frozenset(
+        __import__("inspect").signature(fake).parameters))
+    lengths_q, lengths_k = [3, 1, 6], [10, 1, 6]
+    q, k, v = random_qkv(lengths_q, lengths_k, heads=6, kv_heads=2)
+    out = varlen_attention(q, k, v, cu(lengths_q), cu(lengths_k), lengths_q, lengths_k, scale=0.3, backend="torch")
+    torch.testing.assert_close(out.double(), explicit_attention(q, k, v, lengths_q, lengths_k, 0.3), atol=1e-5,
+                               rtol=0)
+    assert calls == ([6] if with_gqa else [2, 2, 2])
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = torch.autograd.grad(explicit_attention(q, k, v, lengths_q, lengths_k, 0.3).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sdpa_fallback_never_uses_the_math_kernel_at_4k_tokens(dtype):
+    """A teacher suffix over a long prefix (explicit mask) and GQA, fp32 and bf16, forward and backward at 4k keys:
+    runs on a fused kernel (the fallback forbids the math one and would raise)."""
+    lengths_q, lengths_k = [512, 1024], [2048 + 512, 1024 + 512]
+    q, k, v = random_qkv(lengths_q, lengths_k, heads=8, kv_heads=2, dim=64, dtype=dtype, device="cuda")
+    args = (cu(lengths_q, "cuda"), cu(lengths_k, "cuda"), lengths_q, lengths_k)
+    out = varlen_attention(q, k, v, *args, scale=0.125, backend="sdpa")
+    out.float().sum().backward()
+    assert torch.isfinite(out).all() and q.grad is not None
