@@ -119,3 +119,16 @@ def test_cuda_device_and_4bit_placement_follow_local_rank(monkeypatch):
     with pytest.raises(Loaded):
         setup.load_model(str(tiny_model_path()), dtype=torch.bfloat16, device=device, load_in_4bit=True)
     assert seen["device_map"] == {"": 3} and seen["quantization_config"]["load_in_4bit"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_training_moves_like_fp32(tmp_path):
+    """dtype auto on CUDA is bf16: 20 steps at lr 1e-5 change about as many weights as fp32 would."""
+    init = load_file(str(tiny_model_path() / "model.safetensors"))
+    runs = {d: load_file(_run(tmp_path, d, d, lr=1e-5, max_steps=20, device="cuda")["checkpoint"]
+                         + "/model.safetensors") for d in ("float32", "auto")}
+    changed = {d: sum(int((w[name] != init[name].to(torch.bfloat16)).sum()) if d == "auto" else
+                      int((w[name].to(torch.bfloat16) != init[name].to(torch.bfloat16)).sum()) for name in init)
+               for d, w in runs.items()}
+    assert abs(changed["auto"] - changed["float32"]) <= 0.1 * changed["float32"]

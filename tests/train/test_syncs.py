@@ -73,3 +73,27 @@ def test_the_counter_sees_what_syncs():
     assert [name for name, _ in counter.where] == [
         "aten._local_scalar_dense.default", "aten.index.Tensor", "aten.nonzero.default", "aten.lift_fresh.default",
         "aten.repeat_interleave.Tensor"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_step_passes_the_sync_debug_mode(batch):
+    """On a GPU, torch's own detector: a synchronizing call inside the step raises (the statistics read excepted)."""
+    model = tiny_causal_lm("qwen3").cuda().train()
+    config = TrainConfig(micro_batch_tokens=300, ignore_first_k=2, max_grad_norm=1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    train_step(model, batch, objective_of(config), optimizer, scheduler, step_options(config))  # warm-up
+    original = step.read_totals
+
+    def read_outside(totals):
+        torch.cuda.set_sync_debug_mode(0)
+        return original(totals)
+
+    step.read_totals = read_outside
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        train_step(model, batch, objective_of(config), optimizer, scheduler, step_options(config))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        step.read_totals = original
