@@ -97,6 +97,6 @@ def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
 
         before, after = (preferred_rate(*load_model_and_tokenizer(config, ckpt))
                          for ckpt in (None, Path(summary["checkpoint"])))
-        print(f"preferred style (no emojis) in the model's own replies to {REPORT_PROMPTS} held-out requests, "
+        print(f"preferred style (no emojis, not degenerate) in the model's own replies to {REPORT_PROMPTS} held-out requests, "
               f"no hindsight: {before:.0%} before -> {after:.0%} after {config.loss}")
     return 0

@@ -3,8 +3,8 @@ paper's for an 8B model."""
 
 TINY_DEMO_PRESET = "tiny-demo"
 """The `sdpo-fast train` preset applied when neither a model nor a preset is given."""
-TINY_DEMO_TRAIN = dict(
-    loss="sdpo", batch_size=16, lr=1e-3, epochs=3, max_steps=None, warmup_ratio=0.0, schedule="constant",
+TINY_DEMO_TRAIN = dict(  # lr 1e-3 collapsed full fine-tuning into "s s s ..." replies; 1e-4 learns without it
+    loss="sdpo", batch_size=16, lr=1e-4, epochs=3, max_steps=None, warmup_ratio=0.0, schedule="constant",
     optimizer="adamw", weight_decay=0.0,
 )
 

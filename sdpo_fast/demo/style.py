@@ -37,6 +37,20 @@ def emoji_rate(texts: Sequence[str]) -> float:
     return sum(map(has_emoji, texts)) / len(texts)
 
 
+def is_degenerate(text: str) -> bool:
+    """An empty reply, or one that repeats a word 4 times in a row (a collapsed model's "s s s s ...")."""
+    words = text.split()
+    return not words or any(len(set(words[i:i + 4])) == 1 for i in range(len(words) - 3))
+
+
+def degenerate_rate(texts: Sequence[str]) -> float:
+    if not texts:
+        raise ValueError("degenerate_rate needs at least one text")
+    return sum(map(is_degenerate, texts)) / len(texts)
+
+
 def preferred_style_rate(texts: Sequence[str]) -> float:
-    """Share of `texts` in the bundled users' preferred style: no emojis."""
-    return 1.0 - emoji_rate(texts)
+    """Share of `texts` in the bundled users' preferred style: a real reply (not degenerate) without emojis."""
+    if not texts:
+        raise ValueError("preferred_style_rate needs at least one text")
+    return sum(not has_emoji(t) and not is_degenerate(t) for t in texts) / len(texts)

@@ -17,7 +17,8 @@ from sdpo_fast.demo.sample import (
     style_followup, style_subjects, styled_reply,
 )
 from sdpo_fast.explain import score_interactions
-from sdpo_fast.demo.style import count_emojis, emoji_rate, formality, has_emoji, preferred_style_rate, word_count
+from sdpo_fast.demo.style import (count_emojis, emoji_rate, formality, has_emoji, is_degenerate, preferred_style_rate,
+                                  word_count)
 from sdpo_fast.demo.threads import single_thread
 from sdpo_fast.train import load_yaml, resolve_config
 from sdpo_fast.demo.report import held_out_histories, prompt_ids, sample_replies
@@ -49,6 +50,8 @@ def test_style_checkers_on_every_style():
                 assert (formality(reply) > 0) is formal and (formality(reply) < 0) is (not formal)
     assert count_emojis("ok ☀️ 🙂") == 3 and not has_emoji("Ünïcödé € ß, π · r²")
     assert emoji_rate(["a 🎉", "b", "c", "d 👍"]) == 0.5 and preferred_style_rate(["a", "b 🚀"]) == 0.5
+    assert is_degenerate("s s s s s so") and is_degenerate("   ") and not is_degenerate("Sure thing! Sure thing.")
+    assert preferred_style_rate(["Fine answer.", "s s s s s s"]) == 0.5
     assert all(has_emoji(e) for e in EMOJIS)
     with pytest.raises(ValueError):
         emoji_rate([])
