@@ -1,7 +1,13 @@
 """lm-evaluation-harness on an already-loaded model (its HFLM wrapper; no Hub access needed for the model)."""
 from __future__ import annotations
 
+import inspect
+import json
 import math
+
+from ..data import default_template_kwargs
+
+_SAMPLE_KEYS = ("doc_id", "target", "arguments", "filtered_resps")
 
 PRIMARY_METRICS = {
     "ifeval": "prompt_level_loose_acc",
@@ -38,16 +44,21 @@ def primary_metric(task: str, metrics: dict[str, float]) -> str:
 def run_lm_eval(model, tokenizer, task: str, *, limit: int | float | None = None, seed: int = 0,
                 include_path: str | None = None, batch_size: int = 1, max_length: int | None = None,
                 chat_template: bool = True, log_samples: bool = False) -> dict:
-    """One lm-eval task on `model` (a transformers causal LM, eval mode) with the tokenizer's chat template.
+    """One lm-eval task on `model` (a transformers causal LM, eval mode) with the tokenizer's chat template
+    (Qwen3-style templates without thinking, as in training, where lm-eval takes chat_template_args).
 
     Returns {"task", "metrics": {key: float}, "primary": key, "n": documents scored, "lm_eval_version",
-    "samples": [{"doc_id", "response", "target"}] when log_samples}. limit: documents (int) or a fraction;
+    "samples": [{"doc_id", "target", "arguments", "filtered_resps"}] when log_samples:
+    lm-eval's per-document requests and filtered responses). limit: documents (int) or a fraction;
     seed: lm-eval's python/numpy/torch/few-shot seeds; include_path: a folder of local task YAMLs."""
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     options = {"max_length": max_length} if max_length is not None else {}
+    template_args = default_template_kwargs(getattr(tokenizer, "chat_template", None))
+    if template_args and "chat_template_args" in inspect.signature(HFLM.__init__).parameters:
+        options["chat_template_args"] = template_args
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **options)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=[task], limit=limit, apply_chat_template=chat_template, log_samples=log_samples,
@@ -63,6 +74,6 @@ def run_lm_eval(model, tokenizer, task: str, *, limit: int | float | None = None
               "n": int(out.get("n-samples", {}).get(task, {}).get("effective", 0)),
               "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
     if log_samples:
-        result["samples"] = [{"doc_id": s["doc_id"], "response": s["filtered_resps"][0], "target": s["target"]}
+        result["samples"] = [json.loads(json.dumps({key: s[key] for key in _SAMPLE_KEYS if key in s}, default=str))
                              for s in out["samples"][task]]
     return result
