@@ -21,7 +21,8 @@ def _tasks_dir(tmp_path):
     folder.mkdir()
     shutil.copy(DATA / "ifeval_local_utils.py", folder)
     for task, sample in (("ifeval_local", "ifeval_sample.jsonl"), ("mc_local", "mc_sample.jsonl")):
-        text = (DATA / f"{task}.yaml").read_text().replace("DATA_FILE", str(DATA / sample))
+        text = (DATA / f"{task}.yaml").read_text().replace(f"tests/eval/data/{sample}", str(DATA / sample))
+        assert str(DATA / sample) in text
         (folder / f"{task}.yaml").write_text(text)
     return folder
 
