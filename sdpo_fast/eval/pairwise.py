@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..online.judge import LOSS, TIE, WIN, judge_all, summarize
+from ..online.judge import TIE, WIN, judge_all, summarize
 from ..online.personas import Persona
 
 GENERAL_PERSONA = Persona(
@@ -75,6 +75,3 @@ def alpaca_eval_lc_win_rate(prompts: list[str], trained: list[str], base: list[s
     row = leaderboard.loc["sdpo"] if "sdpo" in leaderboard.index else leaderboard.iloc[0]
     return {key: float(row[key]) for key in ("length_controlled_winrate", "win_rate", "standard_error") if key in row}
 
-
-__all__ = ["GENERAL_PERSONA", "LOSS", "WIN", "TIE", "alpaca_eval_lc_win_rate", "length_controlled_win_rate",
-           "pairwise_win_rate"]

@@ -2,6 +2,12 @@
 preprocess_wildchat.py and preprocess_wildfeedback.py). Expected tuples are derived by hand from those
 scripts: each case names the line of reasoning that produces it."""
 import json
+import os
+import random
+import runpy
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +180,47 @@ def test_left_truncation_cuts_each_prompt_from_the_left():
     assert dropped.student_input_ids[:-n] == tok(chatml(history[2:]), add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="prompt_truncation"):
         encode_interaction(tok, item, prompt_truncation="right")
+
+
+AUTHORS_REPO = os.environ.get("SDPO_FAST_AUTHORS_REPO")
+
+
+def _fuzzed_convos(seed, n):
+    rng = random.Random(seed)
+    words = ["hi", "ok", "  ", "", " x ", "tea\n", "   \n", "a" * 4095 + "  ", "b" * 4097, "q" * 60000,
+             "w" * 4096 + "\n\n"]
+    out = []
+    for _ in range(n):
+        roles = [rng.choice(["user", "assistant", "user", "assistant", "system"]) for _ in range(rng.randint(0, 9))]
+        out.append([(r, rng.choice(words) + (str(rng.randint(0, 9)) if rng.random() < 0.5 else "")) for r in roles])
+    return out
+
+
+@pytest.mark.skipif(AUTHORS_REPO is None, reason="set SDPO_FAST_AUTHORS_REPO to a lasgroup/user_interactions "
+                                                  "checkout to run the authors' scripts as the peer")
+@pytest.mark.parametrize("script", ["preprocess_wildchat.py", "preprocess_wildfeedback.py"])
+def test_matches_the_authors_scripts_on_fuzzed_rows(tmp_path, monkeypatch, script):
+    pytest.importorskip("pandas")
+    wildchat_rows = script == "preprocess_wildchat.py"
+    rng = random.Random(1)
+    rows = [wildchat(c, language=rng.choice(["English", "en", " EN ", "Chinese", None])) if wildchat_rows
+            else wildfeedback(c) for c in _fuzzed_convos(0, 1500)]
+
+    class Rows(list):
+        def shuffle(self, seed):
+            return self
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda *args, **kwargs: Rows(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(sys, "argv", ["script", "--out_dir", str(tmp_path / "out")])
+    runpy.run_path(str(Path(AUTHORS_REPO) / "auxiliary" / script), run_name="__main__")
+    theirs = []
+    for line in next((tmp_path / "out").glob("*.jsonl")).read_text().splitlines():
+        entry = json.loads(line)
+        role = {"human": "user", "gpt": "assistant"}
+        theirs.append(([(role[m["from"]], m["value"]) for m in entry["prompt"]], entry["completion"]["value"],
+                       entry["user_response"]["value"], entry.get("row_idx", entry.get("original_conv_id")) + 1,
+                       entry["turn_id"]))
+    ours, _ = run(tmp_path, rows, preset="paper")
+    assert len(ours) > 20 and ours == theirs
