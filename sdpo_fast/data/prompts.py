@@ -29,7 +29,8 @@ AUTHORS_CODE_HINDSIGHT_TEMPLATE = (
 
 AUTHORS_OFFLINE_HINDSIGHT_TEMPLATE = (
     "\n\n[HINDSIGHT CONTEXT]\n"
-    "The following is a user response to your previous, insufficient attempt. Improve your response to the user prompt.\n"
+    "The following is a user response to your previous, insufficient attempt. "
+    "Improve your response to the user prompt.\n"
     "Future User Message: {followup}"
 )
 """The authors' offline trainer (OfflineSDPOCollator): appended to the history's last message, with the
@@ -137,7 +138,8 @@ class InteractionEncoder:
         prompt_truncation: str = "drop-turns",
     ):
         self.authors_offline = hindsight_template == "authors-offline"
-        hindsight_template = HINDSIGHT_TEMPLATES.get(hindsight_template, hindsight_template)
+        if isinstance(hindsight_template, str):
+            hindsight_template = HINDSIGHT_TEMPLATES.get(hindsight_template, hindsight_template)
         if not isinstance(hindsight_template, str) or _FOLLOWUP_SLOT not in hindsight_template:
             raise ValueError(f"hindsight_template must be one of {sorted(HINDSIGHT_TEMPLATES)} or a str containing "
                              f"{_FOLLOWUP_SLOT!r}")
