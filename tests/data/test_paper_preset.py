@@ -224,3 +224,15 @@ def test_matches_the_authors_scripts_on_fuzzed_rows(tmp_path, monkeypatch, scrip
                        entry["turn_id"]))
     ours, _ = run(tmp_path, rows, preset="paper")
     assert len(ours) > 20 and ours == theirs
+
+
+def test_wildfeedback_rows_give_usable_interactions_under_the_paper_preset(tmp_path):
+    from sdpo_fast.data import encode_interactions
+
+    rows = [wildfeedback([("user", "Write a haiku."), ("assistant", "Leaves fall."), ("user", "Make it longer.")]),
+            wildfeedback(ISSUE_EXAMPLE)]
+    path = tmp_path / "wf.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded, skipped = encode_interactions(tiny_tokenizer("qwen3"), load_interactions(path, preset="paper"),
+                                           hindsight_template="authors-offline")
+    assert len(encoded) == 2 and skipped == {"empty_completion": 1}
