@@ -236,3 +236,15 @@ def test_wildfeedback_rows_give_usable_interactions_under_the_paper_preset(tmp_p
     encoded, skipped = encode_interactions(tiny_tokenizer("qwen3"), load_interactions(path, preset="paper"),
                                            hindsight_template="authors-offline")
     assert len(encoded) == 2 and skipped == {"empty_completion": 1}
+
+
+def test_train_config_takes_the_authors_encoding_options():
+    from sdpo_fast.train import TrainConfig
+    from sdpo_fast.train.trainer import load_encoded_data
+
+    config = TrainConfig(hindsight_template="authors-offline", prompt_truncation="left").validate()
+    encoded, _ = load_encoded_data(config, tiny_tokenizer("qwen3"))
+    assert any("[HINDSIGHT CONTEXT]" in tiny_tokenizer("qwen3").decode(e.teacher_input_ids) for e in encoded)
+    for bad in ({"hindsight_template": "nope"}, {"prompt_truncation": "right"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad).validate()
