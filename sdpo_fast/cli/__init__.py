@@ -14,6 +14,7 @@ _COMMANDS = [
     "sdpo_fast.cli.train",
     "sdpo_fast.cli.plan",
     "sdpo_fast.cli.online",
+    "sdpo_fast.cli.eval",
 ]
 
 

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     stats.add_argument("source", help="JSONL/JSON/Parquet file, directory, or Hub dataset id (online only)")
     stats.add_argument("--tokenizer", metavar="PATH", help="local tokenizer directory (AutoTokenizer, no remote code)")
     stats.add_argument("--max-history", type=int, default=5, metavar="N", help="messages of history per interaction (default 5)")
-    stats.add_argument("--preset", choices=sorted(PRESETS), help="filter preset ('paper': the authors' settings)")
+    stats.add_argument("--preset", choices=sorted(PRESETS), help="'paper': the authors' preprocessing per row format; 'strict': our stricter filters")
     stats.add_argument("--split", default="train", help="split of a saved DatasetDict or Hub dataset (default train)")
     stats.add_argument("--max-prompt-tokens", type=int, default=2048, metavar="N")
     stats.add_argument("--max-completion-tokens", type=int, default=2048, metavar="N")

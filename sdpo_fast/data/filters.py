@@ -1,4 +1,5 @@
-"""Opt-in conversation filters and the authors' preset. Nothing is filtered by default."""
+"""Opt-in conversation filters and the presets ("paper": the authors' preprocessing per source format;
+"strict": our stricter filter set). Nothing is filtered by default."""
 from __future__ import annotations
 
 import hashlib
@@ -62,13 +63,82 @@ class ConversationFilter:
         return None
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """One source format's preprocessing, as in the authors' scripts (lasgroup/user_interactions, auxiliary/).
+
+    languages: the row's `language` (stripped, lower-cased) must be one of these; None: no language filter.
+    strip: message text is stripped. Empty/whitespace-only and system messages are dropped from every history
+    (before the window is cut). measure_raw: min_messages and the character limits count the row's raw messages
+    (system and empty ones included, unstripped) instead of the cleaned ones. limited_roles: the roles
+    max_message_chars applies to. pair_raw: completion/follow-up pairs are adjacent in the raw messages (empty
+    ones included) instead of the cleaned ones. History = the last `max_history` cleaned messages before the
+    completion, leading assistant messages dropped, then each run of same-role messages cut to its first;
+    history_ends_with_user: a history ending with an assistant message is skipped."""
+
+    name: str
+    languages: frozenset[str] | None
+    strip: bool
+    measure_raw: bool
+    min_messages: int
+    max_conversation_chars: int
+    max_message_chars: int
+    limited_roles: frozenset[str]
+    pair_raw: bool
+    history_ends_with_user: bool
+
+    def rejection(self, messages: list[dict], meta: dict) -> str | None:
+        """Why the authors' script drops this conversation, or None. `messages` as parsed (unstripped)."""
+        if self.languages is not None:
+            language = meta.get("language")
+            if not isinstance(language, str) or not language.strip():
+                return "filtered_language_missing"
+            if language.strip().lower() not in self.languages:
+                return "filtered_language"
+        measured = messages if self.measure_raw else self.cleaned(messages)
+        if len(measured) < self.min_messages:
+            return "filtered_min_messages"
+        if sum(len(m["content"]) for m in measured) > self.max_conversation_chars:
+            return "filtered_conversation_chars"
+        if any(m["role"] in self.limited_roles and len(m["content"]) > self.max_message_chars for m in measured):
+            return "filtered_message_chars"
+        return None
+
+    def cleaned(self, messages: list[dict]) -> list[dict]:
+        """User/assistant messages with text (stripped when `strip`), in order."""
+        return [{"role": m["role"], "content": m["content"].strip() if self.strip else m["content"]}
+                for m in messages if m["role"] != "system" and m["content"].strip()]
+
+
+PAPER_WILDCHAT = Preprocessing(
+    "wildchat", languages=frozenset({"english", "en"}), strip=True, measure_raw=False, min_messages=3,
+    max_conversation_chars=100_000, max_message_chars=4096, limited_roles=frozenset({"user", "assistant"}),
+    pair_raw=False, history_ends_with_user=True,
+)
+"""auxiliary/preprocess_wildchat.py (also used for OpenAI `messages` rows, which have the same shape)."""
+
+PAPER_WILDFEEDBACK = Preprocessing(
+    "wildfeedback", languages=None, strip=False, measure_raw=True, min_messages=3,
+    max_conversation_chars=100_000, max_message_chars=4096, limited_roles=frozenset({"assistant"}),
+    pair_raw=True, history_ends_with_user=False,
+)
+"""auxiliary/preprocess_wildfeedback.py."""
+
 PRESETS = {
-    # The authors' preprocessing (../shared/ANCHORS.md): WildChat filtered to English, conversations
-    # of >= 3 messages and <= 100k characters, messages <= 4096 characters.
-    "paper": ConversationFilter(
+    # The authors' preprocessing, chosen per row by its format (row_format).
+    "paper": {"wildchat": PAPER_WILDCHAT, "wildfeedback": PAPER_WILDFEEDBACK},
+    # Our stricter filter set: English only (rows without a language field dropped), >= 3 messages,
+    # <= 100k characters per conversation and <= 4096 per message, system messages included, text as is.
+    "strict": ConversationFilter(
         languages=frozenset({"english"}), max_message_chars=4096, max_conversation_chars=100_000, min_messages=3
     ),
 }
+
+
+def row_format(row: dict) -> str:
+    """"wildfeedback" for a row read through its `conversations` field, else "wildchat" (the field order of
+    rows.parse_row: `conversation`, `conversations`, `messages`)."""
+    return "wildfeedback" if "conversation" not in row and "conversations" in row else "wildchat"
 
 
 def conversation_digest(messages: list[dict]) -> bytes:

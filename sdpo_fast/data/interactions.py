@@ -74,3 +74,34 @@ def extract_validated(
         history = [{"role": m["role"], "content": m["content"]} for m in messages[:start] + window[first_user:]]
         interactions.append(Interaction(history, completion, followup, {**meta, "assistant_index": i}))
     return interactions
+
+
+def extract_preprocessed(
+    messages: list[dict], recipe, max_history: int, meta: dict, skipped: collections.Counter
+) -> list[Interaction]:
+    """Interactions as the authors' script for `recipe`'s format cuts them (filters.Preprocessing; the
+    conversation already passed `recipe.rejection`). Skips: "no_user_message_in_history",
+    "history_ends_with_assistant". meta gets "assistant_index": the completion's index in the messages the
+    pairs are taken from (their `turn_id`)."""
+    cleaned = recipe.cleaned(messages)
+    paired = messages if recipe.pair_raw else cleaned
+    interactions = []
+    for i in range(len(paired) - 1):
+        if paired[i]["role"] != "assistant" or paired[i + 1]["role"] != "user":
+            continue
+        window = recipe.cleaned(paired[:i])[-max_history:]
+        while window and window[0]["role"] != "user":
+            window = window[1:]
+        if not window:
+            skipped["no_user_message_in_history"] += 1
+            continue
+        history = [window[0]]
+        for m in window[1:]:
+            if m["role"] != history[-1]["role"]:
+                history.append(m)
+        if recipe.history_ends_with_user and history[-1]["role"] != "user":
+            skipped["history_ends_with_assistant"] += 1
+            continue
+        interactions.append(Interaction(history, paired[i]["content"], paired[i + 1]["content"],
+                                        {**meta, "assistant_index": i}))
+    return interactions

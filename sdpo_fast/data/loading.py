@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
 from ..utils.checks import check_int
-from .filters import PRESETS, ConversationFilter, conversation_digest
-from .interactions import Interaction, extract_validated
+from .filters import PRESETS, ConversationFilter, conversation_digest, row_format
+from .interactions import Interaction, extract_preprocessed, extract_validated
 from .rows import BadRow, parse_row
 from .sources import InvalidRow, Rows, resolve_source
 
@@ -49,8 +49,10 @@ class InteractionStream:
 
     `stats`, `skipped` and `bad_rows` describe the latest (or ongoing) pass."""
 
-    def __init__(self, rows: Callable[[], Rows], max_history: int, strict: bool, conversation_filter: ConversationFilter):
+    def __init__(self, rows: Callable[[], Rows], max_history: int, strict: bool, conversation_filter: ConversationFilter,
+                 recipes: dict | None = None):
         self._rows = rows
+        self._recipes = recipes
         self._max_history = max_history
         self._strict = strict
         self._filter = conversation_filter
@@ -81,7 +83,10 @@ class InteractionStream:
                 if len(stats.bad_rows) < MAX_BAD_ROWS_KEPT:
                     stats.bad_rows.append(location)
                 continue
+            recipe = self._recipes[row_format(row)] if self._recipes else None
             reason = self._filter.rejection(messages, meta)
+            if reason is None and recipe is not None:
+                reason = recipe.rejection(messages, meta)
             if reason is None and self._filter.deduplicate:
                 digest = conversation_digest(messages)
                 reason = "duplicate" if digest in seen else None
@@ -91,7 +96,11 @@ class InteractionStream:
                 continue
             stats.conversations += 1
             meta["row"] = number
-            for interaction in extract_validated(messages, self._max_history, meta, stats.skipped):
+            if recipe is not None:
+                interactions = extract_preprocessed(messages, recipe, self._max_history, meta, stats.skipped)
+            else:
+                interactions = extract_validated(messages, self._max_history, meta, stats.skipped)
+            for interaction in interactions:
                 stats.interactions += 1
                 yield interaction
 
@@ -115,8 +124,10 @@ def load_interactions(
 
     Rows may be WildChat (`conversation`), WildFeedback (`conversations`) or OpenAI (`messages`).
     Bad rows are skipped and counted with their location; strict=True raises BadRowError at the
-    first. Filters are off by default; `preset` ("paper": the authors' settings) fills the filter
-    arguments left unset. The source is checked now; rows are read while iterating.
+    first. Filters are off by default. `preset="paper"`: each row is preprocessed as the authors' script for
+    its format does (filters.PAPER_WILDCHAT for WildChat/OpenAI rows, PAPER_WILDFEEDBACK for WildFeedback
+    rows), the filter arguments given applying on top; `preset="strict"` fills the filter arguments left
+    unset with our stricter set. The source is checked now; rows are read while iterating.
     """
     check_int("max_history", max_history, 1)
     if not isinstance(strict, bool):
@@ -131,8 +142,12 @@ def load_interactions(
         drop_toxic=drop_toxic,
         deduplicate=deduplicate,
     )
+    recipes = None
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-        conversation_filter = conversation_filter.merged_over(PRESETS[preset])
-    return InteractionStream(resolve_source(source, split), max_history, strict, conversation_filter)
+        if isinstance(PRESETS[preset], ConversationFilter):
+            conversation_filter = conversation_filter.merged_over(PRESETS[preset])
+        else:
+            recipes = PRESETS[preset]
+    return InteractionStream(resolve_source(source, split), max_history, strict, conversation_filter, recipes)

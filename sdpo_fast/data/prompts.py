@@ -10,7 +10,7 @@ import collections
 from typing import Iterable
 
 from ..model.inputs import EncodedInteraction
-from ..utils.checks import check_int
+from ..utils.checks import check_choice, check_int
 from .interactions import Interaction
 
 DEFAULT_HINDSIGHT_TEMPLATE = (
@@ -18,13 +18,28 @@ DEFAULT_HINDSIGHT_TEMPLATE = (
     "Use this to guide your answer to the user prompt: {followup}"
 )
 """Paper Table 1 wording, appended to the content of the last user message; `{followup}` is the
-next user message. (The authors' released code words it as AUTHORS_CODE_HINDSIGHT_TEMPLATE.)"""
+next user message."""
 
 AUTHORS_CODE_HINDSIGHT_TEMPLATE = (
     "\n\n=== HINDSIGHT CONTEXT ===\n"
     "[The following is a future user message. Use this to guide your answer to the user prompt.]\n"
     "{followup}"
 )
+"""An earlier wording left commented out in the authors' offline trainer."""
+
+AUTHORS_OFFLINE_HINDSIGHT_TEMPLATE = (
+    "\n\n[HINDSIGHT CONTEXT]\n"
+    "The following is a user response to your previous, insufficient attempt. "
+    "Improve your response to the user prompt.\n"
+    "Future User Message: {followup}"
+)
+"""The authors' offline trainer (OfflineSDPOCollator): appended to the history's last message, with the
+follow-up stripped."""
+
+HINDSIGHT_TEMPLATES = {"table1": DEFAULT_HINDSIGHT_TEMPLATE, "authors-offline": AUTHORS_OFFLINE_HINDSIGHT_TEMPLATE}
+"""Names accepted for `hindsight_template`."""
+
+PROMPT_TRUNCATIONS = ("drop-turns", "left")
 
 _FOLLOWUP_SLOT = "{followup}"
 _SENTINEL = "\u2063sdpo-end-of-turn-probe\u2063"
@@ -48,11 +63,14 @@ def encode_interaction(
     end_of_turn_token: str | int | None = "auto",
     chat_template_kwargs: dict | None = None,
     chat_template: str | None = None,
+    prompt_truncation: str = "drop-turns",
 ) -> EncodedInteraction:
     """Encode one interaction; raises SkipInteraction when it cannot fit or is empty.
 
     hindsight_template: text with a `{followup}` slot (substituted literally; other braces stay as
-      they are), appended to the content of the history's last user message for the teacher.
+      they are), appended to the content of the history's last user message for the teacher; or a name in
+      HINDSIGHT_TEMPLATES: "table1" (the default wording), "authors-offline" (the authors' offline trainer:
+      follow-up stripped, block appended to the history's last message whatever its role).
     end_of_turn_token: appended to the completion ids so student and teacher targets end the turn;
       "auto" = the first special token the chat template puts after an assistant message (else
       eos), a token string or id, or None to append nothing.
@@ -60,13 +78,14 @@ def encode_interaction(
       cut completion has no end-of-turn since the reply did not end there. The oldest history
       messages are dropped (a leading system message is kept, the history still starts with a user
       message) until both prompts fit max_prompt_tokens; if even the last user turn does not fit the
-      interaction is skipped ("prompt_too_long").
+      interaction is skipped ("prompt_too_long"). prompt_truncation="left" instead cuts each prompt's ids
+      from the left to max_prompt_tokens (the authors' trainer; the cut may remove the chat template's start).
     chat_template_kwargs: passed to apply_chat_template; enable_thinking defaults to False for
       templates that use it (Qwen3). chat_template: overrides tokenizer.chat_template.
     """
     return InteractionEncoder(
         tokenizer, hindsight_template, max_prompt_tokens, max_completion_tokens,
-        end_of_turn_token, chat_template_kwargs, chat_template,
+        end_of_turn_token, chat_template_kwargs, chat_template, prompt_truncation,
     ).encode(interaction)
 
 
@@ -90,7 +109,7 @@ def encode_interactions(
 
 _OPTIONS = frozenset(
     {"hindsight_template", "max_prompt_tokens", "max_completion_tokens", "end_of_turn_token",
-     "chat_template_kwargs", "chat_template"}
+     "chat_template_kwargs", "chat_template", "prompt_truncation"}
 )
 
 
@@ -116,9 +135,16 @@ class InteractionEncoder:
         end_of_turn_token: str | int | None = "auto",
         chat_template_kwargs: dict | None = None,
         chat_template: str | None = None,
+        prompt_truncation: str = "drop-turns",
     ):
+        self.authors_offline = hindsight_template == "authors-offline"
+        if isinstance(hindsight_template, str):
+            hindsight_template = HINDSIGHT_TEMPLATES.get(hindsight_template, hindsight_template)
         if not isinstance(hindsight_template, str) or _FOLLOWUP_SLOT not in hindsight_template:
-            raise ValueError(f"hindsight_template must be a str containing {_FOLLOWUP_SLOT!r}")
+            raise ValueError(f"hindsight_template must be one of {sorted(HINDSIGHT_TEMPLATES)} or a str containing "
+                             f"{_FOLLOWUP_SLOT!r}")
+        check_choice("prompt_truncation", prompt_truncation, PROMPT_TRUNCATIONS)
+        self.prompt_truncation = prompt_truncation
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise TypeError(f"chat_template_kwargs must be a dict or None, got {type(chat_template_kwargs).__name__}")
         template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
@@ -182,9 +208,14 @@ class InteractionEncoder:
         last_user = max((i for i, m in enumerate(history) if m["role"] == "user"), default=None)
         if last_user is None:
             raise SkipInteraction("no_user_message_in_history")
-        block = self.hindsight_template.replace(_FOLLOWUP_SLOT, interaction.followup)
+        followup = interaction.followup.strip() if self.authors_offline else interaction.followup
+        block = self.hindsight_template.replace(_FOLLOWUP_SLOT, followup)
+        at = len(history) - 1 if self.authors_offline else last_user
         teacher_history = list(history)
-        teacher_history[last_user] = {**history[last_user], "content": history[last_user]["content"] + block}
+        teacher_history[at] = {**history[at], "content": history[at]["content"] + block}
+        if self.prompt_truncation == "left":
+            cut = self.max_prompt_tokens
+            return self._render(history)[-cut:], self._render(teacher_history)[-cut:]
         start = 1 if history[0]["role"] == "system" else 0
         # Candidate first kept messages: user turns, oldest first, up to the last user turn.
         for first in [i for i in range(start, last_user + 1) if history[i]["role"] == "user"]:

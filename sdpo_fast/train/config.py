@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.prompts import HINDSIGHT_TEMPLATES, PROMPT_TRUNCATIONS
 from ..demo.settings import TINY_DEMO_PRESET, TINY_DEMO_TRAIN
 from ..utils.checks import check_bool, check_choice, check_int, check_number
 from ..utils.files import write_text_atomic
@@ -95,7 +96,12 @@ class TrainConfig:
     max_completion_tokens: int = 2048
     max_history: int = 5
     data_preset: str | None = None
-    """Conversation filter preset of `load_interactions` ("paper")."""
+    """Preset of `load_interactions`: "paper" (the authors' preprocessing per row format) or "strict"."""
+    hindsight_template: str = "table1"
+    """Teacher's hindsight block: "table1" (paper Table 1), "authors-offline" (the authors' offline trainer's
+    wording) or a template with a {followup} slot."""
+    prompt_truncation: str = "drop-turns"
+    """Over-long prompts: "drop-turns" (oldest turns dropped) or "left" (ids cut from the left, the authors')."""
     save_steps: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     resume: bool = False
@@ -136,6 +142,11 @@ class TrainConfig:
         for key in ("shuffle", "gradient_checkpointing", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit",
                     "use_liger"):
             check_bool(key, getattr(self, key))
+        check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATIONS)
+        if not isinstance(self.hindsight_template, str) or (
+                self.hindsight_template not in HINDSIGHT_TEMPLATES and "{followup}" not in self.hindsight_template):
+            raise ValueError(f"hindsight_template must be one of {sorted(HINDSIGHT_TEMPLATES)} or contain "
+                             f"'{{followup}}', got {self.hindsight_template!r}")
         for key in ("model", "data", "output_dir", "data_preset"):
             if getattr(self, key) is not None and not (isinstance(getattr(self, key), str) and getattr(self, key)):
                 raise ValueError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")

@@ -55,7 +55,9 @@ def load_encoded_data(config: TrainConfig, tokenizer) -> tuple[list[EncodedInter
     source = config.data if config.data is not None else tiny_sample_path()
     stream = load_interactions(source, max_history=config.max_history, preset=config.data_preset)
     encoded, skipped = encode_interactions(tokenizer, stream, max_prompt_tokens=config.max_prompt_tokens,
-                                           max_completion_tokens=config.max_completion_tokens)
+                                           max_completion_tokens=config.max_completion_tokens,
+                                           hindsight_template=config.hindsight_template,
+                                           prompt_truncation=config.prompt_truncation)
     skipped = {**dict(stream.skipped), **dict(skipped)}
     if not encoded:
         raise ValueError(f"data {str(source)!r} gave zero usable interactions (skipped: {skipped or 'none'}; "

@@ -224,8 +224,8 @@ def test_exact_duplicate_removal(tmp_path):
     assert len(filtered(tmp_path, rows)[0]) == 6
 
 
-def test_paper_preset_and_overrides(tmp_path):
-    assert PRESETS["paper"] == ConversationFilter(
+def test_strict_preset_and_overrides(tmp_path):
+    assert PRESETS["strict"] == ConversationFilter(
         languages=frozenset({"english"}), max_message_chars=4096, max_conversation_chars=100_000, min_messages=3
     )
     rows = [
@@ -235,10 +235,10 @@ def test_paper_preset_and_overrides(tmp_path):
         wildchat([("user", "u"), ("assistant", "a" * 4097), ("user", "v")]),
         wildchat([("user", "u"), ("assistant", "a" * 3000), ("user", "v")]),
     ]
-    kept, skipped = filtered(tmp_path, rows, preset="paper")
+    kept, skipped = filtered(tmp_path, rows, preset="strict")
     assert kept == [1, 1, 5]
     assert skipped == {"filtered_language": 1, "filtered_min_messages": 1, "filtered_message_chars": 1}
-    kept, _ = filtered(tmp_path, rows, preset="paper", max_message_chars=2000)
+    kept, _ = filtered(tmp_path, rows, preset="strict", max_message_chars=2000)
     assert kept == [1, 1]
 
 

@@ -1,0 +1,168 @@
+"""`evaluate_checkpoint`: a trained checkpoint (full model dir or LoRA adapter dir) against its base model."""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..demo.assets import tiny_model_path
+from ..online.loop import generate_batch
+from ..train.setup import load_model, load_tokenizer, resolve_device, resolve_dtype
+from .harness import require_lm_eval, run_lm_eval
+from .pairwise import alpaca_eval_lc_win_rate, pairwise_win_rate
+from ..utils import write_text_atomic
+from .results import SIDES, ResultsDir, bar_chart, markdown_table
+
+PAIRWISE = "pairwise"
+
+
+def resolve_base(checkpoint: str | Path, base: str | None) -> tuple[str, bool]:
+    """(base model name or path, whether `checkpoint` is a LoRA adapter dir). Without `base`: an adapter's
+    base_model_name_or_path, else the `model` of the training run's config.yaml next to the checkpoint
+    (the bundled tiny model when that is null)."""
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} is not a directory")
+    adapter = (ckpt / "adapter_config.json").is_file()
+    if base is not None:
+        return str(base), adapter
+    if adapter:
+        name = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if name:
+            return str(name), adapter
+    for config in (ckpt / "config.yaml", ckpt.parent / "config.yaml"):
+        if config.is_file():
+            model = (yaml.safe_load(config.read_text()) or {}).get("model")
+            return (str(model) if model else str(tiny_model_path())), adapter
+    raise ValueError(f"cannot tell the base model of {str(ckpt)!r}: pass base= (--base)")
+
+
+class EvalModels:
+    """Loads one side at a time: "base" (the base model) or "sdpo" (the checkpoint; an adapter is merged into
+    a fresh copy of the base). `release()` frees the loaded one."""
+
+    def __init__(self, checkpoint: str | Path, base: str | None = None, *, device: str = "auto",
+                 dtype: str = "auto", trust_remote_code: bool = False):
+        self.checkpoint = Path(checkpoint)
+        self.base, self.adapter = resolve_base(checkpoint, base)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.trust_remote_code = trust_remote_code
+        self.side, self.model, self.tokenizer = None, None, None
+
+    def get(self, side: str):
+        if side == self.side:
+            return self.model, self.tokenizer
+        self.release()
+        source = self.base if side == "base" or self.adapter else str(self.checkpoint)
+        model = load_model(source, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code)
+        if side == "sdpo" and self.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(self.checkpoint)).merge_and_unload()
+        has_tokenizer = (self.checkpoint / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(self.checkpoint) if side == "sdpo" and has_tokenizer else self.base,
+                                   trust_remote_code=self.trust_remote_code)
+        self.side, self.model, self.tokenizer = side, model.eval(), tokenizer
+        return self.model, self.tokenizer
+
+    def release(self) -> None:
+        self.side = self.model = self.tokenizer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load_eval_prompts(path: str | Path) -> list[str]:
+    """Held-out prompts: a .txt file (one per line), a .jsonl file or a JSON list (AlpacaEval's format) of
+    objects with an "instruction" or "prompt" field."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        prompts = []
+        for i, row in enumerate(rows):
+            value = row.get("instruction", row.get("prompt")) if isinstance(row, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{path}: row {i + 1} has no non-empty 'instruction' or 'prompt' string")
+            prompts.append(value)
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return prompts
+
+
+def _replies(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int,
+             batch: int = 16) -> list[str]:
+    out = []
+    for i in range(0, len(prompts), batch):
+        chats = [[{"role": "user", "content": p}] for p in prompts[i:i + batch]]
+        out += generate_batch(model, tokenizer, chats, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed + i)
+    return out
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: str | None = None,
+                        tasks: tuple[str, ...] | list[str] = (), limit: int | float | None = None, seed: int = 0,
+                        include_path: str | None = None, batch_size: int = 1, max_length: int | None = None,
+                        log_samples: bool = False, prompts: list[str] | None = None, judge=None, persona=None,
+                        length_control: bool = False, alpaca_eval: bool = False, max_new_tokens: int = 256,
+                        temperature: float = 0.0,
+                        device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                        models: EvalModels | None = None) -> list[dict]:
+    """Each lm-eval task, then the pairwise win rate on `prompts` (judged by `judge`, an online.judge Judge,
+    under `persona`; replies of at most max_new_tokens, greedy at temperature 0, both models with the same
+    sampling seeds), for the base model and the checkpoint. Writes out_dir/<benchmark>.json as each side
+    finishes (finished sides are not rerun), then results.md (the table) and results.png (the chart).
+    Returns the records."""
+    if tasks:
+        require_lm_eval()
+    if prompts is not None and judge is None:
+        raise ValueError("prompts were given without a judge")
+    if alpaca_eval and importlib.util.find_spec("alpaca_eval") is None:
+        raise ImportError("--alpaca-eval needs the alpaca_eval package: pip install alpaca-eval "
+                          "(and its annotator's API key, e.g. OPENAI_API_KEY)")
+    results = ResultsDir(out_dir)
+    models = models or EvalModels(checkpoint, base, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    task_settings = {"limit": limit, "seed": seed, "chat_template": True, "max_length": max_length}
+    records = {task: results.load(task, "lm_eval", task_settings) for task in tasks}
+    if prompts is not None:
+        pair_settings = {"n_prompts": len(prompts), "seed": seed, "max_new_tokens": max_new_tokens,
+                         "temperature": temperature,
+                         "length_control": length_control, "judge": type(judge).__name__,
+                         "persona": getattr(persona, "name", None)}
+        records[PAIRWISE] = results.load(PAIRWISE, PAIRWISE, pair_settings)
+    for side in SIDES:
+        for task in tasks:
+            if side not in records[task]:
+                model, tokenizer = models.get(side)
+                records[task][side] = run_lm_eval(model, tokenizer, task, limit=limit, seed=seed,
+                                                  include_path=include_path, batch_size=batch_size,
+                                                  max_length=max_length, log_samples=log_samples)
+                results.save(records[task])
+        if prompts is not None:
+            replies = records[PAIRWISE].setdefault("replies", {})
+            if side not in replies and "sdpo" not in records[PAIRWISE]:
+                model, tokenizer = models.get(side)
+                replies[side] = _replies(model, tokenizer, prompts, max_new_tokens, temperature, seed)
+                results.save(records[PAIRWISE])
+    models.release()
+    if prompts is not None and "sdpo" not in records[PAIRWISE]:
+        record = records[PAIRWISE]
+        trained, base_replies = record["replies"]["sdpo"], record["replies"]["base"]
+        result = pairwise_win_rate(judge, persona, prompts, trained, base_replies,
+                                   length_control=length_control, seed=seed)
+        if alpaca_eval:
+            result["alpaca_eval"] = alpaca_eval_lc_win_rate(prompts, trained, base_replies,
+                                                            str(Path(out_dir) / "alpaca_eval"))
+        record["base"], record["sdpo"] = {"win_rate": 0.5}, result
+        results.save(record)
+    done = results.records(list(records))
+    write_text_atomic(Path(out_dir) / "results.md", markdown_table(done))
+    bar_chart(done, Path(out_dir) / "results.png")
+    return done
