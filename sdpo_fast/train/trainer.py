@@ -31,7 +31,7 @@ from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, latest_checkpoint, lat
 from .config import TrainConfig, load_yaml, save_config
 from .reporting import Reporters, check_reporters
 from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer, load_tokenizer
-from .setup import resolve_device
+from .setup import check_model_source, resolve_device
 from .step import StepOptions, train_step
 
 CHANGEABLE_ON_RESUME = ("lr", "epochs", "max_steps", "weight_decay", "max_grad_norm", "micro_batch_tokens",
@@ -437,6 +437,7 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     check_backends(config)
     check_reporters(config.report_to)
     name = config.model or str(tiny_model_path())
+    check_model_source(name)
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     check_tokenizer(tokenizer, name)
     encoded, counts = load_encoded_data(config, tokenizer)

@@ -21,8 +21,11 @@ class DiskError(ValueError):
 
 
 def disk_error(exc: BaseException, path: str | os.PathLike) -> DiskError | None:
-    """The one-line DiskError `exc` amounts to when writing `path`, or None when it is no disk error."""
-    code = getattr(exc, "errno", None)
+    """The one-line DiskError `exc` amounts to when writing `path`, or None when it is no disk error. The errno
+    is looked up along the exception's cause/context chain (torch.save wraps the OSError in a RuntimeError)."""
+    code, seen = None, exc
+    while seen is not None and code is None:
+        code, seen = getattr(seen, "errno", None), seen.__cause__ or seen.__context__
     if code in (errno.ENOSPC, errno.EDQUOT):
         return DiskError(f"disk full at {str(path)!r}: free space (or lower --save-total-limit) and rerun")
     if code == errno.EROFS:
