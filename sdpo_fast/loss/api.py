@@ -9,7 +9,7 @@ from ..constants import IGNORE_INDEX
 from .backends import get_backend, resolve_backend
 from .function import LossParams, SDPOFunction
 from .reference import reference_sdpo_loss
-from .validation import validate
+from .validation import validate, validate_values
 
 
 class SDPOStats(NamedTuple):
@@ -25,7 +25,8 @@ class SDPOStats(NamedTuple):
 
 def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
               teacher_lm_head_weight=None, token_weights=None, ignore_index=IGNORE_INDEX, temperature=1.0,
-              signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False):
+              signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False,
+              check_finite=True):
     """SDPO loss  sum_t w_t * -(A_t * log pi(y_t)),  A_t = clip(log q(y_t) - log pi(y_t)) held constant.
 
     student_hidden (..., d) and lm_head_weight (V, d): one float dtype; target_ids (...) integer, ignore_index
@@ -35,10 +36,17 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     (sequence_index (...), integer ids in [0, number of positions)), before the clip, in the same pass.
     Returns a 0-dim fp32 loss, or (loss, SDPOStats) with return_stats=True.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference".
+    Values: temperature >= 1e-3; token_weights >= 0 and teacher_logprobs <= 0 at loss positions; check_finite
+    (default True; one extra pass over the inputs) raises ValueError naming a tensor with NaN/inf, False skips
+    that pass (then check the loss). No loss tokens (N = 0): loss 0.0 and zero gradients on every backend.
     """
     validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
              token_weights, ignore_index, temperature, signal_clip, sequence_index, center_advantages)
+    validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
+                    teacher_lm_head_weight, token_weights, ignore_index, check_finite)
     backend = resolve_backend(backend, student_hidden.device)
+    if not bool((target_ids != ignore_index).any()):
+        return _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats)
     if backend == "reference":
         loss, stats = reference_sdpo_loss(
             student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
@@ -83,6 +91,15 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         return out.reshape(target_ids.shape)
 
     return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages))
+
+
+def _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats):
+    """Loss +0.0 (fp32, in the graph of both inputs, so their gradients are zeros) and zero stats."""
+    loss = (student_hidden.reshape(-1)[:0].float().sum() + lm_head_weight.reshape(-1)[:0].float().sum())
+    if not return_stats:
+        return loss
+    zeros = torch.zeros(target_ids.shape, dtype=torch.float32, device=target_ids.device)
+    return loss, SDPOStats(zeros, zeros.clone(), zeros.clone())
 
 
 class SDPOLoss(torch.nn.Module):

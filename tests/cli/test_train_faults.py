@@ -80,6 +80,7 @@ def uninterrupted(tmp_path_factory, model_dir, data_path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_at_step_0_with_default_options_then_resume(tmp_path, model_dir, data_path, uninterrupted):
     out = tmp_path / "run"
     proc = _cli("train", "--model", model_dir, "--data", data_path, "--output-dir", str(out), "--max-steps", "6",
@@ -96,6 +97,7 @@ def test_kill_9_at_step_0_with_default_options_then_resume(tmp_path, model_dir, 
     assert _losses(uninterrupted) == _losses(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_checkpoint_then_resume_is_bitwise_equal(tmp_path, model_dir, data_path, uninterrupted,
                                                                 signum, code):
@@ -118,6 +120,7 @@ def test_signal_saves_a_checkpoint_then_resume_is_bitwise_equal(tmp_path, model_
     assert _losses(uninterrupted) == _losses(out)
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_fixed_option_is_refused_in_one_line(tmp_path, model_dir, data_path):
     out = tmp_path / "run"
     assert _run("train", "--model", model_dir, "--data", data_path, "--output-dir", str(out), "--max-steps", "1",
