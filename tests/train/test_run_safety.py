@@ -347,3 +347,14 @@ def test_data_counts_are_logged_and_returned(tmp_path, model_dir, data_path):
     assert any(n.startswith("data: 7 rows read") and "invalid_json 1" in n for n in notes)
     event = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert event["event"] == "start" and event["data"] == counts
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_exit_130(monkeypatch, capsys):
+    from sdpo_fast.cli import train as train_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "run", interrupted)
+    assert cli.main(["train", "--no-progress"]) == 130
+    assert capsys.readouterr().err == "sdpo-fast train: interrupted\n"
