@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 # Modules whose `add_parser(subparsers)` registers one sub-command and sets `func`.
 _COMMANDS = [
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdpo-fast: interrupted", file=sys.stderr)
         return 130
+
+    def terminated(signum, frame):
+        raise Interrupted("terminated by SIGTERM", signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
     try:
         return int(args.func(args) or 0)
     except Interrupted as exc:
@@ -48,4 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             exc = f"{exc.filename}: {exc.strerror or exc}"
         print(f"sdpo-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 

@@ -35,7 +35,7 @@ Rows = Iterator[tuple[str, int, object]]
 
 class InvalidRow(NamedTuple):
     """A row that could not be parsed; reason: invalid_json, invalid_utf8, json_too_deep (nesting beyond the
-    interpreter's recursion limit), row_too_large (a JSONL line over MAX_ROW_BYTES), json_element_too_large, or
+    interpreter's recursion limit), row_too_large (a JSONL line over MAX_ROW_BYTES), json_element_too_large,
     corrupt_compressed_file (a truncated or damaged .gz: the file's remaining rows are lost, the next file is
     read)."""
 
@@ -212,11 +212,16 @@ def _parquet_rows(path: Path) -> Rows:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ValueError("reading Parquet needs pyarrow: pip install pyarrow") from exc
+    import pyarrow
+
     name, number = str(path), 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS):
-        for row in batch.to_pylist():
-            number += 1
-            yield name, number, row
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield name, number, row
+    except (pyarrow.ArrowException, OSError):
+        yield name, number + 1, InvalidRow("corrupt_parquet_file")
 
 
 def _datasets_dir_rows(path: Path, split: str) -> Rows:

@@ -106,8 +106,9 @@ class SDPOLoss(torch.nn.Module):
     """`sdpo_loss` as a module; constructor takes the keyword options, forward the tensors."""
 
     def __init__(self, *, ignore_index=IGNORE_INDEX, temperature=1.0, signal_clip=None, center_advantages=False,
-                 backend="auto", return_stats=False):
+                 backend="auto", return_stats=False, check_finite=True):
         super().__init__()
+        self.check_finite = check_finite
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.signal_clip = signal_clip
@@ -121,7 +122,8 @@ class SDPOLoss(torch.nn.Module):
                          teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
                          token_weights=token_weights, ignore_index=self.ignore_index, temperature=self.temperature,
                          signal_clip=self.signal_clip, center_advantages=self.center_advantages,
-                         sequence_index=sequence_index, backend=self.backend, return_stats=self.return_stats)
+                         sequence_index=sequence_index, backend=self.backend, return_stats=self.return_stats,
+                         check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, temperature={self.temperature}, "

@@ -119,10 +119,12 @@ def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, tru
         quantization["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
         quantization["device_map"] = {"": device.index or 0}
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True, **quantization)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ValueError(f"could not load model {name!r}{_not_local(name)}: {str(exc).splitlines()[0]}") from None
     if load_in_4bit:
         return model

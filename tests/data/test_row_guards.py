@@ -94,3 +94,19 @@ def test_data_stats_skips_a_50_mb_message_before_tokenizing(tmp_path, model_dir)
     out, big_kb = _stats_rss(big, model_dir)
     assert "message_too_large" in out and "encoded:        1" in out
     assert big_kb - base_kb < 600 * 1024  # the row is parsed once and dropped: a few times 50 MB, not gigabytes
+
+
+def test_corrupt_parquet_is_a_bad_file(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    data = tmp_path / "data"
+    data.mkdir()
+    table = pyarrow.Table.from_pylist([_row(f"q{i}") for i in range(50)])
+    pq.write_table(table, data / "a.parquet")
+    raw = (data / "a.parquet").read_bytes()
+    (data / "a.parquet").write_bytes(raw[: len(raw) // 2])
+    (data / "b.jsonl").write_text(json.dumps(_row()) + "\n")
+    found, stats = _load(data)
+    assert dict(stats.skipped) == {"corrupt_parquet_file": 1} and len(found) == 1
+    assert stats.bad_rows[0].file == str(data / "a.parquet")

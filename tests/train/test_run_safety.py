@@ -358,3 +358,31 @@ def test_ctrl_c_outside_the_loop_is_one_line_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(train_cli, "run", interrupted)
     assert cli.main(["train", "--no-progress"]) == 130
     assert capsys.readouterr().err == "sdpo-fast train: interrupted\n"
+
+
+def test_sigterm_outside_the_loop_is_one_line_exit_143(monkeypatch, capsys):
+    import signal
+
+    from sdpo_fast.cli import train as train_cli
+
+    monkeypatch.setattr(train_cli, "run", lambda args: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["train", "--no-progress"]) == 143
+    assert capsys.readouterr().err == "sdpo-fast train: terminated by SIGTERM\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_truncated_model_weights_are_one_line(tmp_path, model_dir, data_path):
+    model = _copy_model(model_dir, tmp_path)
+    weights = Path(model) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="could not load model .*: Error while deserializing header"):
+        train(_config(model, data_path, tmp_path / "out"), progress=False, log=lambda m: None)
+
+
+def test_binary_yaml_config_names_the_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    assert cli.main(["train", "--config", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "not UTF-8 text" in err
