@@ -26,7 +26,7 @@ from ..loss import Objective, make_objective, resolve_backend
 from ..model.attention import check_backend as check_attn_backend
 from ..utils.files import disk_error, write_text_atomic
 from ..utils.signals import Interrupted, deferred_signals
-from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, latest_checkpoint, latest_valid_checkpoint,
+from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, checkpoint_problem, latest_checkpoint, latest_valid_checkpoint,
                          load_trainer_state, restore_rng, rotate_checkpoints, save_checkpoint)
 from .config import TrainConfig, load_yaml, save_config
 from .reporting import Reporters, check_reporters
@@ -236,8 +236,9 @@ class Trainer:
             self.resume_from = latest_valid_checkpoint(self.output_dir, warn=lambda m: self.log(f"warning: {m}"))
         if self.resume_from is not None:
             self._restore(Path(self.resume_from))
+        if self.config.resume:
             self._set_aside_newer_checkpoints()
-        elif not self.config.resume and self.output_dir.exists() and any(_entries(self.output_dir)):
+        elif self.output_dir.exists() and any(_entries(self.output_dir)):
             raise ValueError(f"output_dir {str(self.output_dir)!r} is not empty; pass --resume to continue its run "
                              "or choose another --output-dir")
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -259,10 +260,10 @@ class Trainer:
         write_text_atomic(history, previous + json.dumps(record) + "\n")
 
     def _set_aside_newer_checkpoints(self) -> None:
-        """Checkpoints after the resumed one failed verification; renamed NAME.corrupt so that neither resume nor
-        rotation takes them."""
+        """Checkpoints after the resumed step (or all, resuming from step 0) failed verification; renamed
+        NAME.corrupt so that neither resume nor rotation takes them."""
         for path in checkpoint_dirs(self.output_dir):
-            if int(path.name.split("-")[1]) > self.step:
+            if int(path.name.split("-")[1]) > self.step and checkpoint_problem(path) is not None:
                 target = path.with_name(path.name + ".corrupt")
                 shutil.rmtree(target, ignore_errors=True)
                 path.rename(target)

@@ -386,3 +386,19 @@ def test_binary_yaml_config_names_the_file(tmp_path, capsys):
     assert cli.main(["train", "--config", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "not UTF-8 text" in err
+
+
+def test_resume_when_every_checkpoint_is_broken_starts_over_and_sets_them_aside(tmp_path, model_dir, data_path,
+                                                                                  whole):
+    out = tmp_path / "run"
+    train(_config(model_dir, data_path, out, save_steps=1), progress=False, stop_after=2, log=lambda m: None)
+    for step in (1, 2):
+        (out / f"checkpoint-{step}" / "manifest.json").unlink()
+    notes = []
+    train(_config(model_dir, data_path, out, save_steps=1, resume=True), progress=False, log=notes.append)
+    assert sum("no readable manifest.json" in n for n in notes) == 2
+    assert any("starting from step 0" in n for n in notes)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-1.corrupt",
+                                                               "checkpoint-2", "checkpoint-2.corrupt",
+                                                               "checkpoint-3", "checkpoint-4"]
+    _assert_same_weights(whole, out / "checkpoint-4")
