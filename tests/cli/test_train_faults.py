@@ -73,17 +73,17 @@ def _wait(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model_dir, data_path) -> Path:
-    """Output dir of a 6-step run (the CLI defaults otherwise) that nothing interrupted."""
+    """Output dir of a 10-step run (the CLI defaults otherwise) that nothing interrupted."""
     out = tmp_path_factory.mktemp("whole") / "run"
     train(TrainConfig(model=model_dir, data=data_path, output_dir=str(out), batch_size=2, lr=1e-3,
-                      micro_batch_tokens=256, seed=7, max_steps=6), progress=False, log=lambda m: None)
+                      micro_batch_tokens=256, seed=7, max_steps=10), progress=False, log=lambda m: None)
     return out
 
 
 @pytest.mark.slow
 def test_kill_9_at_step_0_with_default_options_then_resume(tmp_path, model_dir, data_path, uninterrupted):
     out = tmp_path / "run"
-    proc = _cli("train", "--model", model_dir, "--data", data_path, "--output-dir", str(out), "--max-steps", "6",
+    proc = _cli("train", "--model", model_dir, "--data", data_path, "--output-dir", str(out), "--max-steps", "10",
                 *_FLAGS)
     _wait(lambda: (out / "config.yaml").is_file(), proc)
     proc.kill()
@@ -93,7 +93,7 @@ def test_kill_9_at_step_0_with_default_options_then_resume(tmp_path, model_dir, 
     assert resumed.returncode == 0, resumed.stderr
     assert "no checkpoint in" in resumed.stderr and "starting from step 0" in resumed.stderr
     assert "data: 5 rows read" in resumed.stdout
-    _assert_bitwise_equal(uninterrupted / "checkpoint-6", out / "checkpoint-6")
+    _assert_bitwise_equal(uninterrupted / "checkpoint-10", out / "checkpoint-10")
     assert _losses(uninterrupted) == _losses(out)
 
 
@@ -102,7 +102,7 @@ def test_kill_9_at_step_0_with_default_options_then_resume(tmp_path, model_dir, 
 def test_signal_saves_a_checkpoint_then_resume_is_bitwise_equal(tmp_path, model_dir, data_path, uninterrupted,
                                                                 signum, code):
     out = tmp_path / "run"
-    proc = _cli("train", "--model", model_dir, "--data", data_path, "--output-dir", str(out), "--max-steps", "6",
+    proc = _cli("train", "--model", model_dir, "--data", data_path, "--output-dir", str(out), "--max-steps", "10",
                 *_FLAGS)
     metrics = out / "metrics.jsonl"
     _wait(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), proc)
@@ -113,10 +113,10 @@ def test_signal_saves_a_checkpoint_then_resume_is_bitwise_equal(tmp_path, model_
     name = signal.Signals(signum).name
     assert line.startswith(f"sdpo-fast train: interrupted by {name} at step ") and "--resume" in line
     step = int(line.split(" at step ")[1].split("/")[0])
-    assert 1 <= step < 6 and [p.name for p in checkpoint_dirs(out)] == [f"checkpoint-{step}"]
+    assert 1 <= step < 10 and [p.name for p in checkpoint_dirs(out)] == [f"checkpoint-{step}"]
     resumed = _run("train", "--output-dir", str(out), "--resume", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
-    _assert_bitwise_equal(uninterrupted / "checkpoint-6", out / "checkpoint-6")
+    _assert_bitwise_equal(uninterrupted / "checkpoint-10", out / "checkpoint-10")
     assert _losses(uninterrupted) == _losses(out)
 
 

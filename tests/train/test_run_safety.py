@@ -402,3 +402,13 @@ def test_resume_when_every_checkpoint_is_broken_starts_over_and_sets_them_aside(
                                                                "checkpoint-2", "checkpoint-2.corrupt",
                                                                "checkpoint-3", "checkpoint-4"]
     _assert_same_weights(whole, out / "checkpoint-4")
+
+
+def test_full_disk_while_logging_metrics_is_one_line(tmp_path, model_dir, data_path, monkeypatch):
+    class FullMetrics(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(trainer_module, "open", lambda path, mode="r": FullMetrics(), raising=False)
+    with pytest.raises(files.DiskError, match=r"^disk full at '.*metrics.jsonl'"):
+        train(_config(model_dir, data_path, tmp_path / "run"), progress=False, log=lambda m: None)
