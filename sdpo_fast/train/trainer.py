@@ -279,8 +279,9 @@ class Trainer:
         differ = {k: (saved.get(k), now[k]) for k in ("num_interactions", "seed", "batch_size", "shuffle")
                   if saved.get(k) != now[k]}
         if differ:
-            raise ValueError(f"resume: checkpoint {str(ckpt)!r} was written for {saved}, but this run has "
-                             f"{now}; use the same data and settings")
+            listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differ.items())
+            raise ValueError(f"resume: checkpoint {str(ckpt)!r} belongs to another run ({listed}); the data or its "
+                             "settings changed: use the same data, or start a new run in another --output-dir")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule's shape comes from this run's options (total steps may have changed), its peak lr and the

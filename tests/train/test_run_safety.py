@@ -412,3 +412,13 @@ def test_full_disk_while_logging_metrics_is_one_line(tmp_path, model_dir, data_p
     monkeypatch.setattr(trainer_module, "open", lambda path, mode="r": FullMetrics(), raising=False)
     with pytest.raises(files.DiskError, match=r"^disk full at '.*metrics.jsonl'"):
         train(_config(model_dir, data_path, tmp_path / "run"), progress=False, log=lambda m: None)
+
+
+def test_resume_with_changed_data_contents_is_refused(tmp_path, model_dir, data_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(Path(data_path).read_text())
+    out = tmp_path / "run"
+    train(_config(model_dir, str(data), out, save_steps=2), progress=False, stop_after=2, log=lambda m: None)
+    data.write_text("".join(Path(data_path).read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(ValueError, match="num_interactions: 5 in the checkpoint, 3 now"):
+        train(_config(model_dir, str(data), out, resume=True), progress=False, log=lambda m: None)
