@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 # Modules whose `add_parser(subparsers)` registers one sub-command and sets `func`.
 _COMMANDS = [
@@ -27,10 +29,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; errors, interrupts (exit 128 + signal: 130 for Ctrl-C, 143 for SIGTERM) and OS errors
+    end in one line on stderr."""
+    from ..utils.signals import Interrupted
+
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("sdpo-fast: interrupted", file=sys.stderr)
+        return 130
+
+    def terminated(signum, frame):
+        raise Interrupted("terminated by SIGTERM", signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated) if _main_thread() else None
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except Interrupted as exc:
+        print(f"sdpo-fast {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"sdpo-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:
+            exc = f"{exc.filename}: {exc.strerror or exc}"
         print(f"sdpo-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..data import load_interactions
 from ..demo.assets import tiny_model_path, tiny_sample_path
@@ -43,16 +44,27 @@ def load_model(name: str, trust_remote_code: bool = False):
     return model.eval(), tokenizer
 
 
+def _check_out(out: str) -> None:
+    """Before the model loads: --out must name a file in an existing directory."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out!r} is a directory; give a file path such as {str(path / 'report.html')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {out!r}: directory {str(path.parent)!r} does not exist; create it first")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    out = args.out or (None if args.json or args.terminal else "report.html")
+    if out:
+        _check_out(out)
 
     model, tokenizer = load_model(args.model or str(tiny_model_path()), args.trust_remote_code)
     data = args.data or str(tiny_sample_path())
     stream = load_interactions(data, max_history=args.max_history)
     report = explain(model, tokenizer, stream, n=args.n, model_name=args.model or TINY_MODEL,
                      data_name=args.data or "bundled sample", group_by=args.group_by)
-    out = args.out or (None if args.json or args.terminal else "report.html")
     if out:
         path = write_html(report, out, args.sort)
         print(f"wrote {path} ({len(report.interactions)} interactions)", file=sys.stderr)

@@ -48,6 +48,8 @@ def add_parser(subparsers) -> None:
                        ("flip", "train on a persona, then on its opposite; judged under both"),
                        ("sequential", "train on several personas in turn; judged under each")):
         p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--overwrite", action="store_true",
+                       help="write into an --output-dir that already holds results (replacing them)")
         _common(p, demo=False)
         p.add_argument("--model", help="Hugging Face id or local path (default: the bundled tiny model)")
         p.add_argument("--persona", default="no-emojis",
@@ -133,6 +135,15 @@ def _checks(args) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(args, key)}")
 
 
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    """Before any model loads: --output-dir must be a directory, and empty unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {str(out)!r} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--output-dir {str(out)!r} already holds results; pass --overwrite to replace them or "
+                         "choose another --output-dir")
+
+
 def _policy(model, tokenizer, config, generator=None):
     from ..online.loop import OnlinePolicy, lora_config
     from ..train.setup import apply_lora
@@ -147,7 +158,7 @@ def _run_experiment(args, policy, personas_by_name, names, make_user, judge, tra
 
     personas = [personas_by_name[n] for n in names]
     options = dict(eval_every=args.eval_every, train_prompts=train_prompts, eval_prompts=eval_prompts,
-                   log=print)
+                   log=print, overwrite=getattr(args, "overwrite", True))
     if args.experiment == "flip" and personas[0].opposite is None:
         raise ValueError(f"persona {personas[0].name!r} has no opposite; set `opposite` in the persona file")
     start = time.perf_counter()
@@ -179,6 +190,7 @@ def run(args) -> int:
     from ..online.users import EndpointError, LLMUser, RuleUser
 
     _checks(args)
+    _check_output_dir(Path(args.output_dir), args.overwrite)
     personas = load_personas(args.personas_file)
     names = [n.strip() for n in args.persona.split(",") if n.strip()]
     if not names or (args.experiment != "sequential" and len(names) != 1):

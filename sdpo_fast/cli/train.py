@@ -90,6 +90,10 @@ def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
         key = "mean_advantage" if config.loss == "sdpo" else "mean_nll"
         print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}; {key.replace('_', ' ')} "
               f"{first[key]:+.4f} -> {last[key]:+.4f}")
+    if summary.get("data"):
+        from ..train.trainer import describe_counts
+
+        print(describe_counts(summary["data"]))
     print(f"checkpoint: {summary['checkpoint']}; metrics: {summary['output_dir']}/metrics.jsonl")
     if config.model is None and config.data is None:
         from ..demo import REPORT_PROMPTS, preferred_rate

@@ -16,6 +16,9 @@ _FORMATS = (
 _ID_FIELDS = ("conversation_id", "conversation_hash", "id")
 # Scalar row fields kept as labels in each interaction's meta ("kind"/"label": user-defined grouping labels).
 _META_FIELDS = ("model", "language", "redacted", "kind", "label")
+MAX_MESSAGE_CHARS = 1 << 20
+"""A message longer than this (about 250k tokens, far beyond any prompt limit) makes its row bad
+(message_too_large) before anything tokenizes it."""
 
 
 class BadRow(Exception):
@@ -37,7 +40,7 @@ class Conversation(NamedTuple):
 def parse_row(row) -> Conversation:
     """Normalize one row; raises BadRow (reasons: row_not_an_object, missing_conversation_field,
     conversation_not_a_list, message_not_an_object, message_missing_field, unknown_role,
-    non_string_content)."""
+    non_string_content, message_too_large)."""
     if not isinstance(row, dict):
         raise BadRow("row_not_an_object")
     for field, role_key, content_key, roles in _FORMATS:
@@ -61,6 +64,8 @@ def parse_row(row) -> Conversation:
         content = message[content_key]
         if not isinstance(content, str):
             raise BadRow("non_string_content")
+        if len(content) > MAX_MESSAGE_CHARS:
+            raise BadRow("message_too_large")
         messages.append({"role": role, "content": content})
         toxic = toxic or message.get("toxic") is True
     meta = {}

@@ -17,10 +17,13 @@ import os
 import re
 import socket
 import urllib.parse
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 MAX_JSON_ELEMENT_CHARS = 64 << 20
+MAX_ROW_BYTES = 64 << 20
+"""A JSONL line longer than this is skipped unread (row_too_large); memory stays bounded by it."""
 _CHUNK_CHARS = 1 << 20
 _BATCH_ROWS = 1024
 _DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
@@ -31,7 +34,10 @@ Rows = Iterator[tuple[str, int, object]]
 
 
 class InvalidRow(NamedTuple):
-    """A row that could not be parsed; reason: invalid_json, invalid_utf8 or json_element_too_large."""
+    """A row that could not be parsed; reason: invalid_json, invalid_utf8, json_too_deep (nesting beyond the
+    interpreter's recursion limit), row_too_large (a JSONL line over MAX_ROW_BYTES), json_element_too_large,
+    corrupt_compressed_file (a truncated or damaged .gz: the file's remaining rows are lost, the next file is
+    read)."""
 
     reason: str
 
@@ -80,19 +86,47 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+_CORRUPT = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
 def _json_rows(path: Path) -> Rows:
-    with _open_binary(path) as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
-        yield from _json_list_rows(path)
-    else:
-        yield from _jsonl_rows(path)
+    try:
+        with _open_binary(path) as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except _CORRUPT:
+        yield str(path), 1, InvalidRow("corrupt_compressed_file")
+        return
+    rows = _json_list_rows(path) if head.startswith(b"[") else _jsonl_rows(path)
+    number = 0
+    try:
+        for item in rows:
+            number = item[1]
+            yield item
+    except _CORRUPT:
+        yield str(path), number + 1, InvalidRow("corrupt_compressed_file")
+
+
+def _lines(f) -> Iterator[bytes | None]:
+    """The lines of binary file `f`; None for a line longer than MAX_ROW_BYTES (its bytes are skipped)."""
+    while True:
+        line = f.readline(MAX_ROW_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_ROW_BYTES and not line.endswith(b"\n"):
+            while (rest := f.readline(_CHUNK_CHARS)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+            continue
+        yield line
 
 
 def _jsonl_rows(path: Path) -> Rows:
     name = str(path)
     with _open_binary(path) as f:
-        for number, line in enumerate(f, 1):
+        for number, line in enumerate(_lines(f), 1):
+            if line is None:
+                yield name, number, InvalidRow("row_too_large")
+                continue
             if number == 1 and line.startswith(b"\xef\xbb\xbf"):
                 line = line[3:]
             if not line.strip():
@@ -101,6 +135,8 @@ def _jsonl_rows(path: Path) -> Rows:
                 yield name, number, json.loads(line)
             except UnicodeDecodeError:
                 yield name, number, InvalidRow("invalid_utf8")
+            except RecursionError:
+                yield name, number, InvalidRow("json_too_deep")
             except ValueError:
                 yield name, number, InvalidRow("invalid_json")
 
@@ -151,6 +187,8 @@ def _json_list_rows(path: Path) -> Rows:
                         obj, end = decoder.raw_decode(buf, pos)
                         if end < len(buf) or eof:
                             break
+                    except RecursionError:
+                        raise _Stop("json_too_deep")
                     except ValueError:
                         if eof:
                             raise _Stop("invalid_json")
@@ -174,11 +212,16 @@ def _parquet_rows(path: Path) -> Rows:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ValueError("reading Parquet needs pyarrow: pip install pyarrow") from exc
+    import pyarrow
+
     name, number = str(path), 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS):
-        for row in batch.to_pylist():
-            number += 1
-            yield name, number, row
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield name, number, row
+    except (pyarrow.ArrowException, OSError):
+        yield name, number + 1, InvalidRow("corrupt_parquet_file")
 
 
 def _datasets_dir_rows(path: Path, split: str) -> Rows:

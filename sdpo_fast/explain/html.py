@@ -147,5 +147,6 @@ def render_html(report: Report, sort: str = "signal") -> str:
 
 
 def write_html(report: Report, path: str | os.PathLike, sort: str = "signal") -> Path:
-    """Write render_html(report) to `path` atomically (temp file in the same folder, then os.replace)."""
-    return write_text_atomic(path, render_html(report, sort), mode=0o644)
+    """Write render_html(report) to `path` atomically (temp file in the same folder, then os.replace), owner-only
+    (0o600) like checkpoints: the report holds conversation text."""
+    return write_text_atomic(path, render_html(report, sort), mode=0o600)

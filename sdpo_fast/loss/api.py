@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 
 from ..constants import IGNORE_INDEX
+from ..utils.checks import check_bool
 from .backends import get_backend, resolve_backend
 from .function import LossParams, SDPOFunction
 from .reference import reference_sdpo_loss
@@ -35,7 +36,7 @@ def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | 
 def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
               teacher_lm_head_weight=None, token_weights=None, ignore_index=IGNORE_INDEX, temperature=1.0,
               signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False,
-              check_values=True, compact=True):
+              check_values=True, compact=True, check_finite=True):
     """SDPO loss  sum_t w_t * -(A_t * log pi(y_t)),  A_t = clip(log q(y_t) - log pi(y_t)) held constant.
 
     student_hidden (..., d) and lm_head_weight (V, d): one float dtype; target_ids (...) integer, ignore_index
@@ -46,15 +47,22 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     Returns a 0-dim fp32 loss, or (loss, SDPOStats) with return_stats=True. Under `torch.autocast` with fp32
     inputs, the products run in the autocast dtype (tensor cores) with fp32 accumulation; grads stay fp32.
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference".
-    check_values: check target (and sequence) id ranges; compact: drop ignored positions before the vocabulary
-    sweep. Each reads device values (a host sync on a GPU); with both False the call queues its work without
-    waiting (ids must then be valid; ignored positions are computed with weight 0).
+    Values (check_values=True): target and sequence ids in range, temperature >= 1e-3, token_weights >= 0 and
+    teacher_logprobs <= 0 at loss positions, and with check_finite every float input finite (ValueError naming the
+    tensor). compact: drop ignored positions before the vocabulary sweep. Value checks and compaction read device
+    values (one host sync each on a GPU); with check_values=False and compact=False the call queues its work
+    without waiting (inputs must then be valid; ignored positions are computed with weight 0). No loss tokens:
+    loss 0.0 and zero gradients on every backend.
     """
     validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
              token_weights, ignore_index, temperature, signal_clip, sequence_index, center_advantages)
+    check_bool("check_finite", check_finite)
     if check_values:
-        validate_values(lm_head_weight, target_ids, ignore_index, sequence_index)
+        validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
+                        teacher_lm_head_weight, token_weights, ignore_index, sequence_index, check_finite)
     backend = resolve_backend(backend, student_hidden.device)
+    if compact and not bool((target_ids != ignore_index).any()):
+        return _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats)
     if backend == "reference":
         loss, stats = reference_sdpo_loss(
             student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
@@ -119,12 +127,22 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages))
 
 
+def _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats):
+    """Loss +0.0 (fp32, in the graph of both inputs, so their gradients are zeros) and zero stats."""
+    loss = (student_hidden.reshape(-1)[:0].float().sum() + lm_head_weight.reshape(-1)[:0].float().sum())
+    if not return_stats:
+        return loss
+    zeros = torch.zeros(target_ids.shape, dtype=torch.float32, device=target_ids.device)
+    return loss, SDPOStats(zeros, zeros.clone(), zeros.clone())
+
+
 class SDPOLoss(torch.nn.Module):
     """`sdpo_loss` as a module; constructor takes the keyword options, forward the tensors."""
 
     def __init__(self, *, ignore_index=IGNORE_INDEX, temperature=1.0, signal_clip=None, center_advantages=False,
-                 backend="auto", return_stats=False):
+                 backend="auto", return_stats=False, check_finite=True):
         super().__init__()
+        self.check_finite = check_finite
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.signal_clip = signal_clip
@@ -138,7 +156,8 @@ class SDPOLoss(torch.nn.Module):
                          teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
                          token_weights=token_weights, ignore_index=self.ignore_index, temperature=self.temperature,
                          signal_clip=self.signal_clip, center_advantages=self.center_advantages,
-                         sequence_index=sequence_index, backend=self.backend, return_stats=self.return_stats)
+                         sequence_index=sequence_index, backend=self.backend, return_stats=self.return_stats,
+                         check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, temperature={self.temperature}, "

@@ -6,6 +6,10 @@ import torch
 from ..utils.checks import check_bool, check_number
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_TEMPERATURE = 1e-3
+"""Below this, logits/temperature overflow the fp32 accumulation of long rows (1/T multiplies every logit)."""
+LOGPROB_SLACK = 1e-3
+"""teacher_logprobs may exceed 0 by this much (rounding of low-precision log-softmax), no more."""
 
 
 def _check_float(name: str, tensor, ndim: int | None = None) -> None:
@@ -93,6 +97,9 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
     if token_weights is not None:
         _check_per_token("token_weights", token_weights, target_ids)
     check_number("temperature", temperature, positive=True)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (smaller values overflow the logits), "
+                         f"got {temperature!r}")
     check_number("signal_clip", signal_clip, positive=True, optional=True, what="None or a number > 0")
     check_bool("center_advantages", center_advantages)
     if center_advantages:
@@ -102,14 +109,41 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
         _check_index("sequence_index", sequence_index, target_ids)
 
 
-def validate_values(lm_head_weight, target_ids, ignore_index, sequence_index=None) -> None:
-    """The checks that read tensor values (each a device->host synchronization on a GPU): target ids in
-    [0, V) or ignore_index; sequence ids in [0, number of positions)."""
+def validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
+                    teacher_lm_head_weight, token_weights, ignore_index, sequence_index=None,
+                    check_finite: bool = True) -> None:
+    """The checks that read tensor values, gathered into one device->host read: target ids in [0, V) or
+    ignore_index, sequence ids in [0, number of positions), token_weights >= 0 and teacher_logprobs <= 0 at loss
+    positions, and with `check_finite` every float input finite. ValueError naming the tensor."""
     vocab_size = lm_head_weight.shape[0]
-    bad = (target_ids != ignore_index) & ((target_ids < 0) | (target_ids >= vocab_size))
-    if bool(bad.any()):
-        value = int(target_ids[bad][0])
-        raise ValueError(f"target_ids contains {value}, outside [0, {vocab_size}) and not ignore_index={ignore_index}")
-    if sequence_index is not None and sequence_index.numel() \
-            and bool(((sequence_index < 0) | (sequence_index >= sequence_index.numel())).any()):
-        raise ValueError(f"sequence_index values must lie in [0, {sequence_index.numel()}) (one id per sequence)")
+    loss = target_ids != ignore_index
+    out_of_range = loss & ((target_ids < 0) | (target_ids >= vocab_size))
+    checks: list[tuple[str, torch.Tensor]] = [("target_ids", out_of_range.any())]
+    if sequence_index is not None and sequence_index.numel():
+        checks.append((f"sequence_index values must lie in [0, {sequence_index.numel()}) (one id per sequence)",
+                       ((sequence_index < 0) | (sequence_index >= sequence_index.numel())).any()))
+    if token_weights is not None:
+        checks.append(("token_weights must be >= 0 at loss positions", (token_weights[loss] < 0).any()))
+    if teacher_logprobs is not None:
+        checks.append(("teacher_logprobs must be <= 0 at loss positions (log-probabilities; pass log q, "
+                       "not q or a logit)", (teacher_logprobs[loss].float() > LOGPROB_SLACK).any()))
+    if check_finite:
+        tensors = {"student_hidden": student_hidden, "lm_head_weight": lm_head_weight,
+                   "teacher_hidden": teacher_hidden, "teacher_lm_head_weight": teacher_lm_head_weight}
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                checks.append((f"{name} has non-finite values (NaN or inf); pass check_finite=False to skip this "
+                               "check", ~torch.isfinite(tensor).all()))
+        for name, tensor in (("teacher_logprobs", teacher_logprobs), ("token_weights", token_weights)):
+            if tensor is not None:
+                checks.append((f"{name} has non-finite values (NaN or inf) at loss positions",
+                               ~torch.isfinite(tensor[loss]).all()))
+    flags = torch.stack([flag.to(target_ids.device) for _, flag in checks]).tolist()
+    for (message, _), bad in zip(checks, flags):
+        if not bad:
+            continue
+        if message == "target_ids":
+            value = int(target_ids[out_of_range][0])
+            raise ValueError(f"target_ids contains {value}, outside [0, {vocab_size}) and not "
+                             f"ignore_index={ignore_index}")
+        raise ValueError(message)

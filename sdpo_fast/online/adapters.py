@@ -32,7 +32,7 @@ STATE_FILE = "online_state.pt"
 
 def check_user_id(user_id) -> str:
     """`user_id` if it is safe as a file name and adapter name (1-64 of A-Z a-z 0-9 _ -, not starting with _ or -)."""
-    if not isinstance(user_id, str) or not _USER_ID.match(user_id):
+    if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
         raise ValueError(f"user_id must be 1-64 letters, digits, '_' or '-' starting with a letter or digit "
                          f"(it names a file), got {user_id!r}")
     return user_id
@@ -54,7 +54,7 @@ class UserAdapters:
         self.base, self.tokenizer, self.generator = model, tokenizer, generator
         self.max_loaded_users = max_loaded_users
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         _recover(self.root)
         self.model = None
         self.policies: collections.OrderedDict[str, OnlinePolicy] = collections.OrderedDict()

@@ -106,14 +106,15 @@ def plot(rows: list[dict], path: Path, title: str, boundaries: list[int] = ()) -
 def run_schedule(policy: OnlinePolicy, phases: list[Phase], make_user, judge: Judge, output_dir, *,
                  name: str = "online", eval_personas: list[Persona] | None = None, eval_every: int = 20,
                  train_prompts=TRAIN_PROMPTS, eval_prompts=EVAL_PROMPTS, oracle: bool = True,
-                 log=None) -> list[dict]:
+                 log=None, overwrite: bool = False) -> list[dict]:
     """Train `policy` (a LoRA adapter) through `phases`, judging it against the base model at the start, at the
     end of each phase, and after the update batch that reaches each multiple of `eval_every` interactions
     (exactly there when update_every divides it), under each of `eval_personas` (default: the phases' personas).
     Evaluation never splits a batch, so what is learned does not depend on `eval_every`.
 
     make_user(persona) -> user. Writes output_dir/{name}.csv after every evaluation (so an endpoint failure
-    keeps what was completed) and output_dir/{name}.png at the end. Returns the rows.
+    keeps what was completed) and output_dir/{name}.png at the end; an existing {name}.csv is a ValueError
+    unless `overwrite`. The directory is created owner-only (0o700). Returns the rows.
     """
     if policy.adapter_name is None:
         raise ValueError("experiments compare against the base model: the policy needs a LoRA adapter (lora_r > 0)")
@@ -121,7 +122,10 @@ def run_schedule(policy: OnlinePolicy, phases: list[Phase], make_user, judge: Ju
         raise ValueError("phases must be a non-empty list of Phase with interactions >= 1")
     check_int("eval_every", eval_every, 1)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / f"{name}.csv").exists() and not overwrite:
+        raise ValueError(f"output_dir {str(out)!r} already holds {name}.csv; pass overwrite=True (--overwrite) "
+                         "or choose another output directory")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     personas = eval_personas or list({p.persona.name: p.persona for p in phases}.values())
     eval_prompts = list(eval_prompts)
     base = _responses(policy, eval_prompts, base=True, seed=0)

@@ -117,6 +117,8 @@ def load_personas(path: str | Path | None = None) -> dict[str, Persona]:
         raise FileNotFoundError(f"persona file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"persona file {str(path)!r} is not UTF-8 text (byte {exc.start}); pass a YAML file") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse_personas(data, str(path))

@@ -1,9 +1,13 @@
-"""Atomic checkpoints: Hugging Face weights (adapters only for LoRA) + tokenizer + optimizer/scheduler/RNG/step."""
+"""Atomic checkpoints: Hugging Face weights (adapters only for LoRA) + tokenizer + optimizer/scheduler/RNG/step,
+with a manifest of every file's size and SHA-256 (checked on resume), and rotation."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,13 +15,15 @@ import torch
 from ..utils.files import replace_dir
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
 STALE_PATTERNS = (".checkpoint-*.tmp*", ".checkpoint-*.old*")
 """What an interrupted `save_checkpoint` can leave in output_dir (removed when a run starts)."""
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_HASH_CHUNK = 8 << 20
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in output_dir, oldest step first."""
+    """Checkpoint directories in output_dir that have a trainer state, oldest step first (not yet verified)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -30,11 +36,58 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(directory: Path) -> dict:
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why `checkpoint` cannot be trusted (a missing, truncated or altered file, no manifest), or None if every
+    file matches the sizes and hashes recorded when it was saved."""
+    checkpoint = Path(checkpoint)
+    try:
+        recorded = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST_FILE} (incomplete save)"
+    for name, entry in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, {entry['size']} were saved"
+    for name, entry in recorded.items():
+        if _sha256(checkpoint / name) != entry["sha256"]:
+            return f"{name} does not match the hash recorded at save"
+    return None
+
+
+def latest_valid_checkpoint(output_dir: str | os.PathLike,
+                            warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint whose files match its manifest; each newer one that does not is reported to `warn`."""
+    for checkpoint in reversed(checkpoint_dirs(output_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        if warn is not None:
+            warn(f"checkpoint {str(checkpoint)!r} is not usable ({problem}); trying the previous one")
+    return None
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, optimizer, scheduler,
                     extra: dict) -> Path:
     """Write output_dir/checkpoint-{step} atomically (built aside, then swapped in); returns its path.
 
     `extra` holds plain values (ints, floats, strings) describing the run position, stored with the state.
+    The manifest (sizes and SHA-256 of every file) is written last.
     """
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -48,10 +101,22 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "extra": dict(extra),
         }
-        torch.save(state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": _manifest(tmp)}, indent=1))
 
     return replace_dir(Path(output_dir) / f"checkpoint-{step}", write)
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int, newest: Path) -> list[Path]:
+    """Delete the oldest checkpoints so that at most `keep` (>= 1) remain; `newest` (the one just saved, complete)
+    is never deleted. Returns the deleted paths."""
+    others = [p for p in checkpoint_dirs(output_dir) if p.resolve() != Path(newest).resolve()]
+    doomed = others[:max(0, len(others) - (keep - 1))]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 def load_trainer_state(checkpoint: str | os.PathLike) -> dict:

@@ -114,6 +114,10 @@ class TrainConfig:
     use_liger: bool = False
     """Patch the model with Liger-Kernel's RMSNorm/SwiGLU/RoPE kernels (CUDA; liger-kernel installed)."""
     preset: str | None = None
+    save_minutes: float | None = 30.0
+    """Also checkpoint when this many minutes have passed since the last save (None: off)."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints, deleting the oldest (never the newest complete one; None: keep all)."""
 
     def validate(self) -> "TrainConfig":
         check_choice("loss", self.loss, LOSSES)
@@ -163,6 +167,8 @@ class TrainConfig:
             raise ValueError("load_in_4bit (QLoRA) trains adapters only: set lora_r > 0")
         if self.loss == "sft" and self.signal_clip is not None:
             raise ValueError("signal_clip applies to loss 'sdpo' only; unset it for loss 'sft'")
+        check_number("save_minutes", self.save_minutes, positive=True, optional=True)
+        check_int("save_total_limit", self.save_total_limit, 1, optional=True)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,7 +200,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(key), str):
             out[key] = [m.strip() for m in out[key].split(",") if m.strip()]
     for key in ("lr", "weight_decay", "warmup_ratio", "temperature", "max_grad_norm", "signal_clip",
-                "lora_alpha", "lora_dropout"):
+                "lora_alpha", "lora_dropout", "save_minutes"):
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = float(out[key])
         if isinstance(out.get(key), str):  # YAML reads "2e-6" as a string
@@ -213,7 +219,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -45,10 +48,55 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_source(name: str, *, weights: bool = True, argument: str = "--model") -> None:
+    """FileNotFoundError/ValueError naming `argument` before anything loads: a local directory must hold a
+    config.json, tokenizer files and (with `weights`) safetensors weights; a name that is no local directory
+    must look like a Hub id (`org/name`, no ./, ../, /, ~, backslash or more than one /), and with
+    HF_HUB_OFFLINE set it must already be in the Hugging Face cache. A path-like name that does not exist is
+    "no such local directory" at once, never a Hub lookup."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ValueError(f"{argument} {name!r} has no config.json; pass a Hugging Face model directory")
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ValueError(f"{argument} {name!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy "
+                             "the tokenizer into it (tokenizer.save_pretrained)")
+        if weights and not any(path.glob("*.safetensors")):
+            other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            found = f"only {', '.join(other[:3])}: pickle weights are not loaded" if other else "no weights"
+            raise ValueError(f"{argument} {name!r} has {found}; save it with safetensors "
+                             "(model.save_pretrained(dir, safe_serialization=True))")
+        return
+    if path.exists():
+        raise ValueError(f"{argument} {name!r} is a file; pass a model directory or a Hub id")
+    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+        raise FileNotFoundError(f"{argument} {name!r}: no such local directory (and not a Hub id)")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise FileNotFoundError(f"{argument} {name!r}: no such local directory, and HF_HUB_OFFLINE is set "
+                                    "with no cached copy; pass a local model directory")
+        return
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError:
+        raise FileNotFoundError(f"{argument} {name!r}: no such local directory, and the Hub ({host}) cannot be "
+                                "reached to download it; pass a local model directory") from None
+
+
+def _not_local(name: str) -> str:
+    return "" if Path(name).expanduser().exists() else " (no such local directory; tried the Hub)"
+
+
 def _check_local(name: str) -> None:
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        if not Path(name).expanduser().exists():
-            raise FileNotFoundError(f"model path {name!r} does not exist")
+    check_model_source(name, weights=False)
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
@@ -58,7 +106,8 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load the tokenizer of {name!r}: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"could not load the tokenizer of {name!r}{_not_local(name)}: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, trust_remote_code: bool = False,
@@ -67,7 +116,7 @@ def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, tru
     load_in_4bit: NF4 base weights (bitsandbytes), placed on `device` by transformers."""
     from transformers import AutoModelForCausalLM
 
-    _check_local(name)
+    check_model_source(name)
     quantization = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -75,11 +124,13 @@ def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, tru
         quantization["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
         quantization["device_map"] = {"": device.index}
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True, **quantization)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ValueError(f"could not load model {name!r}{_not_local(name)}: {str(exc).splitlines()[0]}") from None
     if load_in_4bit:
         return model
     return model.to(device=device, dtype=dtype) if isinstance(dtype, torch.dtype) else model.to(device)

@@ -1,25 +1,55 @@
 """The offline SDPO trainer: `train_step` (train/step.py) over the steps of a run, with metrics, checkpoints and
-exact resume. One optimizer step = `batch_size` interactions."""
+exact resume. One optimizer step = `batch_size` interactions.
+
+Crash safety: checkpoints every `save_steps` steps, every `save_minutes` minutes and at the end; SIGINT/SIGTERM
+finish the current step, save, and stop (`Interrupted`, exit code 130/143); `save_total_limit` rotates old
+checkpoints. Resume takes the newest checkpoint whose files match their recorded sizes and hashes (warning about
+newer broken ones), or starts from step 0 when the run directory has none yet. Options in `FIXED_ON_RESUME`
+cannot differ from the run's config.yaml; the others are applied and recorded (metrics.jsonl "start" events and
+config_history.jsonl)."""
 from __future__ import annotations
 
 import json
 import math
 import shutil
+import sys
+import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from ..data import EncodedInteraction, encode_interactions, load_interactions
-from ..demo.assets import tiny_sample_path
-from ..loss import Objective, make_objective
-from ..utils.files import write_text_atomic
-from .checkpoint import STALE_PATTERNS, latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
-from .config import TrainConfig, save_config
+from ..demo.assets import tiny_model_path, tiny_sample_path
+from ..loss import Objective, make_objective, resolve_backend
+from ..model.attention import check_backend as check_attn_backend
+from ..utils.files import disk_error, write_text_atomic
+from ..utils.signals import Interrupted, deferred_signals
+from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, checkpoint_problem, latest_checkpoint, latest_valid_checkpoint,
+                         load_trainer_state, restore_rng, rotate_checkpoints, save_checkpoint)
+from .config import TrainConfig, load_yaml, save_config
 from .reporting import Reporters, check_reporters
-from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer
+from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer, load_tokenizer
+from .setup import check_model_source, resolve_device
 from .step import StepOptions, train_step
+
+CHANGEABLE_ON_RESUME = ("lr", "epochs", "max_steps", "weight_decay", "max_grad_norm", "micro_batch_tokens",
+                        "save_steps", "save_minutes", "save_total_limit", "logging_steps", "report_to",
+                        "gradient_checkpointing", "prefix_reuse", "attn_backend", "loss_backend", "device",
+                        "use_liger")
+"""Options `--resume` may change: applied from the resumed step on (lr and weight_decay replace the saved
+optimizer's; epochs/max_steps re-shape the schedule to the new total) and recorded."""
+NOT_COMPARED_ON_RESUME = ("output_dir", "resume", "preset")
+"""Every other option (model, data, data filters and token limits, seed, shuffle, batch_size, loss, aggregation,
+ignore_first_k, temperature, signal_clip, optimizer, schedule, warmup_ratio, LoRA settings, dtype,
+load_in_4bit, trust_remote_code, and any option added later) is fixed: a resume that changes one is refused."""
+_PROBE = "Hello, world"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
 
 def step_order(n_interactions: int, batch_size: int, epoch: int, seed: int, shuffle: bool) -> list[list[int]]:
     """Interaction indices of each step of `epoch` (the last step may be short); depends only on the arguments."""
@@ -50,19 +80,128 @@ def step_options(config: TrainConfig) -> StepOptions:
 
 
 def load_encoded_data(config: TrainConfig, tokenizer) -> tuple[list[EncodedInteraction], dict]:
-    """Encoded interactions of `config.data` (default: the bundled tiny_sample.jsonl) and counts of what was
-    skipped."""
+    """Encoded interactions of `config.data` (default: the bundled tiny_sample.jsonl) and what was read: rows,
+    conversations, interactions, encoded, skipped (reason -> count), bad_rows (count) and the first bad rows'
+    locations ("file:number: reason")."""
     source = config.data if config.data is not None else tiny_sample_path()
     stream = load_interactions(source, max_history=config.max_history, preset=config.data_preset)
     encoded, skipped = encode_interactions(tokenizer, stream, max_prompt_tokens=config.max_prompt_tokens,
                                            max_completion_tokens=config.max_completion_tokens,
                                            hindsight_template=config.hindsight_template,
                                            prompt_truncation=config.prompt_truncation)
-    skipped = {**dict(stream.skipped), **dict(skipped)}
+    stats = stream.stats
+    skipped = {**dict(stats.skipped), **dict(skipped)}
+    counts = {"rows": stats.rows, "conversations": stats.conversations, "interactions": stats.interactions,
+              "encoded": len(encoded), "skipped": skipped,
+              "bad_rows": sum(skipped.get(reason, 0) for reason in {b.reason for b in stats.bad_rows}),
+              "first_bad_rows": [f"{b.file}:{b.number}: {b.reason}" for b in stats.bad_rows[:5]]}
     if not encoded:
         raise ValueError(f"data {str(source)!r} gave zero usable interactions (skipped: {skipped or 'none'}; "
-                         f"bad rows: {len(stream.bad_rows)})")
-    return encoded, skipped
+                         f"bad rows: {len(stats.bad_rows)})")
+    empty = sum(1 for e in encoded if not e.student_prompt_len or not e.completion_ids)
+    if empty:
+        raise ValueError(f"data {str(source)!r}: {empty} interactions encode to zero prompt or completion tokens; "
+                         "the tokenizer does not encode this text (check the model directory's tokenizer files)")
+    return encoded, counts
+
+
+def describe_counts(counts: dict) -> str:
+    """One line: rows/interactions read, used, skipped and why."""
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(counts["skipped"].items(), key=lambda kv: -kv[1]))
+    line = (f"data: {counts['rows']} rows read, {counts['conversations']} conversations, "
+            f"{counts['interactions']} interactions, {counts['encoded']} encoded; skipped: {skipped or 'none'}")
+    if counts["first_bad_rows"]:
+        line += f"; first bad rows: {'; '.join(counts['first_bad_rows'][:3])}"
+    return line
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """ValueError unless `tokenizer` encodes text to tokens and its chat template round-trips a message."""
+    if not tokenizer.encode(_PROBE, add_special_tokens=False):
+        raise ValueError(f"model {name!r}: its tokenizer encodes text to zero tokens (tokenizer files missing or "
+                         "broken); use a model directory with tokenizer.json (or tokenizer.model)")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"model {name!r}: its tokenizer has no chat template; use an instruct/chat model")
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        back = tokenizer.decode(ids)
+    except Exception as exc:  # a template that cannot render is reported with its error, as one line
+        raise ValueError(f"model {name!r}: its chat template fails ({exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if _PROBE not in back:
+        raise ValueError(f"model {name!r}: its tokenizer cannot round-trip the chat template (a message encoded "
+                         "and decoded does not come back); check its tokenizer files")
+
+
+def check_output_dir(path: Path, resume: bool) -> None:
+    """ValueError naming --output-dir when it cannot hold this run (a file, under a file, not writable, a
+    finished/foreign non-empty directory without --resume, a missing directory with --resume)."""
+    shown = str(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {shown!r} is a file; pass a directory path to --output-dir")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"output_dir {shown!r} is under the file {str(parent)!r}; choose another --output-dir")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".sdpo-write-check"):
+            pass
+    except OSError as exc:
+        mapped = disk_error(exc, parent)
+        raise ValueError(f"output_dir {shown!r}: "
+                         f"{mapped if mapped is not None else f'cannot write {str(parent)!r} ({exc.strerror})'}"
+                         ) from None
+    if resume:
+        if not path.is_dir():
+            raise ValueError(f"resume: {shown!r} does not exist, so there is no checkpoint to resume; "
+                             "drop --resume to start a new run there")
+        if any(_entries(path)) and not (path / "config.yaml").is_file() and not checkpoint_dirs(path):
+            raise ValueError(f"resume: {shown!r} is not a run directory (no config.yaml, no checkpoint)")
+    elif path.is_dir() and any(_entries(path)):
+        raise ValueError(f"output_dir {shown!r} is not empty; pass --resume to continue its run "
+                         "or choose another --output-dir")
+
+
+def _entries(path: Path):
+    return (p for p in path.iterdir() if not any(p.match(pattern) for pattern in STALE_PATTERNS))
+
+
+def resume_changes(config: TrainConfig, output_dir: Path) -> dict:
+    """{option: [saved, new]} of the options `config` changes from output_dir/config.yaml (all changeable);
+    ValueError listing the fixed options that differ."""
+    saved_path = output_dir / "config.yaml"
+    if not saved_path.is_file():
+        return {}
+    saved = load_yaml(saved_path)
+    current = config.to_dict()
+    changed = {key: [saved[key], current[key]] for key in current
+               if key in saved and key not in NOT_COMPARED_ON_RESUME and not _same(saved[key], current[key])}
+    fixed = {key: pair for key, pair in changed.items() if key not in CHANGEABLE_ON_RESUME}
+    if fixed:
+        listed = "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, (old, new) in fixed.items())
+        raise ValueError(f"resume: these options cannot change in a resumed run ({listed}); drop them, or start a "
+                         f"new run in another --output-dir")
+    return changed
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def check_backends(config: TrainConfig) -> None:
+    """ValueError naming loss_backend/attn_backend when it cannot run on the configured device."""
+    device = resolve_device(config.device)
+    if config.loss == "sdpo":
+        try:
+            resolve_backend(config.loss_backend, device)
+        except ValueError as exc:
+            raise ValueError(f"loss_backend {config.loss_backend!r} cannot run on {device.type}: {exc}") from None
+    check_attn_backend(config.attn_backend)
 
 
 def default_output_dir() -> str:
@@ -70,9 +209,15 @@ def default_output_dir() -> str:
 
 
 class Trainer:
-    """Runs `config` on a prepared model, tokenizer and encoded interactions, writing into config.output_dir."""
+    """Runs `config` on a prepared model, tokenizer and encoded interactions, writing into config.output_dir.
 
-    def __init__(self, config: TrainConfig, model, tokenizer, encoded: list[EncodedInteraction]):
+    resume_from: with config.resume, the checkpoint to continue from ("latest": the newest valid one; None:
+    step 0). data_counts: what the data loader read (logged with the run's start). changes: options changed
+    on resume ({option: [saved, new]}), recorded."""
+
+    def __init__(self, config: TrainConfig, model, tokenizer, encoded: list[EncodedInteraction], *,
+                 resume_from: Path | str | None = "latest", data_counts: dict | None = None,
+                 changes: dict | None = None, log=_say):
         if not encoded:
             raise ValueError("no interactions to train on")
         self.config, self.model, self.tokenizer, self.encoded = config, model, tokenizer, encoded
@@ -84,14 +229,18 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.warmup_ratio, self.total_steps)
         self.objective, self.step_options = objective_of(config), step_options(config)
         self.step = 0
+        self.resume_from = resume_from if config.resume else None
+        self.data_counts, self.changes, self.log = data_counts, dict(changes or {}), log
+        self._saved_step, self._last_save = None, time.monotonic()
 
     def _prepare_output_dir(self) -> None:
+        if self.resume_from == "latest":
+            self.resume_from = latest_valid_checkpoint(self.output_dir, warn=lambda m: self.log(f"warning: {m}"))
+        if self.resume_from is not None:
+            self._restore(Path(self.resume_from))
         if self.config.resume:
-            ckpt = latest_checkpoint(self.output_dir)
-            if ckpt is None:
-                raise ValueError(f"resume: no checkpoint in {str(self.output_dir)!r}")
-            self._restore(ckpt)
-        elif self.output_dir.exists() and any(self.output_dir.iterdir()):
+            self._set_aside_newer_checkpoints()
+        elif self.output_dir.exists() and any(_entries(self.output_dir)):
             raise ValueError(f"output_dir {str(self.output_dir)!r} is not empty; pass --resume to continue its run "
                              "or choose another --output-dir")
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +250,26 @@ class Trainer:
         save_config(self.config, self.output_dir / "config.yaml")
         metrics = self.output_dir / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
-        write_text_atomic(metrics, "".join(line + "\n" for line in lines if _logged_step(line) <= self.step))
+        event = {"event": "start", "step": self.step,
+                 "resumed_from": str(self.resume_from) if self.resume_from is not None else None,
+                 "changed": self.changes, "data": self.data_counts}
+        kept = [line for line in lines if _logged_step(line) <= self.step]
+        write_text_atomic(metrics, "".join(line + "\n" for line in kept) + json.dumps(event) + "\n")
+        history = self.output_dir / "config_history.jsonl"
+        previous = history.read_text() if history.exists() else ""
+        record = {"step": self.step, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "resumed_from": event["resumed_from"], "changed": self.changes}
+        write_text_atomic(history, previous + json.dumps(record) + "\n")
+
+    def _set_aside_newer_checkpoints(self) -> None:
+        """Checkpoints after the resumed step (or all, resuming from step 0) failed verification; renamed
+        NAME.corrupt so that neither resume nor rotation takes them."""
+        for path in checkpoint_dirs(self.output_dir):
+            if int(path.name.split("-")[1]) > self.step and checkpoint_problem(path) is not None:
+                target = path.with_name(path.name + ".corrupt")
+                shutil.rmtree(target, ignore_errors=True)
+                path.rename(target)
+                self.log(f"warning: set {str(path)!r} aside as {target.name}")
 
     def _position(self) -> dict:
         return {"num_interactions": len(self.encoded), "total_steps": self.total_steps, "seed": self.config.seed,
@@ -109,17 +277,33 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         state = load_trainer_state(ckpt)
-        if state["extra"] != self._position():
-            raise ValueError(f"resume: checkpoint {str(ckpt)!r} was written for {state['extra']}, but this run has "
-                             f"{self._position()}; use the same data and settings")
+        saved, now = state["extra"], self._position()
+        differ = {k: (saved.get(k), now[k]) for k in ("num_interactions", "seed", "batch_size", "shuffle")
+                  if saved.get(k) != now[k]}
+        if differ:
+            listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differ.items())
+            raise ValueError(f"resume: checkpoint {str(ckpt)!r} belongs to another run ({listed}); the data or its "
+                             "settings changed: use the same data, or start a new run in another --output-dir")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule's shape comes from this run's options (total steps may have changed), its peak lr and the
+        # weight decay from this run's config: the saved optimizer's values are replaced.
+        self.scheduler.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * factor(self.scheduler.last_epoch)
+            group["weight_decay"] = self.config.weight_decay
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         restore_rng(state)
-        self.step = state["step"]
+        self.step = self._saved_step = state["step"]
 
     def save(self) -> Path:
-        return save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, self.optimizer,
+        path = save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, self.optimizer,
                                self.scheduler, self._position())
+        self._saved_step, self._last_save = self.step, time.monotonic()
+        if self.config.save_total_limit:
+            rotate_checkpoints(self.output_dir, self.config.save_total_limit, path)
+        return path
 
     def batches(self):
         """(step, interactions) from the current step on; the order depends only on seed, epoch and step."""
@@ -129,52 +313,87 @@ class Trainer:
                                self.config.shuffle)
             yield step, [self.encoded[i] for i in order[index]]
 
+    def _due(self) -> bool:
+        cfg = self.config
+        return bool((cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == self.total_steps
+                    or (cfg.save_minutes and time.monotonic() - self._last_save >= cfg.save_minutes * 60))
+
+    def _interrupt(self, signum: int) -> Interrupted:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.step and self._saved_step != self.step:
+            self.save()
+        saved = f"saved checkpoint-{self.step}" if self.step else "nothing to save yet"
+        return Interrupted(f"interrupted by {name} at step {self.step}/{self.total_steps}; {saved}; continue with "
+                           f"--output-dir {str(self.output_dir)} --resume", signum)
+
     def fit(self, *, progress: bool = True, stop_after: int | None = None) -> dict:
-        """Train to total_steps (or stop after step `stop_after`, as a crash would); returns a summary."""
+        """Train to total_steps (or stop after step `stop_after`, as a crash would); returns a summary.
+        SIGINT/SIGTERM: the current step finishes, a checkpoint is saved, and `Interrupted` is raised."""
         from tqdm import tqdm
 
-        if not self.config.resume:
-            torch.manual_seed(self.config.seed)
-        self._prepare_output_dir()
-        self.model.train()
-        cfg, start, first, last = self.config, time.perf_counter(), None, None
-        tokens = 0
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"sdpo-fast train ({cfg.loss})", unit="step",
-                   disable=not progress, dynamic_ncols=True)
-        reporters = Reporters(cfg.report_to, self.output_dir, cfg.to_dict())
-        with open(self.output_dir / "metrics.jsonl", "a") as metrics:
-            for step, batch in self.batches():
-                t0 = time.perf_counter()
-                lr = self.scheduler.get_last_lr()[0]
-                stats = train_step(self.model, batch, self.objective, self.optimizer, self.scheduler,
-                                   self.step_options)
-                self.step, seconds = step + 1, time.perf_counter() - t0
-                tokens += stats.tokens
-                last = {"step": self.step, "epoch": step // self.steps_per_epoch, "loss": stats.loss,
-                        self.objective.signal_name: stats.mean_signal,
-                        "positive_advantage_share": stats.positive_share if cfg.loss == "sdpo" else None,
-                        "grad_norm": stats.grad_norm, "lr": lr, "interactions": len(batch), "tokens": stats.tokens,
-                        "loss_tokens": stats.loss_tokens, "tokens_per_s": stats.tokens / seconds, "seconds": seconds}
-                if torch.cuda.is_available():
-                    last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                first = first or last
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
-                reporters.log(last, self.step)
-                if self.step % cfg.logging_steps == 0:
-                    bar.set_postfix(_postfix(last), refresh=False)
-                bar.update()
-                if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == self.total_steps:
-                    self.save()
-                if stop_after is not None and self.step >= stop_after:
-                    break
-        bar.close()
-        reporters.close()
+        with deferred_signals() as signals:
+            self._prepare_output_dir()
+            if self.resume_from is None:
+                torch.manual_seed(self.config.seed)
+            if self.data_counts is not None:
+                self.log(describe_counts(self.data_counts))
+            if self.changes:
+                self.log("resume: applied changed options " + ", ".join(
+                    f"{key} {old!r} -> {new!r}" for key, (old, new) in self.changes.items()))
+            self.model.train()
+            cfg, start, first, last = self.config, time.perf_counter(), None, None
+            tokens = 0
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"sdpo-fast train ({cfg.loss})",
+                       unit="step", disable=not progress, dynamic_ncols=True)
+            reporters = Reporters(cfg.report_to, self.output_dir, cfg.to_dict())
+            try:
+                with open(self.output_dir / "metrics.jsonl", "a") as metrics:
+                    for step, batch in self.batches():
+                        if signals.received is not None:
+                            raise self._interrupt(signals.received)
+                        t0 = time.perf_counter()
+                        lr = self.scheduler.get_last_lr()[0]
+                        stats = train_step(self.model, batch, self.objective, self.optimizer, self.scheduler,
+                                           self.step_options)
+                        self.step, seconds = step + 1, time.perf_counter() - t0
+                        if not math.isfinite(stats.loss):
+                            raise ValueError(f"the loss is {stats.loss} at step {self.step} (non-finite weights, "
+                                             "activations or data); lower --lr, or resume from an earlier "
+                                             "checkpoint")
+                        tokens += stats.tokens
+                        last = {"step": self.step, "epoch": step // self.steps_per_epoch, "loss": stats.loss,
+                                self.objective.signal_name: stats.mean_signal,
+                                "positive_advantage_share": stats.positive_share if cfg.loss == "sdpo" else None,
+                                "grad_norm": stats.grad_norm, "lr": lr, "interactions": len(batch),
+                                "tokens": stats.tokens, "loss_tokens": stats.loss_tokens,
+                                "tokens_per_s": stats.tokens / seconds, "seconds": seconds}
+                        if torch.cuda.is_available():
+                            last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                        first = first or last
+                        metrics.write(json.dumps(last) + "\n")
+                        metrics.flush()
+                        reporters.log(last, self.step)
+                        if self.step % cfg.logging_steps == 0:
+                            bar.set_postfix(_postfix(last), refresh=False)
+                        bar.update()
+                        if self._due():
+                            self.save()
+                        if stop_after is not None and self.step >= stop_after:
+                            break
+            except OSError as exc:
+                mapped = disk_error(exc, getattr(exc, "filename", None) or self.output_dir)
+                raise (mapped or exc) from None
+            finally:
+                bar.close()
+                reporters.close()
         elapsed = time.perf_counter() - start
         return {"steps": self.step, "total_steps": self.total_steps, "interactions": len(self.encoded),
                 "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
                 "first": first, "last": last, "output_dir": str(self.output_dir),
-                "checkpoint": str(latest_checkpoint(self.output_dir) or "")}
+                "checkpoint": str(latest_checkpoint(self.output_dir) or ""), "data": self.data_counts,
+                "changed": self.changes}
 
 
 def _logged_step(line: str) -> float:
@@ -197,20 +416,36 @@ def _postfix(metrics: dict) -> dict:
     return out
 
 
-def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Load model, tokenizer and data for `config` (resuming from output_dir's latest checkpoint if asked) and fit.
+def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None = None, log=_say) -> dict:
+    """Check `config`, the output directory, backends, model directory and tokenizer; load and encode the data;
+    then load the model (from the newest valid checkpoint when resuming) and fit.
 
-    Everything is loaded and checked before anything is written to the output directory.
+    Everything is checked, and the data encoded, before the weights load and before anything is written to the
+    output directory. `log` receives the one-line notes (data counts, warnings); default stderr.
     """
     config.validate()
     if config.output_dir is None:
         config.output_dir = default_output_dir()
-    ckpt = latest_checkpoint(config.output_dir) if config.resume else None
-    if config.resume and ckpt is None:
-        raise ValueError(f"resume: no checkpoint in {config.output_dir!r}")
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, config.resume)
+    changes, ckpt = {}, None
+    if config.resume:
+        changes = resume_changes(config, output_dir)
+        ckpt = latest_valid_checkpoint(output_dir, warn=lambda m: log(f"warning: {m}"))
+        if ckpt is None:
+            log(f"resume: no checkpoint in {str(output_dir)!r} yet; starting from step 0")
+        elif latest_checkpoint(output_dir) != ckpt:
+            log(f"warning: resuming from {str(ckpt)!r}, the newest checkpoint that is intact")
     if config.optimizer == "adamw8bit" and not importable("bitsandbytes"):
         raise ValueError(NO_BNB)
+    check_backends(config)
     check_reporters(config.report_to)
+    name = config.model or str(tiny_model_path())
+    check_model_source(name)
+    tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
+    check_tokenizer(tokenizer, name)
+    encoded, counts = load_encoded_data(config, tokenizer)
     model, tokenizer = load_model_and_tokenizer(config, ckpt)
-    encoded, _ = load_encoded_data(config, tokenizer)
-    return Trainer(config, model, tokenizer, encoded).fit(progress=progress, stop_after=stop_after)
+    trainer = Trainer(config, model, tokenizer, encoded, resume_from=ckpt, data_counts=counts, changes=changes,
+                      log=log)
+    return trainer.fit(progress=progress, stop_after=stop_after)

@@ -1,6 +1,7 @@
-"""Small utilities every layer may use: argument checks and atomic file and directory writes."""
+"""Small utilities every layer may use: argument checks, atomic file and directory writes, deferred signals."""
 from .checks import check_bool, check_choice, check_int, check_number
-from .files import fsync_file, replace_dir, write_text_atomic
+from .files import DiskError, fsync_file, replace_dir, write_text_atomic
+from .signals import Interrupted, deferred_signals
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number", "fsync_file", "replace_dir",
-           "write_text_atomic"]
+__all__ = ["DiskError", "Interrupted", "check_bool", "check_choice", "check_int", "check_number",
+           "deferred_signals", "fsync_file", "replace_dir", "write_text_atomic"]

@@ -83,8 +83,14 @@ def _step(checkpoint: Path | None) -> int:
     return -1 if checkpoint is None else int(checkpoint.name.split("-")[1])
 
 
+def _metric_lines(out: Path) -> list[dict]:
+    """The per-step lines of metrics.jsonl (not the "start" events)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "event" not in line]
+
+
 def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in _metric_lines(out)]
 
 
 def test_stop_and_resume_equals_uninterrupted_lora_with_dropout(tmp_path, model_dir, data_path):
@@ -127,7 +133,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, model_dir, data_path,
 def test_sft_mode_lowers_the_nll(tmp_path, model_dir, data_path):
     summary = train(_config(model_dir, data_path, tmp_path, loss="sft", epochs=3, lr=3e-3, save_steps=0,
                             shuffle=False, warmup_ratio=0.0, schedule="constant"), progress=False)
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = _metric_lines(tmp_path)
     assert len(lines) == summary["total_steps"] == 9
     assert lines[-1]["mean_nll"] < lines[2]["mean_nll"] and lines[0]["positive_advantage_share"] is None
     assert lines[-1]["mean_nll"] < lines[5]["mean_nll"]
@@ -153,7 +159,7 @@ def _bad_rows(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("case,message", [
-    ("missing-model", "model path"),
+    ("missing-model", "no such local directory"),
     ("zero-interactions", "zero usable interactions"),
     ("bad-value", "lr must be a finite number > 0"),
     ("unknown-yaml-key", "valid keys:"),
