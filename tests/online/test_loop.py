@@ -356,7 +356,7 @@ def _fake_vllm(monkeypatch, calls):
             model = PeftModel.from_pretrained(base, lora_request.lora_path).eval()
             outputs = []
             for prompt, p in zip(prompts, params):
-                assert p.temperature == 1e-4  # as good as greedy
+                assert p.temperature == 1e-3  # as good as greedy (the loss rejects temperatures below 1e-3)
                 ids = torch.tensor([prompt["prompt_token_ids"]])
                 with torch.no_grad():
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -387,7 +387,7 @@ def test_vllm_generator_samples_from_the_current_adapter(tokenizer, tmp_path, mo
     _fake_vllm(monkeypatch, calls)
     base = _model()
     base.save_pretrained(tmp_path / "base")
-    config = OnlineConfig(update_every=2, max_new_tokens=6, lora_r=4, lora_alpha=8, lr=5e-2, temperature=1e-4)
+    config = OnlineConfig(update_every=2, max_new_tokens=6, lora_r=4, lora_alpha=8, lr=5e-2, temperature=1e-3)
     generator = VLLMGenerator(str(tmp_path / "base"), max_lora_rank=4, adapter_dir=tmp_path / "adapters")
     policy = OnlinePolicy(get_peft_model(base, lora_config(config)), tokenizer, config, generator=generator)
     prompts = [[{"role": "user", "content": "How do I boil an egg?"}], [{"role": "user", "content": "Why?"}]]
