@@ -16,6 +16,7 @@ import torch
 
 from ..data import Interaction, InteractionEncoder, SkipInteraction, default_template_kwargs
 from ..loss import SDPOObjective
+from ..loss.validation import MIN_TEMPERATURE
 from ..model import eval_mode, sdpo_attention, unwrap_model
 from ..train.setup import build_optimizer
 from ..train.setup import lora_config as make_lora_config
@@ -67,6 +68,9 @@ class OnlineConfig:
                          optional=key in ("max_grad_norm", "signal_clip"))
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout must be < 1, got {self.lora_dropout!r}")
+        if self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (it is also the loss's temperature), "
+                             f"got {self.temperature!r}")
         for key in ("center_advantages", "prefix_reuse"):
             check_bool(key, getattr(self, key))
         targets = self.lora_target_modules

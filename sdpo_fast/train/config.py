@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.prompts import HINDSIGHT_TEMPLATES, PROMPT_TRUNCATIONS
+from ..loss.validation import MIN_TEMPERATURE
 from ..demo.settings import TINY_DEMO_PRESET, TINY_DEMO_TRAIN
 from ..utils.checks import check_bool, check_choice, check_int, check_number
 from ..utils.files import write_text_atomic
@@ -137,6 +138,8 @@ class TrainConfig:
         for key in ("lr", "temperature", "lora_alpha"):
             check_number(key, getattr(self, key), positive=True)
         check_number("weight_decay", self.weight_decay)
+        if self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be >= {MIN_TEMPERATURE}, got {self.temperature!r}")
         for key in ("max_grad_norm", "signal_clip"):
             check_number(key, getattr(self, key), positive=True, optional=True)
         for key, high in (("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
