@@ -1,7 +1,11 @@
-"""Tile sizes and launch options, chosen per input dtype and GPU architecture."""
-from dataclasses import dataclass
+"""Tile sizes and launch options, chosen per input dtype and GPU architecture; the backward's chunk size."""
+import os
+from dataclasses import dataclass, field
 
 import torch
+
+MIN_CHUNK_ROWS = 128
+DEFAULT_WORKSPACE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,36 @@ def launch_config(dtype: torch.dtype, device: torch.device) -> KernelConfig:
     return kernel_config(dtype, 10 * major + minor)
 
 
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def tile_meta(cfg: KernelConfig) -> dict:
     """Compile-time arguments shared by the kernels that sweep (BLOCK_N, BLOCK_V) logits tiles."""
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, INPUT_PRECISION=cfg.input_precision,
                 UPCAST_OPERANDS=cfg.upcast_operands)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the launcher issues it: jit function, grid, positional arguments, keyword options
+    (constexprs, num_warps, num_stages). `sdpo_fast.kernels.check` compiles the same object ahead of time."""
+    kernel: object = field(repr=False)
+    grid: tuple
+    args: tuple = field(repr=False)
+    options: dict
+
+    def __call__(self):
+        return self.kernel[self.grid](*self.args, **self.options)
+
+
+def backward_chunk_rows(n_tokens: int, vocab_size: int, hidden_dim: int, dtype: torch.dtype,
+                        need_weight: bool) -> int:
+    """Tokens per backward chunk, whose (rows, V) gradient workspace in `dtype` takes at most
+    `SDPO_FAST_TRITON_WORKSPACE_MB` (default 256 MiB). Multiples of 128 rows, at least 128."""
+    budget = int(os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB", DEFAULT_WORKSPACE_BYTES >> 20)) << 20
+    rows = budget // (vocab_size * torch.finfo(dtype).bits // 8)
+    return min(n_tokens, max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS))

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, launch_config
+from .config import KernelConfig, Launch, launch_config
 
 
 @triton.jit
@@ -49,17 +49,19 @@ def launch_meta(cfg: KernelConfig) -> dict:
                 UPCAST_OPERANDS=cfg.upcast_operands)
 
 
-def accumulate_grad_weight(grad_logits: torch.Tensor, hidden: torch.Tensor, grad_weight: torch.Tensor) -> None:
-    """grad_logits (n, V) and hidden (n, d) in one float dtype; grad_weight (V, d) fp32, updated in place."""
+def grad_weight_launch(grad_logits, hidden, grad_weight, cfg: KernelConfig) -> Launch:
     n_tokens, hidden_dim = hidden.shape
     vocab_size = grad_logits.shape[1]
-    cfg = launch_config(hidden.dtype, hidden.device)
     meta = launch_meta(cfg)
-    grid = (triton.cdiv(vocab_size, meta["BLOCK_V"]), triton.cdiv(hidden_dim, meta["BLOCK_D"]))
-    grad_weight_kernel[grid](
-        grad_logits, hidden, grad_weight,
-        n_tokens, vocab_size, hidden_dim,
-        grad_logits.stride(0), grad_logits.stride(1), hidden.stride(0), hidden.stride(1),
-        grad_weight.stride(0), grad_weight.stride(1),
-        **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    return Launch(
+        grad_weight_kernel, (triton.cdiv(vocab_size, meta["BLOCK_V"]), triton.cdiv(hidden_dim, meta["BLOCK_D"])),
+        (grad_logits, hidden, grad_weight, n_tokens, vocab_size, hidden_dim,
+         grad_logits.stride(0), grad_logits.stride(1), hidden.stride(0), hidden.stride(1),
+         grad_weight.stride(0), grad_weight.stride(1)),
+        dict(**meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )
+
+
+def accumulate_grad_weight(grad_logits: torch.Tensor, hidden: torch.Tensor, grad_weight: torch.Tensor) -> None:
+    """grad_logits (n, V) and hidden (n, d) in one float dtype; grad_weight (V, d) fp32, updated in place."""
+    grad_weight_launch(grad_logits, hidden, grad_weight, launch_config(hidden.dtype, hidden.device))()

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, launch_config, tile_meta as launch_meta
+from .config import KernelConfig, Launch, launch_config, sm_count, tile_meta as launch_meta
 from .logits_tile import logits_tile
 
 
@@ -52,13 +52,31 @@ def lse_gather_kernel(
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
 
 
-def _vocab_splits(n_tokens: int, vocab_size: int, cfg: KernelConfig, device: torch.device) -> int:
-    """Vocabulary splits so that the grid has about two programs per SM (one split on CPU)."""
-    if device.type != "cuda":
+def _vocab_splits(n_tokens: int, vocab_size: int, cfg: KernelConfig, sm_count: int | None) -> int:
+    """Vocabulary splits so that the grid has about two programs per SM (one split on CPU: sm_count None)."""
+    if sm_count is None:
         return 1
     row_blocks = triton.cdiv(n_tokens, cfg.block_n)
-    wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(vocab_size, cfg.block_v), triton.cdiv(wanted, row_blocks)))
+    return max(1, min(triton.cdiv(vocab_size, cfg.block_v), triton.cdiv(2 * sm_count, row_blocks)))
+
+
+def lse_gather_launch(hidden, weight, targets, inv_temperature: float, cfg: KernelConfig, sm_count: int | None):
+    """The launch of lse_gather_kernel for these inputs (any device, `meta` included) and the (splits, N) fp32
+    outputs it fills: (launch, lse_parts, target_parts)."""
+    n_tokens, hidden_dim = hidden.shape
+    vocab_size = weight.shape[0]
+    splits = _vocab_splits(n_tokens, vocab_size, cfg, sm_count)
+    vocab_per_split = triton.cdiv(triton.cdiv(vocab_size, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(vocab_size, vocab_per_split)
+    lse_parts = torch.empty((splits, n_tokens), dtype=torch.float32, device=hidden.device)
+    target_parts = torch.empty_like(lse_parts)
+    launch = Launch(
+        lse_gather_kernel, (triton.cdiv(n_tokens, cfg.block_n), splits),
+        (hidden, weight, targets, lse_parts, target_parts, n_tokens, vocab_size, hidden_dim, vocab_per_split,
+         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), inv_temperature),
+        dict(**launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
+    return launch, lse_parts, target_parts
 
 
 def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float):
@@ -66,22 +84,9 @@ def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
     Returns (lse, target_logit): (N,) float32 each, of logits = hidden @ weight.T * inv_temperature.
     """
-    n_tokens, hidden_dim = hidden.shape
-    vocab_size = weight.shape[0]
-    cfg = launch_config(hidden.dtype, hidden.device)
-    splits = _vocab_splits(n_tokens, vocab_size, cfg, hidden.device)
-    vocab_per_split = triton.cdiv(triton.cdiv(vocab_size, splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(vocab_size, vocab_per_split)
-    lse_parts = torch.empty((splits, n_tokens), dtype=torch.float32, device=hidden.device)
-    target_parts = torch.empty_like(lse_parts)
-    grid = (triton.cdiv(n_tokens, cfg.block_n), splits)
-    lse_gather_kernel[grid](
-        hidden, weight, targets, lse_parts, target_parts,
-        n_tokens, vocab_size, hidden_dim, vocab_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temperature,
-        **launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if splits == 1:
+    launch, lse_parts, target_parts = lse_gather_launch(
+        hidden, weight, targets, inv_temperature, launch_config(hidden.dtype, hidden.device), sm_count(hidden.device))
+    launch()
+    if lse_parts.shape[0] == 1:
         return lse_parts[0], target_parts[0]
     return torch.logsumexp(lse_parts, dim=0), target_parts.sum(dim=0)
