@@ -21,7 +21,8 @@ import torch
 
 from .config import kernel_config
 from .fused import fused_step_launches
-from .gpus import arch_limits, gpu_for_arch, programs_per_sm
+from .gpus import GPU, arch_limits, gpu_for_arch, programs_per_sm
+from .lse_gather import lse_gather_launch
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Named shapes (N tokens, hidden d, vocabulary V).
@@ -166,12 +167,23 @@ def compile_launch(launch, arch: int, sass_dir: str | Path | None = None, varian
         programs_per_sm(registers, shared, num_warps, arch))
 
 
+def step_launches(shape: tuple[int, int, int], dtype: torch.dtype, gpu: GPU, need_weight: bool = True) -> list:
+    """Every launch of one loss step at shape (N, d, V) on `gpu`, as the Triton backend issues them there: the
+    vocabulary splits follow lse_gather's compiled occupancy, SM count and L2 size."""
+    n_tokens, hidden_dim, vocab_size = shape
+    cfg = kernel_config(dtype, gpu.arch)
+    hidden = torch.empty(n_tokens, hidden_dim, dtype=dtype, device="meta")
+    weight = torch.empty(vocab_size, hidden_dim, dtype=dtype, device="meta")
+    probe, _, _ = lse_gather_launch(hidden, weight, torch.empty(n_tokens, dtype=torch.int64, device="meta"), 1.0,
+                                    cfg, None)
+    occupancy = max(1, compile_launch(probe, gpu.arch).programs_per_sm)
+    return [launch for _, launch in fused_step_launches(n_tokens, hidden_dim, vocab_size, dtype, cfg, gpu.sms,
+                                                          need_weight, gpu.l2_bytes, occupancy)]
+
+
 def distinct_launches(shape: tuple[int, int, int], dtype: torch.dtype, arch: int, need_weight: bool = True):
     """The launches of one loss step at `shape` on the reference GPU of `arch`, one per distinct specialization."""
-    n_tokens, hidden_dim, vocab_size = shape
-    cfg = kernel_config(dtype, arch)
-    launches = [launch for _, launch in fused_step_launches(n_tokens, hidden_dim, vocab_size, dtype, cfg,
-                                                              gpu_for_arch(arch).sms, need_weight)]
+    launches = step_launches(shape, dtype, gpu_for_arch(arch), need_weight)
     import triton
     from triton.backends.compiler import GPUTarget
 

@@ -70,9 +70,20 @@ class Launch:
 
 
 def backward_chunk_rows(n_tokens: int, vocab_size: int, hidden_dim: int, dtype: torch.dtype,
-                        need_weight: bool) -> int:
-    """Tokens per backward chunk, whose (rows, V) gradient workspace in `dtype` takes at most
-    `SDPO_FAST_TRITON_WORKSPACE_MB` (default 256 MiB). Multiples of 128 rows, at least 128."""
-    budget = int(os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB", DEFAULT_WORKSPACE_BYTES >> 20)) << 20
-    rows = budget // (vocab_size * torch.finfo(dtype).bits // 8)
+                        need_weight: bool, l2_bytes: int = 0) -> int:
+    """Tokens per backward chunk, whose (rows, V) gradient workspace is in `dtype`.
+
+    Budget: `SDPO_FAST_TRITON_WORKSPACE_MB` when set, else 256 MiB, raised to half the fp32 grad_W's size when
+    grad_W is accumulated, so grad_W's read-add-write (8·V·d bytes per chunk) runs fewer times; but a chunk's
+    hidden rows stay within a quarter of the L2 (l2_bytes, 0: unknown), so that grad_logits and grad_weight read
+    them from HBM once. Multiples of 128 rows, at least 128.
+    """
+    env = os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB")
+    budget = DEFAULT_WORKSPACE_BYTES if env is None else int(env) << 20
+    elem = torch.finfo(dtype).bits // 8
+    if need_weight and env is None:
+        budget = max(budget, vocab_size * hidden_dim * 2)
+        if l2_bytes:
+            budget = max(DEFAULT_WORKSPACE_BYTES, min(budget, l2_bytes // 4 // (hidden_dim * elem) * vocab_size * elem))
+    rows = budget // (vocab_size * elem)
     return min(n_tokens, max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS))

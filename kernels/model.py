@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import kernel_config
-from .fused import fused_step_launches
 from .gpus import GPU, GPUS, programs_per_sm
 
 # H100/A100 L2s are two partitions that can each hold a copy of a line, and stores and prefetches share it.
@@ -29,14 +27,14 @@ def _elem(tensor) -> int:
 
 
 def _lse_gather_programs(launch):
-    """Program (row block r, split s) in launch order; per step: its hidden rows and one weight tile."""
+    """Program (row block r, split s) in launch order (split fastest); per step: its hidden rows and one weight
+    tile."""
     hidden = launch.args[0]
-    n_tokens, vocab_size, hidden_dim, per_split = launch.args[5:9]
+    n_tokens, vocab_size, hidden_dim, per_split, splits = launch.args[5:10]
     bn, bv = launch.options["BLOCK_N"], launch.options["BLOCK_V"]
-    rows_blocks, splits = launch.grid
     e = _elem(hidden)
-    for s in range(splits):
-        for r in range(rows_blocks):
+    for r in range(launch.grid[0] // splits):
+        for s in range(splits):
             rows = min(bn, n_tokens - r * bn)
             v_end = min(vocab_size, (s + 1) * per_split)
             steps = [[("h", r, rows * hidden_dim * e), ("w", v0, min(bv, v_end - v0) * hidden_dim * e)]
@@ -58,18 +56,20 @@ def _grad_logits_programs(launch):
 
 
 def _grad_weight_programs(launch):
-    """Program (vocabulary block v, hidden block j): its grad_logits columns, hidden columns, fp32 tile."""
+    """Program (vocabulary block v, hidden block j), hidden block fastest: its grad_logits columns, hidden
+    columns, and its fp32 tile (read only when accumulating)."""
     grad = launch.args[0]
     n_tokens, vocab_size, hidden_dim = launch.args[3:6]
     bv, bd = launch.options["BLOCK_V"], launch.options["BLOCK_D"]
-    v_blocks, d_blocks = launch.grid
+    d_blocks = -(-hidden_dim // bd)
     e = _elem(grad)
-    for j in range(d_blocks):
-        cols = min(bd, hidden_dim - j * bd)
-        for v in range(v_blocks):
-            rows = min(bv, vocab_size - v * bv)
+    for v in range(launch.grid[0] // d_blocks):
+        rows = min(bv, vocab_size - v * bv)
+        for j in range(d_blocks):
+            cols = min(bd, hidden_dim - j * bd)
             tile = rows * cols * 4
-            yield [[("g", v, n_tokens * rows * e), ("h", j, n_tokens * cols * e), ("o", (v, j), tile)]], tile
+            reads = [("g", v, n_tokens * rows * e), ("h", j, n_tokens * cols * e)]
+            yield [reads + ([("o", (v, j), tile)] if launch.options["ACCUMULATE"] else [])], tile
 
 
 PROGRAMS = {"lse_gather_kernel": _lse_gather_programs, "grad_logits_kernel": _grad_logits_programs,
@@ -188,13 +188,11 @@ def model_step(shape: tuple[int, int, int], dtype: torch.dtype, gpu: str | GPU, 
 
     usages: `check.KernelUsage` rows giving programs per SM for (kernel, dtype, arch); compiled here when None.
     """
-    from .check import DTYPE_NAMES, compile_launch
+    from .check import DTYPE_NAMES, compile_launch, step_launches
 
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     n_tokens, hidden_dim, vocab_size = shape
-    cfg = kernel_config(dtype, gpu.arch)
-    launches = [launch for _, launch in fused_step_launches(n_tokens, hidden_dim, vocab_size, dtype, cfg, gpu.sms,
-                                                              need_weight)]
+    launches = step_launches(shape, dtype, gpu, need_weight)
     occupancy = {(u.kernel, u.dtype, u.arch): u.programs_per_sm for u in usages or []}
     memo: dict = {}
     by_kernel: dict[str, list[KernelPrediction]] = {}
@@ -213,9 +211,6 @@ def model_step(shape: tuple[int, int, int], dtype: torch.dtype, gpu: str | GPU, 
     grad_h = [_gemm("grad_h (cuBLAS)", rows, hidden_dim, vocab_size, elem, gpu, 1, dtype == torch.float32)
               for rows in chunks]
     kernels.insert(-1 if need_weight else len(kernels), _merge(grad_h))
-    if need_weight:
-        zero = vocab_size * hidden_dim * 4
-        kernels.append(KernelPrediction("grad_W zero-fill", 1, 0, zero, 0, 1.0, zero / gpu.hbm_bytes_per_s, "memory"))
     return StepPrediction(gpu.name, DTYPE_NAMES[dtype], tuple(shape), kernels)
 
 

@@ -34,11 +34,17 @@ def test_grad_weight_bytes_without_a_cache_follow_program_order():
     assert model.hbm_bytes(launch, resident=1, l2_bytes=0) == 4 * (g_slice + h_slice + 2 * tile)
 
 
+def test_first_chunk_writes_grad_weight_without_reading_it():
+    launch = grad_weight_launch(meta(32, 256), meta(32, 128), meta(256, 128, dtype=torch.float32), CFG, False)
+    g_slice, h_slice, tile = 32 * 128 * 2, 32 * 64 * 2, 128 * 64 * 4
+    assert model.hbm_bytes(launch, resident=4, l2_bytes=1 << 30) == 2 * g_slice + 2 * h_slice + 4 * tile
+
+
 def test_lse_gather_bytes_reuse_within_a_wave():
     """32 tokens (2 row blocks of 16), V = 512 (4 tiles), one split, both row blocks resident: each weight tile is
     read once per wave, each hidden block once; the outputs are 2 floats per token."""
     launch, _, _ = lse_gather_launch(meta(32, 64), meta(512, 64), meta(32, dtype=torch.int64), 1.0, CFG, None)
-    assert launch.grid[1] == 1
+    assert launch.args[9] == 1  # one vocabulary split
     hidden, weight = 32 * 64 * 2, 512 * 64 * 2
     assert model.hbm_bytes(launch, resident=2, l2_bytes=1 << 30) == hidden + weight + 32 * 2 * 4
     # one program at a time, a cache too small for a tile: the weight is read once per row block, and the

@@ -37,10 +37,12 @@ class TritonBackend:
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         n_tokens = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         if n_tokens == 0:
-            return grad_hidden, grad_weight
-        chunks = backward_chunks(n_tokens, weight.shape[0], weight.shape[1], hidden.dtype, need_weight)
+            return grad_hidden, None if grad_weight is None else grad_weight.zero_()
+        l2_bytes = getattr(torch.cuda.get_device_properties(hidden.device), "L2_cache_size", 0) \
+            if hidden.is_cuda else 0
+        chunks = backward_chunks(n_tokens, weight.shape[0], weight.shape[1], hidden.dtype, need_weight, l2_bytes)
         workspace = torch.empty((chunks[0].stop, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
         for rows in chunks:
             grad_logits_chunk = workspace[: rows.stop - rows.start]
@@ -49,7 +51,7 @@ class TritonBackend:
             if need_hidden:
                 torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
             if need_weight:
-                accumulate_grad_weight(grad_logits_chunk, hidden[rows], grad_weight)
+                accumulate_grad_weight(grad_logits_chunk, hidden[rows], grad_weight, accumulate=rows.start > 0)
         return grad_hidden, grad_weight
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
