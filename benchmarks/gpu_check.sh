@@ -2,7 +2,8 @@
 # Usage: benchmarks/gpu_check.sh OUT_DIR
 #
 # One command for a GPU machine, offline: the correctness tests (on CUDA wherever a GPU is present),
-# `sdpo-fast check-kernels` for the local GPU's arch and the GPU benchmarks, within one deadline (460 s by default,
+# `sdpo-fast check-kernels --model` for the local GPU's arch and the GPU benchmarks (each kernel's TFLOP/s next to the
+# traffic model's, cuBLAS and Liger at equal shapes, the Qwen3-8B LoRA step), within one deadline (460 s by default,
 # TOTAL_TIMEOUT), each step under `timeout`. Writes OUT_DIR/results.md and OUT_DIR/results.json, with each step's
 # log and the pytest-benchmark JSON files beside them. Installs nothing but the wheels in $WHEELS_DIR, if set
 # (--no-deps --no-index), and this checkout itself (editable, offline; or a sitecustomize shim when that fails).
@@ -111,13 +112,17 @@ COLLECT=()
 SHAPE=qwen3-8b
 if [ "$DRY" = 1 ]; then COLLECT=(--collect-only); ARCH=sm_90; SHAPE=1024,4096,151936; fi
 
-run_step tests "${TESTS_TIMEOUT:-200}" "$PY" -m pytest tests/ -q -rfE --maxfail=20 --junitxml="$OUT/tests.xml" \
-    "${COLLECT[@]}" --ignore=tests/online/test_demo.py  # CPU-only demo runs (~2.5 min; CI runs them)
+# Only the tests whose code runs on the GPU (kernels, loss, model passes, the training step); CI runs the rest.
+run_step tests "${TESTS_TIMEOUT:-150}" "$PY" -m pytest tests/kernels tests/loss tests/model tests/train/test_step.py \
+    tests/train/test_precision.py tests/train/test_syncs.py -q -rfE --maxfail=20 --junitxml="$OUT/tests.xml" \
+    "${COLLECT[@]}" --deselect tests/kernels/test_gpu_check_dry_run.py::test_gpu_check_dry_run
 run_step check_kernels "${KERNELS_TIMEOUT:-90}" "$PY" -m sdpo_fast.cli check-kernels ${ARCH:+--arch "$ARCH"} \
     --dtype bf16,fp16 --shape "$SHAPE" --model --sass "$OUT/sass"
 # Separate runs and JSON files, so a timeout in one keeps the other's figures; -k cuda keeps the GPU cases.
 run_step bench_loss "${BENCH_TIMEOUT:-170}" "$PY" -m pytest benchmarks/test_loss_bench.py --benchmark-only -q -rs \
   "${COLLECT[@]}" --benchmark-json="$OUT/bench_loss.json"
+run_step bench_train "${TRAIN_TIMEOUT:-60}" "$PY" -m pytest benchmarks/test_train_bench.py -k qwen3-8b --benchmark-only \
+  "${COLLECT[@]}" -q -rs --benchmark-json="$OUT/bench_train.json"
 run_step bench_prefix "${PREFIX_TIMEOUT:-45}" "$PY" -m pytest benchmarks/test_prefix_bench.py -k cuda --benchmark-only \
   "${COLLECT[@]}" -q -rs --benchmark-json="$OUT/bench_prefix.json"
 
@@ -138,7 +143,8 @@ summary = next((line.strip("= ") for line in reversed(test_log) if re.search(r"\
 failures = [line for line in test_log if line.startswith(("FAILED ", "ERROR "))]
 kernels = (out / "check_kernels.log").read_text(errors="replace").splitlines()
 kernel_text = [line for line in kernels if "Warning" not in line and "warn_once" not in line]
-benches = [json.loads(p.read_text()) for p in (out / "bench_loss.json", out / "bench_prefix.json") if p.exists()]
+benches = [json.loads(p.read_text()) for p in (out / "bench_loss.json", out / "bench_train.json", out / "bench_prefix.json")
+           if p.exists()]
 gpu = (out / "nvidia-smi.txt").read_text().strip()
 
 results = {"env": env, "nvidia_smi": gpu, "steps": steps, "tests": {"summary": summary, "failures": failures},
