@@ -109,7 +109,7 @@ def _resident_programs(hidden, weight, targets, inv_temperature: float, cfg: Ker
     try:
         compiled._init_handles()
         registers = compiled.n_regs
-    except AttributeError:
+    except (AttributeError, TypeError):
         return 1
     major, minor = torch.cuda.get_device_capability(hidden.device)
     return max(1, programs_per_sm(registers, compiled.metadata.shared, cfg.num_warps, 10 * major + minor))

@@ -74,3 +74,14 @@ def test_predicted_time_is_the_roofline_with_wave_quantization():
 ])
 def test_programs_per_sm(regs, smem, warps, arch, want):
     assert programs_per_sm(regs, smem, warps, arch) == want
+
+
+@pytest.mark.parametrize("n_tokens", [4096, 16384])
+def test_vocab_splits_on_h100(n_tokens):
+    """d=4096, V=151936, 128x128 bf16 tiles (1 MiB each), 132 SMs x 1 program, 50 MiB L2: with S splits the
+    resident programs hold min(row blocks, ceil(132/S)) hidden blocks and S weight tiles; S=7 needs 26 MiB (19 + 7)
+    > 25 MiB, S=8 needs 25 (17 + 8) and fills 97 % of the waves, which no larger fitting S beats."""
+    from sdpo_fast.kernels.lse_gather import _vocab_splits
+    cfg = KernelConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3, input_precision="tf32")
+    assert _vocab_splits(n_tokens, 151936, 4096, 2, cfg, 132, 50 * 2**20, 1) == 8
+    assert _vocab_splits(n_tokens, 151936, 4096, 2, cfg, None, 50 * 2**20, 1) == 1
