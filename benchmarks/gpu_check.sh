@@ -110,14 +110,15 @@ EOF
 ARCH=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["arch"] or "")' "$OUT/env.json")
 COLLECT=()
 SHAPE=qwen3-8b
-if [ "$DRY" = 1 ]; then COLLECT=(--collect-only); ARCH=sm_90; SHAPE=1024,4096,151936; fi
+DTYPES=bf16,fp16
+if [ "$DRY" = 1 ]; then COLLECT=(--collect-only); ARCH=sm_90; SHAPE=1024,4096,151936; DTYPES=bf16; fi
 
 # Only the tests whose code runs on the GPU (kernels, loss, model passes, the training step); CI runs the rest.
 run_step tests "${TESTS_TIMEOUT:-150}" "$PY" -m pytest tests/kernels tests/loss tests/model tests/train/test_step.py \
     -q -rfE --maxfail=20 --junitxml="$OUT/tests.xml" \
     "${COLLECT[@]}" --deselect tests/kernels/test_gpu_check_dry_run.py::test_gpu_check_dry_run
 run_step check_kernels "${KERNELS_TIMEOUT:-90}" "$PY" -m sdpo_fast.cli check-kernels ${ARCH:+--arch "$ARCH"} \
-    --dtype bf16,fp16 --shape "$SHAPE" --model --sass "$OUT/sass"
+    --dtype "$DTYPES" --shape "$SHAPE" --model --sass "$OUT/sass"
 # Separate runs and JSON files, so a timeout in one keeps the other's figures; -k cuda keeps the GPU cases.
 run_step bench_loss "${BENCH_TIMEOUT:-170}" "$PY" -m pytest benchmarks/test_loss_bench.py --benchmark-only -q -rs \
   "${COLLECT[@]}" --benchmark-json="$OUT/bench_loss.json"

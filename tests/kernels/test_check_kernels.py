@@ -90,6 +90,7 @@ def test_check_kernels_all_architectures():
         assert row["fits_shared"], row
         if row["dtype"] != "fp32":
             assert row["mma"] == ("HGMMA" if row["arch"] == 90 else "HMMA"), row
+            assert row["pipeline_stages"] >= 2 and "LDGSTS" in row["async_copies"], row
 
 
 def test_check_kernels_rejects_bad_arguments():
