@@ -24,15 +24,15 @@ class KernelConfig:
 def kernel_config(dtype: torch.dtype, arch: int | None) -> KernelConfig:
     """arch: compute capability as 80, 86, 89, 90 (None on CPU).
 
-    fp32 uses exact ("ieee") products rather than TF32, on CUDA cores with two pipeline stages (three spill on
-    sm_80). 16-bit inputs: num_stages=3 everywhere; on sm_80-sm_89 that is a double buffer (32 KB; 2 stages would be a
+    fp32 uses exact ("ieee") products rather than TF32, on CUDA cores, unpipelined (num_stages=2 was a single
+    buffer too, and spilled lse_gather on sm_90 as launched; three spill on sm_80). 16-bit inputs: num_stages=3 everywhere; on sm_80-sm_89 that is a double buffer (32 KB; 2 stages would be a
     single buffer, no pipelining), on sm_90 a triple one (48 KB), as `sdpo-fast check-kernels` reads from the TTGIR.
     """
     if arch is None:  # TRITON_INTERPRET on CPU: wide vocabulary tiles keep the number of programs low
         return KernelConfig(64, 256, 32, 4, 1, "ieee") if dtype == torch.float32 \
             else KernelConfig(64, 256, 64, 4, 1, "tf32", upcast_operands=True)
     if dtype == torch.float32:
-        return KernelConfig(64, 64, 32, 8, 2, "ieee")
+        return KernelConfig(64, 64, 32, 8, 1, "ieee")
     return KernelConfig(128, 128, 32, 8, 3, "tf32")
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .gpus import GPU, GPUS, programs_per_sm
+from .gpus import GPU, GPUS
 
 # H100/A100 L2s are two partitions that can each hold a copy of a line, and stores and prefetches share it.
 L2_EFFECTIVE = 0.5
