@@ -2,12 +2,17 @@
 # Usage: benchmarks/gpu_check.sh OUT_DIR
 #
 # One command for a GPU machine, offline: the correctness tests (on CUDA wherever a GPU is present),
-# `sdpo-fast check-kernels` for the local GPU's arch and the GPU benchmarks, within one deadline (460 s by default,
+# `sdpo-fast check-kernels --model` for the local GPU's arch and the GPU benchmarks (each kernel's TFLOP/s next to the
+# traffic model's, cuBLAS and Liger at equal shapes, the Qwen3-8B LoRA step), within one deadline (460 s by default,
 # TOTAL_TIMEOUT), each step under `timeout`. Writes OUT_DIR/results.md and OUT_DIR/results.json, with each step's
 # log and the pytest-benchmark JSON files beside them. Installs nothing but the wheels in $WHEELS_DIR, if set
 # (--no-deps --no-index), and this checkout itself (editable, offline; or a sitecustomize shim when that fails).
 # Exit status 0 when every step exited 0.
+# GPU_CHECK_DRY_RUN=1: the same flow on a CPU in about a minute (tests and benchmarks collected, not run;
+# check-kernels and the traffic model for sm_90 at N=1024), so that the script cannot break unnoticed
+# (tests/kernels/test_gpu_check_dry_run.py).
 set -uo pipefail
+DRY=${GPU_CHECK_DRY_RUN:-0}
 
 if [ $# -ne 1 ]; then echo "usage: $0 OUT_DIR" >&2; exit 2; fi
 mkdir -p "$1" && OUT=$(cd "$1" && pwd -P) || exit 2
@@ -33,7 +38,7 @@ run_step() {
   echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)"
 }
 
-if [ -n "${WHEELS_DIR:-}" ]; then
+if [ -n "${WHEELS_DIR:-}" ] && [ "$DRY" != 1 ]; then
   "$PY" -m pip install --no-deps --no-index "$WHEELS_DIR"/*.whl >>"$OUT/install.log" 2>&1 \
     || echo "installing the wheels in $WHEELS_DIR failed: see $OUT/install.log" >&2
 fi
@@ -103,15 +108,24 @@ print(json.dumps({
 }))
 EOF
 ARCH=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["arch"] or "")' "$OUT/env.json")
+COLLECT=()
+SHAPE=qwen3-8b
+DTYPES=bf16,fp16
+if [ "$DRY" = 1 ]; then COLLECT=(--collect-only); ARCH=sm_90; SHAPE=1024,4096,151936; DTYPES=bf16; fi
 
-run_step tests "${TESTS_TIMEOUT:-200}" "$PY" -m pytest tests/ -q -rfE --maxfail=20 --junitxml="$OUT/tests.xml" \
-    --ignore=tests/online/test_demo.py  # CPU-only demo runs (~2.5 min; CI runs them): keep the GPU time
-run_step check_kernels "${KERNELS_TIMEOUT:-45}" "$PY" -m sdpo_fast.cli check-kernels ${ARCH:+--arch "$ARCH"}
+# Only the tests whose code runs on the GPU (kernels, loss, model passes, the training step); CI runs the rest.
+run_step tests "${TESTS_TIMEOUT:-150}" "$PY" -m pytest tests/kernels tests/loss tests/model tests/train/test_step.py \
+    -q -rfE --maxfail=20 --junitxml="$OUT/tests.xml" \
+    "${COLLECT[@]}" --deselect tests/kernels/test_gpu_check_dry_run.py::test_gpu_check_dry_run
+run_step check_kernels "${KERNELS_TIMEOUT:-90}" "$PY" -m sdpo_fast.cli check-kernels ${ARCH:+--arch "$ARCH"} \
+    --dtype "$DTYPES" --shape "$SHAPE" --model --sass "$OUT/sass"
 # Separate runs and JSON files, so a timeout in one keeps the other's figures; -k cuda keeps the GPU cases.
 run_step bench_loss "${BENCH_TIMEOUT:-170}" "$PY" -m pytest benchmarks/test_loss_bench.py --benchmark-only -q -rs \
-  --benchmark-json="$OUT/bench_loss.json"
+  "${COLLECT[@]}" --benchmark-json="$OUT/bench_loss.json"
+run_step bench_train "${TRAIN_TIMEOUT:-60}" "$PY" -m pytest benchmarks/test_train_bench.py -k qwen3-8b --benchmark-only \
+  "${COLLECT[@]}" -q -rs --benchmark-json="$OUT/bench_train.json"
 run_step bench_prefix "${PREFIX_TIMEOUT:-45}" "$PY" -m pytest benchmarks/test_prefix_bench.py -k cuda --benchmark-only \
-  -q -rs --benchmark-json="$OUT/bench_prefix.json"
+  "${COLLECT[@]}" -q -rs --benchmark-json="$OUT/bench_prefix.json"
 
 "$PY" - "$OUT" <<'EOF'
 import json, re, sys
@@ -129,9 +143,9 @@ summary = next((line.strip("= ") for line in reversed(test_log) if re.search(r"\
                f"no pytest summary (exit {steps['tests']['exit']})")
 failures = [line for line in test_log if line.startswith(("FAILED ", "ERROR "))]
 kernels = (out / "check_kernels.log").read_text(errors="replace").splitlines()
-kernel_table = [line for line in kernels if line.startswith("|")]
-kernel_notes = [line for line in kernels if not line.startswith("|")]
-benches = [json.loads(p.read_text()) for p in (out / "bench_loss.json", out / "bench_prefix.json") if p.exists()]
+kernel_text = [line for line in kernels if "Warning" not in line and "warn_once" not in line]
+benches = [json.loads(p.read_text()) for p in (out / "bench_loss.json", out / "bench_train.json", out / "bench_prefix.json")
+           if p.exists()]
 gpu = (out / "nvidia-smi.txt").read_text().strip()
 
 results = {"env": env, "nvidia_smi": gpu, "steps": steps, "tests": {"summary": summary, "failures": failures},
@@ -144,9 +158,7 @@ md = ["# sdpo_fast GPU check", "", f"- GPU: {env['gpu'] or 'none'} ({env['arch']
       "| step | exit | seconds | limit s |", "|---|--:|--:|--:|"]
 md += [f"| {name} | {s['exit']} | {s['seconds']} | {s['limit_s']} |" for name, s in steps.items()]
 md += ["", "## Tests", "", summary, "", *[f"- {line}" for line in failures], "",
-       f"## check-kernels ({env['arch'] or 'default archs'})", "", *kernel_table, ""]
-if kernel_notes:
-    md += ["```", *kernel_notes, "```", ""]
+       f"## check-kernels and the traffic model ({env['arch'] or 'sm_90'})", "", *kernel_text, ""]
 md += ["## Benchmarks", ""]
 md.append(summarize.markdown(benches) if benches else "no benchmark results (see bench_*.log)")
 (out / "results.md").write_text("\n".join(md) + "\n")

@@ -42,21 +42,38 @@ def markdown(benches: list[dict]) -> str:
     """The first file's machine line, then one table of loss steps and one of the other benchmarks."""
     table = rows(benches)
     loss = [r for r in table if "backend" in r]
-    other = [r for r in table if "backend" not in r]
+    kernels = [r for r in table if "kernels" in r]
+    other = [r for r in table if "backend" not in r and "kernels" not in r]
     out = [_machine(benches[0]), ""]
     if loss:
         out += ["### sdpo_loss forward+backward", "", LOSS_NOTE, "",
-                "| device | dtype | N | d | V | backend | median s | min s | rounds | TFLOP/s | x cuBLAS "
-                "| peak MiB | peak / reference |",
-                "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+                "| device | dtype | N | d | V | backend | median s | min s | rounds | TFLOP/s | model TFLOP/s "
+                "| x cuBLAS | peak MiB | peak / reference |",
+                "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in loss:
             peak = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20
             out.append(" | ".join([
                 f"| {r['device']}", r["dtype"], str(r["n"]), str(r["d"]), str(r["vocab"]),
                 r["backend"] + (" *" if r.get("default_backend") else ""), _fmt(r["median_s"], ".4g"),
                 _fmt(r["min_s"], ".4g"), str(r["rounds"]), _fmt(r.get("tflops"), ".3g"),
+                _fmt(r.get("predicted_tflops"), ".3g"),
                 _fmt(r.get("x_cublas"), ".2f"), _fmt(peak, ".0f"), _fmt(r.get("peak_vs_reference"), ".1%")]) + " |")
         out.append("")
+    for r in kernels:
+        out += [f"### Fused-path kernels vs the traffic model ({r.get('gpu_model') or 'no model for this GPU'}), "
+                f"{r['dtype']} N={r['n']} d={r['d']} V={r['vocab']}", "",
+                "| kernel | measured ms | TFLOP/s | model ms | model TFLOP/s | same GEMM in cuBLAS ms |",
+                "|---|--:|--:|--:|--:|--:|"]
+        total = sum(k["measured_s"] for k in r["kernels"].values())
+        for name, k in r["kernels"].items():
+            out.append(f"| {name} | {k['measured_s'] * 1e3:.2f} | {k['tflops']:.0f} "
+                       f"| {_fmt(k['predicted_s'] and k['predicted_s'] * 1e3, '.2f')} "
+                       f"| {_fmt(k['predicted_tflops'], '.0f')} | {k['cublas_s'] * 1e3:.2f} |")
+        step_flops = 10 * r["n"] * r["d"] * r["vocab"]
+        cublas = sum(k["cublas_s"] for k in r["kernels"].values())
+        out += [f"| whole step (10·N·d·V) | {total * 1e3:.1f} | {step_flops / total / 1e12:.0f} "
+                f"| {_fmt(r.get('predicted_step_s') and r['predicted_step_s'] * 1e3, '.1f')} "
+                f"| {_fmt(r.get('predicted_step_tflops'), '.0f')} | {cublas * 1e3:.1f} |", ""]
     if other:
         out += ["### Other benchmarks", "", "| benchmark | median s | min s | rounds | extra |",
                 "|---|--:|--:|--:|---|"]

@@ -12,6 +12,9 @@ Every case runs on CUDA when a GPU is present, else on CPU (the Qwen3-8B shapes 
   grad_h, grad_W) and 6·N·d·V per Liger cross-entropy step (logits, grad_h, grad_W), over the median time.
 - x_cublas (CUDA only) is that median time over cuBLAS's time for the same matrix products (torch.mm at the
   same shapes and dtype, timed with CUDA events in the same run).
+- test_kernels_vs_model (CUDA, bf16 Qwen3-8B shapes): each fused-path kernel timed alone with CUDA events in the
+  order the Triton backend launches them, its TFLOP/s next to the traffic/roofline model's prediction for this
+  GPU (`sdpo_fast.kernels.model`) and the same-run cuBLAS time of the same GEMM.
 - The issue's target is asserted: the default path (backend="auto") at N=4096, d=256, V=65536 fp32 grows peak
   memory by at most 25% of what the reference needs.
 """
@@ -161,6 +164,88 @@ def _skip_unsupported(shape: Shape, backend: str) -> None:
         pytest.importorskip("liger_kernel.transformers.functional", reason="liger-kernel is not installed")
 
 
+def model_gpu():
+    """The model's datasheet entry for this CUDA device, matched by name (None when unknown)."""
+    from sdpo_fast.kernels.gpus import GPUS
+
+    name = torch.cuda.get_device_name().lower()
+    keys = {"h200": "h200", "h100": "h100", "a100": "a100", "4090": "rtx4090", "l40s": "l40s", "a10": "a10"}
+    return next((GPUS[key] for word, key in keys.items() if word in name), None)
+
+
+@functools.cache
+def predicted(shape: Shape):
+    """The model's StepPrediction for this shape on this GPU, or None."""
+    gpu = model_gpu() if DEVICE == "cuda" else None
+    if gpu is None:
+        return None
+    from sdpo_fast.kernels.model import model_step
+    return model_step((shape.n, shape.d, shape.vocab), _DTYPES[shape.dtype], gpu)
+
+
+def _timed(events: dict, name: str, fn):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    events.setdefault(name, []).append((start, end))
+    return out
+
+
+def kernel_seconds(inputs: dict) -> dict:
+    """Seconds per kernel of one forward (student and teacher) and backward of the fused path, each launch timed."""
+    from sdpo_fast.kernels.fused import backward_chunks
+    from sdpo_fast.kernels.grad_logits import grad_logits
+    from sdpo_fast.kernels.grad_weight import accumulate_grad_weight
+    from sdpo_fast.kernels.lse_gather import lse_gather
+
+    hidden, weight, targets = inputs["student_hidden"].detach(), inputs["lm_head_weight"].detach(), inputs["target_ids"]
+    events: dict = {}
+    lse, _ = _timed(events, "lse_gather", lambda: lse_gather(hidden, weight, targets, 1.0))
+    _timed(events, "lse_gather", lambda: lse_gather(inputs["teacher_hidden"], weight, targets, 1.0))
+    coef = torch.full_like(lse, 1.0 / len(lse))
+    l2 = getattr(torch.cuda.get_device_properties(hidden.device), "L2_cache_size", 0)
+    chunks = backward_chunks(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, True, l2)
+    workspace = torch.empty(chunks[0].stop, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    grad_h = torch.empty_like(hidden)
+    grad_w = torch.empty(weight.shape, dtype=torch.float32, device=hidden.device)
+    for rows in chunks:
+        g = workspace[: rows.stop - rows.start]
+        _timed(events, "grad_logits", lambda: grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows],
+                                                          1.0, g))
+        _timed(events, "grad_h (cuBLAS)", lambda: torch.mm(g, weight, out=grad_h[rows]))
+        _timed(events, "grad_weight", lambda: accumulate_grad_weight(g, hidden[rows], grad_w, rows.start > 0))
+    torch.cuda.synchronize()
+    return {name: sum(a.elapsed_time(b) for a, b in pairs) / 1e3 for name, pairs in events.items()}
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s.dtype == "bf16"], ids=lambda s: f"{DEVICE}-{s}")
+def test_kernels_vs_model(benchmark, shape):
+    if DEVICE != "cuda":
+        pytest.skip("timing the Triton kernels needs a CUDA GPU")
+    benchmark.group = f"kernels {DEVICE} {shape}"
+    inputs = make_inputs(shape, DEVICE)
+    kernel_seconds(inputs)  # compile and warm up
+    runs = []
+    benchmark.pedantic(lambda: runs.append(kernel_seconds(inputs)), rounds=3, iterations=1)
+    measured = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
+    model = predicted(shape)
+    gemm = cublas_seconds(shape)
+    same_gemm = {"lse_gather": 2 * gemm["logits"], "grad_logits": gemm["logits"], "grad_h (cuBLAS)": gemm["grad_h"],
+                 "grad_weight": gemm["grad_w"]}
+    flops = 2 * shape.n * shape.d * shape.vocab
+    rows = {}
+    for name, seconds in measured.items():
+        count = 2 if name == "lse_gather" else 1
+        pred = next((k for k in model.kernels if k.kernel == name.removesuffix("_kernel")), None) if model else None
+        rows[name] = dict(measured_s=seconds, tflops=count * flops / seconds / 1e12, cublas_s=same_gemm[name],
+                          predicted_s=pred.seconds if pred else None, predicted_tflops=pred.tflops if pred else None)
+    benchmark.extra_info.update(device=DEVICE, dtype=shape.dtype, n=shape.n, d=shape.d, vocab=shape.vocab,
+                                gpu_model=model.gpu if model else None, kernels=rows,
+                                predicted_step_s=model.seconds if model else None,
+                                predicted_step_tflops=model.tflops if model else None)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{DEVICE}-{s}")
 def test_fwd_bwd(benchmark, shape, backend):
@@ -188,6 +273,9 @@ def test_fwd_bwd(benchmark, shape, backend):
         products = ("logits", "grad_h", "grad_w") if backend == "liger" else ("logits",) * 3 + ("grad_h", "grad_w")
         info["cublas_seconds"] = sum(gemm[p] for p in products)
         info["x_cublas"] = seconds / info["cublas_seconds"]
+        model = predicted(shape) if backend == "triton" and shape.dtype == "bf16" else None
+        if model is not None:
+            info["predicted_tflops"] = model.tflops
     benchmark.extra_info.update(info)
 
     if shape == TARGET and backend == DEFAULT_BACKEND:

@@ -1,7 +1,11 @@
-"""Tile sizes and launch options, chosen per input dtype and GPU architecture."""
-from dataclasses import dataclass
+"""Tile sizes and launch options, chosen per input dtype and GPU architecture; the backward's chunk size."""
+import os
+from dataclasses import dataclass, field
 
 import torch
+
+MIN_CHUNK_ROWS = 128
+DEFAULT_WORKSPACE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -20,16 +24,16 @@ class KernelConfig:
 def kernel_config(dtype: torch.dtype, arch: int | None) -> KernelConfig:
     """arch: compute capability as 80, 86, 89, 90 (None on CPU).
 
-    fp32 uses exact ("ieee") products rather than TF32, on CUDA cores with two pipeline stages (three spill on
-    sm_80). sm_86/sm_89 have ~100 KB of shared memory per block, so 16-bit inputs pipeline fewer stages there.
+    fp32 uses exact ("ieee") products rather than TF32, on CUDA cores, unpipelined (num_stages=2 was a single
+    buffer too, and spilled lse_gather on sm_90 as launched; three spill on sm_80). 16-bit inputs: num_stages=3 everywhere; on sm_80-sm_89 that is a double buffer (32 KB; 2 stages would be a
+    single buffer, no pipelining), on sm_90 a triple one (48 KB), as `sdpo-fast check-kernels` reads from the TTGIR.
     """
     if arch is None:  # TRITON_INTERPRET on CPU: wide vocabulary tiles keep the number of programs low
         return KernelConfig(64, 256, 32, 4, 1, "ieee") if dtype == torch.float32 \
             else KernelConfig(64, 256, 64, 4, 1, "tf32", upcast_operands=True)
-    small_smem = arch in (86, 87, 89, 120)
     if dtype == torch.float32:
-        return KernelConfig(64, 64, 32, 8, 2, "ieee")
-    return KernelConfig(128, 128, 32, 8, 2 if small_smem else 3, "tf32")
+        return KernelConfig(64, 64, 32, 8, 1, "ieee")
+    return KernelConfig(128, 128, 32, 8, 3, "tf32")
 
 
 def launch_config(dtype: torch.dtype, device: torch.device) -> KernelConfig:
@@ -39,7 +43,47 @@ def launch_config(dtype: torch.dtype, device: torch.device) -> KernelConfig:
     return kernel_config(dtype, 10 * major + minor)
 
 
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def tile_meta(cfg: KernelConfig) -> dict:
     """Compile-time arguments shared by the kernels that sweep (BLOCK_N, BLOCK_V) logits tiles."""
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, INPUT_PRECISION=cfg.input_precision,
                 UPCAST_OPERANDS=cfg.upcast_operands)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the launcher issues it: jit function, grid, positional arguments, keyword options
+    (constexprs, num_warps, num_stages). `sdpo_fast.kernels.check` compiles the same object ahead of time."""
+    kernel: object = field(repr=False)
+    grid: tuple
+    args: tuple = field(repr=False)
+    options: dict
+
+    def __call__(self):
+        return self.kernel[self.grid](*self.args, **self.options)
+
+
+def backward_chunk_rows(n_tokens: int, vocab_size: int, hidden_dim: int, dtype: torch.dtype,
+                        need_weight: bool, l2_bytes: int = 0) -> int:
+    """Tokens per backward chunk, whose (rows, V) gradient workspace is in `dtype`.
+
+    Budget: `SDPO_FAST_TRITON_WORKSPACE_MB` when set, else 256 MiB, raised to half the fp32 grad_W's size when
+    grad_W is accumulated, so grad_W's read-add-write (8·V·d bytes per chunk) runs fewer times; but a chunk's
+    hidden rows stay within a quarter of the L2 (l2_bytes, 0: unknown), so that grad_logits and grad_weight read
+    them from HBM once. Multiples of 128 rows, at least 128.
+    """
+    env = os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB")
+    budget = DEFAULT_WORKSPACE_BYTES if env is None else int(env) << 20
+    elem = torch.finfo(dtype).bits // 8
+    if need_weight and env is None:
+        budget = max(budget, vocab_size * hidden_dim * 2)
+        if l2_bytes:
+            budget = max(DEFAULT_WORKSPACE_BYTES, min(budget, l2_bytes // 4 // (hidden_dim * elem) * vocab_size * elem))
+    rows = budget // (vocab_size * elem)
+    return min(n_tokens, max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS))

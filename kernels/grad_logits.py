@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import launch_config, tile_meta as launch_meta
+from .config import KernelConfig, Launch, launch_config, tile_meta as launch_meta
 from .logits_tile import logits_tile
 
 
@@ -42,17 +42,19 @@ def grad_logits_kernel(
     tl.store(grad_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_v < v_valid)[None, :])
 
 
-def grad_logits(hidden, weight, targets, lse, coef, inv_temperature: float, out: torch.Tensor) -> torch.Tensor:
-    """hidden (n, d), weight (V, d), targets (n,) int64, lse and coef (n,) fp32; fills out (n, V) in place."""
+def grad_logits_launch(hidden, weight, targets, lse, coef, inv_temperature: float, out, cfg: KernelConfig) -> Launch:
     n_tokens, hidden_dim = hidden.shape
     vocab_size = weight.shape[0]
-    cfg = launch_config(hidden.dtype, hidden.device)
-    grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab_size, cfg.block_v))
-    grad_logits_kernel[grid](
-        hidden, weight, targets, lse, coef, out,
-        n_tokens, vocab_size, hidden_dim,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-        inv_temperature,
-        **launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    return Launch(
+        grad_logits_kernel, (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab_size, cfg.block_v)),
+        (hidden, weight, targets, lse, coef, out, n_tokens, vocab_size, hidden_dim,
+         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), inv_temperature),
+        dict(**launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )
+
+
+def grad_logits(hidden, weight, targets, lse, coef, inv_temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """hidden (n, d), weight (V, d), targets (n,) int64, lse and coef (n,) fp32; fills out (n, V) in place."""
+    grad_logits_launch(hidden, weight, targets, lse, coef, inv_temperature, out,
+                       launch_config(hidden.dtype, hidden.device))()
     return out

@@ -1,13 +1,14 @@
 """Backward, step 2: grad_weight (V, d) fp32 += grad_logits.T (V, n) @ hidden (n, d), accumulated in fp32.
 
-Each program owns one (BLOCK_V, BLOCK_D) tile of grad_weight and reads-adds-writes it once, so the sum over
-chunks is deterministic (no atomics).
+Each program owns one (BLOCK_V, BLOCK_D) tile of grad_weight and reads-adds-writes it once (the first chunk
+only writes), so the sum over chunks is deterministic (no atomics). Program order: hidden-dim block fastest, so the
+programs resident at once share a few grad_logits column blocks, each streamed from HBM once per chunk.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, launch_config
+from .config import KernelConfig, Launch, launch_config
 
 
 @triton.jit
@@ -16,10 +17,12 @@ def grad_weight_kernel(
     n_tokens, vocab_size, hidden_dim,
     stride_gn, stride_gv, stride_hn, stride_hd, stride_wv, stride_wd,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    v0 = tl.program_id(0).to(tl.int64) * BLOCK_V
-    d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
+    d_blocks = tl.cdiv(hidden_dim, BLOCK_D)
+    pid = tl.program_id(0)
+    v0 = (pid // d_blocks).to(tl.int64) * BLOCK_V
+    d0 = (pid % d_blocks).to(tl.int64) * BLOCK_D
     offs_v = tl.arange(0, BLOCK_V)
     offs_d = tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
@@ -39,7 +42,9 @@ def grad_weight_kernel(
         h_ptrs += BLOCK_K * stride_hn
     out_ptrs = grad_weight_ptr + v0 * stride_wv + d0 * stride_wd + (offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd)
     out_mask = v_mask[:, None] & d_mask[None, :]
-    tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + acc, mask=out_mask)
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, acc, mask=out_mask)
 
 
 def launch_meta(cfg: KernelConfig) -> dict:
@@ -49,17 +54,22 @@ def launch_meta(cfg: KernelConfig) -> dict:
                 UPCAST_OPERANDS=cfg.upcast_operands)
 
 
-def accumulate_grad_weight(grad_logits: torch.Tensor, hidden: torch.Tensor, grad_weight: torch.Tensor) -> None:
-    """grad_logits (n, V) and hidden (n, d) in one float dtype; grad_weight (V, d) fp32, updated in place."""
+def grad_weight_launch(grad_logits, hidden, grad_weight, cfg: KernelConfig, accumulate: bool = True) -> Launch:
+    """accumulate=False overwrites grad_weight (the first chunk: grad_weight may be uninitialized)."""
     n_tokens, hidden_dim = hidden.shape
     vocab_size = grad_logits.shape[1]
-    cfg = launch_config(hidden.dtype, hidden.device)
-    meta = launch_meta(cfg)
-    grid = (triton.cdiv(vocab_size, meta["BLOCK_V"]), triton.cdiv(hidden_dim, meta["BLOCK_D"]))
-    grad_weight_kernel[grid](
-        grad_logits, hidden, grad_weight,
-        n_tokens, vocab_size, hidden_dim,
-        grad_logits.stride(0), grad_logits.stride(1), hidden.stride(0), hidden.stride(1),
-        grad_weight.stride(0), grad_weight.stride(1),
-        **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    meta = dict(launch_meta(cfg), ACCUMULATE=accumulate)
+    return Launch(
+        grad_weight_kernel, (triton.cdiv(vocab_size, meta["BLOCK_V"]) * triton.cdiv(hidden_dim, meta["BLOCK_D"]),),
+        (grad_logits, hidden, grad_weight, n_tokens, vocab_size, hidden_dim,
+         grad_logits.stride(0), grad_logits.stride(1), hidden.stride(0), hidden.stride(1),
+         grad_weight.stride(0), grad_weight.stride(1)),
+        dict(**meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )
+
+
+def accumulate_grad_weight(grad_logits: torch.Tensor, hidden: torch.Tensor, grad_weight: torch.Tensor,
+                           accumulate: bool = True) -> None:
+    """grad_logits (n, V) and hidden (n, d) in one float dtype; grad_weight (V, d) fp32, updated in place
+    (overwritten when accumulate=False)."""
+    grad_weight_launch(grad_logits, hidden, grad_weight, launch_config(hidden.dtype, hidden.device), accumulate)()

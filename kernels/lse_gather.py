@@ -1,27 +1,30 @@
 """Forward: per-token logsumexp over the vocabulary and the target's logit, logits never written to memory.
 
 Each program owns BLOCK_N tokens and one contiguous vocabulary split; it sweeps the split's tiles with an
-online logsumexp. Splits (for parallelism at small N) are merged on the host; merging is deterministic.
+online logsumexp. Splits are merged on the host; merging is deterministic. Program order: split fastest, so the
+programs resident at once share few token blocks (their hidden rows stay in L2) and walk all splits of the weight.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, launch_config, tile_meta as launch_meta
+from .config import KernelConfig, Launch, launch_config, sm_count, tile_meta as launch_meta
+from .gpus import programs_per_sm
 from .logits_tile import logits_tile
 
 
 @triton.jit
 def lse_gather_kernel(
     hidden_ptr, weight_ptr, target_ptr, lse_ptr, target_logit_ptr,
-    n_tokens, vocab_size, hidden_dim, vocab_per_split,
+    n_tokens, vocab_size, hidden_dim, vocab_per_split, n_splits,
     stride_hn, stride_hd, stride_wv, stride_wd,
     inv_temperature,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
 ):
-    pid_split = tl.program_id(1)
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    pid = tl.program_id(0)
+    pid_split = pid % n_splits
+    row0 = (pid // n_splits).to(tl.int64) * BLOCK_N
     n_valid = n_tokens - row0
     offs_n = tl.arange(0, BLOCK_N)
     offs_v = tl.arange(0, BLOCK_V)
@@ -52,13 +55,64 @@ def lse_gather_kernel(
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
 
 
-def _vocab_splits(n_tokens: int, vocab_size: int, cfg: KernelConfig, device: torch.device) -> int:
-    """Vocabulary splits so that the grid has about two programs per SM (one split on CPU)."""
-    if device.type != "cuda":
+def _vocab_splits(n_tokens: int, vocab_size: int, hidden_dim: int, elem_bytes: int, cfg: KernelConfig,
+                  sm_count: int | None, l2_bytes: int, programs_per_sm: int) -> int:
+    """Vocabulary splits S (one on CPU: sm_count None). The resident programs (programs_per_sm x SMs) hold about
+    resident/S token blocks: S is the smallest count that keeps their hidden rows within a quarter of the L2 (the
+    rest holds the weight tiles in flight) and fills the
+    waves best (idle slots of the last wave and the uneven last split counted, to 1 %)."""
+    if sm_count is None:
         return 1
-    row_blocks = triton.cdiv(n_tokens, cfg.block_n)
-    wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(vocab_size, cfg.block_v), triton.cdiv(wanted, row_blocks)))
+    tiles, row_blocks = triton.cdiv(vocab_size, cfg.block_v), triton.cdiv(n_tokens, cfg.block_n)
+    resident = max(1, programs_per_sm) * sm_count
+    best_score, best = None, 1
+    for splits in range(1, min(tiles, 2 * resident) + 1):
+        per_split = triton.cdiv(tiles, splits)
+        if triton.cdiv(tiles, per_split) != splits:
+            continue
+        waves = triton.cdiv(row_blocks * splits, resident)
+        efficiency = row_blocks * tiles / (waves * resident * per_split)
+        in_flight = min(row_blocks, triton.cdiv(resident, splits)) * cfg.block_n + splits * cfg.block_v
+        fits = in_flight * hidden_dim * elem_bytes <= l2_bytes // 2
+        score = (fits, round(efficiency, 2))
+        if best_score is None or score > best_score:
+            best_score, best = score, splits
+    return best
+
+
+def lse_gather_launch(hidden, weight, targets, inv_temperature: float, cfg: KernelConfig, sm_count: int | None,
+                      l2_bytes: int = 0, programs_per_sm: int = 1):
+    """The launch of lse_gather_kernel for these inputs (any device, `meta` included) on a GPU with sm_count SMs
+    (None: CPU), l2_bytes of L2 and programs_per_sm resident programs, and the (splits, N) fp32 outputs it fills:
+    (launch, lse_parts, target_parts)."""
+    n_tokens, hidden_dim = hidden.shape
+    vocab_size = weight.shape[0]
+    splits = _vocab_splits(n_tokens, vocab_size, hidden_dim, hidden.element_size(), cfg, sm_count, l2_bytes,
+                           programs_per_sm)
+    vocab_per_split = triton.cdiv(triton.cdiv(vocab_size, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(vocab_size, vocab_per_split)
+    lse_parts = torch.empty((splits, n_tokens), dtype=torch.float32, device=hidden.device)
+    target_parts = torch.empty_like(lse_parts)
+    launch = Launch(
+        lse_gather_kernel, (triton.cdiv(n_tokens, cfg.block_n) * splits,),
+        (hidden, weight, targets, lse_parts, target_parts, n_tokens, vocab_size, hidden_dim, vocab_per_split, splits,
+         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), inv_temperature),
+        dict(**launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
+    return launch, lse_parts, target_parts
+
+
+def _resident_programs(hidden, weight, targets, inv_temperature: float, cfg: KernelConfig) -> int:
+    """Programs per SM of the compiled kernel on this CUDA device (1 if Triton does not expose its registers)."""
+    launch, _, _ = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, None)
+    compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
+    try:
+        compiled._init_handles()
+        registers = compiled.n_regs
+    except (AttributeError, TypeError):
+        return 1
+    major, minor = torch.cuda.get_device_capability(hidden.device)
+    return max(1, programs_per_sm(registers, compiled.metadata.shared, cfg.num_warps, 10 * major + minor))
 
 
 def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float):
@@ -66,22 +120,16 @@ def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
     Returns (lse, target_logit): (N,) float32 each, of logits = hidden @ weight.T * inv_temperature.
     """
-    n_tokens, hidden_dim = hidden.shape
-    vocab_size = weight.shape[0]
     cfg = launch_config(hidden.dtype, hidden.device)
-    splits = _vocab_splits(n_tokens, vocab_size, cfg, hidden.device)
-    vocab_per_split = triton.cdiv(triton.cdiv(vocab_size, splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(vocab_size, vocab_per_split)
-    lse_parts = torch.empty((splits, n_tokens), dtype=torch.float32, device=hidden.device)
-    target_parts = torch.empty_like(lse_parts)
-    grid = (triton.cdiv(n_tokens, cfg.block_n), splits)
-    lse_gather_kernel[grid](
-        hidden, weight, targets, lse_parts, target_parts,
-        n_tokens, vocab_size, hidden_dim, vocab_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temperature,
-        **launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if splits == 1:
+    sms = sm_count(hidden.device)
+    if sms is None:
+        launch, lse_parts, target_parts = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, None)
+    else:
+        l2_bytes = getattr(torch.cuda.get_device_properties(hidden.device), "L2_cache_size", 0)
+        resident = _resident_programs(hidden, weight, targets, inv_temperature, cfg)
+        launch, lse_parts, target_parts = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, sms,
+                                                            l2_bytes, resident)
+    launch()
+    if lse_parts.shape[0] == 1:
         return lse_parts[0], target_parts[0]
     return torch.logsumexp(lse_parts, dim=0), target_parts.sum(dim=0)

@@ -1,32 +1,101 @@
-"""`sdpo-fast check-kernels` compiles every kernel for sm_80/86/89/90 without spills (no GPU needed)."""
+"""`sdpo-fast check-kernels` compiles the fused path's kernels as the run-time launch specializes them (no GPU)."""
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+SIXTEEN_BIT = "bf16,fp16"
+
+
+def check_kernels(*argv, timeout=600):
+    result = subprocess.run([sys.executable, "-m", "sdpo_fast.cli", "check-kernels", *argv, "--json"],
+                            capture_output=True, text=True, env=ENV, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def sass_opcodes(path: Path) -> set[str]:
+    """Opcodes of a SASS listing: the first word after each /*address*/."""
+    return set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", path.read_text()))
+
+
+@pytest.mark.parametrize("arch,mma", [("sm_90", "HGMMA"), ("sm_80", "HMMA")])
+def test_fused_path_lowers_to_tensor_cores_with_async_copies(arch, mma, tmp_path):
+    """Every 16-bit kernel of one loss step at d=4096, V=151936: the tensor-core instruction of the arch, async
+    copies, a software pipeline, no spills; read back from the SASS files --sass writes."""
+    out = check_kernels("--arch", arch, "--dtype", SIXTEEN_BIT, "--shape", "1024,4096,151936", "--sass", str(tmp_path))
+    rows = out["kernels"]
+    assert {r["kernel"] for r in rows} == {"lse_gather_kernel", "grad_logits_kernel", "grad_weight_kernel"}
+    assert {r["dtype"] for r in rows} == {"bf16", "fp16"}
+    for row in rows:
+        assert row["mma"] == mma and ("LDGSTS" in row["async_copies"] or "UTMALDG" in row["async_copies"]), row
+        assert row["pipeline_stages"] >= 2 and row["stack_bytes"] == row["local_bytes"] == 0, row
+        assert row["fits_shared"] and row["programs_per_sm"] >= 1, row
+        assert "hidden_dim=i32:16" in row["signature"] and "stride_hd=1" in row["signature"], row
+        name = row["kernel"].removesuffix("_kernel")
+        opcodes = sass_opcodes(tmp_path / f"{name}_{row['dtype']}_sm{arch[3:]}.sass")
+        assert mma in opcodes and opcodes & {"LDGSTS", "UTMALDG"}, (name, sorted(opcodes)[:40])
+        assert not opcodes & {"STL", "LDL"}, name  # no local-memory traffic (spills)
+
+
+def test_integer_specialization_follows_the_jit(tmp_path):
+    """Sizes divisible by 16 get the divisibility flag, others not; a size-1 dimension becomes a constant;
+    an uneven last backward chunk is a second specialization of the backward kernels."""
+    script = tmp_path / "bind.py"
+    script.write_text('''
+import json, torch
+from sdpo_fast.kernels import check
+rows = []
+for shape in [(1000, 4096, 151936), (300, 4095, 1001), (8, 1, 7)]:
+    for launch in check.distinct_launches(shape, torch.bfloat16, 90):
+        import triton
+        from triton.backends.compiler import GPUTarget
+        backend = triton.compiler.make_backend(GPUTarget("cuda", 90, 32))
+        sig, constexprs, attrs, _ = check._bind(launch, backend)
+        rows.append([list(shape), launch.kernel.__name__, check._int_summary(launch, sig, constexprs, attrs),
+                     [a if isinstance(a, int) else None for a in launch.args]])
+print(json.dumps(rows))
+''')
+    env = dict(ENV, SDPO_FAST_TRITON_WORKSPACE_MB="256")  # N=1000: chunks of 768 and 232 rows
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)
+    names = ["n_tokens", "vocab_size", "hidden_dim"]
+    for shape, kernel, summary, args in rows:
+        spec = dict(item.split("=") for item in summary.split())
+        for name in names:
+            assert name in spec, (kernel, summary)
+        value_of = {"lse_gather_kernel": dict(zip(names, args[5:8])), "grad_logits_kernel": dict(zip(names, args[6:9])),
+                    "grad_weight_kernel": dict(zip(names, args[3:6]))}[kernel]
+        for name, value in value_of.items():
+            want = "1" if value == 1 else ("i32:16" if value % 16 == 0 else "i32")
+            assert spec[name] == want, (shape, kernel, name, value, summary)
+    backward_1000 = [r for r in rows if r[0] == [1000, 4096, 151936] and r[1] == "grad_weight_kernel"]
+    assert sorted(r[3][3] for r in backward_1000) == [232, 768]
 
 
 @pytest.mark.slow
 def test_check_kernels_all_architectures():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-m", "sdpo_fast.cli", "check-kernels", "--arch", "sm_80,sm_86,sm_89,sm_90", "--json"],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(result.stdout)
-    kernels = {row["kernel"] for row in rows}
-    assert kernels == {"lse_gather_kernel", "grad_logits_kernel", "grad_weight_kernel"}
+    out = check_kernels("--arch", "sm_80,sm_86,sm_89,sm_90", "--shape", "qwen3-8b", timeout=900)
+    rows = out["kernels"]
     assert {row["arch"] for row in rows} == {80, 86, 89, 90}
-    assert len(rows) == 3 * 4 * 3
     for row in rows:
         assert row["registers"] > 0, row
         assert row["stack_bytes"] == 0 and row["local_bytes"] == 0, row
         assert row["fits_shared"], row
+        if row["dtype"] != "fp32":
+            assert row["mma"] == ("HGMMA" if row["arch"] == 90 else "HMMA"), row
+            assert row["pipeline_stages"] >= 2 and "LDGSTS" in row["async_copies"], row
 
 
-def test_check_kernels_rejects_bad_arch():
+def test_check_kernels_rejects_bad_arguments():
     from sdpo_fast.cli import main
     with pytest.raises(SystemExit):
         main(["check-kernels", "--arch", "ampere"])
+    with pytest.raises(SystemExit):
+        main(["check-kernels", "--shape", "16,0,7"])

@@ -58,6 +58,17 @@ def test_accumulate_grad_weight(device, n, d, vocab):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_first_chunk_overwrites_grad_weight(device):
+    """accumulate=False (the backward's first chunk) writes every tile: an uninitialized (NaN) buffer is replaced."""
+    from sdpo_fast.kernels.grad_weight import accumulate_grad_weight
+    g = torch.Generator().manual_seed(5)
+    grad = torch.randn(40, 300, generator=g).to(device)
+    hidden = torch.randn(40, 70, generator=g).to(device)
+    out = torch.full((300, 70), float("nan"), device=device)
+    accumulate_grad_weight(grad, hidden, out, accumulate=False)
+    torch.testing.assert_close(out.double(), grad.double().T @ hidden.double(), rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_reads_stay_in_bounds(device):
     """Views into a larger buffer whose surroundings are NaN: any out-of-bounds read would poison results."""
     from sdpo_fast.kernels.lse_gather import lse_gather

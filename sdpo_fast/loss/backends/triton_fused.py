@@ -1,25 +1,16 @@
 """Triton backend: fused forward (logits never written), chunked fused backward.
 
-The backward writes one chunk's gradient w.r.t. the logits into a workspace of at most
-`SDPO_FAST_TRITON_WORKSPACE_MB` (default 256 MiB), never an (N, V) buffer.
+The backward writes one chunk's gradient w.r.t. the logits into one reused (chunk, V) workspace (its size:
+`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
 from ...kernels.grad_weight import accumulate_grad_weight
 from ...kernels.lse_gather import lse_gather
-
-_MIN_CHUNK_ROWS = 128
-
-
-def _chunk_rows(vocab_size: int, dtype: torch.dtype) -> int:
-    budget = int(os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB", "256")) << 20
-    rows = budget // (vocab_size * torch.finfo(dtype).bits // 8)
-    return max(_MIN_CHUNK_ROWS, rows // _MIN_CHUNK_ROWS * _MIN_CHUNK_ROWS)
 
 
 def _inner_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -46,20 +37,21 @@ class TritonBackend:
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         n_tokens = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         if n_tokens == 0:
-            return grad_hidden, grad_weight
-        chunk = min(n_tokens, _chunk_rows(weight.shape[0], hidden.dtype))
-        workspace = torch.empty((chunk, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
-        for start in range(0, n_tokens, chunk):
-            rows = slice(start, min(start + chunk, n_tokens))
-            grad_logits_chunk = workspace[: rows.stop - start]
+            return grad_hidden, None if grad_weight is None else grad_weight.zero_()
+        l2_bytes = getattr(torch.cuda.get_device_properties(hidden.device), "L2_cache_size", 0) \
+            if hidden.is_cuda else 0
+        chunks = backward_chunks(n_tokens, weight.shape[0], weight.shape[1], hidden.dtype, need_weight, l2_bytes)
+        workspace = torch.empty((chunks[0].stop, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
+        for rows in chunks:
+            grad_logits_chunk = workspace[: rows.stop - rows.start]
             grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows], inv_temperature,
                         grad_logits_chunk)
             if need_hidden:
                 torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
             if need_weight:
-                accumulate_grad_weight(grad_logits_chunk, hidden[rows], grad_weight)
+                accumulate_grad_weight(grad_logits_chunk, hidden[rows], grad_weight, accumulate=rows.start > 0)
         return grad_hidden, grad_weight
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,

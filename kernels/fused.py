@@ -1,0 +1,45 @@
+"""Every kernel launch of one fused-path loss step (forward of student and teacher, chunked backward), in order.
+
+The Triton backend launches exactly these (`backward_chunks` and the `*_launch` builders); the ahead-of-time check
+and the traffic model build them on the `meta` device for a shape and a GPU, without a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import KernelConfig, backward_chunk_rows
+from .grad_logits import grad_logits_launch
+from .grad_weight import grad_weight_launch
+from .lse_gather import lse_gather_launch
+
+
+def backward_chunks(n_tokens: int, vocab_size: int, hidden_dim: int, dtype: torch.dtype,
+                    need_weight: bool, l2_bytes: int = 0) -> list[slice]:
+    """Row slices of the backward's chunks (one (rows, V) workspace reused by all)."""
+    chunk = backward_chunk_rows(n_tokens, vocab_size, hidden_dim, dtype, need_weight, l2_bytes)
+    return [slice(start, min(start + chunk, n_tokens)) for start in range(0, n_tokens, chunk)]
+
+
+def fused_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, cfg: KernelConfig,
+                        sm_count: int | None, need_weight: bool = True, l2_bytes: int = 0,
+                        lse_programs_per_sm: int = 1) -> list[tuple[str, object]]:
+    """(stage, Launch) of one forward+backward with a teacher, on meta tensors, for a GPU with sm_count SMs and
+    l2_bytes of L2 on which lse_gather_kernel keeps lse_programs_per_sm programs per SM; stage is "forward" or
+    "backward". grad_h = chunk @ W (cuBLAS) runs between grad_logits and grad_weight in each chunk."""
+    meta = dict(device="meta")
+    hidden = torch.empty(n_tokens, hidden_dim, dtype=dtype, **meta)
+    weight = torch.empty(vocab_size, hidden_dim, dtype=dtype, **meta)
+    targets = torch.empty(n_tokens, dtype=torch.int64, **meta)
+    lse = torch.empty(n_tokens, dtype=torch.float32, **meta)
+    launches = [("forward", lse_gather_launch(hidden, weight, targets, 1.0, cfg, sm_count, l2_bytes,
+                                              lse_programs_per_sm)[0]) for _ in range(2)]
+    chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, dtype, need_weight, l2_bytes)
+    workspace = torch.empty(chunks[0].stop - chunks[0].start, vocab_size, dtype=dtype, **meta)
+    grad_weight = torch.empty(vocab_size, hidden_dim, dtype=torch.float32, **meta)
+    for rows in chunks:
+        chunk = workspace[: rows.stop - rows.start]
+        launches.append(("backward", grad_logits_launch(hidden[rows], weight, targets[rows], lse[rows], lse[rows],
+                                                        1.0, chunk, cfg)))
+        if need_weight:
+            launches.append(("backward", grad_weight_launch(chunk, hidden[rows], grad_weight, cfg, rows.start > 0)))
+    return launches

@@ -1,0 +1,229 @@
+"""A traffic and roofline model of one fused-path loss step: bytes through HBM, FLOPs, predicted time per GPU.
+
+For each launch of the step (`sdpo_fast.kernels.fused`), the programs run in launch order (axis 0 fastest), in
+waves of `programs_per_sm * SMs` resident programs that advance in lockstep through their steps (one vocabulary
+tile per step for lse_gather; one whole tile for grad_logits and grad_weight). Every operand block a program reads
+goes through an LRU cache of L2_EFFECTIVE x the L2 size: a miss reads the block from HBM; stores go to HBM once.
+The L2 starts empty at each launch. Predicted time of a launch = max(FLOPs / peak x wave quantization, bytes /
+bandwidth), with the GPU's datasheet peaks (`sdpo_fast.kernels.gpus`); it is a bound (no latency, no epilogue
+cost: exp per logit is < 4 % of the 2·d multiply-adds at d = 4096), not a measurement.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .gpus import GPU, GPUS
+
+# H100/A100 L2s are two partitions that can each hold a copy of a line, and stores and prefetches share it.
+L2_EFFECTIVE = 0.5
+
+
+def _elem(tensor) -> int:
+    return tensor.element_size()
+
+
+def _lse_gather_programs(launch):
+    """Program (row block r, split s) in launch order (split fastest); per step: its hidden rows and one weight
+    tile."""
+    hidden = launch.args[0]
+    n_tokens, vocab_size, hidden_dim, per_split, splits = launch.args[5:10]
+    bn, bv = launch.options["BLOCK_N"], launch.options["BLOCK_V"]
+    e = _elem(hidden)
+    for r in range(launch.grid[0] // splits):
+        for s in range(splits):
+            rows = min(bn, n_tokens - r * bn)
+            v_end = min(vocab_size, (s + 1) * per_split)
+            steps = [[("h", r, rows * hidden_dim * e), ("w", v0, min(bv, v_end - v0) * hidden_dim * e)]
+                     for v0 in range(s * per_split, v_end, bv)]
+            yield steps, 2 * rows * 4
+
+
+def _grad_logits_programs(launch):
+    hidden = launch.args[0]
+    n_tokens, vocab_size, hidden_dim = launch.args[6:9]
+    bn, bv = launch.options["BLOCK_N"], launch.options["BLOCK_V"]
+    row_blocks, col_blocks = launch.grid
+    e = _elem(hidden)
+    for c in range(col_blocks):
+        cols = min(bv, vocab_size - c * bv)
+        for r in range(row_blocks):
+            rows = min(bn, n_tokens - r * bn)
+            yield [[("h", r, rows * hidden_dim * e), ("w", c, cols * hidden_dim * e)]], rows * cols * e
+
+
+def _grad_weight_programs(launch):
+    """Program (vocabulary block v, hidden block j), hidden block fastest: its grad_logits columns, hidden
+    columns, and its fp32 tile (read only when accumulating)."""
+    grad = launch.args[0]
+    n_tokens, vocab_size, hidden_dim = launch.args[3:6]
+    bv, bd = launch.options["BLOCK_V"], launch.options["BLOCK_D"]
+    d_blocks = -(-hidden_dim // bd)
+    e = _elem(grad)
+    for v in range(launch.grid[0] // d_blocks):
+        rows = min(bv, vocab_size - v * bv)
+        for j in range(d_blocks):
+            cols = min(bd, hidden_dim - j * bd)
+            tile = rows * cols * 4
+            reads = [("g", v, n_tokens * rows * e), ("h", j, n_tokens * cols * e)]
+            yield [reads + ([("o", (v, j), tile)] if launch.options["ACCUMULATE"] else [])], tile
+
+
+PROGRAMS = {"lse_gather_kernel": _lse_gather_programs, "grad_logits_kernel": _grad_logits_programs,
+            "grad_weight_kernel": _grad_weight_programs}
+
+
+def launch_flops(launch) -> int:
+    name = launch.kernel.__name__
+    if name == "lse_gather_kernel":
+        n, v, d = launch.args[5:8]
+    elif name == "grad_logits_kernel":
+        n, v, d = launch.args[6:9]
+    else:
+        n, v, d = launch.args[3:6]
+    return 2 * n * d * v
+
+
+def hbm_bytes(launch, resident: int, l2_bytes: int) -> int:
+    """Bytes the launch moves through HBM when `resident` programs run at once and the cache holds l2_bytes."""
+    cache: OrderedDict = OrderedDict()
+    used = moved = 0
+    programs = list(PROGRAMS[launch.kernel.__name__](launch))
+    for start in range(0, len(programs), resident):
+        wave = programs[start:start + resident]
+        for step in range(max(len(steps) for steps, _ in wave)):
+            for steps, _ in wave:
+                if step >= len(steps):
+                    continue
+                for key in steps[step]:
+                    if key in cache:
+                        cache.move_to_end(key)
+                        continue
+                    moved += key[2]
+                    cache[key] = None
+                    used += key[2]
+                    while used > l2_bytes and len(cache) > 1:
+                        used -= cache.popitem(last=False)[0][2]
+        moved += sum(stored for _, stored in wave)
+    return moved
+
+
+@dataclass(frozen=True)
+class KernelPrediction:
+    kernel: str
+    launches: int
+    flops: float
+    hbm_bytes: float
+    programs_per_sm: int
+    wave_efficiency: float
+    seconds: float
+    bound: str  # "compute" or "memory"
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.seconds / 1e12 if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    gpu: str
+    dtype: str
+    shape: tuple
+    kernels: list = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(k.seconds for k in self.kernels)
+
+    @property
+    def tflops(self) -> float:
+        """Counting 10·N·d·V, as the benchmarks do."""
+        n, d, v = self.shape
+        return 10 * n * d * v / self.seconds / 1e12
+
+    def as_dict(self) -> dict:
+        return {"gpu": self.gpu, "dtype": self.dtype, "shape": list(self.shape), "seconds": self.seconds,
+                "tflops": self.tflops,
+                "kernels": [{**asdict(k), "tflops": k.tflops} for k in self.kernels]}
+
+
+def predict_launch(launch, gpu: GPU, occupancy: int) -> KernelPrediction:
+    """One launch on `gpu` with `occupancy` resident programs per SM."""
+    resident = max(1, occupancy) * gpu.sms
+    programs = math.prod(launch.grid)
+    efficiency = programs / (math.ceil(programs / resident) * resident)
+    flops = launch_flops(launch)
+    peak = gpu.fp32_flops if launch.options["INPUT_PRECISION"] == "ieee" else gpu.tensor_16bit_flops
+    moved = hbm_bytes(launch, resident, int(L2_EFFECTIVE * gpu.l2_bytes))
+    compute_s, memory_s = flops / peak / efficiency, moved / gpu.hbm_bytes_per_s
+    return KernelPrediction(launch.kernel.__name__.removesuffix("_kernel"), 1, flops, moved, occupancy, efficiency,
+                            max(compute_s, memory_s), "compute" if compute_s >= memory_s else "memory")
+
+
+def _merge(preds: list[KernelPrediction]) -> KernelPrediction:
+    first = preds[0]
+    flops, moved, seconds = (sum(getattr(p, f) for p in preds) for f in ("flops", "hbm_bytes", "seconds"))
+    memory_s = sum(p.seconds for p in preds if p.bound == "memory")
+    return KernelPrediction(first.kernel, len(preds), flops, moved, first.programs_per_sm,
+                            min(p.wave_efficiency for p in preds), seconds,
+                            "memory" if memory_s > seconds / 2 else "compute")
+
+
+def _gemm(name: str, m: int, n: int, k: int, elem: int, gpu: GPU, count: int, fp32: bool) -> KernelPrediction:
+    """An ideal cuBLAS GEMM (m, k) @ (k, n): each operand read once, the output written once."""
+    flops = 2 * m * n * k * count
+    moved = (m * k + k * n + m * n) * elem * count
+    peak = gpu.fp32_flops if fp32 else gpu.tensor_16bit_flops
+    compute_s, memory_s = flops / peak, moved / gpu.hbm_bytes_per_s
+    return KernelPrediction(name, count, flops, moved, 0, 1.0, max(compute_s, memory_s),
+                            "compute" if compute_s >= memory_s else "memory")
+
+
+def model_step(shape: tuple[int, int, int], dtype: torch.dtype, gpu: str | GPU, usages=None,
+               need_weight: bool = True) -> StepPrediction:
+    """Predicted kernels of one forward+backward (student and teacher) at shape (N, d, V) on `gpu`.
+
+    usages: `check.KernelUsage` rows giving programs per SM for (kernel, dtype, arch); compiled here when None.
+    """
+    from .check import DTYPE_NAMES, compile_launch, step_launches
+
+    gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
+    n_tokens, hidden_dim, vocab_size = shape
+    launches = step_launches(shape, dtype, gpu, need_weight)
+    occupancy = {(u.kernel, u.dtype, u.arch): u.programs_per_sm for u in usages or []}
+    memo: dict = {}
+    by_kernel: dict[str, list[KernelPrediction]] = {}
+    for launch in launches:
+        name = launch.kernel.__name__
+        key_occ = (name, DTYPE_NAMES[dtype], gpu.arch)
+        if key_occ not in occupancy:
+            occupancy[key_occ] = compile_launch(launch, gpu.arch).programs_per_sm
+        key = (name, launch.grid, tuple(a if isinstance(a, (int, float)) else tuple(a.shape) for a in launch.args))
+        if key not in memo:
+            memo[key] = predict_launch(launch, gpu, occupancy[key_occ])
+        by_kernel.setdefault(name, []).append(memo[key])
+    elem = torch.finfo(dtype).bits // 8
+    kernels = [_merge(preds) for preds in by_kernel.values()]
+    chunks = [launch.args[6] for launch in launches if launch.kernel.__name__ == "grad_logits_kernel"]
+    grad_h = [_gemm("grad_h (cuBLAS)", rows, hidden_dim, vocab_size, elem, gpu, 1, dtype == torch.float32)
+              for rows in chunks]
+    kernels.insert(-1 if need_weight else len(kernels), _merge(grad_h))
+    return StepPrediction(gpu.name, DTYPE_NAMES[dtype], tuple(shape), kernels)
+
+
+def format_model(step: StepPrediction) -> str:
+    """A markdown table of the predicted kernels, then the whole step."""
+    lines = [f"Model: {step.gpu}, {step.dtype}, N, d, V = {step.shape}",
+             "", "| kernel | launches | TFLOP | HBM GB | programs/SM | wave eff. | bound | predicted ms | TFLOP/s |",
+             "|---|--:|--:|--:|--:|--:|---|--:|--:|"]
+    for k in step.kernels:
+        lines.append(f"| {k.kernel} | {k.launches} | {k.flops / 1e12:.2f} | {k.hbm_bytes / 1e9:.1f} "
+                     f"| {k.programs_per_sm or '–'} | {k.wave_efficiency:.2f} | {k.bound} | {k.seconds * 1e3:.2f} "
+                     f"| {k.tflops:.0f} |")
+    lines.append(f"| **whole step** (10·N·d·V) | | {10 * math.prod(step.shape) / 1e12:.1f} "
+                 f"| {sum(k.hbm_bytes for k in step.kernels) / 1e9:.1f} | | | | {step.seconds * 1e3:.1f} "
+                 f"| {step.tflops:.0f} |")
+    return "\n".join(lines)

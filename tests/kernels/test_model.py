@@ -1,0 +1,87 @@
+"""The traffic/roofline model against hand-computed small cases (no GPU, no compilation)."""
+import pytest
+import torch
+
+from sdpo_fast.kernels import model
+from sdpo_fast.kernels.config import KernelConfig
+from sdpo_fast.kernels.gpus import GPU, programs_per_sm
+from sdpo_fast.kernels.grad_weight import grad_weight_launch
+from sdpo_fast.kernels.lse_gather import lse_gather_launch
+
+CFG = KernelConfig(block_n=16, block_v=128, block_d=32, num_warps=8, num_stages=3, input_precision="tf32")
+
+
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def grad_weight_case(n=32, vocab=256, d=128):
+    return grad_weight_launch(meta(n, vocab), meta(n, d), meta(vocab, d, dtype=torch.float32), CFG)
+
+
+def test_grad_weight_bytes_with_a_large_cache():
+    """2 vocabulary x 2 hidden blocks (128 x 64): each grad_logits/hidden slice read once, each fp32 tile read
+    and written once."""
+    launch = grad_weight_case()
+    g_slice, h_slice, tile = 32 * 128 * 2, 32 * 64 * 2, 128 * 64 * 4
+    assert model.hbm_bytes(launch, resident=4, l2_bytes=1 << 30) == 2 * g_slice + 2 * h_slice + 4 * 2 * tile
+
+
+def test_grad_weight_bytes_without_a_cache_follow_program_order():
+    """One program at a time and room for one block: every block a program reads comes from HBM."""
+    launch = grad_weight_case()
+    g_slice, h_slice, tile = 32 * 128 * 2, 32 * 64 * 2, 128 * 64 * 4
+    assert model.hbm_bytes(launch, resident=1, l2_bytes=0) == 4 * (g_slice + h_slice + 2 * tile)
+
+
+def test_first_chunk_writes_grad_weight_without_reading_it():
+    launch = grad_weight_launch(meta(32, 256), meta(32, 128), meta(256, 128, dtype=torch.float32), CFG, False)
+    g_slice, h_slice, tile = 32 * 128 * 2, 32 * 64 * 2, 128 * 64 * 4
+    assert model.hbm_bytes(launch, resident=4, l2_bytes=1 << 30) == 2 * g_slice + 2 * h_slice + 4 * tile
+
+
+def test_lse_gather_bytes_reuse_within_a_wave():
+    """32 tokens (2 row blocks of 16), V = 512 (4 tiles), one split, both row blocks resident: each weight tile is
+    read once per wave, each hidden block once; the outputs are 2 floats per token."""
+    launch, _, _ = lse_gather_launch(meta(32, 64), meta(512, 64), meta(32, dtype=torch.int64), 1.0, CFG, None)
+    assert launch.args[9] == 1  # one vocabulary split
+    hidden, weight = 32 * 64 * 2, 512 * 64 * 2
+    assert model.hbm_bytes(launch, resident=2, l2_bytes=1 << 30) == hidden + weight + 32 * 2 * 4
+    # one program at a time, a cache too small for a tile: the weight is read once per row block, and the
+    # hidden block once per tile
+    assert model.hbm_bytes(launch, resident=1, l2_bytes=0) == 2 * weight + 4 * hidden + 32 * 2 * 4
+
+
+def test_predicted_time_is_the_roofline_with_wave_quantization():
+    gpu = GPU("toy", 90, sms=2, l2_bytes=1 << 30, hbm_bytes_per_s=1e9, tensor_16bit_flops=1e12, fp32_flops=1e11,
+              source="made up")
+    launch = grad_weight_case()
+    p = model.predict_launch(launch, gpu, occupancy=1)  # 4 programs on 2 SMs: 2 full waves
+    flops = 2 * 32 * 256 * 128
+    moved = model.hbm_bytes(launch, 2, int(model.L2_EFFECTIVE * gpu.l2_bytes))
+    assert p.flops == flops and p.hbm_bytes == moved and p.wave_efficiency == 1.0
+    assert p.seconds == pytest.approx(max(flops / 1e12, moved / 1e9)) and p.bound == "memory"
+    p3 = model.predict_launch(launch, GPU(**{**gpu.__dict__, "sms": 3, "hbm_bytes_per_s": 1e15}), occupancy=1)
+    assert p3.wave_efficiency == pytest.approx(4 / 6) and p3.seconds == pytest.approx(flops / 1e12 * 6 / 4)
+
+
+@pytest.mark.parametrize("regs,smem,warps,arch,want", [
+    (238, 49152, 8, 90, 1),   # 238 -> 240 registers x 256 threads = 61,440 of 65,536
+    (113, 49152, 8, 90, 2),   # 120 x 256 x 2 = 61,440 registers; shared 2 x 49 KiB
+    (64, 100000, 4, 90, 2),   # shared: 233,472 // 101,024
+    (32, 0, 4, 86, 12),       # threads: 1,536 // 128
+    (16, 0, 1, 90, 32),       # the block limit
+])
+def test_programs_per_sm(regs, smem, warps, arch, want):
+    assert programs_per_sm(regs, smem, warps, arch) == want
+
+
+@pytest.mark.parametrize("n_tokens", [4096, 16384])
+def test_vocab_splits_on_h100(n_tokens):
+    """d=4096, V=151936, 128x128 bf16 tiles (1 MiB each), 132 SMs x 1 program, 50 MiB L2: with S splits the
+    resident programs hold min(row blocks, ceil(132/S)) hidden blocks and S weight tiles; S=7 needs 26 MiB (19 + 7)
+    > 25 MiB, S=8 needs 25 (17 + 8) and fills 97 % of the waves, which no larger fitting S beats."""
+    from sdpo_fast.kernels.lse_gather import _vocab_splits
+    cfg = KernelConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3, input_precision="tf32")
+    assert _vocab_splits(n_tokens, 151936, 4096, 2, cfg, 132, 50 * 2**20, 1) == 8
+    assert _vocab_splits(n_tokens, 151936, 4096, 2, cfg, None, 50 * 2**20, 1) == 1
