@@ -7,48 +7,73 @@ import torch
 
 from ..constants import IGNORE_INDEX
 from .backends import get_backend, resolve_backend
-from .function import LossParams, SDPOFunction
+from .divergence import DivergenceSpec
+from .function import DivergenceFunction, LossParams, SDPOFunction
 from .reference import reference_sdpo_loss
-from .validation import validate
+from .validation import validate, validate_distillation
 
 
 class SDPOStats(NamedTuple):
     """Per-token statistics, each shaped like target_ids, float32, detached, 0 at ignored positions.
 
-    teacher_logprobs: log q as given or computed; advantages: the A_t the loss used (centred, clipped).
+    teacher_logprobs: log q as given or computed; advantages: the A_t the loss used (centred, clipped; in the
+    full/top-k modes the raw log q - log pi of the target). divergence: the per-token D_t of the mode
+    (sampled_token: -A_t * log pi(y_t)), before token weights and importance ratios.
     """
 
     student_logprobs: torch.Tensor
     teacher_logprobs: torch.Tensor
     advantages: torch.Tensor
+    divergence: torch.Tensor
 
 
 def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
               teacher_lm_head_weight=None, token_weights=None, ignore_index=IGNORE_INDEX, temperature=1.0,
-              signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False):
-    """SDPO loss  sum_t w_t * -(A_t * log pi(y_t)),  A_t = clip(log q(y_t) - log pi(y_t)) held constant.
+              signal_clip=None, center_advantages=False, sequence_index=None, distillation_mode="sampled_token",
+              distillation_alpha=1.0, distillation_topk=100, distillation_add_tail=True, behavior_logprobs=None,
+              importance_clip=None, backend="auto", return_stats=False):
+    """SDPO loss  sum_t w_t * c_t * D_t  over the loss tokens.
+
+    D_t by distillation_mode: "sampled_token" -A_t * log pi(y_t) with A_t = clip(log q(y_t) - log pi(y_t)) held
+    constant; "full_logits" the alpha-divergence (distillation_alpha: 0 forward KL, 1 reverse KL, between them
+    the mixture form, 0.5 the JSD) of the student from the teacher over the vocabulary; "topk_logits" the same
+    over the student's distillation_topk most likely tokens, with a tail bucket for the remaining mass
+    (distillation_add_tail) or renormalized. c_t = min(exp(log pi(y_t) - log mu(y_t)), importance_clip) held
+    constant when behavior_logprobs (log mu (...), the sampler's) and importance_clip are given, else 1.
+    Definitions as TRL's `trl.experimental.sdpo.loss_utils`; the teacher is never differentiated.
 
     student_hidden (..., d) and lm_head_weight (V, d): one float dtype; target_ids (...) integer, ignore_index
     marks non-loss tokens. The teacher is teacher_hidden (..., d_t) with teacher_lm_head_weight (V, d_t)
     (default lm_head_weight), or teacher_logprobs (...). token_weights (...) replaces the default weights
     1/(number of loss tokens). center_advantages: A_t minus its mean over the loss tokens of its sequence
     (sequence_index (...), integer ids in [0, number of positions)), before the clip, in the same pass.
+    teacher_logprobs and signal_clip/center_advantages serve sampled_token only (which needs alpha = 1).
     Returns a 0-dim fp32 loss, or (loss, SDPOStats) with return_stats=True.
-    backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference".
+    backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference". The full and
+    top-k modes run over token chunks whose fp32 (chunk, V) workspace (8 buffers) stays within
+    SDPO_FAST_TORCH_CHUNK_MB (64) or SDPO_FAST_TRITON_WORKSPACE_MB (256); only "reference" forms (N, V) logits.
     """
     validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
              token_weights, ignore_index, temperature, signal_clip, sequence_index, center_advantages)
+    validate_distillation(target_ids, lm_head_weight.shape[0], teacher_hidden, teacher_logprobs, signal_clip,
+                          center_advantages, distillation_mode, distillation_alpha, distillation_topk,
+                          distillation_add_tail, behavior_logprobs, importance_clip)
     backend = resolve_backend(backend, student_hidden.device)
     if backend == "reference":
         loss, stats = reference_sdpo_loss(
             student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
             teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
             token_weights=token_weights, ignore_index=ignore_index, temperature=temperature, signal_clip=signal_clip,
-            center_advantages=center_advantages, sequence_index=sequence_index)
+            center_advantages=center_advantages, sequence_index=sequence_index, distillation_mode=distillation_mode,
+            distillation_alpha=distillation_alpha, distillation_topk=distillation_topk,
+            distillation_add_tail=distillation_add_tail, behavior_logprobs=behavior_logprobs,
+            importance_clip=importance_clip)
         return (loss, SDPOStats(*stats)) if return_stats else loss
 
     ops = get_backend(backend)
-    params = LossParams(ops, 1.0 / float(temperature), signal_clip, center_advantages)
+    spec = None if distillation_mode == "sampled_token" else DivergenceSpec(
+        distillation_mode, float(distillation_alpha), distillation_topk, distillation_add_tail)
+    params = LossParams(ops, 1.0 / float(temperature), signal_clip, center_advantages, importance_clip, spec)
     targets = target_ids.reshape(-1)
     loss_mask = targets != ignore_index
     rows = loss_mask.nonzero().squeeze(1)
@@ -63,6 +88,22 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         weights = torch.full((rows.numel(),), 1.0 / max(rows.numel(), 1), device=targets.device)
     else:
         weights = loss_rows(token_weights.reshape(-1)).float()
+    behavior_lp = None if behavior_logprobs is None else loss_rows(behavior_logprobs.reshape(-1)).float()
+
+    def full(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        out[rows] = values.detach()
+        return out.reshape(target_ids.shape)
+
+    if spec is not None:
+        weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
+        teacher_rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+        loss, divergence, student_lp, teacher_lp = DivergenceFunction.apply(
+            hidden, lm_head_weight, teacher_rows, weight, loss_targets, weights, behavior_lp, params)
+        if not return_stats:
+            return loss
+        return loss, SDPOStats(full(student_lp), full(teacher_lp), full(teacher_lp - student_lp), full(divergence))
+
     if teacher_logprobs is not None:
         teacher_lp = loss_rows(teacher_logprobs.reshape(-1)).float()
     else:
@@ -73,24 +114,22 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     sequences = loss_rows(sequence_index.reshape(-1)).long() if center_advantages else None
 
     loss, student_lp, advantages = SDPOFunction.apply(
-        hidden, lm_head_weight, loss_targets, teacher_lp, weights, sequences, params, targets.numel())
+        hidden, lm_head_weight, loss_targets, teacher_lp, weights, sequences, behavior_lp, params, targets.numel())
     if not return_stats:
         return loss
-
-    def full(values: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-        out[rows] = values.detach()
-        return out.reshape(target_ids.shape)
-
-    return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages))
+    return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages), full(-advantages * student_lp))
 
 
 class SDPOLoss(torch.nn.Module):
     """`sdpo_loss` as a module; constructor takes the keyword options, forward the tensors."""
 
     def __init__(self, *, ignore_index=IGNORE_INDEX, temperature=1.0, signal_clip=None, center_advantages=False,
-                 backend="auto", return_stats=False):
+                 distillation_mode="sampled_token", distillation_alpha=1.0, distillation_topk=100,
+                 distillation_add_tail=True, importance_clip=None, backend="auto", return_stats=False):
         super().__init__()
+        self.distillation_mode, self.distillation_alpha = distillation_mode, distillation_alpha
+        self.distillation_topk, self.distillation_add_tail = distillation_topk, distillation_add_tail
+        self.importance_clip = importance_clip
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.signal_clip = signal_clip
@@ -99,14 +138,19 @@ class SDPOLoss(torch.nn.Module):
         self.return_stats = return_stats
 
     def forward(self, student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
-                teacher_lm_head_weight=None, token_weights=None, sequence_index=None):
+                teacher_lm_head_weight=None, token_weights=None, sequence_index=None, behavior_logprobs=None):
         return sdpo_loss(student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
                          teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
                          token_weights=token_weights, ignore_index=self.ignore_index, temperature=self.temperature,
                          signal_clip=self.signal_clip, center_advantages=self.center_advantages,
-                         sequence_index=sequence_index, backend=self.backend, return_stats=self.return_stats)
+                         sequence_index=sequence_index, distillation_mode=self.distillation_mode,
+                         distillation_alpha=self.distillation_alpha, distillation_topk=self.distillation_topk,
+                         distillation_add_tail=self.distillation_add_tail, behavior_logprobs=behavior_logprobs,
+                         importance_clip=self.importance_clip, backend=self.backend, return_stats=self.return_stats)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, temperature={self.temperature}, "
                 f"signal_clip={self.signal_clip}, center_advantages={self.center_advantages}, "
-                f"backend={self.backend!r}")
+                f"distillation_mode={self.distillation_mode!r}, distillation_alpha={self.distillation_alpha}, "
+                f"distillation_topk={self.distillation_topk}, distillation_add_tail={self.distillation_add_tail}, "
+                f"importance_clip={self.importance_clip}, backend={self.backend!r}")
