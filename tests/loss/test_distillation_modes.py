@@ -197,3 +197,63 @@ def test_matches_trl_loss_utils(backend, mode, tail, alpha, clip):
     assert rel_err(got["loss"], loss.detach()) <= FP32_TOL
     assert rel_err(got["grad_hidden"], student.grad) <= FP32_TOL
     assert rel_err(got["grad_weight"], weight.grad) <= FP32_TOL
+
+
+def test_one_objective_per_mode_calls_sdpo_loss():
+    from sdpo_fast.loss import (FullLogitObjective, LossInputs, SDPOLoss, SDPOObjective, TopKLogitObjective,
+                                make_objective)
+    from sdpo_fast.loss.objectives import DISTILLATION_OBJECTIVES
+
+    case = make_case(20, 16, 50, seed=2, ignore_frac=0.2)
+    weights = torch.rand(20, generator=torch.Generator().manual_seed(0))
+    behavior = behavior_for(case, seed=4)
+    inputs = LossInputs(case["student_hidden"], case["lm_head_weight"], case["target_ids"], weights,
+                        torch.zeros(20, dtype=torch.long), case["teacher_hidden"], behavior_logprobs=behavior)
+    mask = case["target_ids"] != -100
+    built = {mode: make_objective(name, importance_clip=2.0, **({} if mode == "sampled_token" else {"alpha": 0.5}))
+             for mode, name in DISTILLATION_OBJECTIVES.items()}
+    assert isinstance(built["sampled_token"], SDPOObjective)
+    assert isinstance(built["full_logits"], FullLogitObjective)
+    assert isinstance(built["topk_logits"], TopKLogitObjective)
+    built["topk_logits"] = TopKLogitObjective(alpha=0.5, topk=5, add_tail=False, importance_clip=2.0)
+    for mode, objective in built.items():
+        out = objective(inputs)
+        options = dict(distillation_mode=mode, importance_clip=2.0, behavior_logprobs=behavior)
+        if mode != "sampled_token":
+            options["distillation_alpha"] = 0.5
+        if mode == "topk_logits":
+            options.update(distillation_topk=5, distillation_add_tail=False)
+        loss, stats = sdpo_loss(**case, token_weights=weights, return_stats=True, **options)
+        module = SDPOLoss(**{k: v for k, v in options.items() if k != "behavior_logprobs"})
+        assert torch.equal(out.loss, loss)
+        assert torch.equal(module(**case, token_weights=weights, behavior_logprobs=behavior), loss)
+        if mode != "sampled_token":
+            assert objective.signal_name == "mean_divergence" and torch.equal(out.signal, stats.divergence[mask])
+
+
+@pytest.mark.parametrize("options,argument", [
+    (dict(distillation_mode="top_k"), "distillation_mode"),
+    (dict(distillation_alpha=0.5), "distillation_alpha"),
+    (dict(distillation_mode="full_logits", distillation_alpha=1.5), "distillation_alpha"),
+    (dict(distillation_mode="topk_logits", distillation_topk=0), "distillation_topk"),
+    (dict(distillation_mode="topk_logits", distillation_topk=51), "distillation_topk"),
+    (dict(distillation_mode="topk_logits", distillation_add_tail=1), "distillation_add_tail"),
+    (dict(distillation_mode="full_logits", signal_clip=1.0), "signal_clip"),
+    (dict(distillation_mode="full_logits", center_advantages=True), "center_advantages"),
+    (dict(importance_clip=0.0), "importance_clip"),
+    (dict(importance_clip=2.0, behavior_logprobs=torch.zeros(3)), "behavior_logprobs"),
+    (dict(importance_clip=2.0, behavior_logprobs=torch.zeros(8, dtype=torch.long)), "behavior_logprobs"),
+])
+def test_bad_combinations_name_the_argument(options, argument):
+    case = make_case(8, 4, 50)
+    with pytest.raises((ValueError, TypeError), match=argument):
+        sdpo_loss(**case, **options)
+
+
+def test_teacher_logprobs_only_for_sampled_token():
+    case = make_case(8, 4, 50)
+    case["teacher_logprobs"] = torch.zeros(8)
+    del case["teacher_hidden"]
+    for mode in ["full_logits", "topk_logits"]:
+        with pytest.raises(ValueError, match="teacher_logprobs"):
+            sdpo_loss(**case, distillation_mode=mode)
