@@ -55,14 +55,14 @@ def alpha_divergence(s: torch.Tensor, t: torch.Tensor, alpha: float, need_grad: 
         q = t.exp()
         divergence = (q * (t - s)).sum(dim=1, dtype=torch.float64).float()
         return divergence, (q.neg_() if need_grad else None)
-    p = s.exp()
     if alpha == 1.0:
+        p = s.exp()
         log_ratio = s - t
         divergence = (p * log_ratio).sum(dim=1, dtype=torch.float64).float()
         return divergence, (log_ratio.add_(1.0).mul_(p) if need_grad else None)
     mixture = torch.logaddexp(s + math.log(1.0 - alpha), t + math.log(alpha))
-    student_part = p * (s - mixture)
-    teacher_part = (t.exp() * (t - mixture)).sum(dim=1, dtype=torch.float64)
+    student_part = (s - mixture).mul_(s.exp())
+    teacher_part = mixture.neg_().add_(t).mul_(t.exp()).sum(dim=1, dtype=torch.float64)
     divergence = ((1.0 - alpha) * student_part.sum(dim=1, dtype=torch.float64) + alpha * teacher_part).float()
     return divergence, (student_part.mul_(1.0 - alpha) if need_grad else None)
 

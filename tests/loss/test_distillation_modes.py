@@ -257,3 +257,22 @@ def test_teacher_logprobs_only_for_sampled_token():
     for mode in ["full_logits", "topk_logits"]:
         with pytest.raises(ValueError, match="teacher_logprobs"):
             sdpo_loss(**case, distillation_mode=mode)
+
+
+@pytest.mark.parametrize("mode,alpha", [("full_logits", 0.5), ("full_logits", 1.0), ("topk_logits", 0.0)])
+def test_workspace_stays_within_the_budget(mode, alpha, monkeypatch):
+    """Peak bytes of every storage made during the loss and its gradients (StorageCounter), torch backend: the
+    gradients' own storage plus the chunk workspace within SDPO_FAST_TORCH_CHUNK_MB, far below one (N, V) fp32."""
+    from storage_counter import StorageCounter
+
+    n, d, vocab = 256, 16, 8192
+    monkeypatch.setenv("SDPO_FAST_TORCH_CHUNK_MB", "4")
+    case = make_case(n, d, vocab, seed=1)
+    hidden = case["student_hidden"].requires_grad_()
+    weight = case["lm_head_weight"].requires_grad_()
+    counter = StorageCounter()
+    with counter:
+        sdpo_loss(**case, distillation_mode=mode, distillation_alpha=alpha, backend="torch").backward()
+    grads = 2 * vocab * d * 4 + 2 * n * d * 4  # grad_weight (fp32 accumulator and .grad) and grad_hidden
+    assert counter.peak <= grads + (4 << 20) + (64 << 10), counter.peak
+    assert counter.peak < n * vocab * 4 / 4
