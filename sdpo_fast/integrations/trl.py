@@ -14,7 +14,8 @@ Served: `distillation_mode` sampled_token, full_logits and topk_logits (with or 
 records), every teacher kind TRL builds (the teacher forward still runs under TRL's own adapter context), TRL's
 per-sequence-mean aggregation and gradient-accumulation scaling. TRL's trainer runs its own student and teacher
 forwards; the lm_head is bypassed during them, so the "logits" TRL slices and divides by the temperature are the
-final hidden states, which `sdpo_loss` multiplies by the lm_head weight chunk by chunk.
+final hidden states, which `sdpo_loss` multiplies by the lm_head weight chunk by chunk (in the weight's dtype:
+under autocast, as with TRL's default `bf16=True`, TRL's lm_head product runs in bf16 and ours does not).
 
 Not served, with a ValueError at `use_sdpo_loss` (or at the step, when the arguments changed since): a
 `distillation_weight` other than 1 (the policy-loss blend needs full logits), the teacher server
@@ -94,7 +95,8 @@ def _distillation_loss(trainer, model, inputs, backend: str) -> torch.Tensor:
     heads = [student_head] if teacher_head is student_head else [student_head, teacher_head]
     with _hidden_state_heads(heads):
         hidden = trainer._compute_teacher_student_logits(model, trainer.teacher_model, inputs)
-    student_hidden, teacher_hidden = hidden.student_logits, hidden.teacher_logits
+    student_hidden = hidden.student_logits.to(student_head.weight.dtype)
+    teacher_hidden = hidden.teacher_logits.to(teacher_head.weight.dtype)
     if student_hidden.shape[-1] != student_head.in_features or teacher_hidden.shape[-1] != teacher_head.in_features:
         raise ValueError("the model's forward did not return its lm_head's input; sdpo_fast's TRL integration cannot "
                          "serve this model")
