@@ -276,3 +276,20 @@ def test_workspace_stays_within_the_budget(mode, alpha, monkeypatch):
     grads = 2 * vocab * d * 4 + 2 * n * d * 4  # grad_weight (fp32 accumulator and .grad) and grad_hidden
     assert counter.peak <= grads + (4 << 20) + (64 << 10), counter.peak
     assert counter.peak < n * vocab * 4 / 4
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
+def test_full_logits_matches_liger_fused_linear_jsd(alpha):
+    """Liger's chunked JSD (beta = alpha, soft loss only, token mean) is the same divergence."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is not installed")
+    case = make_case(30, 16, 203, seed=8)
+    got = run(case, "torch", dict(distillation_mode="full_logits", distillation_alpha=alpha, temperature=0.8))
+    student = case["student_hidden"].clone().requires_grad_()
+    weight = case["lm_head_weight"].clone().requires_grad_()
+    loss = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=alpha, temperature=0.8,
+                                         compiled=False)(student, weight, case["teacher_hidden"],
+                                                         case["lm_head_weight"], case["target_ids"])
+    loss.backward()
+    assert rel_err(got["loss"], loss.detach()) <= FP32_TOL
+    assert rel_err(got["grad_hidden"], student.grad) <= FP32_TOL
+    assert rel_err(got["grad_weight"], weight.grad) <= FP32_TOL
