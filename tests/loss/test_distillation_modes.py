@@ -265,8 +265,8 @@ def test_workspace_stays_within_the_budget(mode, alpha, monkeypatch):
     gradients' own storage plus the chunk workspace within SDPO_FAST_TORCH_CHUNK_MB, far below one (N, V) fp32."""
     from storage_counter import StorageCounter
 
-    n, d, vocab = 256, 16, 8192
-    monkeypatch.setenv("SDPO_FAST_TORCH_CHUNK_MB", "4")
+    n, d, vocab = 128, 4, 8192
+    monkeypatch.setenv("SDPO_FAST_TORCH_CHUNK_MB", "1")
     case = make_case(n, d, vocab, seed=1)
     hidden = case["student_hidden"].requires_grad_()
     weight = case["lm_head_weight"].requires_grad_()
@@ -274,8 +274,8 @@ def test_workspace_stays_within_the_budget(mode, alpha, monkeypatch):
     with counter:
         sdpo_loss(**case, distillation_mode=mode, distillation_alpha=alpha, backend="torch").backward()
     grads = 2 * vocab * d * 4 + 2 * n * d * 4  # grad_weight (fp32 accumulator and .grad) and grad_hidden
-    assert counter.peak <= grads + (4 << 20) + (64 << 10), counter.peak
-    assert counter.peak < n * vocab * 4 / 4
+    assert counter.peak <= grads + (1 << 20) + (64 << 10), counter.peak
+    assert counter.peak < n * vocab * 4 / 2
 
 
 @pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
