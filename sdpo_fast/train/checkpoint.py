@@ -11,6 +11,7 @@ import torch
 from ..utils.files import replace_dir
 
 STATE_FILE = "trainer_state.pt"
+TEACHER_FILE = "teacher.safetensors"
 STALE_PATTERNS = (".checkpoint-*.tmp*", ".checkpoint-*.old*")
 """What an interrupted `save_checkpoint` can leave in output_dir (removed when a run starts)."""
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -31,10 +32,11 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, optimizer, scheduler,
-                    extra: dict) -> Path:
+                    extra: dict, teacher_state: dict | None = None) -> Path:
     """Write output_dir/checkpoint-{step} atomically (built aside, then swapped in); returns its path.
 
-    `extra` holds plain values (ints, floats, strings) describing the run position, stored with the state.
+    `extra` holds plain values (ints, floats, strings) describing the run position, stored with the state;
+    teacher_state (name -> tensor, the ema/base teacher's own weights) goes to teacher.safetensors when non-empty.
     """
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -49,6 +51,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
             "extra": dict(extra),
         }
         torch.save(state, tmp / STATE_FILE)
+        if teacher_state:
+            from safetensors.torch import save_file
+
+            save_file({name: t.contiguous() for name, t in teacher_state.items()}, str(tmp / TEACHER_FILE))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
 
     return replace_dir(Path(output_dir) / f"checkpoint-{step}", write)
@@ -57,6 +63,16 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
 def load_trainer_state(checkpoint: str | os.PathLike) -> dict:
     """The optimizer/scheduler/RNG/step state saved by `save_checkpoint` (tensors and plain values only)."""
     return torch.load(Path(checkpoint) / STATE_FILE, weights_only=True, map_location="cpu")
+
+
+def load_teacher_state(checkpoint: str | os.PathLike) -> dict:
+    """The teacher tensors saved by `save_checkpoint` ({} when it saved none)."""
+    path = Path(checkpoint) / TEACHER_FILE
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def restore_rng(state: dict) -> None:

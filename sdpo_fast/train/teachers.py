@@ -9,7 +9,8 @@
   during the swap); otherwise a frozen copy of the model.
 
 ema and base teachers run their own full pass (no prefix reuse: their weights differ from the student's).
-`state_dict()` holds the EMA tensors for checkpoints; `load_state_dict` restores them bitwise.
+`state_dict()` holds the teacher's own tensors (EMA, or the base copy) for checkpoints; `load_state_dict` restores
+them bitwise.
 """
 from __future__ import annotations
 
@@ -95,17 +96,15 @@ class Teacher:
             p.lerp_(student[name].detach(), self.ema_rate)
 
     def state_dict(self) -> dict:
-        """The EMA teacher's tensors (empty for live and base, which are rebuilt from the model)."""
-        if self.kind != "ema":
-            return {}
+        """The teacher's own tensors: the EMA's, or the base copy's (empty for live and the LoRA base teacher)."""
         if self.ema:
             return {name: t.clone() for name, t in self.ema.items()}
-        return {name: p.detach().clone() for name, p in self.copy.named_parameters()}
+        if self.copy is not None:
+            return {name: p.detach().clone() for name, p in self.copy.named_parameters()}
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        target = {}
-        if self.kind == "ema":
-            target = self.ema or dict(self.copy.named_parameters())
+        target = self.ema or ({} if self.copy is None else dict(self.copy.named_parameters()))
         if set(state) != set(target):
             raise ValueError("teacher state does not match this teacher's parameters")
         with torch.no_grad():

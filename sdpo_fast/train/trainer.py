@@ -15,11 +15,13 @@ from ..data import EncodedInteraction, encode_interactions, load_interactions
 from ..demo.assets import tiny_sample_path
 from ..loss import Objective, make_objective
 from ..utils.files import write_text_atomic
-from .checkpoint import STALE_PATTERNS, latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
+from .checkpoint import (STALE_PATTERNS, latest_checkpoint, load_teacher_state, load_trainer_state, restore_rng,
+                         save_checkpoint)
 from .config import TrainConfig, save_config
 from .reporting import Reporters, check_reporters
 from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer
 from .step import StepOptions, train_step
+from .teachers import Teacher
 
 def step_order(n_interactions: int, batch_size: int, epoch: int, seed: int, shuffle: bool) -> list[list[int]]:
     """Interaction indices of each step of `epoch` (the last step may be short); depends only on the arguments."""
@@ -39,6 +41,13 @@ def objective_of(config: TrainConfig) -> Objective:
     """The objective `config.loss` names, with its options."""
     if config.loss == "sft":
         return make_objective("sft")
+    if config.distillation_mode == "full_logits":
+        return make_objective("full_logits", alpha=config.distillation_alpha, temperature=config.temperature,
+                              backend=config.loss_backend)
+    if config.distillation_mode == "topk_logits":
+        return make_objective("topk_logits", alpha=config.distillation_alpha, topk=config.distillation_topk,
+                              add_tail=config.distillation_add_tail, temperature=config.temperature,
+                              backend=config.loss_backend)
     return make_objective("sdpo", temperature=config.temperature, signal_clip=config.signal_clip,
                           backend=config.loss_backend)
 
@@ -81,6 +90,8 @@ class Trainer:
                                          config.lr, config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.warmup_ratio, self.total_steps)
         self.objective, self.step_options = objective_of(config), step_options(config)
+        self.teacher = Teacher(model, config.teacher, config.teacher_ema_rate) if self.objective.needs_teacher \
+            else None
         self.step = 0
 
     def _prepare_output_dir(self) -> None:
@@ -113,11 +124,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(load_teacher_state(ckpt))
         self.step = state["step"]
 
     def save(self) -> Path:
         return save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, self.optimizer,
-                               self.scheduler, self._position())
+                               self.scheduler, self._position(),
+                               teacher_state=self.teacher.state_dict() if self.teacher is not None else None)
 
     def batches(self):
         """(step, interactions) from the current step on; the order depends only on seed, epoch and step."""
@@ -145,12 +159,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = self.scheduler.get_last_lr()[0]
                 stats = train_step(self.model, batch, self.objective, self.optimizer, self.scheduler,
-                                   self.step_options)
+                                   self.step_options, teacher=self.teacher)
                 self.step, seconds = step + 1, time.perf_counter() - t0
                 tokens += stats.tokens
                 last = {"step": self.step, "epoch": step // self.steps_per_epoch, "loss": stats.loss,
                         self.objective.signal_name: stats.mean_signal,
-                        "positive_advantage_share": stats.positive_share if cfg.loss == "sdpo" else None,
+                        "positive_advantage_share": stats.positive_share
+                        if self.objective.signal_name == "mean_advantage" else None,
                         "grad_norm": stats.grad_norm, "lr": lr, "interactions": len(batch), "tokens": stats.tokens,
                         "loss_tokens": stats.loss_tokens, "tokens_per_s": stats.tokens / seconds, "seconds": seconds}
                 if torch.cuda.is_available():
@@ -185,7 +200,9 @@ def _logged_step(line: str) -> float:
 
 def _postfix(metrics: dict) -> dict:
     out = {"loss": f"{metrics['loss']:.4g}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-    if metrics.get("positive_advantage_share") is not None:
+    if "mean_divergence" in metrics:
+        out["div"] = f"{metrics['mean_divergence']:.3f}"
+    elif metrics.get("positive_advantage_share") is not None:
         out["adv"] = f"{metrics['mean_advantage']:+.3f}"
         out["adv>0"] = f"{metrics['positive_advantage_share']:.0%}"
     else:

@@ -120,3 +120,39 @@ def test_state_dict_round_trip_is_bitwise(batch):
         Teacher(model, "frozen")
     with pytest.raises(ValueError, match="teacher_ema_rate"):
         Teacher(model, "ema", ema_rate=1.5)
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:4]))
+    return str(path)
+
+
+def _safetensors(directory):
+    from safetensors.torch import load_file
+
+    return {f"{p.name}:{k}": v for p in sorted(directory.glob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+@pytest.mark.parametrize("options", [dict(lora_r=4, teacher="ema"), dict(teacher="ema"),
+                                     dict(teacher="base", distillation_mode="topk_logits", distillation_topk=5,
+                                          distillation_alpha=0.5)],
+                         ids=["lora-ema", "full-ema", "full-base-topk"])
+def test_resume_with_a_teacher_equals_uninterrupted(tmp_path, model_dir, data_path, options):
+    """Checkpoints carry the teacher's own weights (teacher.safetensors); a resumed run is bitwise the same."""
+    from pathlib import Path
+
+    from sdpo_fast.train import train
+
+    base = dict(model=model_dir, data=data_path, batch_size=2, epochs=2, lr=0.1, optimizer="sgd",
+                micro_batch_tokens=256, save_steps=2, seed=7, teacher_ema_rate=0.3, **options)
+    whole = train(TrainConfig(output_dir=str(tmp_path / "whole"), **base).validate(), progress=False)
+    train(TrainConfig(output_dir=str(tmp_path / "split"), **base).validate(), progress=False, stop_after=3)
+    resumed = train(TrainConfig(output_dir=str(tmp_path / "split"), resume=True, **base).validate(), progress=False)
+    assert whole["steps"] == resumed["steps"] == 4
+    want, got = _safetensors(Path(whole["checkpoint"])), _safetensors(Path(resumed["checkpoint"]))
+    assert any(k.startswith("teacher.safetensors:") for k in want)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
