@@ -80,7 +80,7 @@ def run_truth(case: dict, **options):
     student = inputs["student_hidden"].clone().requires_grad_()
     weight = inputs["lm_head_weight"].clone().requires_grad_()
     inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
-    loss, (logp, logq, adv, _) = reference_sdpo_loss(**inputs, **options)
+    loss, (logp, logq, adv) = reference_sdpo_loss(**inputs, **options)
     loss.backward()
     return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad,
             "student_logprobs": logp, "teacher_logprobs": logq, "advantages": adv}

@@ -1,8 +1,6 @@
 """`sdpo_loss`: the SDPO policy-gradient loss computed straight from hidden states and the lm_head weight."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ..constants import IGNORE_INDEX
@@ -10,21 +8,8 @@ from .backends import get_backend, resolve_backend
 from .divergence import DivergenceSpec
 from .function import DivergenceFunction, LossParams, SDPOFunction
 from .reference import reference_sdpo_loss
+from .stats import SDPOStats
 from .validation import validate, validate_distillation
-
-
-class SDPOStats(NamedTuple):
-    """Per-token statistics, each shaped like target_ids, float32, detached, 0 at ignored positions.
-
-    teacher_logprobs: log q as given or computed; advantages: the A_t the loss used (centred, clipped; in the
-    full/top-k modes the raw log q - log pi of the target). divergence: the per-token D_t of the mode
-    (sampled_token: -A_t * log pi(y_t)), before token weights and importance ratios.
-    """
-
-    student_logprobs: torch.Tensor
-    teacher_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    divergence: torch.Tensor
 
 
 def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
@@ -68,7 +53,7 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
             distillation_alpha=distillation_alpha, distillation_topk=distillation_topk,
             distillation_add_tail=distillation_add_tail, behavior_logprobs=behavior_logprobs,
             importance_clip=importance_clip)
-        return (loss, SDPOStats(*stats)) if return_stats else loss
+        return (loss, stats) if return_stats else loss
 
     ops = get_backend(backend)
     spec = None if distillation_mode == "sampled_token" else DivergenceSpec(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..constants import IGNORE_INDEX
+from .stats import SDPOStats
 
 
 def reference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -53,8 +54,8 @@ def reference_sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_h
                         signal_clip=None, center_advantages=False, sequence_index=None,
                         distillation_mode="sampled_token", distillation_alpha=1.0, distillation_topk=100,
                         distillation_add_tail=True, behavior_logprobs=None, importance_clip=None):
-    """Same arguments and result as `sdpo_loss(..., return_stats=True)`; returns
-    (loss, (logp, logq, adv, divergence)). Full (N, V) logits are materialized."""
+    """Same arguments and result as `sdpo_loss(..., return_stats=True)`: (loss, SDPOStats), the stats unpacking
+    as (logp, logq, adv) with `.divergence` besides. Full (N, V) logits are materialized."""
     d = student_hidden.shape[-1]
     targets = target_ids.reshape(-1)
     mask = targets != ignore_index
@@ -84,8 +85,8 @@ def reference_sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_h
     weights = _weights(token_weights, mask) * _ratio(student_lp, behavior_logprobs, importance_clip)
     loss = -(weights * advantages * torch.where(mask, student_lp, torch.zeros_like(student_lp))).sum()
     zero = torch.zeros_like(advantages)
-    stats = tuple(torch.where(mask, t.detach(), zero).reshape(target_ids.shape)
-                  for t in (student_lp, teacher_lp, advantages, -advantages * student_lp))
+    stats = SDPOStats(*(torch.where(mask, t.detach(), zero).reshape(target_ids.shape)
+                        for t in (student_lp, teacher_lp, advantages, -advantages * student_lp)))
     return loss, stats
 
 
@@ -118,6 +119,6 @@ def _reference_distillation(hidden, weight, target_ids, mask, safe_targets, teac
     weights = _weights(token_weights, mask).to(compute) * _ratio(student_lp, behavior_logprobs, importance_clip)
     loss = (weights * torch.where(mask, divergence, torch.zeros_like(divergence))).sum()
     zero = torch.zeros_like(divergence)
-    stats = tuple(torch.where(mask, t.detach(), zero).reshape(target_ids.shape)
-                  for t in (student_lp, teacher_lp, teacher_lp - student_lp, divergence))
+    stats = SDPOStats(*(torch.where(mask, t.detach(), zero).reshape(target_ids.shape)
+                        for t in (student_lp, teacher_lp, teacher_lp - student_lp, divergence)))
     return loss, stats

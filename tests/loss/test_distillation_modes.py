@@ -28,10 +28,9 @@ def run(case, backend, options, dtype=None):
     inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
     if backend == "truth":
         loss, stats = reference_sdpo_loss(**inputs, **options)
-        stats = dict(zip(["student_logprobs", "teacher_logprobs", "advantages", "divergence"], stats))
     else:
         loss, stats = sdpo_loss(**inputs, backend=backend, return_stats=True, **options)
-        stats = stats._asdict()
+    stats = {**stats._asdict(), "divergence": stats.divergence}
     loss.backward()
     return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad, **stats}
 
@@ -40,7 +39,7 @@ def behavior_for(case, seed):
     """Sampler log-probs near the student's, so that some ratios exceed the clip and some do not."""
     student_lp = reference_sdpo_loss(case["student_hidden"], case["lm_head_weight"], case["target_ids"],
                                      teacher_logprobs=torch.zeros(case["target_ids"].shape,
-                                                                  device=case["target_ids"].device))[1][0]
+                                                                  device=case["target_ids"].device))[1].student_logprobs
     noise = torch.randn(student_lp.shape, generator=torch.Generator().manual_seed(seed)).to(student_lp.device)
     return (student_lp + noise).detach()
 
@@ -293,3 +292,12 @@ def test_full_logits_matches_liger_fused_linear_jsd(alpha):
     assert rel_err(got["loss"], loss.detach()) <= FP32_TOL
     assert rel_err(got["grad_hidden"], student.grad) <= FP32_TOL
     assert rel_err(got["grad_weight"], weight.grad) <= FP32_TOL
+
+
+def test_stats_still_unpack_as_three():
+    case = make_case(5, 4, 30)
+    for backend in ["torch", "reference"]:
+        _, stats = sdpo_loss(**case, distillation_mode="full_logits", backend=backend, return_stats=True)
+        logp, logq, adv = stats
+        torch.testing.assert_close(adv, logq - logp)
+        assert stats.divergence.shape == case["target_ids"].shape and bool((stats.divergence >= -1e-6).all())
