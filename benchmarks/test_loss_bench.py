@@ -284,6 +284,96 @@ def test_fwd_bwd(benchmark, shape, backend):
             f"{MAX_DEFAULT_VS_REFERENCE:.0%} of the reference's {reference_peak / 2**20:.0f} MiB")
 
 
-if __name__ == "__main__":  # peak_growth's CPU worker: argv[1] = JSON [shape fields, backend]
-    fields, backend_name = json.loads(sys.argv[1])
-    print(_cpu_peak_growth_here(Shape(**fields), backend_name))
+# Distillation modes: full_logits / topk_logits (and sampled_token with importance clipping) against the
+# reference and, for full_logits, Liger-Kernel's fused linear JSD (LigerFusedLinearJSDLoss, soft loss only,
+# beta = alpha; no importance clipping). FLOPs per step: 8·N·d·V for our modes (student and teacher logits,
+# grad_h, grad_W; gradients formed in the forward sweep).
+MODES = [("sampled_token", 1.0), ("full_logits", 0.5), ("full_logits", 1.0), ("topk_logits", 0.5)]
+MODE_BACKENDS = ["reference", "torch", "triton", "liger_jsd"]
+MODE_SHAPES = [
+    Shape("modes-small", 1024, 128, 32768, "fp32", rounds=3, warmup_rounds=1),
+    Shape("qwen3-8b", 4096, 4096, 151936, "bf16", rounds=3, warmup_rounds=1, cuda_only=True),
+]
+
+
+def make_mode_step(backend: str, mode: str, alpha: float, inputs: dict):
+    """One forward+backward of `sdpo_loss` in `mode` (top-k: k = 100 with the tail; sampled_token: importance
+    clip 2 with behavior log-probs of 0), or of Liger's fused linear JSD at beta = alpha."""
+    student, weight = inputs["student_hidden"], inputs["lm_head_weight"]
+    options = dict(distillation_mode=mode, distillation_alpha=alpha)
+    if mode == "sampled_token":
+        options.update(importance_clip=2.0, behavior_logprobs=torch.zeros_like(inputs["target_ids"],
+                                                                               dtype=torch.float32))
+    if backend == "liger_jsd":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=alpha,
+                                      compiled=student.is_cuda)
+
+    def step():
+        student.grad = weight.grad = None
+        if backend == "liger_jsd":
+            loss = jsd(student, weight, inputs["teacher_hidden"], weight.detach(), inputs["target_ids"])
+        else:
+            loss = sdpo_loss(**inputs, backend=backend, **options)
+        loss.backward()
+        if student.is_cuda:
+            torch.cuda.synchronize()
+
+    return step
+
+
+def _cpu_mode_peak_growth_here(shape: Shape, backend: str, mode: str, alpha: float) -> int:
+    make_mode_step(backend, mode, alpha, make_inputs(shape, "cpu", n=8, vocab=512))()
+    return cpu_peak_growth(make_mode_step(backend, mode, alpha, make_inputs(shape, "cpu")))
+
+
+@functools.cache
+def mode_peak_growth(shape: Shape, backend: str, mode: str, alpha: float) -> int | None:
+    if DEVICE == "cuda":
+        try:
+            return cuda_peak_growth(make_mode_step(backend, mode, alpha, make_inputs(shape, DEVICE)))
+        except torch.cuda.OutOfMemoryError:
+            return None
+    spec = json.dumps([shape._asdict(), backend, mode, alpha])
+    out = subprocess.run([sys.executable, __file__, spec], env=subprocess_env(), check=True, capture_output=True,
+                         text=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("backend", MODE_BACKENDS)
+@pytest.mark.parametrize("mode,alpha", MODES, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape", MODE_SHAPES, ids=lambda s: f"{DEVICE}-{s}")
+def test_mode_fwd_bwd(benchmark, shape, mode, alpha, backend):
+    if shape.cuda_only and DEVICE != "cuda":
+        pytest.skip("Qwen3-8B shapes need a CUDA GPU")
+    if backend == "triton" and DEVICE != "cuda":
+        pytest.skip("Triton kernels need a CUDA GPU")
+    if backend == "liger_jsd":
+        if mode != "full_logits":
+            pytest.skip("Liger's fused linear JSD serves full_logits only")
+        pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is not installed")
+    benchmark.group = f"mode fwd+bwd {DEVICE} {shape} {mode} alpha={alpha}"
+    step = make_mode_step(backend, mode, alpha, make_inputs(shape, DEVICE))
+    try:
+        benchmark.pedantic(step, rounds=shape.rounds, warmup_rounds=shape.warmup_rounds, iterations=1)
+    except torch.cuda.OutOfMemoryError as exc:
+        pytest.skip(f"{backend} ran out of GPU memory: {str(exc).splitlines()[0]}")
+    del step
+    gc.collect()
+    flops = 8 * shape.n * shape.d * shape.vocab
+    seconds = benchmark.stats.stats.median
+    info = dict(backend=backend, mode=mode, alpha=alpha, device=DEVICE, dtype=shape.dtype, n=shape.n, d=shape.d,
+                vocab=shape.vocab, flops=flops, tflops=flops / seconds / 1e12)
+    peak, reference_peak = (mode_peak_growth(shape, b, mode, alpha) for b in (backend, "reference"))
+    info["peak_bytes"] = peak
+    if peak is not None and reference_peak and backend != "reference":
+        info["peak_vs_reference"] = peak / reference_peak
+    benchmark.extra_info.update(info)
+
+
+if __name__ == "__main__":  # CPU worker: argv[1] = JSON [shape fields, backend] or [shape fields, backend, mode, alpha]
+    spec = json.loads(sys.argv[1])
+    if len(spec) == 4:
+        print(_cpu_mode_peak_growth_here(Shape(**spec[0]), *spec[1:]))
+    else:
+        print(_cpu_peak_growth_here(Shape(**spec[0]), spec[1]))

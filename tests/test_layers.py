@@ -10,7 +10,7 @@ import sdpo_fast
 PACKAGE = Path(sdpo_fast.__file__).parent
 KERNELS = PACKAGE.parent / "kernels"
 RANK = {"constants": 0, "utils": 0, "testing": 0, "kernels": 1, "loss": 2, "model": 3, "data": 4, "demo": 5,
-        "train": 6, "online": 7, "explain": 7, "eval": 7, "cli": 8}
+        "train": 6, "online": 7, "explain": 7, "eval": 7, "integrations": 7, "cli": 8}
 
 
 def _modules():

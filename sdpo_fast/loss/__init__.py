@@ -3,10 +3,12 @@ reference, and the training objectives built on it."""
 from .api import SDPOLoss, SDPOStats, sdpo_loss
 from .backends import BACKENDS, LossBackend, get_backend, resolve_backend
 from .function import LossParams, SDPOFunction
-from .objectives import LossInputs, Objective, ObjectiveOutput, SDPOObjective, SFTObjective, make_objective
+from .objectives import (FullLogitObjective, LossInputs, Objective, ObjectiveOutput, SDPOObjective, SFTObjective,
+                         TopKLogitObjective, make_objective)
 from .reference import reference_sdpo_loss, reference_token_logprobs
 from .sft import sft_loss
 
-__all__ = ["BACKENDS", "LossBackend", "LossInputs", "LossParams", "Objective", "ObjectiveOutput", "SDPOFunction",
-           "SDPOLoss", "SDPOObjective", "SDPOStats", "SFTObjective", "get_backend", "make_objective",
-           "reference_sdpo_loss", "reference_token_logprobs", "resolve_backend", "sdpo_loss", "sft_loss"]
+__all__ = ["BACKENDS", "FullLogitObjective", "LossBackend", "LossInputs", "LossParams", "Objective",
+           "ObjectiveOutput", "SDPOFunction", "SDPOLoss", "SDPOObjective", "SDPOStats", "SFTObjective",
+           "TopKLogitObjective", "get_backend", "make_objective", "reference_sdpo_loss", "reference_token_logprobs",
+           "resolve_backend", "sdpo_loss", "sft_loss"]

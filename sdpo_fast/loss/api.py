@@ -1,27 +1,17 @@
-"""`sdpo_loss`: the SDPO policy-gradient loss computed straight from hidden states and the lm_head weight."""
+"""`sdpo_loss`: the SDPO loss and its distillation variants computed straight from hidden states and the lm_head
+weight."""
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
 from ..constants import IGNORE_INDEX
 from ..utils.checks import check_bool
 from .backends import get_backend, resolve_backend
-from .function import LossParams, SDPOFunction
+from .divergence import DivergenceSpec
+from .function import DivergenceFunction, LossParams, SDPOFunction
 from .reference import reference_sdpo_loss
-from .validation import validate, validate_values
-
-
-class SDPOStats(NamedTuple):
-    """Per-token statistics, each shaped like target_ids, float32, detached, 0 at ignored positions.
-
-    teacher_logprobs: log q as given or computed; advantages: the A_t the loss used (centred, clipped).
-    """
-
-    student_logprobs: torch.Tensor
-    teacher_logprobs: torch.Tensor
-    advantages: torch.Tensor
+from .stats import SDPOStats
+from .validation import validate, validate_distillation, validate_values
 
 
 def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -35,27 +25,45 @@ def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | 
 
 def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
               teacher_lm_head_weight=None, token_weights=None, ignore_index=IGNORE_INDEX, temperature=1.0,
-              signal_clip=None, center_advantages=False, sequence_index=None, backend="auto", return_stats=False,
-              check_values=True, compact=True, check_finite=True):
-    """SDPO loss  sum_t w_t * -(A_t * log pi(y_t)),  A_t = clip(log q(y_t) - log pi(y_t)) held constant.
+              signal_clip=None, center_advantages=False, sequence_index=None, distillation_mode="sampled_token",
+              distillation_alpha=1.0, distillation_topk=100, distillation_add_tail=True, behavior_logprobs=None,
+              importance_clip=None, backend="auto", return_stats=False, check_values=True, compact=True,
+              check_finite=True):
+    """SDPO loss  sum_t w_t * c_t * D_t  over the loss tokens.
+
+    D_t by distillation_mode: "sampled_token" -A_t * log pi(y_t) with A_t = clip(log q(y_t) - log pi(y_t)) held
+    constant; "full_logits" the alpha-divergence (distillation_alpha: 0 forward KL, 1 reverse KL, between them
+    the mixture form, 0.5 the JSD) of the student from the teacher over the vocabulary; "topk_logits" the same
+    over the student's distillation_topk most likely tokens, with a tail bucket for the remaining mass
+    (distillation_add_tail) or renormalized. c_t = min(exp(log pi(y_t) - log mu(y_t)), importance_clip) held
+    constant when behavior_logprobs (log mu (...), the sampler's) and importance_clip are given, else 1.
+    Definitions as TRL's `trl.experimental.sdpo.loss_utils`; the teacher is never differentiated.
 
     student_hidden (..., d) and lm_head_weight (V, d): one float dtype; target_ids (...) integer, ignore_index
     marks non-loss tokens. The teacher is teacher_hidden (..., d_t) with teacher_lm_head_weight (V, d_t)
     (default lm_head_weight), or teacher_logprobs (...). token_weights (...) replaces the default weights
     1/(number of loss tokens). center_advantages: A_t minus its mean over the loss tokens of its sequence
     (sequence_index (...), integer ids in [0, number of positions)), before the clip, in the same pass.
+    teacher_logprobs and signal_clip/center_advantages serve sampled_token only (which needs alpha = 1).
     Returns a 0-dim fp32 loss, or (loss, SDPOStats) with return_stats=True. Under `torch.autocast` with fp32
-    inputs, the products run in the autocast dtype (tensor cores) with fp32 accumulation; grads stay fp32.
-    backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference".
-    Values (check_values=True): target and sequence ids in range, temperature >= 1e-3, token_weights >= 0 and
-    teacher_logprobs <= 0 at loss positions, and with check_finite every float input finite (ValueError naming the
-    tensor). compact: drop ignored positions before the vocabulary sweep. Value checks and compaction read device
-    values (one host sync each on a GPU); with check_values=False and compact=False the call queues its work
-    without waiting (inputs must then be valid; ignored positions are computed with weight 0). No loss tokens:
-    loss 0.0 and zero gradients on every backend.
+    inputs, sampled_token's products run in the autocast dtype (tensor cores) with fp32 accumulation.
+    backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference". The full and
+    top-k modes run over token chunks whose fp32 (chunk, V) workspace (8 buffers) stays within
+    SDPO_FAST_TORCH_CHUNK_MB (64) or SDPO_FAST_TRITON_WORKSPACE_MB (256); only "reference" forms (N, V) logits.
+    Values (check_values=True): target and sequence ids in range, token_weights >= 0 and teacher_logprobs <= 0
+    at loss positions, and with check_finite every float input finite (ValueError naming the tensor). compact:
+    drop ignored positions before the vocabulary sweep. Value checks and compaction read device values (one host
+    sync each on a GPU); with check_values=False and compact=False the call queues its work without waiting
+    (inputs must then be valid; ignored positions are computed with weight 0). No loss tokens: loss 0.0 and zero
+    gradients on every backend.
     """
     validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
              token_weights, ignore_index, temperature, signal_clip, sequence_index, center_advantages)
+    validate_distillation(target_ids, lm_head_weight.shape[0], teacher_hidden, teacher_logprobs, signal_clip,
+                          center_advantages, distillation_mode, distillation_alpha, distillation_topk,
+                          distillation_add_tail, behavior_logprobs, importance_clip)
+    check_bool("check_values", check_values)
+    check_bool("compact", compact)
     check_bool("check_finite", check_finite)
     if check_values:
         validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
@@ -68,12 +76,18 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
             student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
             teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
             token_weights=token_weights, ignore_index=ignore_index, temperature=temperature, signal_clip=signal_clip,
-            center_advantages=center_advantages, sequence_index=sequence_index)
-        return (loss, SDPOStats(*stats)) if return_stats else loss
+            center_advantages=center_advantages, sequence_index=sequence_index, distillation_mode=distillation_mode,
+            distillation_alpha=distillation_alpha, distillation_topk=distillation_topk,
+            distillation_add_tail=distillation_add_tail, behavior_logprobs=behavior_logprobs,
+            importance_clip=importance_clip)
+        return (loss, stats) if return_stats else loss
 
     ops = get_backend(backend)
-    compute_dtype = autocast_dtype(student_hidden, lm_head_weight)
-    params = LossParams(ops, 1.0 / float(temperature), signal_clip, center_advantages, compute_dtype)
+    spec = None if distillation_mode == "sampled_token" else DivergenceSpec(
+        distillation_mode, float(distillation_alpha), distillation_topk, distillation_add_tail)
+    compute_dtype = autocast_dtype(student_hidden, lm_head_weight) if spec is None else None
+    params = LossParams(ops, 1.0 / float(temperature), signal_clip=signal_clip, center=center_advantages,
+                        compute_dtype=compute_dtype, importance_clip=importance_clip, divergence=spec)
     targets = target_ids.reshape(-1)
     loss_mask = targets != ignore_index
     if compact:
@@ -84,6 +98,13 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
 
     def loss_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if every_row else tensor.index_select(0, rows)
+
+    def full(values: torch.Tensor) -> torch.Tensor:
+        if not compact:
+            return values.detach().masked_fill(~loss_mask, 0.0).reshape(target_ids.shape)
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        out[rows] = values.detach()
+        return out.reshape(target_ids.shape)
 
     hidden = loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1]))
     loss_targets = loss_rows(targets).long()
@@ -97,15 +118,25 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         weights = loss_rows(token_weights.reshape(-1)).float()
         if not compact:
             weights = weights.masked_fill(~loss_mask, 0.0)
+    behavior_lp = None if behavior_logprobs is None else loss_rows(behavior_logprobs.reshape(-1)).float()
+    teacher_weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
+
+    if spec is not None:
+        teacher_rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+        loss, divergence, student_lp, teacher_lp = DivergenceFunction.apply(
+            hidden, lm_head_weight, teacher_rows, teacher_weight, loss_targets, weights, behavior_lp, params)
+        if not return_stats:
+            return loss
+        return loss, SDPOStats(full(student_lp), full(teacher_lp), full(teacher_lp - student_lp), full(divergence))
+
     if teacher_logprobs is not None:
         teacher_lp = loss_rows(teacher_logprobs.reshape(-1)).float()
     else:
-        weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
         with torch.no_grad():
             teacher_rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
             if compute_dtype is not None:
-                teacher_rows, weight = teacher_rows.to(compute_dtype), weight.to(compute_dtype)
-            teacher_lp, _ = ops.token_logprobs(teacher_rows, weight, loss_targets, params.inv_temperature)
+                teacher_rows, teacher_weight = teacher_rows.to(compute_dtype), teacher_weight.to(compute_dtype)
+            teacher_lp, _ = ops.token_logprobs(teacher_rows, teacher_weight, loss_targets, params.inv_temperature)
     sequences = None
     if center_advantages:  # uncompacted ignored positions are centred in a slot of their own, left unused
         sequences = loss_rows(sequence_index.reshape(-1)).long()
@@ -113,18 +144,11 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
             sequences = sequences.masked_fill(~loss_mask, targets.numel())
 
     loss, student_lp, advantages = SDPOFunction.apply(
-        hidden, lm_head_weight, loss_targets, teacher_lp, weights, sequences, params, targets.numel() + 1)
+        hidden, lm_head_weight, loss_targets, teacher_lp, weights, sequences, behavior_lp, params,
+        targets.numel() + 1)
     if not return_stats:
         return loss
-
-    def full(values: torch.Tensor) -> torch.Tensor:
-        if not compact:
-            return values.detach().masked_fill(~loss_mask, 0.0).reshape(target_ids.shape)
-        out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-        out[rows] = values.detach()
-        return out.reshape(target_ids.shape)
-
-    return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages))
+    return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages), full(-advantages * student_lp))
 
 
 def _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats):
@@ -133,33 +157,38 @@ def _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats):
     if not return_stats:
         return loss
     zeros = torch.zeros(target_ids.shape, dtype=torch.float32, device=target_ids.device)
-    return loss, SDPOStats(zeros, zeros.clone(), zeros.clone())
+    return loss, SDPOStats(zeros, zeros.clone(), zeros.clone(), zeros.clone())
 
 
 class SDPOLoss(torch.nn.Module):
     """`sdpo_loss` as a module; constructor takes the keyword options, forward the tensors."""
 
     def __init__(self, *, ignore_index=IGNORE_INDEX, temperature=1.0, signal_clip=None, center_advantages=False,
-                 backend="auto", return_stats=False, check_finite=True):
+                 distillation_mode="sampled_token", distillation_alpha=1.0, distillation_topk=100,
+                 distillation_add_tail=True, importance_clip=None, backend="auto", return_stats=False,
+                 check_finite=True):
         super().__init__()
-        self.check_finite = check_finite
-        self.ignore_index = ignore_index
-        self.temperature = temperature
-        self.signal_clip = signal_clip
-        self.center_advantages = center_advantages
-        self.backend = backend
-        self.return_stats = return_stats
+        self.ignore_index, self.temperature, self.signal_clip = ignore_index, temperature, signal_clip
+        self.center_advantages, self.backend, self.return_stats = center_advantages, backend, return_stats
+        self.distillation_mode, self.distillation_alpha = distillation_mode, distillation_alpha
+        self.distillation_topk, self.distillation_add_tail = distillation_topk, distillation_add_tail
+        self.importance_clip, self.check_finite = importance_clip, check_finite
 
     def forward(self, student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
-                teacher_lm_head_weight=None, token_weights=None, sequence_index=None):
+                teacher_lm_head_weight=None, token_weights=None, sequence_index=None, behavior_logprobs=None):
         return sdpo_loss(student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
                          teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
                          token_weights=token_weights, ignore_index=self.ignore_index, temperature=self.temperature,
                          signal_clip=self.signal_clip, center_advantages=self.center_advantages,
-                         sequence_index=sequence_index, backend=self.backend, return_stats=self.return_stats,
+                         sequence_index=sequence_index, distillation_mode=self.distillation_mode,
+                         distillation_alpha=self.distillation_alpha, distillation_topk=self.distillation_topk,
+                         distillation_add_tail=self.distillation_add_tail, behavior_logprobs=behavior_logprobs,
+                         importance_clip=self.importance_clip, backend=self.backend, return_stats=self.return_stats,
                          check_finite=self.check_finite)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, temperature={self.temperature}, "
                 f"signal_clip={self.signal_clip}, center_advantages={self.center_advantages}, "
-                f"backend={self.backend!r}")
+                f"distillation_mode={self.distillation_mode!r}, distillation_alpha={self.distillation_alpha}, "
+                f"distillation_topk={self.distillation_topk}, distillation_add_tail={self.distillation_add_tail}, "
+                f"importance_clip={self.importance_clip}, backend={self.backend!r}")

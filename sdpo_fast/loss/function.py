@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import LossBackend
+from .divergence import DivergenceSpec, importance_ratio
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class LossParams:
     center: advantages mean-centred over each sequence's loss tokens before the clip.
     compute_dtype: the dtype hidden and weight are cast to for the products (an autocast dtype), or None to keep
     theirs; gradients come back in the inputs' own dtypes, grad_weight accumulated in fp32.
+    importance_clip: the per-token loss times min(exp(log pi(y) - log mu(y)), importance_clip), held constant,
+    when set and behavior log-probs are passed. divergence: the distillation mode's spec (None: sampled_token).
     """
 
     backend: LossBackend
@@ -23,6 +26,15 @@ class LossParams:
     signal_clip: float | None = None
     center: bool = False
     compute_dtype: torch.dtype | None = None
+    importance_clip: float | None = None
+    divergence: DivergenceSpec | None = None
+
+
+def _importance(params: LossParams, behavior_logprobs, rows, student_logprobs):
+    """c_t of the rows (or None when importance clipping is off)."""
+    if params.importance_clip is None or behavior_logprobs is None:
+        return None
+    return importance_ratio(student_logprobs, behavior_logprobs[rows], params.importance_clip)
 
 
 def advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, signal_clip) -> torch.Tensor:
@@ -48,15 +60,16 @@ class SDPOFunction(torch.autograd.Function):
     """loss = -sum_n w_n * A_n * log pi_n with A_n (clipped, optionally centred log q_n - log pi_n) held constant.
 
     Inputs: hidden (N, d), weight (V, d), targets (N,) int64 in [0, V), teacher_logprobs and weights (N,) fp32,
-    sequence_index (N,) int64 (read only when params.center; values < n_slots) and params.
+    sequence_index (N,) int64 (read only when params.center; values < n_slots), behavior_logprobs (N,) fp32 or
+    None (with params.importance_clip, each token's term is also times its importance ratio) and params.
     Outputs: loss () fp32, student log-probs (N,) fp32, advantages (N,) fp32 (the last two not differentiable).
     Per-token advantages on a `grad_in_forward` backend form the gradients in the forward sweep; otherwise the
     backward recomputes logits tiles from what the forward saved. grad_weight is formed in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher_logprobs, weights, sequence_index, params: LossParams,
-                n_slots: int):
+    def forward(ctx, hidden, weight, targets, teacher_logprobs, weights, sequence_index, behavior_logprobs,
+                params: LossParams, n_slots: int):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         backend = params.backend
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
@@ -65,7 +78,9 @@ class SDPOFunction(torch.autograd.Function):
         ctx.grads_ready = backend.grad_in_forward and not params.center and (need_hidden or need_weight)
         if ctx.grads_ready:
             def coef_of(rows, student_lp):
-                return weights[rows] * advantages(teacher_logprobs[rows], student_lp, params.signal_clip)
+                coef = weights[rows] * advantages(teacher_logprobs[rows], student_lp, params.signal_clip)
+                ratio = _importance(params, behavior_logprobs, rows, student_lp)
+                return coef if ratio is None else coef * ratio
 
             student_logprobs, grad_hidden, grad_weight = backend.logprobs_and_grad(
                 hidden, weight, targets, params.inv_temperature, coef_of, need_hidden, need_weight)
@@ -75,6 +90,9 @@ class SDPOFunction(torch.autograd.Function):
             teacher_logprobs = centered_teacher_logprobs(teacher_logprobs, student_logprobs, sequence_index, n_slots)
         advantage = advantages(teacher_logprobs, student_logprobs, params.signal_clip)
         coef = weights * advantage
+        ratio = _importance(params, behavior_logprobs, slice(None), student_logprobs)
+        if ratio is not None:
+            coef = coef * ratio
         loss = -(coef * student_logprobs).sum()
         if ctx.grads_ready:
             ctx.save_for_backward(grad_hidden, grad_weight)
@@ -101,4 +119,42 @@ class SDPOFunction(torch.autograd.Function):
             grad_hidden = grad_hidden.to(ctx.hidden_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+class DivergenceFunction(torch.autograd.Function):
+    """loss = sum_n w_n * c_n * D_n, D_n the divergence of params.divergence between student and teacher (teacher
+    detached), c_n the importance ratio (1 without behavior log-probs or params.importance_clip).
+
+    Inputs: hidden (N, d), weight (V, d), teacher_hidden (N, d_t), teacher_weight (V, d_t), targets (N,) int64,
+    weights (N,) fp32, behavior_logprobs (N,) fp32 or None, params. Outputs: loss () fp32; divergence, student and
+    teacher log-probs at the targets, (N,) fp32 each (not differentiable). Gradients are formed in the forward
+    sweep; grad_weight in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, weights, behavior_logprobs,
+                params: LossParams):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        ctx.weight_dtype = weight.dtype
+
+        def coef_of(rows, student_lp):
+            ratio = _importance(params, behavior_logprobs, rows, student_lp)
+            return weights[rows] if ratio is None else weights[rows] * ratio
+
+        divergence, student_lp, teacher_lp, grad_hidden, grad_weight = params.backend.divergence(
+            hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), targets, coef_of, params.divergence,
+            params.inv_temperature, need_hidden, need_weight)
+        loss = (coef_of(slice(None), student_lp) * divergence).sum()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(divergence, student_lp, teacher_lp)
+        return loss, divergence, student_lp, teacher_lp
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.float()
+        grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype) if need_hidden else None
+        grad_weight = (grad_weight * scale).to(ctx.weight_dtype) if need_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None, None

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..utils.checks import check_bool, check_number
+from ..utils.checks import check_bool, check_choice, check_int, check_number
+from .divergence import MODES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_TEMPERATURE = 1e-3
@@ -147,3 +148,37 @@ def validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, 
             raise ValueError(f"target_ids contains {value}, outside [0, {vocab_size}) and not "
                              f"ignore_index={ignore_index}")
         raise ValueError(message)
+
+
+def validate_distillation(target_ids, vocab_size, teacher_hidden, teacher_logprobs, signal_clip, center_advantages,
+                          distillation_mode, distillation_alpha, distillation_topk, distillation_add_tail,
+                          behavior_logprobs, importance_clip) -> None:
+    """The distillation-mode and importance-clipping arguments of `sdpo_loss` (ValueError/TypeError naming them)."""
+    check_choice("distillation_mode", distillation_mode, MODES)
+    check_number("distillation_alpha", distillation_alpha, what="a number in [0, 1]")
+    if distillation_alpha > 1:
+        raise ValueError(f"distillation_alpha must be a number in [0, 1], got {distillation_alpha!r}")
+    check_int("distillation_topk", distillation_topk, 1)
+    check_bool("distillation_add_tail", distillation_add_tail)
+    check_number("importance_clip", importance_clip, positive=True, optional=True, what="None or a number > 0")
+    if behavior_logprobs is not None:
+        _check_per_token("behavior_logprobs", behavior_logprobs, target_ids)
+    if distillation_mode == "sampled_token":
+        if distillation_alpha != 1:
+            raise ValueError("distillation_alpha must be 1 (reverse KL) with distillation_mode='sampled_token', "
+                             f"got {distillation_alpha!r}")
+        return
+    if teacher_logprobs is not None:
+        raise ValueError(f"teacher_logprobs is only valid with distillation_mode='sampled_token'; "
+                         f"distillation_mode={distillation_mode!r} needs teacher_hidden")
+    if teacher_hidden is None:
+        raise ValueError(f"distillation_mode={distillation_mode!r} needs teacher_hidden")
+    if signal_clip is not None:
+        raise ValueError(f"signal_clip applies to distillation_mode='sampled_token' only, got signal_clip="
+                         f"{signal_clip!r} with distillation_mode={distillation_mode!r}")
+    if center_advantages:
+        raise ValueError(f"center_advantages applies to distillation_mode='sampled_token' only, not "
+                         f"distillation_mode={distillation_mode!r}")
+    if distillation_mode == "topk_logits" and distillation_topk > vocab_size:
+        raise ValueError(f"distillation_topk must be at most the vocabulary size {vocab_size}, "
+                         f"got {distillation_topk}")

@@ -16,6 +16,7 @@ from ..utils.files import replace_dir
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "manifest.json"
+TEACHER_FILE = "teacher.safetensors"
 STALE_PATTERNS = (".checkpoint-*.tmp*", ".checkpoint-*.old*")
 """What an interrupted `save_checkpoint` can leave in output_dir (removed when a run starts)."""
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -83,10 +84,11 @@ def latest_valid_checkpoint(output_dir: str | os.PathLike,
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, optimizer, scheduler,
-                    extra: dict) -> Path:
+                    extra: dict, teacher_state: dict | None = None) -> Path:
     """Write output_dir/checkpoint-{step} atomically (built aside, then swapped in); returns its path.
 
-    `extra` holds plain values (ints, floats, strings) describing the run position, stored with the state.
+    `extra` holds plain values (ints, floats, strings) describing the run position, stored with the state;
+    teacher_state (name -> tensor, the ema/base teacher's own weights) goes to teacher.safetensors when non-empty.
     The manifest (sizes and SHA-256 of every file) is written last.
     """
     def write(tmp: Path) -> None:
@@ -103,6 +105,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
         }
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
+        if teacher_state:
+            from safetensors.torch import save_file
+
+            save_file({name: t.contiguous() for name, t in teacher_state.items()}, str(tmp / TEACHER_FILE))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
         (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": _manifest(tmp)}, indent=1))
 
@@ -122,6 +128,16 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep: int, newest: Path) -
 def load_trainer_state(checkpoint: str | os.PathLike) -> dict:
     """The optimizer/scheduler/RNG/step state saved by `save_checkpoint` (tensors and plain values only)."""
     return torch.load(Path(checkpoint) / STATE_FILE, weights_only=True, map_location="cpu")
+
+
+def load_teacher_state(checkpoint: str | os.PathLike) -> dict:
+    """The teacher tensors saved by `save_checkpoint` ({} when it saved none)."""
+    path = Path(checkpoint) / TEACHER_FILE
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def restore_rng(state: dict) -> None:

@@ -74,6 +74,16 @@ class TrainConfig:
     signal_clip: float | None = None
     """Clamp each token's advantage to +-this (None: off)."""
     temperature: float = 1.0
+    teacher: str = "live"
+    """live (current weights, prefix K/V reused), ema or base (own teacher pass; see train/teachers.py)."""
+    teacher_ema_rate: float = 0.05
+    """EMA teacher: theta_T <- (1 - rate) theta_T + rate theta_S after each optimizer step."""
+    distillation_mode: str = "sampled_token"
+    """sampled_token (the SDPO policy gradient), full_logits or topk_logits (see sdpo_loss)."""
+    distillation_alpha: float = 1.0
+    """alpha-divergence of the logit modes: 0 forward KL, 1 reverse KL, 0.5 JSD (sampled_token needs 1)."""
+    distillation_topk: int = 100
+    distillation_add_tail: bool = True
     seed: int = 0
     shuffle: bool = True
     lora_r: int = 0
@@ -127,6 +137,18 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
+        check_choice("teacher", self.teacher, ("live", "ema", "base"))
+        check_choice("distillation_mode", self.distillation_mode, ("sampled_token", "full_logits", "topk_logits"))
+        check_int("distillation_topk", self.distillation_topk, 1)
+        for key in ("teacher_ema_rate", "distillation_alpha"):
+            check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
+            if getattr(self, key) > 1:
+                raise ValueError(f"{key} must be at most 1, got {getattr(self, key)!r}")
+        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1:
+            raise ValueError("distillation_alpha must be 1 with distillation_mode sampled_token, got "
+                             f"{self.distillation_alpha!r}")
+        if self.distillation_mode != "sampled_token" and self.signal_clip is not None:
+            raise ValueError("signal_clip applies to distillation_mode sampled_token only")
         if self.preset is not None:
             check_choice("preset", self.preset, tuple(PRESETS))
         for key in ("batch_size", "micro_batch_tokens", "epochs", "max_prompt_tokens", "max_completion_tokens",
@@ -147,7 +169,7 @@ class TrainConfig:
             if getattr(self, key) >= high:
                 raise ValueError(f"{key} must be in [0, {high}), got {getattr(self, key)!r}")
         for key in ("shuffle", "gradient_checkpointing", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit",
-                    "use_liger"):
+                    "use_liger", "distillation_add_tail"):
             check_bool(key, getattr(self, key))
         check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATIONS)
         if not isinstance(self.hindsight_template, str) or (

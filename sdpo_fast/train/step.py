@@ -5,6 +5,7 @@ taken in one piece (exact accumulation). Statistics stay on the device until the
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -75,16 +76,24 @@ def read_totals(totals: torch.Tensor) -> list[float]:
 
 
 def train_step(model, batch: list[EncodedInteraction], objective: Objective, optimizer, scheduler,
-               options: StepOptions) -> StepStats:
-    """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads."""
+               options: StepOptions, teacher=None) -> StepStats:
+    """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads.
+
+    teacher: a `teachers.Teacher` (None: the live teacher); an ema or base one runs its own teacher pass and is
+    updated after the optimizer step."""
+    own_teacher = teacher is not None and not teacher.live and objective.needs_teacher
     counts = loss_token_counts(batch, options.ignore_first_k)
     weights = interaction_weights(counts, options.aggregation)
     sums = []
     for group in micro_batch_indices(batch, options.micro_batch_tokens):
         if not any(counts[i] for i in group):
             continue
-        mb = forward_micro_batch(model, [batch[i] for i in group], prefix_reuse=options.prefix_reuse,
-                                 attn_backend=options.attn_backend, teacher=objective.needs_teacher)
+        encoded = [batch[i] for i in group]
+        own = teacher.hidden_states(encoded, options.attn_backend) if own_teacher else None
+        mb = forward_micro_batch(model, encoded, prefix_reuse=options.prefix_reuse and not own_teacher,
+                                 attn_backend=options.attn_backend, teacher=objective.needs_teacher and not own_teacher)
+        if own is not None:
+            mb = dataclasses.replace(mb, teacher_hidden=own[0], teacher_lm_head_weight=own[1])
         seq = mb.sequence_index
         targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
         token_weights = upload([weights[i] for i in group], torch.float32, seq.device)[seq]
@@ -97,6 +106,8 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
     params = [p for group in optimizer.param_groups for p in group["params"]]  # fp32 masters under bf16
     norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
     optimizer.step()
+    if own_teacher:
+        teacher.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     totals = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64, device=norm.device)

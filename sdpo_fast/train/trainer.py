@@ -27,12 +27,13 @@ from ..model.attention import check_backend as check_attn_backend
 from ..utils.files import disk_error, write_text_atomic
 from ..utils.signals import Interrupted, deferred_signals
 from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, checkpoint_problem, latest_checkpoint, latest_valid_checkpoint,
-                         load_trainer_state, restore_rng, rotate_checkpoints, save_checkpoint)
+                         load_teacher_state, load_trainer_state, restore_rng, rotate_checkpoints, save_checkpoint)
 from .config import TrainConfig, load_yaml, save_config
 from .reporting import Reporters, check_reporters
 from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer, load_tokenizer
 from .setup import check_model_source, resolve_device
 from .step import StepOptions, train_step
+from .teachers import Teacher
 
 CHANGEABLE_ON_RESUME = ("lr", "epochs", "max_steps", "weight_decay", "max_grad_norm", "micro_batch_tokens",
                         "save_steps", "save_minutes", "save_total_limit", "logging_steps", "report_to",
@@ -69,6 +70,13 @@ def objective_of(config: TrainConfig) -> Objective:
     """The objective `config.loss` names, with its options."""
     if config.loss == "sft":
         return make_objective("sft")
+    if config.distillation_mode == "full_logits":
+        return make_objective("full_logits", alpha=config.distillation_alpha, temperature=config.temperature,
+                              backend=config.loss_backend)
+    if config.distillation_mode == "topk_logits":
+        return make_objective("topk_logits", alpha=config.distillation_alpha, topk=config.distillation_topk,
+                              add_tail=config.distillation_add_tail, temperature=config.temperature,
+                              backend=config.loss_backend)
     return make_objective("sdpo", temperature=config.temperature, signal_clip=config.signal_clip,
                           backend=config.loss_backend)
 
@@ -228,6 +236,8 @@ class Trainer:
                                          config.lr, config.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.warmup_ratio, self.total_steps)
         self.objective, self.step_options = objective_of(config), step_options(config)
+        self.teacher = Teacher(model, config.teacher, config.teacher_ema_rate) if self.objective.needs_teacher \
+            else None
         self.step = 0
         self.resume_from = resume_from if config.resume else None
         self.data_counts, self.changes, self.log = data_counts, dict(changes or {}), log
@@ -295,11 +305,14 @@ class Trainer:
             group["weight_decay"] = self.config.weight_decay
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         restore_rng(state)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(load_teacher_state(ckpt))
         self.step = self._saved_step = state["step"]
 
     def save(self) -> Path:
         path = save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, self.optimizer,
-                               self.scheduler, self._position())
+                               self.scheduler, self._position(),
+                               teacher_state=self.teacher.state_dict() if self.teacher is not None else None)
         self._saved_step, self._last_save = self.step, time.monotonic()
         if self.config.save_total_limit:
             rotate_checkpoints(self.output_dir, self.config.save_total_limit, path)
@@ -356,7 +369,7 @@ class Trainer:
                         t0 = time.perf_counter()
                         lr = self.scheduler.get_last_lr()[0]
                         stats = train_step(self.model, batch, self.objective, self.optimizer, self.scheduler,
-                                           self.step_options)
+                                           self.step_options, teacher=self.teacher)
                         self.step, seconds = step + 1, time.perf_counter() - t0
                         if not math.isfinite(stats.loss):
                             raise ValueError(f"the loss is {stats.loss} at step {self.step} (non-finite weights, "
@@ -365,7 +378,8 @@ class Trainer:
                         tokens += stats.tokens
                         last = {"step": self.step, "epoch": step // self.steps_per_epoch, "loss": stats.loss,
                                 self.objective.signal_name: stats.mean_signal,
-                                "positive_advantage_share": stats.positive_share if cfg.loss == "sdpo" else None,
+                                "positive_advantage_share": stats.positive_share
+                                if self.objective.signal_name == "mean_advantage" else None,
                                 "grad_norm": stats.grad_norm, "lr": lr, "interactions": len(batch),
                                 "tokens": stats.tokens, "loss_tokens": stats.loss_tokens,
                                 "tokens_per_s": stats.tokens / seconds, "seconds": seconds}
@@ -406,7 +420,9 @@ def _logged_step(line: str) -> float:
 
 def _postfix(metrics: dict) -> dict:
     out = {"loss": f"{metrics['loss']:.4g}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-    if metrics.get("positive_advantage_share") is not None:
+    if "mean_divergence" in metrics:
+        out["div"] = f"{metrics['mean_divergence']:.3f}"
+    elif metrics.get("positive_advantage_share") is not None:
         out["adv"] = f"{metrics['mean_advantage']:+.3f}"
         out["adv>0"] = f"{metrics['positive_advantage_share']:.0%}"
     else:

@@ -11,11 +11,16 @@ import os
 
 import torch
 
+from .chunked_divergence import divergence_sweep
+
+
+def _budget_bytes() -> int:
+    return int(os.environ.get("SDPO_FAST_TORCH_CHUNK_MB", "64")) << 20
+
 
 def _chunks(n_tokens: int, vocab_size: int, device: torch.device):
     """Row slices whose fp32 logits fit the budget, and one reusable (rows, V) fp32 buffer for them."""
-    budget = int(os.environ.get("SDPO_FAST_TORCH_CHUNK_MB", "64")) << 20
-    rows = min(max(1, budget // (4 * vocab_size)), max(n_tokens, 1))
+    rows = min(max(1, _budget_bytes() // (4 * vocab_size)), max(n_tokens, 1))
     buffer = torch.empty((rows, vocab_size), dtype=torch.float32, device=device)
     for start in range(0, n_tokens, rows):
         stop = min(start + rows, n_tokens)
@@ -77,3 +82,11 @@ class TorchBackend:
             if need_weight:
                 grad_weight.addmm_(grad_logits.T, hidden[rows].float())
         return logprobs, grad_hidden, grad_weight
+
+    def divergence(self, hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec,
+                   inv_temperature: float, need_hidden: bool, need_weight: bool):
+        """See `chunked_divergence.divergence_sweep`; workspace within SDPO_FAST_TORCH_CHUNK_MB."""
+        return divergence_sweep(
+            hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
+            need_weight, budget_bytes=_budget_bytes(), logits_into=_logits,
+            add_grad_weight=lambda grad, rows_hidden, out: out.addmm_(grad.T, rows_hidden.float()))

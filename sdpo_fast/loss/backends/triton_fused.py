@@ -5,12 +5,20 @@ The backward writes one chunk's gradient w.r.t. the logits into one reused (chun
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ...kernels.divergence import chunk_logits
 from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
 from ...kernels.grad_weight import accumulate_grad_weight
 from ...kernels.lse_gather import lse_gather
+from .chunked_divergence import divergence_sweep
+
+
+def _budget_bytes() -> int:
+    return int(os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB", "256")) << 20
 
 
 def _inner_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -59,3 +67,17 @@ class TritonBackend:
         logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature)
         coef = coef_of(slice(None), logprobs)
         return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight))
+
+    def divergence(self, hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec,
+                   inv_temperature: float, need_hidden: bool, need_weight: bool):
+        """See `chunked_divergence.divergence_sweep`: logits chunks from the `chunk_logits` kernel, grad_weight
+        from `accumulate_grad_weight`; workspace within SDPO_FAST_TRITON_WORKSPACE_MB."""
+        hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
+        teacher_hidden, teacher_weight = _inner_contiguous(teacher_hidden), _inner_contiguous(teacher_weight)
+
+        def add_grad_weight(grad, rows_hidden, out):
+            accumulate_grad_weight(grad.to(rows_hidden.dtype), rows_hidden, out)
+
+        return divergence_sweep(
+            hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
+            need_weight, budget_bytes=_budget_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight)

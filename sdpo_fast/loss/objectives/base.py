@@ -13,7 +13,8 @@ class LossInputs:
 
     student_hidden (N, d) with grad; lm_head_weight (V, d); target_ids (N,) int64, IGNORE_INDEX where no loss;
     token_weights (N,) fp32; sequence_index (N,) int64 (the sequence each token belongs to); teacher_hidden
-    (N, d_t) detached or None; teacher_lm_head_weight (V, d_t) or None (the teacher uses lm_head_weight).
+    (N, d_t) detached or None; teacher_lm_head_weight (V, d_t) or None (the teacher uses lm_head_weight);
+    behavior_logprobs (N,) fp32 or None: the sampler's log mu(y_t), for importance clipping.
     """
 
     student_hidden: torch.Tensor
@@ -23,6 +24,7 @@ class LossInputs:
     sequence_index: torch.Tensor
     teacher_hidden: torch.Tensor | None = None
     teacher_lm_head_weight: torch.Tensor | None = None
+    behavior_logprobs: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

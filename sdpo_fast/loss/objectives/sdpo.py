@@ -8,15 +8,18 @@ from .base import LossInputs, Objective, ObjectiveOutput
 
 class SDPOObjective(Objective):
     """`sdpo_loss` over a micro-batch. center_advantages: per-sequence mean-centred advantages (the online loop's
-    choice), computed inside the same `sdpo_loss` call. signal: the raw advantage log q - log pi per loss token."""
+    choice), computed inside the same `sdpo_loss` call. importance_clip: each token's term times
+    min(exp(log pi - log mu), importance_clip) when the inputs carry behavior_logprobs. signal: the raw advantage
+    log q - log pi per loss token."""
 
     needs_teacher = True
     signal_name = "mean_advantage"
 
     def __init__(self, *, temperature: float = 1.0, signal_clip: float | None = None,
-                 center_advantages: bool = False, backend: str = "auto"):
+                 center_advantages: bool = False, importance_clip: float | None = None, backend: str = "auto"):
         self.temperature, self.signal_clip = temperature, signal_clip
         self.center_advantages, self.backend = center_advantages, backend
+        self.importance_clip = importance_clip
 
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
         loss, stats = sdpo_loss(inputs.student_hidden, inputs.lm_head_weight, inputs.target_ids,
@@ -25,6 +28,7 @@ class SDPOObjective(Objective):
                                 token_weights=inputs.token_weights, temperature=self.temperature,
                                 signal_clip=self.signal_clip, center_advantages=self.center_advantages,
                                 sequence_index=inputs.sequence_index if self.center_advantages else None,
+                                behavior_logprobs=inputs.behavior_logprobs, importance_clip=self.importance_clip,
                                 backend=self.backend, return_stats=True, check_values=False, compact=False)
         return ObjectiveOutput(loss, stats.teacher_logprobs - stats.student_logprobs,
                                inputs.target_ids != IGNORE_INDEX)

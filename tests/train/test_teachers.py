@@ -1,0 +1,158 @@
+"""ema and base teachers (train/teachers.py) against plain PyTorch: the EMA update, and the step's gradients with
+the teacher's log-probs from a plain full-logits forward of a model holding the teacher's weights."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from sdpo_fast.data import encode_interactions, load_interactions, sample_path
+from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
+from sdpo_fast.train import TrainConfig, objective_of, step_options, train_step
+from sdpo_fast.train.reference_step import _completion_logprobs
+from sdpo_fast.train.teachers import Teacher
+
+
+class CaptureGrads(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(list(params), {"lr": 0.0})
+        self.grads = {}
+
+    def step(self, closure=None):
+        self.grads = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    items, _ = encode_interactions(tiny_tokenizer("qwen3"), list(load_interactions(sample_path()))[:3])
+    return items
+
+
+def _model(lora: bool):
+    model = tiny_causal_lm("qwen3", initializer_range=0.2, seed=1).train()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    return model
+
+
+def _step(model, batch, teacher, optimizer):
+    config = TrainConfig(ignore_first_k=0, loss_backend="torch")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    options = dataclasses.replace(step_options(config), max_grad_norm=None, attn_backend="sdpa")
+    return train_step(model, batch, objective_of(config), optimizer, scheduler, options, teacher=teacher)
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _plain_grads(model, teacher_model, batch, base_adapter_off: bool):
+    """Per-sequence-mean SDPO loss from full logits, log q from teacher_model (its adapter disabled if asked)."""
+    model.zero_grad()
+    total = 0.0
+    for e in batch:
+        n = len(e.completion_ids)
+        logp = _completion_logprobs(model, e.student_input_ids, n, 1.0)
+        with torch.no_grad():
+            if base_adapter_off:
+                with teacher_model.disable_adapter():
+                    logq = _completion_logprobs(teacher_model, e.teacher_input_ids, n, 1.0)
+            else:
+                logq = _completion_logprobs(teacher_model, e.teacher_input_ids, n, 1.0)
+        total = total + (-(logq - logp.detach()) * logp).mean() / len(batch)
+    total.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("kind", ["ema", "base"])
+def test_teacher_step_matches_plain_pytorch(kind, lora, batch):
+    rate = 0.3
+    model = _model(lora)
+    initial = copy.deepcopy(model)
+    teacher = Teacher(model, kind, ema_rate=rate)
+    before = _trainable(model)
+    _step(model, batch, teacher, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5))
+    after = _trainable(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    if kind == "ema":  # theta_T = (1 - rate) theta_0 + rate theta_1 after the first step
+        state = teacher.state_dict()
+        assert set(after) <= set(state)
+        for name in after:
+            want = (1 - rate) * before[name] + rate * after[name]
+            torch.testing.assert_close(state[name], want, rtol=1e-6, atol=1e-7)
+    # the teacher of the second step, as a plain model
+    reference_teacher = copy.deepcopy(initial)
+    if kind == "ema":
+        with torch.no_grad():
+            params = dict(reference_teacher.named_parameters())
+            for name, value in teacher.state_dict().items():
+                params[name].copy_(value)
+    optimizer = CaptureGrads(p for p in model.parameters() if p.requires_grad)
+    _step(model, batch, teacher, optimizer)
+    assert _trainable(model).keys() == after.keys()
+    for name, value in _trainable(model).items():
+        assert torch.equal(value, after[name]), "the teacher pass changed the student's weights"
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[i]: g for i, g in optimizer.grads.items()}
+    want = _plain_grads(model, reference_teacher, batch, base_adapter_off=kind == "base" and lora)
+    for name, grad in want.items():
+        scale = grad.abs().max().item()
+        assert (got[name] - grad).abs().max().item() <= 1e-4 * max(scale, 1e-8), name
+
+
+def test_state_dict_round_trip_is_bitwise(batch):
+    model = _model(lora=True)
+    teacher = Teacher(model, "ema", ema_rate=0.05)
+    _step(model, batch, teacher, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5))
+    fresh = Teacher(model, "ema", ema_rate=0.05)
+    fresh.load_state_dict(teacher.state_dict())
+    assert all(torch.equal(a, teacher.state_dict()[n]) for n, a in fresh.state_dict().items())
+    with pytest.raises(ValueError, match="teacher"):
+        Teacher(model, "frozen")
+    with pytest.raises(ValueError, match="teacher_ema_rate"):
+        Teacher(model, "ema", ema_rate=1.5)
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:4]))
+    return str(path)
+
+
+def _safetensors(directory):
+    from safetensors.torch import load_file
+
+    return {f"{p.name}:{k}": v for p in sorted(directory.glob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+@pytest.mark.parametrize("options", [dict(lora_r=4, teacher="ema"), dict(teacher="ema"),
+                                     dict(teacher="base", distillation_mode="topk_logits", distillation_topk=5,
+                                          distillation_alpha=0.5)],
+                         ids=["lora-ema", "full-ema", "full-base-topk"])
+def test_resume_with_a_teacher_equals_uninterrupted(tmp_path, model_dir, data_path, options):
+    """Checkpoints carry the teacher's own weights (teacher.safetensors); a resumed run is bitwise the same."""
+    from pathlib import Path
+
+    from sdpo_fast.train import train
+
+    base = dict(model=model_dir, data=data_path, batch_size=2, epochs=2, lr=0.1, optimizer="sgd",
+                micro_batch_tokens=256, save_steps=2, seed=7, teacher_ema_rate=0.3, **options)
+    whole = train(TrainConfig(output_dir=str(tmp_path / "whole"), **base).validate(), progress=False)
+    train(TrainConfig(output_dir=str(tmp_path / "split"), **base).validate(), progress=False, stop_after=3)
+    resumed = train(TrainConfig(output_dir=str(tmp_path / "split"), resume=True, **base).validate(), progress=False)
+    assert whole["steps"] == resumed["steps"] == 4
+    want, got = _safetensors(Path(whole["checkpoint"])), _safetensors(Path(resumed["checkpoint"]))
+    assert any(k.startswith("teacher.safetensors:") for k in want)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
