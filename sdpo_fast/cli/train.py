@@ -47,7 +47,7 @@ def add_config_flags(parser) -> None:
         help_text = f"{docs[f.name]} (default {default})" if f.name in docs else f"(default {default})"
         if f.name == "preset":
             parser.add_argument(flag, choices=sorted(PRESETS), default=argparse.SUPPRESS, help=help_text)
-        elif f.type == "bool":
+        elif f.type in ("bool", "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:

@@ -79,7 +79,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """None: on for LoRA on CUDA (where 8B needs it), else off."""
     dtype: str = "auto"
     """auto: bfloat16 on CUDA, float32 on CPU."""
     device: str = "auto"
@@ -107,6 +108,9 @@ class TrainConfig:
     use_liger: bool = False
     """Patch the model with Liger-Kernel's RMSNorm/SwiGLU/RoPE kernels (CUDA; liger-kernel installed)."""
     preset: str | None = None
+    check_memory: bool = True
+    """On CUDA, simulate the step (`sdpo-fast plan`) before loading weights and refuse one that will not fit the
+    card's free memory (not for load_in_4bit, which the simulation does not model)."""
 
     def validate(self) -> "TrainConfig":
         check_choice("loss", self.loss, LOSSES)
@@ -132,8 +136,10 @@ class TrainConfig:
             check_number(key, getattr(self, key))
             if getattr(self, key) >= high:
                 raise ValueError(f"{key} must be in [0, {high}), got {getattr(self, key)!r}")
-        for key in ("shuffle", "gradient_checkpointing", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit",
-                    "use_liger"):
+        if self.gradient_checkpointing is not None:
+            check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        for key in ("shuffle", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit",
+                    "use_liger", "check_memory"):
             check_bool(key, getattr(self, key))
         for key in ("model", "data", "output_dir", "data_preset"):
             if getattr(self, key) is not None and not (isinstance(getattr(self, key), str) and getattr(self, key)):
@@ -149,6 +155,12 @@ class TrainConfig:
         if self.loss == "sft" and self.signal_clip is not None:
             raise ValueError("signal_clip applies to loss 'sdpo' only; unset it for loss 'sft'")
         return self
+
+    def checkpointing_on(self, device_type: str) -> bool:
+        """gradient_checkpointing as resolved for a device type ("cuda", "cpu")."""
+        if self.gradient_checkpointing is None:
+            return bool(self.lora_r) and device_type == "cuda"
+        return self.gradient_checkpointing
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -201,7 +201,7 @@ def _build(hf_config, config, dtype: torch.dtype, fake: bool):
 
     with torch.device("meta") if fake else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        if config.gradient_checkpointing:
+        if config.checkpointing_on("cuda"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora_r:
             model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
@@ -349,3 +349,33 @@ def format_plan(plan: SimulatedPlan, budget_bytes: int) -> str:
     fits = plan.fits(budget_bytes)
     lines.append(f"{'fits' if fits else 'does NOT fit'} in {budget_bytes / GIB:.2f} GiB")
     return "\n".join(lines)
+
+
+def _candidates(config) -> list[tuple[str, dict]]:
+    out = []
+    if not config.checkpointing_on("cuda"):
+        out.append(("--gradient-checkpointing", dict(gradient_checkpointing=True)))
+    if config.micro_batch_tokens > config.max_prompt_tokens + config.max_completion_tokens:
+        tokens = config.max_prompt_tokens + config.max_completion_tokens
+        out.append((f"--gradient-checkpointing --micro-batch-tokens {tokens}",
+                    dict(gradient_checkpointing=True, micro_batch_tokens=tokens)))
+    if not config.lora_r:
+        out.append(("--lora-r 16 --gradient-checkpointing", dict(lora_r=16, gradient_checkpointing=True)))
+    return out
+
+
+def check_fits(config, free_bytes: int) -> SimulatedPlan:
+    """The simulated plan of `config`; ValueError if it needs more than `free_bytes`, naming flags that fit
+    (each simulated too)."""
+    hf_config = load_config(config.model)
+    plan = simulate(config, hf_config)
+    if plan.fits(free_bytes):
+        return plan
+    fixes = [flags for flags, change in _candidates(config)
+             if simulate(dataclasses.replace(config, **change), hf_config).fits(free_bytes)]
+    raise ValueError(f"this configuration needs {plan.total_bytes / GIB:.2f} GiB (simulated peak "
+                     f"{plan.peak_bytes / GIB:.2f} GiB during {plan.peak_phase}, plus allowances) but the GPU has "
+                     f"{free_bytes / GIB:.2f} GiB free; "
+                     + (f"these fit: {'; '.join(fixes)}" if fixes else "lower --max-prompt-tokens / "
+                        "--max-completion-tokens or train LoRA adapters (--lora-r)")
+                     + " (--no-check-memory skips this check)")

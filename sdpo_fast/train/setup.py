@@ -149,7 +149,7 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None):
                        load_in_4bit=config.load_in_4bit)
     if config.use_liger:
         apply_liger_kernels(model)
-    if config.gradient_checkpointing:
+    if config.checkpointing_on(device.type):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r:
         if checkpoint is not None:

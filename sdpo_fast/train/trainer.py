@@ -2,8 +2,10 @@
 exact resume. One optimizer step = `batch_size` interactions."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from datetime import datetime
@@ -12,13 +14,13 @@ from pathlib import Path
 import torch
 
 from ..data import EncodedInteraction, encode_interactions, load_interactions
-from ..demo.assets import tiny_sample_path
+from ..demo.assets import tiny_model_path, tiny_sample_path
 from ..loss import Objective, make_objective
 from ..utils.files import write_text_atomic
 from .checkpoint import STALE_PATTERNS, latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
 from .config import TrainConfig, save_config
 from .reporting import Reporters, check_reporters
-from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer
+from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer, resolve_device
 from .step import StepOptions, train_step
 
 def step_order(n_interactions: int, batch_size: int, epoch: int, seed: int, shuffle: bool) -> list[list[int]]:
@@ -195,6 +197,19 @@ def _postfix(metrics: dict) -> dict:
     return out
 
 
+def check_memory(config: TrainConfig) -> None:
+    """Before any CUDA allocation: expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set; on CUDA, with
+    check_memory, the simulated step against the card's free memory (see `plan.check_fits`)."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if resolve_device(config.device).type != "cuda":
+        return
+    if config.check_memory and not config.load_in_4bit:
+        from .plan import check_fits
+
+        check_fits(dataclasses.replace(config, model=config.model or str(tiny_model_path())),
+                   torch.cuda.mem_get_info()[0])
+
+
 def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Load model, tokenizer and data for `config` (resuming from output_dir's latest checkpoint if asked) and fit.
 
@@ -209,6 +224,7 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     if config.optimizer == "adamw8bit" and not importable("bitsandbytes"):
         raise ValueError(NO_BNB)
     check_reporters(config.report_to)
+    check_memory(config)
     model, tokenizer = load_model_and_tokenizer(config, ckpt)
     encoded, _ = load_encoded_data(config, tokenizer)
     return Trainer(config, model, tokenizer, encoded).fit(progress=progress, stop_after=stop_after)

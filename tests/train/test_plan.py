@@ -95,3 +95,36 @@ def test_qwen3_8b_lora_r16_one_interaction_fits_20_gib():
     plan = simulate(TrainConfig(**QWEN3_8B, lora_r=16, gradient_checkpointing=True, batch_size=1))
     assert plan.micro_batch_tokens == [4096 - 64]
     assert plan.peak_bytes <= 20 * GIB
+
+
+def test_check_fits_names_the_flags_that_fit(tmp_path):
+    from sdpo_fast.train.plan import check_fits
+
+    _tiny_config().save_pretrained(tmp_path)
+    off = _config(model=str(tmp_path), gradient_checkpointing=False, micro_batch_tokens=100, batch_size=1)
+    on = simulate(_config(model=str(tmp_path), gradient_checkpointing=True, micro_batch_tokens=100, batch_size=1))
+    assert check_fits(off, 10 * GIB).peak_bytes > on.peak_bytes
+    with pytest.raises(ValueError, match="these fit: --gradient-checkpointing"):
+        check_fits(off, on.total_bytes)
+
+
+def test_lora_turns_checkpointing_on_only_on_cuda_unless_told():
+    assert TrainConfig(lora_r=16).checkpointing_on("cuda") is True
+    assert TrainConfig(lora_r=16).checkpointing_on("cpu") is False
+    assert TrainConfig().checkpointing_on("cuda") is False
+    assert TrainConfig(lora_r=16, gradient_checkpointing=False).checkpointing_on("cuda") is False
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        TrainConfig(gradient_checkpointing="yes").validate()
+
+
+def test_train_sets_expandable_segments_when_unset(monkeypatch):
+    from sdpo_fast.train.trainer import check_memory
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    check_memory(TrainConfig(device="cpu"))
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:native")
+    check_memory(TrainConfig(device="cpu"))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:native"
