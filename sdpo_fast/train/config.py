@@ -111,6 +111,14 @@ class TrainConfig:
     check_memory: bool = True
     """On CUDA, simulate the step (`sdpo-fast plan`) before loading weights and refuse one that will not fit the
     card's free memory (not for load_in_4bit, which the simulation does not model)."""
+    lora_dtype: str = "float32"
+    """float32: LoRA adapters in fp32 (peft's default; each adapter copies its bf16 input to fp32, kept for
+    backward); base: adapters in the base weights' dtype (no fp32 copies; bf16 updates without an fp32 master)."""
+    optimizer_in_backward: bool = False
+    """Each parameter's update runs in backward as its gradient arrives, and the gradient is freed (train/optim.py);
+    max_grad_norm then clips each parameter's gradient on its own."""
+    offload_optimizer: bool = False
+    """Optimizer state and fp32 master weights in CPU memory (torchao's CPUOffloadOptimizer; CUDA, adamw)."""
 
     def validate(self) -> "TrainConfig":
         check_choice("loss", self.loss, LOSSES)
@@ -119,6 +127,7 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
+        check_choice("lora_dtype", self.lora_dtype, ("float32", "base"))
         if self.preset is not None:
             check_choice("preset", self.preset, tuple(PRESETS))
         for key in ("batch_size", "micro_batch_tokens", "epochs", "max_prompt_tokens", "max_completion_tokens",
@@ -139,7 +148,7 @@ class TrainConfig:
         if self.gradient_checkpointing is not None:
             check_bool("gradient_checkpointing", self.gradient_checkpointing)
         for key in ("shuffle", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit",
-                    "use_liger", "check_memory"):
+                    "use_liger", "check_memory", "optimizer_in_backward", "offload_optimizer"):
             check_bool(key, getattr(self, key))
         for key in ("model", "data", "output_dir", "data_preset"):
             if getattr(self, key) is not None and not (isinstance(getattr(self, key), str) and getattr(self, key)):
@@ -150,6 +159,8 @@ class TrainConfig:
                              f"got {self.lora_target_modules!r}")
         if not (isinstance(self.report_to, list) and all(r in REPORTERS for r in self.report_to)):
             raise ValueError(f"report_to must be a list among {list(REPORTERS)}, got {self.report_to!r}")
+        if self.optimizer_in_backward and self.offload_optimizer:
+            raise ValueError("offload_optimizer already overlaps the update with backward; unset optimizer_in_backward")
         if self.load_in_4bit and not self.lora_r:
             raise ValueError("load_in_4bit (QLoRA) trains adapters only: set lora_r > 0")
         if self.loss == "sft" and self.signal_clip is not None:

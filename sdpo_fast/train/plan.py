@@ -205,7 +205,8 @@ def _build(hf_config, config, dtype: torch.dtype, fake: bool):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora_r:
             model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                  config.lora_target_modules))
+                                                  config.lora_target_modules),
+                               fp32_adapters=config.lora_dtype == "float32")
     if fake:
         made: dict[int, torch.Tensor] = {}
         for module in model.modules():
@@ -220,14 +221,34 @@ def _build(hf_config, config, dtype: torch.dtype, fake: bool):
     return model.train()
 
 
+class _OffloadedStandIn(torch.optim.Optimizer):
+    """Memory stand-in for an optimizer whose state lives in CPU memory (torchao's CPUOffloadOptimizer): nothing
+    of it on the GPU; the gradient leaves as it arrives (stepped in backward)."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, dict(lr=lr))
+
+    def step(self, closure=None):
+        return None
+
+
 def _optimizer(params, config):
+    """The optimizer `train` builds on CUDA (fused AdamW; stand-ins for bitsandbytes and CPU offload)."""
+    from .optim import OptimizerInBackward
     from .setup import build_optimizer
 
-    if config.optimizer == "adamw8bit":
-        return _Adam8bitStandIn(params, config.lr)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    return build_optimizer(params, config.optimizer, config.lr, config.weight_decay)
+    def build(ps):
+        if config.offload_optimizer:
+            return _OffloadedStandIn(ps, config.lr)
+        if config.optimizer == "adamw8bit":
+            return _Adam8bitStandIn(ps, config.lr)
+        if config.optimizer == "adamw":
+            return torch.optim.AdamW(ps, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        return build_optimizer(ps, config.optimizer, config.lr, config.weight_decay)
+
+    if config.optimizer_in_backward or config.offload_optimizer:
+        return OptimizerInBackward(params, build, config.max_grad_norm)
+    return build(params)
 
 
 def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | None = None,
@@ -323,7 +344,8 @@ def _phase_hooks(hf_model, counter, params, optimizer, modules: list[str]) -> li
         hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
         if module.__class__.__name__.endswith("Attention"):
             hooks.append(module.register_forward_hook(tag_prefix, with_kwargs=True))
-    hooks += [p.register_post_accumulate_grad_hook(lambda p: counter.tag(p.grad, "grads")) for p in params]
+    hooks += [p.register_post_accumulate_grad_hook(lambda p: p.grad is not None and counter.tag(p.grad, "grads"))
+              for p in params]
 
     def after_step(opt, args, kwargs):
         for state in opt.state.values():

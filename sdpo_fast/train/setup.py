@@ -92,12 +92,13 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: str | list
                       task_type="CAUSAL_LM")
 
 
-def apply_lora(model, config, adapter_name: str = "default"):
-    """`model` wrapped with fresh LoRA adapters of peft `config` (initialized from the global RNG)."""
+def apply_lora(model, config, adapter_name: str = "default", *, fp32_adapters: bool = True):
+    """`model` wrapped with fresh LoRA adapters of peft `config` (initialized from the global RNG).
+    fp32_adapters False: adapters in the base weights' dtype, so a bf16 base's inputs are not copied to fp32."""
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, config, adapter_name=adapter_name)
+        return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=fp32_adapters)
     except ValueError as exc:
         raise ValueError(f"lora_target_modules {config.target_modules}: {exc}") from None
 
@@ -155,9 +156,11 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None):
         if checkpoint is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True,
+                                              autocast_adapter_dtype=config.lora_dtype == "float32")
         else:
             model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                  config.lora_target_modules))
+                                                  config.lora_target_modules),
+                               fp32_adapters=config.lora_dtype == "float32")
     unwrap_model(model)
     return model.train(), tokenizer

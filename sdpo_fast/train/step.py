@@ -72,11 +72,11 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
                options: StepOptions) -> StepStats:
     """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads."""
     counts = loss_token_counts(batch, options.ignore_first_k)
+    in_backward = hasattr(optimizer, "take_grad_norm")
     weights = interaction_weights(counts, options.aggregation)
     sums = []
-    for group in micro_batch_indices(batch, options.micro_batch_tokens):
-        if not any(counts[i] for i in group):
-            continue
+    groups = [g for g in micro_batch_indices(batch, options.micro_batch_tokens) if any(counts[i] for i in g)]
+    for k, group in enumerate(groups):
         mb = forward_micro_batch(model, [batch[i] for i in group], prefix_reuse=options.prefix_reuse,
                                  attn_backend=options.attn_backend, teacher=objective.needs_teacher)
         seq = mb.sequence_index
@@ -84,11 +84,16 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
         out = objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets,
                                    torch.tensor([weights[i] for i in group], device=seq.device)[seq], seq,
                                    mb.teacher_hidden, mb.teacher_lm_head_weight))
+        if in_backward:  # the optimizer steps from the gradient hooks of the step's last backward (train/optim.py)
+            optimizer.final_backward = k == len(groups) - 1
         out.loss.backward()
         sums.append(torch.stack([out.loss.detach().double(), out.signal.sum().double(),
                                  (out.signal > 0).sum().double()]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
+    if in_backward:
+        norm = optimizer.take_grad_norm()
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ from ..loss import Objective, make_objective
 from ..utils.files import write_text_atomic
 from .checkpoint import STALE_PATTERNS, latest_checkpoint, load_trainer_state, restore_rng, save_checkpoint
 from .config import TrainConfig, save_config
+from .optim import OptimizerInBackward, offload_optimizer
 from .reporting import Reporters, check_reporters
 from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer, resolve_device
 from .step import StepOptions, train_step
@@ -43,6 +44,16 @@ def objective_of(config: TrainConfig) -> Objective:
         return make_objective("sft")
     return make_objective("sdpo", temperature=config.temperature, signal_clip=config.signal_clip,
                           backend=config.loss_backend)
+
+
+def make_optimizer(params: list, config: TrainConfig):
+    """The optimizer `config` names over `params`: plain, stepped in backward, or offloaded to the CPU."""
+    if config.offload_optimizer:
+        return offload_optimizer(params, config.optimizer, config.lr, config.weight_decay)
+    if config.optimizer_in_backward:
+        return OptimizerInBackward(params, lambda ps: build_optimizer(ps, config.optimizer, config.lr,
+                                                                      config.weight_decay), config.max_grad_norm)
+    return build_optimizer(params, config.optimizer, config.lr, config.weight_decay)
 
 
 def step_options(config: TrainConfig) -> StepOptions:
@@ -79,8 +90,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir or default_output_dir())
         self.total_steps = total_steps(len(encoded), config)
         self.steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
-        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config.optimizer,
-                                         config.lr, config.weight_decay)
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.warmup_ratio, self.total_steps)
         self.objective, self.step_options = objective_of(config), step_options(config)
         self.step = 0
