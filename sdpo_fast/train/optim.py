@@ -9,6 +9,7 @@ off (or never active) the updates equal a plain optimizer step's.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -30,9 +31,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.defaults = dict(self.inner[0].defaults)
         self.param_groups = [g for opt in self.inner for g in opt.param_groups]
         self.state = {}
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
-        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
-        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                     "load_state_dict_post"):
+            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in zip(params, self.inner)]
 
     def _hook(self, opt: torch.optim.Optimizer):

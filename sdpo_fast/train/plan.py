@@ -209,6 +209,10 @@ def _build(hf_config, config, dtype: torch.dtype, fake: bool):
                                fp32_adapters=config.lora_dtype == "float32")
     if fake:
         made: dict[int, torch.Tensor] = {}
+        if config.lora_r and config.lora_dtype == "base":  # peft leaves meta adapters in fp32
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(dtype)
         for module in model.modules():
             for table, wrap in ((module._parameters, True), (module._buffers, False)):
                 for name, t in list(table.items()):
@@ -344,18 +348,28 @@ def _phase_hooks(hf_model, counter, params, optimizer, modules: list[str]) -> li
         hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
         if module.__class__.__name__.endswith("Attention"):
             hooks.append(module.register_forward_hook(tag_prefix, with_kwargs=True))
-    hooks += [p.register_post_accumulate_grad_hook(lambda p: p.grad is not None and counter.tag(p.grad, "grads"))
-              for p in params]
+    def tag_grad(p):
+        if p.grad is not None:  # None: already consumed by an optimizer stepped in backward
+            counter.tag(p.grad, "grads")
+
+    hooks += [p.register_post_accumulate_grad_hook(tag_grad) for p in params]
+
+    outer: list[str] = []
+
+    def before_step(opt, args, kwargs):
+        outer.append(counter.phase)
+        counter.set_phase("optimizer step")
 
     def after_step(opt, args, kwargs):
         for state in opt.state.values():
             for t in state.values():
                 if isinstance(t, torch.Tensor):
                     counter.tag(t, "optimizer_state")
-        counter.set_phase("between")
+        phase = outer.pop()
+        counter.set_phase("between" if opt is optimizer else phase)
 
-    hooks += [optimizer.register_step_pre_hook(lambda opt, a, k: counter.set_phase("optimizer step")),
-              optimizer.register_step_post_hook(after_step)]
+    for opt in getattr(optimizer, "inner", [optimizer]):  # stepped in backward: one optimizer per parameter
+        hooks += [opt.register_step_pre_hook(before_step), opt.register_step_post_hook(after_step)]
     return hooks
 
 

@@ -29,6 +29,8 @@ def _config(**options):
     dict(gradient_checkpointing=False, optimizer="sgd"),
     dict(lora_r=4, gradient_checkpointing=True),
     dict(lora_r=4, gradient_checkpointing=False, loss="sft"),
+    dict(lora_r=4, gradient_checkpointing=True, dtype="bfloat16", lora_dtype="base"),
+    dict(gradient_checkpointing=True, optimizer_in_backward=True),
 ])
 def test_simulated_step_equals_the_real_step_byte_for_byte(options):
     config = _config(**options)
