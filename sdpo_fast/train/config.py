@@ -118,7 +118,8 @@ class TrainConfig:
     """Each parameter's update runs in backward as its gradient arrives, and the gradient is freed (train/optim.py);
     max_grad_norm then clips each parameter's gradient on its own."""
     offload_optimizer: bool = False
-    """Optimizer state and fp32 master weights in CPU memory (torchao's CPUOffloadOptimizer; CUDA, adamw)."""
+    """Optimizer state and fp32 master weights in CPU memory (torchao's CPUOffloadOptimizer; CUDA, adamw); each
+    gradient leaves the GPU as it arrives, so max_grad_norm is not applied."""
 
     def validate(self) -> "TrainConfig":
         check_choice("loss", self.loss, LOSSES)

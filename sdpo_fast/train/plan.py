@@ -8,15 +8,15 @@ first on one short interaction creates the optimizer state, the second, on the w
 which the tests check on a small model.
 
 Not counted (stated as allowances): the CUDA context, cuBLAS workspaces, allocator fragmentation. Simulated on
-the CPU code path: attention as the CPU flash kernel (same kept tensors as flash-attn: output and log-sum-exp),
-the loss as the chunked torch backend (the Triton backend's workspace is of the same size: one bounded chunk of
-logits rows, grad_W in fp32).
+the CPU code path: attention as the CPU flash kernel (same kept tensors as flash-attn: output and log-sum-exp);
+the loss as on CUDA, the Triton backend's Python path with its kernel launches replaced by what they write (the
+torch backend, --loss-backend torch, runs as it is).
 """
 from __future__ import annotations
 
 import contextlib
-import gc
 import dataclasses
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +112,38 @@ def worst_case_batch(config, vocab_size: int):
     e = interaction(config.max_prompt_tokens, config.max_completion_tokens, vocab_size)
     per_micro_batch = max(1, config.micro_batch_tokens // max(len(e.student_input_ids), len(e.teacher_input_ids)))
     return [e] * min(config.batch_size, 2 * per_micro_batch)
+
+
+@contextlib.contextmanager
+def _triton_launches_as_workspace():
+    """The Triton loss backend's Python path on CPU tensors, its three kernel launches replaced by what they
+    allocate (README: lse_gather writes 2 floats per token; grad_logits and grad_weight write into buffers the
+    Python path allocated)."""
+    from ..loss import api
+    from ..loss.backends import triton_fused
+
+    def lse_gather(hidden, weight, targets, inv_temperature):
+        n = hidden.shape[0]
+        return (torch.zeros(n, dtype=torch.float32, device=hidden.device),
+                torch.zeros(n, dtype=torch.float32, device=hidden.device))
+
+    def grad_logits(hidden, weight, targets, lse, coef, inv_temperature, out):
+        return out
+
+    def accumulate_grad_weight(grad_logits_chunk, hidden, grad_weight):
+        return None
+
+    patched = {(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,
+               (triton_fused, "accumulate_grad_weight"): accumulate_grad_weight,
+               (api, "resolve_backend"): lambda backend, device: backend}
+    previous = {key: getattr(*key) for key in patched}
+    try:
+        for (module, name), value in patched.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in previous.items():
+            setattr(module, name, value)
 
 
 @contextlib.contextmanager
@@ -274,14 +306,19 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
         hf_config = load_config(config.model)
     if dtype is None:
         dtype = torch.bfloat16 if config.dtype == "auto" else getattr(torch, config.dtype)
-    config = dataclasses.replace(config, loss_backend="torch" if config.loss_backend in ("auto", "triton")
-                                 else config.loss_backend, attn_backend="auto")
+    from .setup import importable
+
+    triton = config.loss_backend in ("auto", "triton") and importable("triton")
+    config = dataclasses.replace(config, loss_backend="triton" if triton else "torch" if config.loss_backend == "auto"
+                                 else config.loss_backend,
+                                 attn_backend="auto")
     modules: list[str] = []
     counter = StorageCounter(module=lambda: modules[-1] if modules else "", categories=_PHASE_CATEGORY)
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
     constants = _IntegerConstants(fake_mode) if fake else contextlib.nullcontext()
     torch.manual_seed(config.seed)
-    with _constant_index_tensors(), fake_mode, constants:
+    launches = _triton_launches_as_workspace() if triton else contextlib.nullcontext()
+    with _constant_index_tensors(), launches, fake_mode, constants:
         model = _build(hf_config, config, dtype, fake)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(params, config)
