@@ -130,3 +130,18 @@ def test_train_sets_expandable_segments_when_unset(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:native")
     check_memory(TrainConfig(device="cpu"))
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:native"
+
+
+@pytest.mark.slow
+def test_qwen3_8b_lora_r64_bf16_adapters_4096_token_micro_batches_fit_20_gib():
+    plan = simulate(TrainConfig(**QWEN3_8B, lora_r=64, lora_alpha=128, lora_dtype="base", micro_batch_tokens=4096,
+                                batch_size=4))
+    assert plan.micro_batch_tokens == [4096 - 64] * 2
+    assert plan.peak_bytes <= 20 * GIB
+
+
+@pytest.mark.slow
+def test_qwen3_8b_full_fine_tuning_offloaded_fits_24_gib_with_allowances():
+    plan = simulate(TrainConfig(**QWEN3_8B, offload_optimizer=True, gradient_checkpointing=True, batch_size=1))
+    assert plan.breakdown["optimizer_state"] == 0 and plan.breakdown["grads"] < GIB
+    assert plan.total_bytes <= 24 * GIB
