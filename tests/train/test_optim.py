@@ -21,8 +21,9 @@ def data_path(tmp_path_factory) -> str:
 
 
 def _run(model_dir, data_path, out, stop_after=None, **options):
+    """micro_batch_tokens 1: one micro-batch per interaction, so gradients accumulate before the update."""
     config = TrainConfig(model=model_dir, data=data_path, output_dir=str(out), batch_size=2, epochs=2, lr=1e-3,
-                         micro_batch_tokens=256, save_steps=2, seed=7, max_grad_norm=None, optimizer="adamw",
+                         micro_batch_tokens=1, save_steps=2, seed=7, max_grad_norm=None, optimizer="adamw",
                          dtype="float32", device="cpu", **options)
     return train(config, progress=False, stop_after=stop_after)
 
