@@ -81,7 +81,7 @@ def offload_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, we
     try:
         from torchao.optim import CPUOffloadOptimizer
     except ImportError:
-        raise ValueError("offload_optimizer needs torchao (pip install torchao)") from None
+        raise ValueError("offload_optimizer needs torchao (pip install torchao, or sdpo_fast[offload])") from None
     if not params or any(p.device.type != "cuda" for p in params):
         raise ValueError("offload_optimizer needs the model on a CUDA GPU (use --device cuda)")
     if name != "adamw":
