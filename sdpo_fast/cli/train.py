@@ -32,6 +32,13 @@ def add_parser(subparsers) -> None:
         "train", help=__doc__.split(":", 1)[1].strip(), description=__doc__,
         epilog="Precedence: defaults < --preset < --config file < flags. Flags default to the config value shown "
                "in `TrainConfig` (sdpo_fast/train/config.py); list values are comma-separated.")
+    add_config_flags(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def add_config_flags(parser) -> None:
+    """--config and one flag per TrainConfig field (shared by `train` and `plan`)."""
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (same names as the flags, with _)")
     docs = field_docs()
     for f in dataclasses.fields(TrainConfig):
@@ -40,14 +47,12 @@ def add_parser(subparsers) -> None:
         help_text = f"{docs[f.name]} (default {default})" if f.name in docs else f"(default {default})"
         if f.name == "preset":
             parser.add_argument(flag, choices=sorted(PRESETS), default=argparse.SUPPRESS, help=help_text)
-        elif f.type == "bool":
+        elif f.type in ("bool", "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
             parser.add_argument(flag, type=_flag_type(f.type), default=argparse.SUPPRESS, help=help_text,
                                 metavar=_METAVARS[f.type])
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -2,7 +2,7 @@
 pure-PyTorch reference step."""
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import PRESETS, TrainConfig, load_yaml, resolve_config
-from .plan import MemoryPlan, plan_memory
+from .plan import SimulatedPlan, simulate
 from .reference_step import reference_loss, reference_step
 from .setup import (apply_lora, build_optimizer, build_scheduler, load_model, load_model_and_tokenizer,
                     load_tokenizer, lora_config, resolve_device, resolve_dtype)
@@ -10,7 +10,6 @@ from .step import StepOptions, StepStats, interaction_weights, loss_token_counts
 from .trainer import Trainer, load_encoded_data, objective_of, step_options, train
 
 __all__ = [
-    "MemoryPlan",
     "PRESETS",
     "StepOptions",
     "StepStats",
@@ -30,13 +29,14 @@ __all__ = [
     "loss_token_counts",
     "lora_config",
     "objective_of",
-    "plan_memory",
     "reference_loss",
     "reference_step",
     "resolve_config",
     "resolve_device",
     "resolve_dtype",
+    "SimulatedPlan",
     "save_checkpoint",
+    "simulate",
     "step_options",
     "train",
     "train_step",

@@ -91,7 +91,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """None: on for LoRA on CUDA (where 8B needs it), else off."""
     dtype: str = "auto"
     """auto: bfloat16 on CUDA, float32 on CPU; bfloat16 weights are stepped through fp32 master copies; float16
     is refused (no loss scaling)."""
@@ -129,6 +130,18 @@ class TrainConfig:
     """Also checkpoint when this many minutes have passed since the last save (None: off)."""
     save_total_limit: int | None = None
     """Keep at most this many checkpoints, deleting the oldest (never the newest complete one; None: keep all)."""
+    check_memory: bool = True
+    """On CUDA, simulate the step (`sdpo-fast plan`) before loading weights and refuse one that will not fit the
+    card's free memory (not for load_in_4bit, which the simulation does not model)."""
+    lora_dtype: str = "float32"
+    """float32: LoRA adapters in fp32 (peft's default; each adapter copies its bf16 input to fp32, kept for
+    backward); base: adapters in the base weights' dtype (no fp32 copies; bf16 updates without an fp32 master)."""
+    optimizer_in_backward: bool = False
+    """Each parameter's update runs in backward as its gradient arrives, and the gradient is freed (train/optim.py);
+    max_grad_norm then clips each parameter's gradient on its own."""
+    offload_optimizer: bool = False
+    """Optimizer state and fp32 master weights in CPU memory (torchao's CPUOffloadOptimizer; CUDA, adamw); each
+    gradient leaves the GPU as it arrives, so max_grad_norm is not applied."""
 
     def validate(self) -> "TrainConfig":
         check_choice("loss", self.loss, LOSSES)
@@ -149,6 +162,7 @@ class TrainConfig:
                              f"{self.distillation_alpha!r}")
         if self.distillation_mode != "sampled_token" and self.signal_clip is not None:
             raise ValueError("signal_clip applies to distillation_mode sampled_token only")
+        check_choice("lora_dtype", self.lora_dtype, ("float32", "base"))
         if self.preset is not None:
             check_choice("preset", self.preset, tuple(PRESETS))
         for key in ("batch_size", "micro_batch_tokens", "epochs", "max_prompt_tokens", "max_completion_tokens",
@@ -168,8 +182,10 @@ class TrainConfig:
             check_number(key, getattr(self, key))
             if getattr(self, key) >= high:
                 raise ValueError(f"{key} must be in [0, {high}), got {getattr(self, key)!r}")
-        for key in ("shuffle", "gradient_checkpointing", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit",
-                    "use_liger", "distillation_add_tail"):
+        if self.gradient_checkpointing is not None:
+            check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        for key in ("shuffle", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit", "use_liger",
+                    "distillation_add_tail", "check_memory", "optimizer_in_backward", "offload_optimizer"):
             check_bool(key, getattr(self, key))
         check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATIONS)
         if not isinstance(self.hindsight_template, str) or (
@@ -188,6 +204,8 @@ class TrainConfig:
         if self.dtype == "float16":
             raise ValueError("dtype float16 has no loss scaling here (small gradients underflow to zero); use "
                              "dtype bfloat16 (same memory, fp32 range)")
+        if self.optimizer_in_backward and self.offload_optimizer:
+            raise ValueError("offload_optimizer already overlaps the update with backward; unset optimizer_in_backward")
         if self.load_in_4bit and not self.lora_r:
             raise ValueError("load_in_4bit (QLoRA) trains adapters only: set lora_r > 0")
         if self.loss == "sft" and self.signal_clip is not None:
@@ -195,6 +213,12 @@ class TrainConfig:
         check_number("save_minutes", self.save_minutes, positive=True, optional=True)
         check_int("save_total_limit", self.save_total_limit, 1, optional=True)
         return self
+
+    def checkpointing_on(self, device_type: str) -> bool:
+        """gradient_checkpointing as resolved for a device type ("cuda", "cpu")."""
+        if self.gradient_checkpointing is None:
+            return bool(self.lora_r) and device_type == "cuda"
+        return self.gradient_checkpointing
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,47 +1,56 @@
-"""Predicted peak GPU memory of one `sdpo-fast train` step, from a model config alone (no weights loaded).
+"""Peak GPU memory of `sdpo-fast train`'s step, measured without the GPU.
 
-Parameter counts are exact (the model is built on the meta device). Activations assume a flash/varlen attention
-(no seq x seq buffer): with gradient checkpointing, each layer's input is kept ((layers + 1) * d values per token,
-plus the rotary cos/sin) and one layer is recomputed at a time; without, every layer keeps its intermediates.
+The model is built from its Hugging Face config on fake tensors (`FakeTensorMode`: shapes, dtypes and storages,
+no data), wrapped and optimized as the trainer does, and the trainer's own `train_step` runs on a worst-case batch
+(student pass, prefix-reusing teacher pass, the loss's Python path, backward, optimizer step) under
+`StorageCounter`, which counts every live storage as `torch.cuda.max_memory_allocated` does. Two steps run: the
+first on one short interaction creates the optimizer state, the second, on the worst-case batch, is reported. The same run on real tensors gives the same bytes,
+which the tests check on a small model.
+
+Not counted (stated as allowances): the CUDA context, cuBLAS workspaces, allocator fragmentation. Simulated on
+the CPU code path: attention as the CPU flash kernel (same kept tensors as flash-attn: output and log-sum-exp);
+the loss as on CUDA, the Triton backend's Python path with its kernel launches replaced by what they write (the
+torch backend, --loss-backend torch, runs as it is).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 from dataclasses import dataclass
 
 import torch
+from torch.utils._mode_utils import no_dispatch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 SHAPES = {
-    # From the published config (shared/ANCHORS.md): 8.19B parameters, untied embeddings.
+    # Published configs (shared/ANCHORS.md for Qwen3-8B), written here so planning needs no network.
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, intermediate_size=3072, vocab_size=151936,
+                       tie_word_embeddings=True),
+    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, intermediate_size=9728, vocab_size=151936,
+                     tie_word_embeddings=True),
     "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936,
                      tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                         tie_word_embeddings=False),
 }
-_OPTIMIZER_BYTES_PER_PARAM = {"adamw": None, "adamw8bit": 2, "sgd": 0}  # None: two states in the param dtype
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Bytes of each part of one training step's peak, and the parameter counts behind them."""
-
-    parameters: int
-    trainable: int
-    weights: int
-    gradients: int
-    optimizer: int
-    activations: int
-    prefix_kv: int
-    loss_workspace: int
-
-    @property
-    def total(self) -> int:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.prefix_kv
-                + self.loss_workspace)
-
-    def rows(self) -> list[tuple[str, int]]:
-        return [("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer),
-                ("activations", self.activations), ("prefix K/V", self.prefix_kv),
-                ("loss workspace", self.loss_workspace), ("total", self.total)]
+_CONSTANT_LIMIT = 1 << 20
+HINDSIGHT_TOKENS = 64
+"""Teacher prompt tokens beyond the student's in the planned worst case (the hindsight block and follow-up)."""
+ALLOWANCES = {"cuda_context": 512 << 20, "cublas_workspace": 64 << 20}
+FRAGMENTATION = 0.05
+"""Share of the counted peak allowed for allocator fragmentation (expandable segments keep it small)."""
+CATEGORIES = ("weights", "grads", "optimizer_state", "checkpointed_inputs", "prefix_kv", "teacher_hidden",
+              "loss_workspace", "working_set")
+_PHASE_CATEGORY = {"student forward": "checkpointed_inputs", "teacher forward": "teacher_hidden",
+                   "loss": "loss_workspace", "loss backward": "loss_workspace", "backward": "working_set",
+                   "optimizer step": "optimizer_state", "setup": "working_set", "between": "working_set"}
 
 
 def load_config(model: str):
@@ -58,77 +67,388 @@ def load_config(model: str):
                          f"{str(exc).splitlines()[0]}") from None
 
 
-def meta_model(config):
-    """The causal LM of `config` on the meta device (shapes only)."""
+@dataclass(frozen=True)
+class SimulatedPlan:
+    """Bytes of the reported step's peak (counted storages), where it happened, its parts, and allowances."""
+
+    peak_bytes: int
+    peak_phase: str
+    peak_module: str
+    phases: dict[str, int]
+    breakdown: dict[str, int]
+    allowances: dict[str, int]
+    parameters: int
+    trainable: int
+    micro_batch_tokens: list[int]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_bytes + sum(self.allowances.values())
+
+    def fits(self, budget_bytes: int) -> bool:
+        return self.total_bytes <= budget_bytes
+
+    def to_json(self, budget_bytes: int) -> dict:
+        return {"peak_bytes": self.peak_bytes, "method": "simulated", "phases": dict(self.phases),
+                "breakdown": dict(self.breakdown), "fits": self.fits(budget_bytes), "budget_bytes": budget_bytes}
+
+
+def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int):
+    """An interaction at these limits: student prompt prompt_tokens - HINDSIGHT_TOKENS, teacher prompt
+    prompt_tokens (the encoder fits both prompts into max_prompt_tokens), completion completion_tokens."""
+    from ..model import EncodedInteraction
+
+    student_prompt = max(prompt_tokens - HINDSIGHT_TOKENS, 1)
+    shared = max(student_prompt - 8, 0)
+    completion = [(7 + i) % vocab_size for i in range(completion_tokens)]
+    student = [(3 + i) % vocab_size for i in range(student_prompt)] + completion
+    teacher = student[:shared] + [(5 + i) % vocab_size for i in range(prompt_tokens - shared)] + completion
+    return EncodedInteraction(student, teacher, completion, shared)
+
+
+def worst_case_batch(config, vocab_size: int):
+    """The step's interactions at the configured limits, as many as fill two micro-batches (so gradients
+    accumulate), at most batch_size."""
+    e = interaction(config.max_prompt_tokens, config.max_completion_tokens, vocab_size)
+    per_micro_batch = max(1, config.micro_batch_tokens // max(len(e.student_input_ids), len(e.teacher_input_ids)))
+    return [e] * min(config.batch_size, 2 * per_micro_batch)
+
+
+@contextlib.contextmanager
+def _triton_launches_as_workspace():
+    """The Triton loss backend's Python path on CPU tensors, its three kernel launches replaced by what they
+    allocate (README: lse_gather writes 2 floats per token; grad_logits and grad_weight write into buffers the
+    Python path allocated)."""
+    from ..loss import api
+    from ..loss.backends import triton_fused
+
+    def lse_gather(hidden, weight, targets, inv_temperature):
+        n = hidden.shape[0]
+        return (torch.zeros(n, dtype=torch.float32, device=hidden.device),
+                torch.zeros(n, dtype=torch.float32, device=hidden.device))
+
+    def grad_logits(hidden, weight, targets, lse, coef, inv_temperature, out):
+        return out
+
+    def accumulate_grad_weight(grad_logits_chunk, hidden, grad_weight):
+        return None
+
+    patched = {(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,
+               (triton_fused, "accumulate_grad_weight"): accumulate_grad_weight,
+               (api, "resolve_backend"): lambda backend, device: backend}
+    previous = {key: getattr(*key) for key in patched}
+    try:
+        for (module, name), value in patched.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in previous.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def _constant_index_tensors(limit: int = _CONSTANT_LIMIT):
+    """Fake tensors built from Python lists (token ids, positions, indices) keep their values, so data-dependent
+    ops on them (nonzero) run; float tensors derived from weights stay fake."""
+    from torch._subclasses import fake_tensor
+
+    previous = fake_tensor.CONSTANT_NUMEL_LIMIT
+    fake_tensor.CONSTANT_NUMEL_LIMIT = limit
+    try:
+        yield
+    finally:
+        fake_tensor.CONSTANT_NUMEL_LIMIT = previous
+
+
+class _IntegerConstants(TorchDispatchMode):
+    """Under `fake_mode`: integer and bool tensors made from nothing (arange, full) are computed for real and kept
+    as the fake tensor's constant, so positions and indices derived from them keep their values. Reading a scalar
+    out of a data-less tensor (the step's logged statistics) gives 0."""
+
+    def __init__(self, fake_mode):
+        super().__init__()
+        self.fake_mode = fake_mode
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and getattr(args[0], "constant", 0) is None:
+            return False if args[0].dtype == torch.bool else 0 if not args[0].dtype.is_floating_point else 0.0
+        if not any(isinstance(a, torch.Tensor) for a in tree_leaves((args, kwargs))):
+            dtype = kwargs.get("dtype")
+            integer = dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+            if integer or (dtype is None and func.__name__.startswith(("arange", "full", "scalar_tensor"))):
+                with no_dispatch():
+                    out = func(*args, **kwargs)
+                if not (out.dtype.is_floating_point or out.dtype.is_complex) and out.numel() <= _CONSTANT_LIMIT:
+                    converter = self.fake_mode.fake_tensor_converter
+                    return converter.from_real_tensor(self.fake_mode, out, make_constant=True)
+        return func(*args, **kwargs)
+
+
+class _Adam8bitStandIn(torch.optim.Optimizer):
+    """Memory stand-in for bitsandbytes' AdamW8bit (CUDA only): two uint8 states per parameter and one fp32
+    absmax per 256-element block of each; the update itself is not computed."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    blocks = -(-p.numel() // 256)
+                    state["state1"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                    state["state2"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                    state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                    state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+
+class _PhasedObjective:
+    """The objective, marking the step's phases on `counter`: loss, loss backward, then backward once the
+    gradient reaches the student's hidden states."""
+
+    def __init__(self, objective, counter):
+        self.objective, self.counter = objective, counter
+        self.needs_teacher, self.signal_name = objective.needs_teacher, objective.signal_name
+
+    def __call__(self, inputs):
+        self.counter.set_phase("loss")
+        if inputs.student_hidden.requires_grad:
+            inputs.student_hidden.register_hook(lambda g: self.counter.set_phase("backward"))
+        out = self.objective(inputs)
+        self.counter.set_phase("loss backward")
+        return out
+
+
+def _build(hf_config, config, dtype: torch.dtype, fake: bool):
+    """The model `train` would train (checkpointing, LoRA), random weights; fake: built on the meta device and
+    every parameter and buffer then replaced by a fresh fake CPU tensor (ties kept)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    from .setup import apply_lora, lora_config
+
+    with torch.device("meta") if fake else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        if config.checkpointing_on("cuda"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora_r:
+            model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                  config.lora_target_modules),
+                               fp32_adapters=config.lora_dtype == "float32")
+    if fake:
+        made: dict[int, torch.Tensor] = {}
+        if config.lora_r and config.lora_dtype == "base":  # peft leaves meta adapters in fp32
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(dtype)
+        for module in model.modules():
+            for table, wrap in ((module._parameters, True), (module._buffers, False)):
+                for name, t in list(table.items()):
+                    if t is None:
+                        continue
+                    if id(t) not in made:
+                        new = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                        made[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if wrap else new
+                    table[name] = made[id(t)]
+    return model.train()
 
 
-def lora_parameters(model, r: int, target_modules: list[str]) -> int:
-    """Adapter parameters r * (in + out) over the targeted nn.Linear modules ("all-linear": all but the lm_head)."""
-    head = model.get_output_embeddings()
-    total = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
-        if target_modules == ["all-linear"] or name.rsplit(".", 1)[-1] in target_modules:
-            total += r * (module.in_features + module.out_features)
-    return total
+class _OffloadedStandIn(torch.optim.Optimizer):
+    """Memory stand-in for an optimizer whose state lives in CPU memory (torchao's CPUOffloadOptimizer): nothing
+    of it on the GPU; the gradient leaves as it arrives (stepped in backward)."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, dict(lr=lr))
+
+    def step(self, closure=None):
+        return None
 
 
-def plan_memory(config, *, dtype: torch.dtype = torch.bfloat16, lora_r: int = 0,
-                lora_target_modules: list[str] | None = None, optimizer: str = "adamw",
-                prompt_tokens: int = 2048, completion_tokens: int = 2048, micro_batch_tokens: int | None = None,
-                gradient_checkpointing: bool = True, loss_chunk_bytes: int = 32 << 20) -> MemoryPlan:
-    """Peak-memory parts for a micro-batch of one interaction (or `micro_batch_tokens` packed student tokens).
+def _optimizer(params, config):
+    """The optimizer `train` builds on CUDA (fused AdamW; stand-ins for bitsandbytes and CPU offload)."""
+    from .optim import OptimizerInBackward
+    from .setup import build_optimizer
 
-    LoRA adapters are fp32 (peft's default), so are their gradients and AdamW states; full fine-tuning keeps
-    gradients and AdamW states in `dtype`.
-    """
-    if optimizer not in _OPTIMIZER_BYTES_PER_PARAM:
-        raise ValueError(f"optimizer must be one of {list(_OPTIMIZER_BYTES_PER_PARAM)}, got {optimizer!r}")
-    model = meta_model(config)
-    width = torch.finfo(dtype).bits // 8
-    parameters = sum(p.numel() for p in model.parameters())
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    d, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or d // heads
-    inter = text.intermediate_size
+    def build(ps):
+        if config.offload_optimizer:
+            return _OffloadedStandIn(ps, config.lr)
+        if config.optimizer == "adamw8bit":
+            return _Adam8bitStandIn(ps, config.lr)
+        if config.optimizer == "adamw":
+            return torch.optim.AdamW(ps, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        return build_optimizer(ps, config.optimizer, config.lr, config.weight_decay)
 
-    if lora_r:
-        trainable = lora_parameters(model, lora_r, lora_target_modules or ["all-linear"])
-        weights = parameters * width + trainable * 4
-        gradients, state_width = trainable * 4, 4
-    else:
-        trainable, weights, gradients, state_width = parameters, parameters * width, parameters * width, width
-    per_param = _OPTIMIZER_BYTES_PER_PARAM[optimizer]
-    optimizer_bytes = trainable * (2 * state_width if per_param is None else per_param)
-
-    tokens = micro_batch_tokens or prompt_tokens + completion_tokens
-    completion = min(completion_tokens, tokens)
-    layer_elements = 4 * d + 2 * (heads + 2 * kv_heads) * head_dim + 4 * inter
-    if gradient_checkpointing:
-        activations = tokens * ((layers + 1) * d + 2 * head_dim + layer_elements) * width
-    else:
-        activations = tokens * layers * layer_elements * width
-    prefix_kv = max(tokens - completion, 0) * layers * 2 * kv_heads * head_dim * width
-    logits_rows = max(1, loss_chunk_bytes // (4 * vocab))
-    head_trainable = not lora_r
-    loss_workspace = (2 * completion * d * width + 2 * min(logits_rows, completion) * vocab * 4
-                      + (vocab * d * 4 if head_trainable else 0))
-    return MemoryPlan(parameters, trainable, weights, gradients, optimizer_bytes, activations, prefix_kv,
-                      loss_workspace)
+    if config.optimizer_in_backward or config.offload_optimizer:
+        return OptimizerInBackward(params, build, config.max_grad_norm)
+    return build(params)
 
 
-def format_plan(plan: MemoryPlan, budget_gib: float | None = None) -> str:
-    lines = [f"parameters {plan.parameters / 1e9:.3f}B, trainable {plan.trainable / 1e6:.2f}M"]
-    lines += [f"  {name:<17}{value / GIB:9.2f} GiB" for name, value in plan.rows()]
-    if budget_gib is not None:
-        fits = plan.total <= budget_gib * GIB
-        lines.append(f"{'fits' if fits else 'does NOT fit'} in {budget_gib:g} GiB"
-                     + ("" if fits else ": lower --micro-batch-tokens, use --lora-r, or enable checkpointing"))
+def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | None = None,
+             steps: int = 2) -> SimulatedPlan:
+    """Run `steps` training steps of `config` (a TrainConfig) on the model of `hf_config` (default: the config
+    `config.model` names) and count storages; the last step, on `worst_case_batch`, is reported (the ones before
+    run one short interaction, to create the optimizer state). fake False: the same on real CPU
+    tensors (the check that the simulation is exact). dtype default: bfloat16 (as `train` on CUDA) unless
+    config.dtype names one."""
+    from torch._subclasses import FakeTensorMode
+
+    from ..model import unwrap_model
+    from .memory import StorageCounter
+    from .setup import build_scheduler
+    from .step import train_step
+    from .trainer import objective_of, step_options
+
+    if hf_config is None:
+        hf_config = load_config(config.model)
+    if dtype is None:
+        dtype = torch.bfloat16 if config.dtype == "auto" else getattr(torch, config.dtype)
+    from .setup import importable
+
+    triton = config.loss_backend in ("auto", "triton") and importable("triton")
+    config = dataclasses.replace(config, loss_backend="triton" if triton else "torch" if config.loss_backend == "auto"
+                                 else config.loss_backend,
+                                 attn_backend="auto")
+    modules: list[str] = []
+    counter = StorageCounter(module=lambda: modules[-1] if modules else "", categories=_PHASE_CATEGORY)
+    fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    constants = _IntegerConstants(fake_mode) if fake else contextlib.nullcontext()
+    torch.manual_seed(config.seed)
+    launches = _triton_launches_as_workspace() if triton else contextlib.nullcontext()
+    with _constant_index_tensors(), launches, fake_mode, constants:
+        model = _build(hf_config, config, dtype, fake)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(params, config)
+        scheduler = build_scheduler(optimizer, config.schedule, config.warmup_ratio, steps)
+        for t in list(model.parameters()) + list(model.buffers()):
+            counter.track(t, "weights")
+        hooks = _phase_hooks(unwrap_model(model), counter, params, optimizer, modules)
+        objective = _PhasedObjective(objective_of(config), counter)
+        options = step_options(config)
+        vocab_size = hf_config.get_text_config().vocab_size
+        batch = worst_case_batch(config, vocab_size)
+        first = [interaction(config.ignore_first_k + 2, config.ignore_first_k + 1, vocab_size)]
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with counter:
+                for step in range(steps):
+                    gc.collect()
+                    if step == steps - 1:
+                        counter.reset_peak()
+                    counter.set_phase("between")
+                    train_step(model, batch if step == steps - 1 else first, objective, optimizer, scheduler,
+                               options)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            if collecting:
+                gc.enable()
+        breakdown = {name: counter.peak_breakdown.get(name, 0) for name in CATEGORIES}
+        parameters = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in params)
+    from ..model import micro_batch_indices
+
+    groups = micro_batch_indices(batch, config.micro_batch_tokens)
+    tokens = [sum(len(batch[i].student_input_ids) for i in g) for g in groups]
+    allowances = dict(ALLOWANCES, fragmentation=int(FRAGMENTATION * counter.peak))
+    return SimulatedPlan(counter.peak, counter.peak_phase, counter.peak_module, dict(counter.phase_peaks), breakdown,
+                         allowances, parameters, trainable, tokens)
+
+
+def _phase_hooks(hf_model, counter, params, optimizer, modules: list[str]) -> list:
+    """Hooks that mark the passes' phases, tag gradients, optimizer state and the prefix K/V by what they are,
+    and keep `modules` the stack of running module forwards (recomputations in backward included). No hook
+    holds a tensor, so no reference cycle keeps one alive."""
+    decoder = hf_model.get_decoder()
+    names = {module: name for name, module in hf_model.named_modules()}
+
+    def enter(module, args):
+        modules.append(names[module])
+
+    def leave(module, args, output):
+        modules.pop()
+    hooks = [decoder.register_forward_pre_hook(
+                 lambda m, a: counter.set_phase("student forward" if torch.is_grad_enabled() else "teacher forward")),
+             decoder.register_forward_hook(lambda m, a, o: counter.set_phase("between"))]
+
+    def tag_prefix(module, args, kwargs, output):
+        call = kwargs.get("sdpo_call")
+        if call is not None and call.mode == "student" and call.prefix_cache.is_stored(module):
+            for t in call.prefix_cache._kv[module]:
+                counter.tag(t, "prefix_kv")
+
+    for module in decoder.modules():
+        hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        if module.__class__.__name__.endswith("Attention"):
+            hooks.append(module.register_forward_hook(tag_prefix, with_kwargs=True))
+    def tag_grad(p):
+        if p.grad is not None:  # None: already consumed by an optimizer stepped in backward
+            counter.tag(p.grad, "grads")
+
+    hooks += [p.register_post_accumulate_grad_hook(tag_grad) for p in params]
+
+    outer: list[str] = []
+
+    def before_step(opt, args, kwargs):
+        outer.append(counter.phase)
+        counter.set_phase("optimizer step")
+
+    def after_step(opt, args, kwargs):
+        for state in opt.state.values():
+            for t in state.values():
+                if isinstance(t, torch.Tensor):
+                    counter.tag(t, "optimizer_state")
+        phase = outer.pop()
+        counter.set_phase("between" if opt is optimizer else phase)
+
+    for opt in getattr(optimizer, "inner", [optimizer]):  # stepped in backward: one optimizer per parameter
+        hooks += [opt.register_step_pre_hook(before_step), opt.register_step_post_hook(after_step)]
+    return hooks
+
+
+def format_plan(plan: SimulatedPlan, budget_bytes: int) -> str:
+    """A human-readable report of `plan` against `budget_bytes`."""
+    lines = [f"parameters {plan.parameters / 1e9:.3f}B, trainable {plan.trainable / 1e6:.2f}M; "
+             f"micro-batches of {plan.micro_batch_tokens} student tokens",
+             f"simulated peak {plan.peak_bytes / GIB:.2f} GiB during {plan.peak_phase} ({plan.peak_module})"]
+    lines += [f"  {name:<20}{value / GIB:9.2f} GiB" for name, value in plan.breakdown.items()]
+    lines.append("peak by phase: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.phases.items()))
+    lines.append("allowances: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.allowances.items())
+                 + f" GiB; total {plan.total_bytes / GIB:.2f} GiB")
+    fits = plan.fits(budget_bytes)
+    lines.append(f"{'fits' if fits else 'does NOT fit'} in {budget_bytes / GIB:.2f} GiB")
     return "\n".join(lines)
+
+
+def _candidates(config) -> list[tuple[str, dict]]:
+    out = []
+    if not config.checkpointing_on("cuda"):
+        out.append(("--gradient-checkpointing", dict(gradient_checkpointing=True)))
+    if config.micro_batch_tokens > config.max_prompt_tokens + config.max_completion_tokens:
+        tokens = config.max_prompt_tokens + config.max_completion_tokens
+        out.append((f"--gradient-checkpointing --micro-batch-tokens {tokens}",
+                    dict(gradient_checkpointing=True, micro_batch_tokens=tokens)))
+    if not config.lora_r:
+        out.append(("--lora-r 16 --gradient-checkpointing", dict(lora_r=16, gradient_checkpointing=True)))
+    return out
+
+
+def check_fits(config, free_bytes: int) -> SimulatedPlan:
+    """The simulated plan of `config`; ValueError if it needs more than `free_bytes`, naming flags that fit
+    (each simulated too)."""
+    hf_config = load_config(config.model)
+    plan = simulate(config, hf_config)
+    if plan.fits(free_bytes):
+        return plan
+    fixes = [flags for flags, change in _candidates(config)
+             if simulate(dataclasses.replace(config, **change), hf_config).fits(free_bytes)]
+    raise ValueError(f"this configuration needs {plan.total_bytes / GIB:.2f} GiB (simulated peak "
+                     f"{plan.peak_bytes / GIB:.2f} GiB during {plan.peak_phase}, plus allowances) but the GPU has "
+                     f"{free_bytes / GIB:.2f} GiB free; "
+                     + (f"these fit: {'; '.join(fixes)}" if fixes else "lower --max-prompt-tokens / "
+                        "--max-completion-tokens or train LoRA adapters (--lora-r)")
+                     + " (--no-check-memory skips this check)")

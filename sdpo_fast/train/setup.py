@@ -149,12 +149,13 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: str | list
                       task_type="CAUSAL_LM")
 
 
-def apply_lora(model, config, adapter_name: str = "default"):
-    """`model` wrapped with fresh LoRA adapters of peft `config` (initialized from the global RNG)."""
+def apply_lora(model, config, adapter_name: str = "default", *, fp32_adapters: bool = True):
+    """`model` wrapped with fresh LoRA adapters of peft `config` (initialized from the global RNG).
+    fp32_adapters False: adapters in the base weights' dtype, so a bf16 base's inputs are not copied to fp32."""
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, config, adapter_name=adapter_name)
+        return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=fp32_adapters)
     except ValueError as exc:
         raise ValueError(f"lora_target_modules {config.target_modules}: {exc}") from None
 
@@ -213,15 +214,17 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None):
                        load_in_4bit=config.load_in_4bit)
     if config.use_liger:
         apply_liger_kernels(model)
-    if config.gradient_checkpointing:
+    if config.checkpointing_on(device.type):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r:
         if checkpoint is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True,
+                                              autocast_adapter_dtype=config.lora_dtype == "float32")
         else:
             model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                  config.lora_target_modules))
+                                                  config.lora_target_modules),
+                               fp32_adapters=config.lora_dtype == "float32")
     unwrap_model(model)
     return model.train(), tokenizer

@@ -83,11 +83,11 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
     updated after the optimizer step."""
     own_teacher = teacher is not None and not teacher.live and objective.needs_teacher
     counts = loss_token_counts(batch, options.ignore_first_k)
+    in_backward = hasattr(optimizer, "take_grad_norm")
     weights = interaction_weights(counts, options.aggregation)
     sums = []
-    for group in micro_batch_indices(batch, options.micro_batch_tokens):
-        if not any(counts[i] for i in group):
-            continue
+    groups = [g for g in micro_batch_indices(batch, options.micro_batch_tokens) if any(counts[i] for i in g)]
+    for k, group in enumerate(groups):
         encoded = [batch[i] for i in group]
         own = teacher.hidden_states(encoded, options.attn_backend) if own_teacher else None
         mb = forward_micro_batch(model, encoded, prefix_reuse=options.prefix_reuse and not own_teacher,
@@ -99,12 +99,17 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
         token_weights = upload([weights[i] for i in group], torch.float32, seq.device)[seq]
         out = objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets, token_weights, seq,
                                    mb.teacher_hidden, mb.teacher_lm_head_weight))
+        if in_backward:  # the optimizer steps from the gradient hooks of the step's last backward (train/optim.py)
+            optimizer.final_backward = k == len(groups) - 1
         out.loss.backward()
         signal = out.signal.masked_fill(~out.mask, 0.0)
         sums.append(torch.stack([out.loss.detach().double(), signal.sum().double(),
                                  ((signal > 0) & out.mask).sum().double()]))
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # fp32 masters under bf16
-    norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
+    if in_backward:
+        norm = optimizer.take_grad_norm()
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # fp32 masters under bf16
+        norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
     optimizer.step()
     if own_teacher:
         teacher.update()

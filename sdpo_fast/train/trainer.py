@@ -9,8 +9,10 @@ cannot differ from the run's config.yaml; the others are applied and recorded (m
 config_history.jsonl)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from ..utils.signals import Interrupted, deferred_signals
 from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, checkpoint_problem, latest_checkpoint, latest_valid_checkpoint,
                          load_teacher_state, load_trainer_state, restore_rng, rotate_checkpoints, save_checkpoint)
 from .config import TrainConfig, load_yaml, save_config
+from .optim import OptimizerInBackward, offload_optimizer
 from .reporting import Reporters, check_reporters
 from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer, load_tokenizer
 from .setup import check_model_source, resolve_device
@@ -79,6 +82,16 @@ def objective_of(config: TrainConfig) -> Objective:
                               backend=config.loss_backend)
     return make_objective("sdpo", temperature=config.temperature, signal_clip=config.signal_clip,
                           backend=config.loss_backend)
+
+
+def make_optimizer(params: list, config: TrainConfig):
+    """The optimizer `config` names over `params`: plain, stepped in backward, or offloaded to the CPU."""
+    if config.offload_optimizer:
+        return offload_optimizer(params, config.optimizer, config.lr, config.weight_decay)
+    if config.optimizer_in_backward:
+        return OptimizerInBackward(params, lambda ps: build_optimizer(ps, config.optimizer, config.lr,
+                                                                      config.weight_decay), config.max_grad_norm)
+    return build_optimizer(params, config.optimizer, config.lr, config.weight_decay)
 
 
 def step_options(config: TrainConfig) -> StepOptions:
@@ -232,8 +245,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir or default_output_dir())
         self.total_steps = total_steps(len(encoded), config)
         self.steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
-        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], config.optimizer,
-                                         config.lr, config.weight_decay)
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.warmup_ratio, self.total_steps)
         self.objective, self.step_options = objective_of(config), step_options(config)
         self.teacher = Teacher(model, config.teacher, config.teacher_ema_rate) if self.objective.needs_teacher \
@@ -432,6 +444,19 @@ def _postfix(metrics: dict) -> dict:
     return out
 
 
+def check_memory(config: TrainConfig) -> None:
+    """Before any CUDA allocation: expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set; on CUDA, with
+    check_memory, the simulated step against the card's free memory (see `plan.check_fits`)."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if resolve_device(config.device).type != "cuda":
+        return
+    if config.check_memory and not config.load_in_4bit:
+        from .plan import check_fits
+
+        check_fits(dataclasses.replace(config, model=config.model or str(tiny_model_path())),
+                   torch.cuda.mem_get_info()[0])
+
+
 def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None = None, log=_say) -> dict:
     """Check `config`, the output directory, backends, model directory and tokenizer; load and encode the data;
     then load the model (from the newest valid checkpoint when resuming) and fit.
@@ -461,6 +486,7 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     check_tokenizer(tokenizer, name)
     encoded, counts = load_encoded_data(config, tokenizer)
+    check_memory(config)
     model, tokenizer = load_model_and_tokenizer(config, ckpt)
     trainer = Trainer(config, model, tokenizer, encoded, resume_from=ckpt, data_counts=counts, changes=changes,
                       log=log)

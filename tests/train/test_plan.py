@@ -1,78 +1,147 @@
-"""`plan_memory` arithmetic against the Qwen3-8B anchors and against tensors measured on tiny models."""
+"""`sdpo-fast plan`: the step simulated on fake tensors against the same step on real tensors, and the counter
+against storages summed by hand."""
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from sdpo_fast import cli
 from sdpo_fast.testing import tiny_causal_lm
-from sdpo_fast.train.plan import load_config, plan_memory
+from sdpo_fast.train.config import TrainConfig
+from sdpo_fast.train.memory import StorageCounter
+from sdpo_fast.train.plan import GIB, load_config, simulate
 
 
-def _tiny(**options):
-    return tiny_causal_lm("qwen3", hidden_size=64, num_layers=3, vocab_size=300, **options)
+def _tiny_config():
+    return tiny_causal_lm("qwen3", hidden_size=64, num_layers=3, vocab_size=300).config
 
 
-def test_qwen3_8b_anchors():
-    plan = plan_memory(load_config("qwen3-8b"), prompt_tokens=1000, completion_tokens=24)
-    assert 8.18e9 < plan.parameters < 8.20e9
-    assert plan.prefix_kv == 1000 * 144 * 1024  # 144 KiB of bf16 K/V per prefix token
-    assert plan.weights == plan.parameters * 2
+def _config(**options):
+    base = dict(model="tiny", max_prompt_tokens=100, max_completion_tokens=60, micro_batch_tokens=200,
+                batch_size=4, dtype="float32", optimizer="adamw")
+    return TrainConfig(**{**base, **options}).validate()
 
 
-def test_parameter_and_lora_counts_match_real_models():
-    model = _tiny()
-    plan = plan_memory(model.config, dtype=torch.float32)
-    assert plan.parameters == sum(p.numel() for p in model.parameters())
-    assert plan.weights == sum(p.numel() * p.element_size() for p in model.parameters())
-    from peft import LoraConfig, get_peft_model
-
-    for targets in (["all-linear"], ["q_proj", "v_proj"]):
-        peft_model = get_peft_model(_tiny(), LoraConfig(r=4, target_modules=targets[0] if len(targets) == 1
-                                                         else targets))
-        expected = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        assert plan_memory(model.config, lora_r=4, lora_target_modules=targets).trainable == expected
-
-
-def test_gradient_and_optimizer_bytes_match_a_real_step():
-    model = _tiny().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(input_ids=torch.randint(0, 300, (1, 16))).logits.float().sum().backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-    optimizer.step()
-    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
-    plan = plan_memory(model.config, dtype=torch.float32, optimizer="adamw")
-    assert plan.gradients == grads and plan.optimizer == states
-    assert plan_memory(model.config, dtype=torch.float32, optimizer="sgd").optimizer == 0
+@pytest.mark.parametrize("options", [
+    dict(gradient_checkpointing=True),
+    dict(gradient_checkpointing=False, optimizer="sgd"),
+    dict(lora_r=4, gradient_checkpointing=True),
+    dict(lora_r=4, gradient_checkpointing=False, loss="sft"),
+    dict(lora_r=4, gradient_checkpointing=True, dtype="bfloat16", lora_dtype="base"),
+    dict(gradient_checkpointing=True, optimizer_in_backward=True),
+])
+def test_simulated_step_equals_the_real_step_byte_for_byte(options):
+    config = _config(**options)
+    simulated = simulate(config, _tiny_config(), fake=True)
+    real = simulate(config, _tiny_config(), fake=False)
+    assert simulated.peak_bytes == real.peak_bytes
+    assert simulated.phases == real.phases and simulated.breakdown == real.breakdown
+    assert (simulated.peak_phase, simulated.peak_module) == (real.peak_phase, real.peak_module)
 
 
-def test_checkpointed_activations_cover_the_measured_checkpoints():
-    """With gradient checkpointing the forward keeps about (layers + 1) * d + 2 * head_dim values per token."""
-    model = _tiny().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    saved = {}
-
-    def keep(t):
-        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    tokens = 128
-    params = {p.data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model.model(input_ids=torch.randint(0, 300, (1, tokens)))
-    measured = sum(v for (ptr, *_), v in saved.items() if ptr not in params)
-    checkpoints = tokens * ((3 + 1) * 64 + 2 * 16) * 4
-    assert 0.9 * checkpoints <= measured <= 1.2 * checkpoints
-    plan = plan_memory(model.config, dtype=torch.float32, micro_batch_tokens=tokens, completion_tokens=tokens)
-    assert plan.activations >= measured
-    assert plan_memory(model.config, dtype=torch.float32, micro_batch_tokens=tokens, completion_tokens=tokens,
-                       gradient_checkpointing=False).activations > plan.activations
+def test_breakdown_parts_match_the_model():
+    hf_config = _tiny_config()
+    plan = simulate(_config(gradient_checkpointing=True), hf_config)
+    model = tiny_causal_lm("qwen3", hidden_size=64, num_layers=3, vocab_size=300)
+    weights = sum(-(-p.numel() * 4 // 512) * 512 for p in model.parameters())
+    buffers = sum(-(-b.numel() * b.element_size() // 512) * 512 for b in model.buffers())
+    assert plan.breakdown["weights"] == weights + buffers
+    assert plan.breakdown["optimizer_state"] >= 2 * weights  # AdamW: two fp32 moments per parameter
+    assert sum(plan.breakdown.values()) == plan.peak_bytes
+    assert plan.peak_bytes == max(plan.phases.values())
 
 
-def test_plan_command(capsys, tmp_path):
-    assert cli.main(["plan", "--model", "qwen3-8b", "--lora-r", "16"]) == 0
-    out = capsys.readouterr().out
-    assert "parameters 8.191B, trainable 43.65M" in out and "fits in 24 GiB" in out
-    assert cli.main(["plan", "--model", "qwen3-8b", "--optimizer", "adamw"]) == 0
-    assert "does NOT fit in 24 GiB" in capsys.readouterr().out
-    assert cli.main(["plan", "--model", str(tmp_path / "missing")]) == 2
-    assert "no model config" in capsys.readouterr().err
+def test_counter_counts_storages_once_and_frees_them():
+    counter = StorageCounter()
+    with counter:
+        a = torch.ones(1000)           # 4000 bytes -> 4096
+        view = a[10:20]                # same storage
+        b = torch.ones(10, dtype=torch.int64)  # 80 -> 512
+        assert counter.current == 4096 + 512
+        del a
+        assert counter.current == 4096 + 512  # the view keeps the storage
+        del view, b
+        assert counter.current == 0
+    assert counter.peak == 4096 + 512
+
+
+def test_load_config_from_a_directory_and_known_shapes(tmp_path):
+    _tiny_config().save_pretrained(tmp_path)
+    assert load_config(str(tmp_path)).hidden_size == 64
+    assert load_config(str(tmp_path / "config.json")).num_hidden_layers == 3
+    assert load_config("qwen3-8b").num_hidden_layers == 36
+    with pytest.raises(ValueError, match="no model config"):
+        load_config(str(tmp_path / "missing"))
+
+
+def test_plan_command_json(capsys, tmp_path):
+    _tiny_config().save_pretrained(tmp_path)
+    args = ["plan", "--model", str(tmp_path), "--max-prompt-tokens", "64", "--max-completion-tokens", "32",
+            "--batch-size", "2", "--json"]
+    assert cli.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"peak_bytes", "method", "phases", "breakdown", "fits", "budget_bytes"}
+    assert out["method"] == "simulated" and out["fits"] is True and out["budget_bytes"] == 24 * GIB
+    assert out["peak_bytes"] == max(out["phases"].values()) == sum(out["breakdown"].values())
+    assert cli.main(args[:-1] + ["--budget-gib", "0.0001"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+QWEN3_8B = dict(model="qwen3-8b", dtype="bfloat16", optimizer="adamw")
+
+
+@pytest.mark.slow
+def test_qwen3_8b_lora_r16_one_interaction_fits_20_gib():
+    plan = simulate(TrainConfig(**QWEN3_8B, lora_r=16, gradient_checkpointing=True, batch_size=1))
+    assert plan.micro_batch_tokens == [4096 - 64]
+    assert plan.peak_bytes <= 20 * GIB
+
+
+def test_check_fits_names_the_flags_that_fit(tmp_path):
+    from sdpo_fast.train.plan import check_fits
+
+    _tiny_config().save_pretrained(tmp_path)
+    off = _config(model=str(tmp_path), gradient_checkpointing=False, micro_batch_tokens=100, batch_size=1)
+    on = simulate(_config(model=str(tmp_path), gradient_checkpointing=True, micro_batch_tokens=100, batch_size=1))
+    assert check_fits(off, 10 * GIB).peak_bytes > on.peak_bytes
+    with pytest.raises(ValueError, match="these fit: --gradient-checkpointing"):
+        check_fits(off, on.total_bytes)
+
+
+def test_lora_turns_checkpointing_on_only_on_cuda_unless_told():
+    assert TrainConfig(lora_r=16).checkpointing_on("cuda") is True
+    assert TrainConfig(lora_r=16).checkpointing_on("cpu") is False
+    assert TrainConfig().checkpointing_on("cuda") is False
+    assert TrainConfig(lora_r=16, gradient_checkpointing=False).checkpointing_on("cuda") is False
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        TrainConfig(gradient_checkpointing="yes").validate()
+
+
+def test_train_sets_expandable_segments_when_unset(monkeypatch):
+    from sdpo_fast.train.trainer import check_memory
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    check_memory(TrainConfig(device="cpu"))
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:native")
+    check_memory(TrainConfig(device="cpu"))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:native"
+
+
+@pytest.mark.slow
+def test_qwen3_8b_lora_r64_bf16_adapters_4096_token_micro_batches_fit_20_gib():
+    plan = simulate(TrainConfig(**QWEN3_8B, lora_r=64, lora_alpha=128, lora_dtype="base", micro_batch_tokens=4096,
+                                batch_size=4))
+    assert plan.micro_batch_tokens == [4096 - 64] * 2
+    assert plan.peak_bytes <= 20 * GIB
+
+
+@pytest.mark.slow
+def test_qwen3_8b_full_fine_tuning_offloaded_fits_24_gib_with_allowances():
+    plan = simulate(TrainConfig(**QWEN3_8B, offload_optimizer=True, gradient_checkpointing=True, batch_size=1))
+    assert plan.breakdown["optimizer_state"] == 0 and plan.breakdown["grads"] < GIB
+    assert plan.total_bytes <= 24 * GIB
