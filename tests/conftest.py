@@ -28,3 +28,13 @@ def model_dir(tmp_path_factory) -> str:
     tiny_causal_lm("qwen3", initializer_range=0.2, seed=3).save_pretrained(path)
     tiny_tokenizer("qwen3").save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_path(tmp_path_factory) -> str:
+    """The first five rows of the shipped synthetic sample, as a JSONL file."""
+    from sdpo_fast.data import sample_path
+
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:5]))
+    return str(path)

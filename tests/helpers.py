@@ -1,7 +1,10 @@
-"""Shared builders and comparisons for the loss and kernel tests."""
+"""Shared builders and comparisons for the tests: loss and kernel cases, a gradient-capturing optimizer, model-dir
+copies with files dropped or added."""
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +141,24 @@ def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if expected.numel() == 0:
         return 0.0
     return (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+
+
+class CaptureGrads(torch.optim.Optimizer):
+    """An optimizer whose step records each parameter's gradient (by id) and changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(list(params), {"lr": 0.0})
+        self.grads = {}
+
+    def step(self, closure=None):
+        self.grads = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None}
+
+
+def copy_model(model_dir, target: Path, drop=(), add=None) -> str:
+    """A copy of the model directory at `target` without the files in `drop` and with `add` (name -> text)."""
+    shutil.copytree(model_dir, target)
+    for name in drop:
+        (target / name).unlink()
+    for name, text in (add or {}).items():
+        (target / name).write_text(text)
+    return str(target)

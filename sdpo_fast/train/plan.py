@@ -130,7 +130,7 @@ def _triton_launches_as_workspace():
     def grad_logits(hidden, weight, targets, lse, coef, inv_temperature, out):
         return out
 
-    def accumulate_grad_weight(grad_logits_chunk, hidden, grad_weight):
+    def accumulate_grad_weight(grad_logits_chunk, hidden, grad_weight, accumulate=True):
         return None
 
     patched = {(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,

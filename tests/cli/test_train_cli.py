@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from sdpo_fast import cli
-from sdpo_fast.data import sample_path
 from sdpo_fast.train import PRESETS, TrainConfig, latest_checkpoint, load_yaml, resolve_config, train
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -46,13 +45,6 @@ def test_bad_config_values_name_the_key(values, message):
 
 
 # --- training runs on a saved tiny model ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:5]))
-    return str(path)
 
 
 def _config(model_dir, data_path, out, **options) -> TrainConfig:

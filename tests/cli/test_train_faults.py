@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,21 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import copy_model
 import torch
 from safetensors.torch import load_file
 
-from sdpo_fast.data import sample_path
 from sdpo_fast.train import TrainConfig, train
 from sdpo_fast.train.checkpoint import checkpoint_dirs
 
 _FLAGS = ["--batch-size", "2", "--lr", "1e-3", "--micro-batch-tokens", "256", "--seed", "7", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:5]))
-    return str(path)
 
 
 def _cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
@@ -131,15 +124,6 @@ def test_resume_with_a_changed_fixed_option_is_refused_in_one_line(tmp_path, mod
     assert "seed: 7 in the run, 1 now" in line and "loss: 'sdpo' in the run, 'sft' now" in line
 
 
-def _copy_model(model_dir: str, target: Path, drop=(), add=None) -> str:
-    shutil.copytree(model_dir, target)
-    for name in drop:
-        (target / name).unlink()
-    for name, text in (add or {}).items():
-        (target / name).write_text(text)
-    return str(target)
-
-
 @pytest.mark.parametrize("case,message", [
     ("mistyped-relative-model", "--model 'modls/tiny': no such local directory"),
     ("model-without-tokenizer", "has no tokenizer files"),
@@ -155,9 +139,9 @@ def test_bad_input_is_one_line_before_weights_load(tmp_path, model_dir, data_pat
     if case == "mistyped-relative-model":
         model = "modls/tiny"
     elif case == "model-without-tokenizer":
-        model = _copy_model(model_dir, tmp_path / "m", drop=["tokenizer.json", "tokenizer_config.json"])
+        model = copy_model(model_dir, tmp_path / "m", drop=["tokenizer.json", "tokenizer_config.json"])
     elif case == "pickle-weights":
-        model = _copy_model(model_dir, tmp_path / "m", drop=["model.safetensors"], add={"pytorch_model.bin": "x"})
+        model = copy_model(model_dir, tmp_path / "m", drop=["model.safetensors"], add={"pytorch_model.bin": "x"})
     elif case == "output-dir-is-a-file":
         out.write_text("x")
     elif case == "output-dir-under-a-file":

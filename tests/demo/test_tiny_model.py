@@ -130,12 +130,14 @@ def test_bundled_default_sdpo_learns_the_users_preference_and_sft_does_not(tmp_p
         rates[loss] = [int(g) / 100 for g in match.groups()]
     assert "bundled tiny Qwen3: 45/45 steps over 240 interactions" in printed["sdpo"]
     out = tmp_path / "sdpo"
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in lines if "event" not in m]
     assert [m["step"] for m in metrics] == list(range(1, 46)) and {m["interactions"] for m in metrics} == {16}
     assert all(0 <= m["positive_advantage_share"] <= 1 and m["tokens_per_s"] > 0 for m in metrics)
     saved = load_yaml(out / "config.yaml")
     assert saved["preset"] == "tiny-demo" and resolve_config(saved) == resolve_config({"output_dir": str(out)})
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-45", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-45", "config.yaml", "config_history.jsonl",
+                                                     "metrics.jsonl"]
     assert rates["sdpo"][0] == rates["sft"][0] and 0.3 <= rates["sdpo"][0] <= 0.7
     assert rates["sdpo"][1] >= 0.8
     assert rates["sft"][1] <= 0.7

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("trl.experimental.sdpo", reason="TRL is not installed (pip install -e '.[trl]')")
 from datasets import Dataset  # noqa: E402
-from storage_counter import StorageCounter  # noqa: E402
+from sdpo_fast.train.memory import StorageCounter  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl.experimental.sdpo import SDPOConfig, SDPOTrainer  # noqa: E402
 

@@ -262,7 +262,7 @@ def test_teacher_logprobs_only_for_sampled_token():
 def test_workspace_stays_within_the_budget(mode, alpha, monkeypatch):
     """Peak bytes of every storage made during the loss and its gradients (StorageCounter), torch backend: the
     gradients' own storage plus the chunk workspace within SDPO_FAST_TORCH_CHUNK_MB, far below one (N, V) fp32."""
-    from storage_counter import StorageCounter
+    from sdpo_fast.train.memory import StorageCounter
 
     n, d, vocab = 128, 4, 8192
     monkeypatch.setenv("SDPO_FAST_TORCH_CHUNK_MB", "1")

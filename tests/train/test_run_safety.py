@@ -6,27 +6,20 @@ import errno
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+
+from helpers import copy_model
 import torch
 from safetensors.torch import load_file
 
 from sdpo_fast import cli
-from sdpo_fast.data import sample_path
 from sdpo_fast.train import TrainConfig, train
 from sdpo_fast.train import checkpoint as checkpoint_module
 from sdpo_fast.train import setup, trainer as trainer_module
 from sdpo_fast.train.checkpoint import checkpoint_dirs, checkpoint_problem, rotate_checkpoints
 from sdpo_fast.utils import files
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:5]))
-    return str(path)
 
 
 def _config(model_dir, data_path, out, **options) -> TrainConfig:
@@ -293,16 +286,6 @@ def test_non_finite_loss_stops_the_run(tmp_path, model_dir, data_path, monkeypat
         train(_config(model_dir, data_path, tmp_path / "run"), progress=False, log=lambda m: None)
 
 
-def _copy_model(model_dir, tmp_path, drop=(), add=None) -> str:
-    target = tmp_path / "model"
-    shutil.copytree(model_dir, target)
-    for name in drop:
-        (target / name).unlink()
-    for name, text in (add or {}).items():
-        (target / name).write_text(text)
-    return str(target)
-
-
 @pytest.mark.parametrize("case,message", [
     ("no-tokenizer", "has no tokenizer files"),
     ("pickle-weights", "only pytorch_model.bin: pickle weights are not loaded"),
@@ -312,11 +295,11 @@ def _copy_model(model_dir, tmp_path, drop=(), add=None) -> str:
 def test_model_dir_problems_fail_before_weights_load(tmp_path, model_dir, data_path, monkeypatch, case, message):
     monkeypatch.setattr(setup, "load_model", _no_weights)
     model = {
-        "no-tokenizer": lambda: _copy_model(model_dir, tmp_path, drop=["tokenizer.json"]),
-        "pickle-weights": lambda: _copy_model(model_dir, tmp_path, drop=["model.safetensors"],
+        "no-tokenizer": lambda: copy_model(model_dir, tmp_path / "model", drop=["tokenizer.json"]),
+        "pickle-weights": lambda: copy_model(model_dir, tmp_path / "model", drop=["model.safetensors"],
                                               add={"pytorch_model.bin": "x"}),
-        "no-config": lambda: _copy_model(model_dir, tmp_path, drop=["config.json"]),
-        "template-drops-content": lambda: _copy_model(model_dir, tmp_path,
+        "no-config": lambda: copy_model(model_dir, tmp_path / "model", drop=["config.json"]),
+        "template-drops-content": lambda: copy_model(model_dir, tmp_path / "model",
                                                       add={"chat_template.jinja": "<|im_start|>assistant\n"}),
     }[case]()
     with pytest.raises((ValueError, FileNotFoundError)) as err:
@@ -373,7 +356,7 @@ def test_sigterm_outside_the_loop_is_one_line_exit_143(monkeypatch, capsys):
 
 
 def test_truncated_model_weights_are_one_line(tmp_path, model_dir, data_path):
-    model = _copy_model(model_dir, tmp_path)
+    model = copy_model(model_dir, tmp_path / "model")
     weights = Path(model) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="could not load model .*: Error while deserializing header"):

@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from helpers import CaptureGrads
+
 from sdpo_fast.data import EncodedInteraction, encode_interactions, load_interactions, sample_path
 from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 from sdpo_fast.loss import sft as sft_module
@@ -23,17 +25,6 @@ from sdpo_fast.train import (
     step_options,
     train_step,
 )
-
-
-class CaptureGrads(torch.optim.Optimizer):
-    """An optimizer whose step records each parameter's gradient and changes nothing."""
-
-    def __init__(self, params):
-        super().__init__(list(params), {"lr": 0.0})
-        self.grads = {}
-
-    def step(self, closure=None):
-        self.grads = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None}
 
 
 def _step_grads(model, batch, config: TrainConfig):

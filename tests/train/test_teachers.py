@@ -8,20 +8,13 @@ import dataclasses
 import pytest
 import torch
 
+from helpers import CaptureGrads
+
 from sdpo_fast.data import encode_interactions, load_interactions, sample_path
 from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 from sdpo_fast.train import TrainConfig, objective_of, step_options, train_step
 from sdpo_fast.train.reference_step import _completion_logprobs
 from sdpo_fast.train.teachers import Teacher
-
-
-class CaptureGrads(torch.optim.Optimizer):
-    def __init__(self, params):
-        super().__init__(list(params), {"lr": 0.0})
-        self.grads = {}
-
-    def step(self, closure=None):
-        self.grads = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None}
 
 
 @pytest.fixture(scope="module")
