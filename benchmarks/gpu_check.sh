@@ -117,6 +117,9 @@ if [ "$DRY" = 1 ]; then COLLECT=(--collect-only); ARCH=sm_90; SHAPE=1024,4096,15
 run_step tests "${TESTS_TIMEOUT:-150}" "$PY" -m pytest tests/kernels tests/loss tests/model tests/train/test_step.py \
     -q -rfE --maxfail=20 --junitxml="$OUT/tests.xml" \
     "${COLLECT[@]}" --deselect tests/kernels/test_gpu_check_dry_run.py::test_gpu_check_dry_run
+# bf16 training through fp32 master weights, and the step under torch.cuda.set_sync_debug_mode("error").
+run_step train_cuda "${TRAIN_CUDA_TIMEOUT:-90}" "$PY" -m pytest tests/train/test_precision.py tests/train/test_syncs.py \
+    -m cuda -q -rfE "${COLLECT[@]}"
 run_step check_kernels "${KERNELS_TIMEOUT:-90}" "$PY" -m sdpo_fast.cli check-kernels ${ARCH:+--arch "$ARCH"} \
     --dtype "$DTYPES" --shape "$SHAPE" --model --sass "$OUT/sass"
 # Separate runs and JSON files, so a timeout in one keeps the other's figures; -k cuda keeps the GPU cases.

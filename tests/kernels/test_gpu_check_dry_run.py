@@ -22,7 +22,8 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["steps"]) == {"tests", "check_kernels", "bench_loss", "bench_train", "bench_prefix"}
+    assert set(results["steps"]) == {"tests", "train_cuda", "check_kernels", "bench_loss", "bench_train",
+                                     "bench_prefix"}
     assert all(step["exit"] == 0 for step in results["steps"].values()), results["steps"]
     md = (out / "results.md").read_text()
     assert "HGMMA" in md and "Model: H100 SXM5" in md and "whole step" in md
