@@ -15,11 +15,11 @@ import io
 import json
 import os
 import re
-import socket
-import urllib.parse
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
+
+from ..utils.hub import hub_endpoint, hub_unreachable
 
 MAX_JSON_ELEMENT_CHARS = 64 << 20
 MAX_ROW_BYTES = 64 << 20
@@ -246,21 +246,15 @@ def _batched_rows(name: str, batches) -> Rows:
             yield name, number, dict(zip(columns, values))
 
 
-def _hub_endpoint() -> tuple[str, int]:
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-
-
 def _check_hub_reachable(dataset_id: str) -> None:
     advice = "download it where there is network access (datasets.load_dataset(...).save_to_disk(DIR), or its Parquet/JSONL files) and pass the local path"
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             raise ValueError(f"source {dataset_id!r} is not a local path and {var} is set; {advice}")
-    host, port = _hub_endpoint()
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as exc:
-        raise ValueError(f"source {dataset_id!r} is not a local path and the Hub ({host}:{port}) cannot be reached ({exc.__class__.__name__}); {advice}") from None
+    error = hub_unreachable()
+    if error is not None:
+        host, port = hub_endpoint()
+        raise ValueError(f"source {dataset_id!r} is not a local path and the Hub ({host}:{port}) cannot be reached ({error}); {advice}")
 
 
 def _hub_rows(dataset_id: str, split: str) -> Rows:

@@ -6,14 +6,13 @@ import importlib
 import math
 import os
 import re
-import socket
-import urllib.parse
 from pathlib import Path
 
 import torch
 
 from ..demo.assets import tiny_model_path
 from ..model import apply_liger_kernels, unwrap_model
+from ..utils.hub import hub_endpoint, hub_unreachable
 from .precision import needs_master_weights, with_master_weights
 
 NO_PEFT = "lora_r > 0 needs peft (pip install 'sdpo_fast[lora]'); or set lora_r 0 for full fine-tuning"
@@ -82,27 +81,19 @@ def check_model_source(name: str, *, weights: bool = True, argument: str = "--mo
             raise FileNotFoundError(f"{argument} {name!r}: no such local directory, and HF_HUB_OFFLINE is set "
                                     "with no cached copy; pass a local model directory")
         return
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError:
-        raise FileNotFoundError(f"{argument} {name!r}: no such local directory, and the Hub ({host}) cannot be "
-                                "reached to download it; pass a local model directory") from None
+    if hub_unreachable() is not None:
+        raise FileNotFoundError(f"{argument} {name!r}: no such local directory, and the Hub ({hub_endpoint()[0]}) "
+                                "cannot be reached to download it; pass a local model directory")
 
 
 def _not_local(name: str) -> str:
     return "" if Path(name).expanduser().exists() else " (no such local directory; tried the Hub)"
 
 
-def _check_local(name: str) -> None:
-    check_model_source(name, weights=False)
-
-
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    _check_local(name)
+    check_model_source(name, weights=False)
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
