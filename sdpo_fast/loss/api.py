@@ -69,8 +69,15 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
                         teacher_lm_head_weight, token_weights, ignore_index, sequence_index, check_finite)
     backend = resolve_backend(backend, student_hidden.device)
-    if compact and not bool((target_ids != ignore_index).any()):
-        return _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats)
+    targets = target_ids.reshape(-1)
+    loss_mask = targets != ignore_index
+    if compact:  # one read of the loss positions serves both the empty case and the compaction
+        rows = loss_mask.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats)
+        every_row = rows.numel() == targets.numel()
+    else:
+        rows, every_row = None, True
     if backend == "reference":
         loss, stats = reference_sdpo_loss(
             student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
@@ -88,13 +95,6 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     compute_dtype = autocast_dtype(student_hidden, lm_head_weight) if spec is None else None
     params = LossParams(ops, 1.0 / float(temperature), signal_clip=signal_clip, center=center_advantages,
                         compute_dtype=compute_dtype, importance_clip=importance_clip, divergence=spec)
-    targets = target_ids.reshape(-1)
-    loss_mask = targets != ignore_index
-    if compact:
-        rows = loss_mask.nonzero().squeeze(1)
-        every_row = rows.numel() == targets.numel()
-    else:
-        rows, every_row = None, True
 
     def loss_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if every_row else tensor.index_select(0, rows)
