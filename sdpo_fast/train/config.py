@@ -139,6 +139,8 @@ class TrainConfig:
     optimizer_in_backward: bool = False
     """Each parameter's update runs in backward as its gradient arrives, and the gradient is freed (train/optim.py);
     max_grad_norm then clips each parameter's gradient on its own."""
+    dist_timeout_minutes: float = 30.0
+    """Under torchrun: how long a rank waits in a collective for the others before the run fails."""
     offload_optimizer: bool = False
     """Optimizer state and fp32 master weights in CPU memory (torchao's CPUOffloadOptimizer; CUDA, adamw); each
     gradient leaves the GPU as it arrives, so max_grad_norm is not applied."""
@@ -211,6 +213,7 @@ class TrainConfig:
         if self.loss == "sft" and self.signal_clip is not None:
             raise ValueError("signal_clip applies to loss 'sdpo' only; unset it for loss 'sft'")
         check_number("save_minutes", self.save_minutes, positive=True, optional=True)
+        check_number("dist_timeout_minutes", self.dist_timeout_minutes, positive=True)
         check_int("save_total_limit", self.save_total_limit, 1, optional=True)
         return self
 
@@ -249,7 +252,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(key), str):
             out[key] = [m.strip() for m in out[key].split(",") if m.strip()]
     for key in ("lr", "weight_decay", "warmup_ratio", "temperature", "max_grad_norm", "signal_clip",
-                "lora_alpha", "lora_dropout", "save_minutes"):
+                "lora_alpha", "lora_dropout", "save_minutes", "dist_timeout_minutes"):
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = float(out[key])
         if isinstance(out.get(key), str):  # YAML reads "2e-6" as a string

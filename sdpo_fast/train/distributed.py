@@ -49,6 +49,8 @@ def init_world(device: torch.device, timeout_minutes: float = DEFAULT_TIMEOUT_MI
     world = launched_world()
     if world is None:
         return None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
@@ -134,3 +136,94 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.clone()
     torch.distributed.all_reduce(out)
     return out
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def broadcast_object(value, src: int = 0):
+    """Rank `src`'s `value`, on every rank (any picklable value built by this program, never read from disk)."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over the ranks (one small all-reduce), so that every rank takes the same branch."""
+    values = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+SHARDED_DIR = "distributed"
+"""The checkpoint subdirectory holding the sharded training state (torch.distributed.checkpoint)."""
+
+
+def _state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kwargs)
+
+
+def save_sharded(directory, model, optimizer) -> None:
+    """Every rank writes its shards of the trainable weights and the optimizer state into `directory`
+    (torch.distributed.checkpoint; a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory, model, optimizer) -> None:
+    """The trainable weights and optimizer state saved by `save_sharded`, resharded onto this job's ranks (the
+    world size may differ from the saving job's)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_state_options())
+
+
+def full_state_dict(model, dtype: torch.dtype | None = None, trainable_only: bool = False) -> dict:
+    """The unsharded weights on rank 0's CPU (cast to `dtype` if given; {} on the other ranks; a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=trainable_only))
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()
+            if k not in tied_aliases(model)}
+
+
+def tied_aliases(model) -> set[str]:
+    """Names of parameters that are another name's parameter (tied embeddings: lm_head.weight), which a
+    Hugging Face checkpoint leaves out."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        first.setdefault(id(param), name)
+    return aliases
+
+
+def check_distributed(config) -> None:
+    """ValueError naming the first `TrainConfig` option that a torchrun (FSDP2) job cannot run."""
+    refused = {
+        "teacher": (config.teacher != "live", "ema and base teachers keep unsharded copies; use --teacher live"),
+        "optimizer": (config.optimizer == "adamw8bit", "bitsandbytes' 8-bit AdamW does not step sharded "
+                                                       "(DTensor) parameters; use --optimizer adamw"),
+        "optimizer_in_backward": (config.optimizer_in_backward, "FSDP2 reduce-scatters each gradient already; "
+                                                                "drop --optimizer-in-backward"),
+        "offload_optimizer": (config.offload_optimizer, "shard the optimizer state over the GPUs instead; drop "
+                                                        "--offload-optimizer"),
+        "load_in_4bit": (config.load_in_4bit, "4-bit base weights are not sharded here; use --lora-r without "
+                                              "--load-in-4bit"),
+    }
+    for key, (bad, advice) in refused.items():
+        if bad:
+            raise ValueError(f"{key} {getattr(config, key)!r} is not supported under torchrun: {advice}")
