@@ -18,12 +18,13 @@ import torch
 
 from ..data import Interaction, InteractionEncoder, SkipInteraction, default_template_kwargs
 from ..loss import distillation_objective
+from ..loss.objectives import DISTILLATION_OBJECTIVES
 from ..loss.validation import MIN_TEMPERATURE
 from ..model import eval_mode, sdpo_attention, unwrap_model
 from ..train.setup import build_optimizer
 from ..train.setup import lora_config as make_lora_config
 from ..train.step import StepOptions, train_step
-from ..train.teachers import Teacher
+from ..train.teachers import TEACHERS, Teacher
 from ..utils.checks import check_bool, check_choice, check_int, check_number
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -32,8 +33,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-personalization": dict(update_every=16, lr=5e-6, max_new_tokens=258, temperature=1.0, lora_r=64,
                                   lora_alpha=128.0),
 }
-TEACHERS = ("live", "ema", "base")
-DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
 AUTO_SIGNAL_CLIP = 2.0
 """signal_clip "auto" in sampled_token mode: the authors' single-user live trainer's clamp."""
 
@@ -115,7 +114,7 @@ class OnlineConfig:
         for key in ("prefix_reuse", "distillation_add_tail"):
             check_bool(key, getattr(self, key))
         check_choice("teacher", self.teacher, TEACHERS)
-        check_choice("distillation_mode", self.distillation_mode, DISTILLATION_MODES)
+        check_choice("distillation_mode", self.distillation_mode, tuple(DISTILLATION_OBJECTIVES))
         check_int("distillation_topk", self.distillation_topk, 1)
         for key in ("teacher_ema_rate", "distillation_alpha"):
             check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
