@@ -4,8 +4,8 @@
 Each user id has its own adapter and optimizer; an update for one user touches only that user's adapter
 parameters (base weights are frozen). A user's files live in `root/<user_id>/`: the adapter as peft writes it
 (`adapter_model.safetensors`, `adapter_config.json`: `PeftModel.from_pretrained(base, root/user_id)` loads it)
-and `online_state.pt` (optimizer state, counters, not-yet-learned interactions; tensors and plain data only,
-read with `weights_only=True`). The directory is written under a temporary name, then renamed into place.
+and `online_state.pt` (optimizer state, counters, not-yet-learned interactions, an ema teacher's tensors; tensors
+and plain data only, read with `weights_only=True`). The directory is written under a temporary name, then renamed into place.
 At most `max_loaded_users` adapters stay in memory; the least recently used one is saved and unloaded.
 """
 from __future__ import annotations
@@ -90,6 +90,9 @@ class UserAdapters:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, adapter, adapter_name=user_id)
+            policy.teacher = policy.new_teacher()  # an EMA starts from the loaded adapter unless one was saved
+            if policy.teacher.ema and state.get("teacher"):
+                policy.teacher.load_state_dict(state["teacher"])
             policy.optimizer.load_state_dict(state["optimizer"])
             policy.generations, policy.updates = state["generations"], state["updates"]
             policy.pending = [PendingInteraction(Interaction(i["history"], i["completion"], i["followup"]),
@@ -137,7 +140,8 @@ class UserAdapters:
                               "followup": p.interaction.followup,
                               "completion_ids": None if p.completion_ids is None else list(p.completion_ids)}
                              for p in policy.pending],
-                 "recent": [[text, list(ids)] for text, ids in policy.recent.items()]}
+                 "recent": [[text, list(ids)] for text, ids in policy.recent.items()],
+                 "teacher": policy.teacher.state_dict()}
 
         def write(tmp: Path) -> None:
             write_adapter(self.model, user_id, tmp)

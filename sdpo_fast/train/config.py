@@ -264,7 +264,8 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """The mapping in a YAML config file (keys as in TrainConfig)."""
+    """The mapping in a YAML config file, its keys' dashes read as underscores (TrainConfig's or OnlineConfig's
+    field names)."""
     import yaml
 
     path = Path(path)

@@ -25,7 +25,7 @@ import torch
 
 from ..data import EncodedInteraction, encode_interactions, load_interactions
 from ..demo.assets import tiny_model_path, tiny_sample_path
-from ..loss import Objective, make_objective, resolve_backend
+from ..loss import Objective, distillation_objective, make_objective, resolve_backend
 from ..model.attention import check_backend as check_attn_backend
 from ..utils.files import disk_error, write_text_atomic
 from ..utils.signals import Interrupted, deferred_signals
@@ -77,15 +77,10 @@ def objective_of(config: TrainConfig) -> Objective:
     """The objective `config.loss` names, with its options."""
     if config.loss == "sft":
         return make_objective("sft")
-    if config.distillation_mode == "full_logits":
-        return make_objective("full_logits", alpha=config.distillation_alpha, temperature=config.temperature,
-                              backend=config.loss_backend)
-    if config.distillation_mode == "topk_logits":
-        return make_objective("topk_logits", alpha=config.distillation_alpha, topk=config.distillation_topk,
-                              add_tail=config.distillation_add_tail, temperature=config.temperature,
-                              backend=config.loss_backend)
-    return make_objective("sdpo", temperature=config.temperature, signal_clip=config.signal_clip,
-                          backend=config.loss_backend)
+    return distillation_objective(config.distillation_mode, temperature=config.temperature,
+                                  alpha=config.distillation_alpha, topk=config.distillation_topk,
+                                  add_tail=config.distillation_add_tail, signal_clip=config.signal_clip,
+                                  backend=config.loss_backend)
 
 
 def make_optimizer(params: list, config: TrainConfig):

@@ -228,9 +228,9 @@ def test_updates_learn_from_the_sampled_token_ids(tokenizer, monkeypatch):
     learned = []
     step = loop.train_step
 
-    def recording_step(model, encoded, *args):
+    def recording_step(model, encoded, *args, **kwargs):
         learned.extend(encoded)
-        return step(model, encoded, *args)
+        return step(model, encoded, *args, **kwargs)
 
     monkeypatch.setattr(policy.model, "generate", recording_generate)
     monkeypatch.setattr(loop, "train_step", recording_step)

@@ -5,20 +5,15 @@ The backward writes one chunk's gradient w.r.t. the logits into one reused (chun
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ...kernels.config import triton_workspace_bytes
 from ...kernels.divergence import chunk_logits
 from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
 from ...kernels.grad_weight import accumulate_grad_weight
 from ...kernels.lse_gather import lse_gather
 from .chunked_divergence import divergence_sweep
-
-
-def _budget_bytes() -> int:
-    return int(os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB", "256")) << 20
 
 
 def _inner_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,4 +75,4 @@ class TritonBackend:
 
         return divergence_sweep(
             hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
-            need_weight, budget_bytes=_budget_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight)
+            need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight)
