@@ -80,7 +80,13 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
     """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads.
 
     teacher: a `teachers.Teacher` (None: the live teacher); an ema or base one runs its own teacher pass and is
-    updated after the optimizer step."""
+    updated after the optimizer step. An objective with importance_clip needs every interaction's
+    behavior_logprobs (ValueError before any pass otherwise)."""
+    if getattr(objective, "importance_clip", None) is not None:
+        missing = sum(e.behavior_logprobs is None for e in batch)
+        if missing:
+            raise ValueError(f"importance_clip is set but {missing} of the step's {len(batch)} interactions have no "
+                             "behavior_logprobs (the sampler's log-probs of their completion tokens)")
     own_teacher = teacher is not None and not teacher.live and objective.needs_teacher
     counts = loss_token_counts(batch, options.ignore_first_k)
     in_backward = hasattr(optimizer, "take_grad_norm")
@@ -98,7 +104,7 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
         targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
         token_weights = upload([weights[i] for i in group], torch.float32, seq.device)[seq]
         out = objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets, token_weights, seq,
-                                   mb.teacher_hidden, mb.teacher_lm_head_weight))
+                                   mb.teacher_hidden, mb.teacher_lm_head_weight, mb.behavior_logprobs))
         if in_backward:  # the optimizer steps from the gradient hooks of the step's last backward (train/optim.py)
             optimizer.final_backward = k == len(groups) - 1
         out.loss.backward()
