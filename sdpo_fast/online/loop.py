@@ -153,12 +153,12 @@ def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_t
         else dict(do_sample=False)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
         torch.manual_seed(seed)
+        recorded = dict(output_scores=True, return_dict_in_generate=True) if logprobs else {}
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad, output_scores=logprobs,
-                             return_dict_in_generate=True, **sampling)
-    generated = out.sequences[:, width:]
+                             eos_token_id=stops, pad_token_id=pad, **sampling, **recorded)
     if not logprobs:
-        return [make_sample(tokenizer, row, stops) for row in generated.tolist()]
+        return [make_sample(tokenizer, row, stops) for row in out[:, width:].tolist()]
+    generated = out.sequences[:, width:]
     # one (batch, V) step at a time: the scores of a whole reply would be (batch, steps, V)
     sampled = torch.stack([torch.log_softmax(scores.float(), -1).gather(1, generated[:, t, None])[:, 0]
                            for t, scores in enumerate(out.scores)], 1)
