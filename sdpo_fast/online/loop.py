@@ -58,8 +58,8 @@ class OnlineConfig:
     loss_backend: str = "auto"
     seed: int = 0
     importance_clip: float | None = None
-    """Weight each token's loss by min(pi(y_t) / mu(y_t), this), mu the sampler's recorded probability (None: off).
-    """
+    """Weight each token's loss by min(pi(y_t) / mu(y_t), this), mu the probability the sampler drew y_t with
+    (recorded at sampling; None: off)."""
 
     def validate(self) -> "OnlineConfig":
         for key, low in (("update_every", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
