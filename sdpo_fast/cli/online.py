@@ -85,6 +85,9 @@ def add_parser(subparsers) -> None:
                             "and a CUDA GPU; evaluation replies still use Hugging Face generate)")
         p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
                        help="vLLM's share of GPU memory with --generation vllm (default %(default)s)")
+        p.add_argument("--importance-clip", type=float, metavar="X",
+                       help="weight each token's loss by min(pi/mu, X), mu the sampler's recorded probability of "
+                            "the token (default: off)")
         if name == "flip":
             _flip_after(p, "--interactions")
         p.set_defaults(func=run, experiment=name)
@@ -118,6 +121,8 @@ def _config(args, **defaults):
         values["signal_clip"] = args.signal_clip or None
     if args.no_center:
         values["center_advantages"] = False
+    if getattr(args, "importance_clip", None) is not None:
+        values["importance_clip"] = args.importance_clip
     file_values = load_yaml(args.config) if args.config else {}
     return resolve_online_config(file_values, values, preset=getattr(args, "preset", None), defaults=defaults)
 
@@ -225,7 +230,8 @@ def run(args) -> int:
 
         generator = VLLMGenerator(args.model or str(tiny_model_path()), max_lora_rank=config.lora_r, seed=args.seed,
                                   gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                                  adapter_dir=Path(args.output_dir) / "vllm-adapters")
+                                  adapter_dir=Path(args.output_dir) / "vllm-adapters",
+                                  behavior_logprobs=config.importance_clip is not None)
     model, tokenizer = _load(args.model, args.device, args.seed)
     user_backend = None if args.user == "rule" else _backend(args, "user")
     judge = RuleJudge() if args.judge == "rule" else LLMJudge(_backend(args, "judge"))

@@ -79,6 +79,9 @@ class OnlineConfig:
     distillation_topk: int = 100
     distillation_add_tail: bool = True
     seed: int = 0
+    importance_clip: float | None = None
+    """Weight each token's loss by min(pi(y_t) / mu(y_t), this), mu the probability the sampler drew y_t with
+    (recorded at sampling; None: off)."""
 
     @property
     def resolved_signal_clip(self) -> float | None:
@@ -98,9 +101,10 @@ class OnlineConfig:
         for key, low in (("update_every", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
                          ("micro_batch_tokens", 1), ("ignore_first_k", 0), ("lora_r", 0), ("seed", 0)):
             check_int(key, getattr(self, key), low)
-        for key in ("lr", "temperature", "lora_alpha", "weight_decay", "lora_dropout", "max_grad_norm"):
+        for key in ("lr", "temperature", "lora_alpha", "weight_decay", "lora_dropout", "max_grad_norm",
+                    "importance_clip"):
             check_number(key, getattr(self, key), positive=key not in ("weight_decay", "lora_dropout"),
-                         optional=key == "max_grad_norm")
+                         optional=key in ("max_grad_norm", "importance_clip"))
         if self.signal_clip != "auto":
             check_number("signal_clip", self.signal_clip, positive=True, optional=True,
                          what="'auto', None (off) or a finite number > 0")
@@ -187,14 +191,16 @@ def resolve_online_config(file_values: dict[str, Any] | None = None, overrides: 
 
 
 RECENT_SAMPLES = 256
-"""Replies whose sampled ids a policy remembers for `observe` calls that pass only the text."""
+"""Replies whose sampled ids (and log-probs) a policy remembers for `observe` calls that pass only the text."""
 
 
 class PendingInteraction(NamedTuple):
-    """An interaction waiting for the next update, with the reply's sampled ids when known."""
+    """An interaction waiting for the next update, with the reply's sampled ids and their sampler log-probs
+    when known."""
 
     interaction: Interaction
     completion_ids: tuple[int, ...] | None
+    completion_logprobs: tuple[float, ...] | None = None
 
 
 class EmptyGenerationError(ValueError):
@@ -209,20 +215,29 @@ def lora_config(config: OnlineConfig):
 @dataclass(frozen=True)
 class Sample:
     """One sampled reply: its decoded text (special tokens skipped, stripped) and the sampled token ids, up to
-    and including the stop token when one was sampled (a reply cut at max_new_tokens has none)."""
+    and including the stop token when one was sampled (a reply cut at max_new_tokens has none); logprobs: the
+    log of the probability the sampler drew each of those ids with (its distribution at the sampling
+    temperature), or None when not recorded."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None = None
 
 
 @torch.no_grad()
 def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-                 temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None) -> list[Sample]:
+                 temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None,
+                 logprobs: bool = False) -> list[Sample]:
     """One reply per chat in `conversations`, generated together (left padding; HF generate; full-distribution
     sampling at `temperature`, greedy at 0).
 
     The global RNG is left untouched: sampling uses its own seed. stop_token_ids default: the tokenizer's eos.
+    logprobs: record each Sample's log-probs, log_softmax of generate's processed scores (logits / temperature)
+    at the sampled id; needs temperature > 0 (greedy decoding draws from no distribution).
     """
+    if logprobs and not temperature > 0:
+        raise ValueError("logprobs need temperature > 0: greedy decoding has no sampling distribution to record "
+                         "(importance clipping needs a sampled policy)")
     prompts = chat_prompt_ids(tokenizer, conversations)
     device = unwrap_model(model).get_input_embeddings().weight.device
     stops = stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id]
@@ -234,9 +249,16 @@ def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_t
         else dict(do_sample=False)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
         torch.manual_seed(seed)
+        recorded = dict(output_scores=True, return_dict_in_generate=True) if logprobs else {}
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad, **sampling)
-    return [make_sample(tokenizer, row, stops) for row in out[:, width:].tolist()]
+                             eos_token_id=stops, pad_token_id=pad, **sampling, **recorded)
+    if not logprobs:
+        return [make_sample(tokenizer, row, stops) for row in out[:, width:].tolist()]
+    generated = out.sequences[:, width:]
+    # one (batch, V) step at a time: the scores of a whole reply would be (batch, steps, V)
+    sampled = torch.stack([torch.log_softmax(scores.float(), -1).gather(1, generated[:, t, None])[:, 0]
+                           for t, scores in enumerate(out.scores)], 1)
+    return [make_sample(tokenizer, row, stops, lps) for row, lps in zip(generated.tolist(), sampled.tolist())]
 
 
 def chat_prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
@@ -248,11 +270,14 @@ def chat_prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int
                       add_special_tokens=False)["input_ids"] for m in conversations]
 
 
-def make_sample(tokenizer, generated: list[int], stop_token_ids: list[int]) -> Sample:
-    """A Sample of the generated ids, cut after the first stop token (what follows is padding)."""
+def make_sample(tokenizer, generated: list[int], stop_token_ids: list[int],
+                logprobs: list[float] | None = None) -> Sample:
+    """A Sample of the generated ids (and their log-probs, same length), cut after the first stop token (what
+    follows is padding)."""
     end = next((i + 1 for i, t in enumerate(generated) if t in stop_token_ids), len(generated))
     ids = tuple(generated[:end])
-    return Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
+    return Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids,
+                  None if logprobs is None else tuple(logprobs[:end]))
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], **options) -> list[str]:
@@ -284,7 +309,8 @@ class OnlinePolicy:
 
     Updates learn from the sampled token ids of the replies (on-policy exactly, even where re-tokenizing the
     text would give other ids). generator: None samples with Hugging Face generate; else an object with
-    `sample(policy, conversations, seed) -> list[Sample]` (e.g. `VLLMGenerator`).
+    `sample(policy, conversations, seed) -> list[Sample]` (e.g. `VLLMGenerator`), whose Samples carry logprobs
+    when config.importance_clip is set (the sampler's log-probs weight the update, see `OnlineConfig`).
     """
 
     def __init__(self, model, tokenizer, config: OnlineConfig, adapter_name: str | None = "default",
@@ -307,7 +333,7 @@ class OnlinePolicy:
             config.distillation_mode, temperature=config.temperature, alpha=config.distillation_alpha,
             topk=config.distillation_topk, add_tail=config.distillation_add_tail,
             signal_clip=config.resolved_signal_clip, center_advantages=config.resolved_center_advantages,
-            backend=config.loss_backend)
+            importance_clip=config.importance_clip, backend=config.loss_backend)
         self.teacher = self.new_teacher()
         self.step_options = StepOptions(micro_batch_tokens=config.micro_batch_tokens,
                                         ignore_first_k=config.ignore_first_k, aggregation="sequence",
@@ -318,7 +344,7 @@ class OnlinePolicy:
         self.stop_token_ids = sorted({self.encoder.end_of_turn_id, tokenizer.eos_token_id} - {None})
         self.generator = generator
         self.pending: list[PendingInteraction] = []
-        self.recent: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
+        self.recent: collections.OrderedDict[str, Sample] = collections.OrderedDict()
         self.generations = 0
         self.updates = 0
 
@@ -341,11 +367,11 @@ class OnlinePolicy:
 
     def respond_batch(self, conversations: list[list[dict]]) -> list[str]:
         """Sample one reply per chat, together (seeded by config.seed and this policy's generation count); an
-        empty string where the policy ended the turn at once. The sampled ids are remembered for `observe`."""
+        empty string where the policy ended the turn at once. The samples are remembered for `observe`."""
         samples = self._sample(conversations)
         for sample in samples:
             if sample.text:
-                self.recent[sample.text] = sample.token_ids
+                self.recent[sample.text] = sample
                 self.recent.move_to_end(sample.text)
         while len(self.recent) > RECENT_SAMPLES:
             self.recent.popitem(last=False)
@@ -359,11 +385,20 @@ class OnlinePolicy:
         seed = self.config.seed * 1_000_003 + self.generations
         self.generations += len(conversations)
         if self.generator is not None:
-            return self.generator.sample(self, conversations, seed)
-        with self.active():
-            return sample_batch(self.model, self.tokenizer, conversations, seed=seed,
-                                max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
-                                stop_token_ids=self.stop_token_ids)
+            samples = self.generator.sample(self, conversations, seed)
+        else:
+            with self.active():
+                samples = sample_batch(self.model, self.tokenizer, conversations, seed=seed,
+                                       max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                                       stop_token_ids=self.stop_token_ids, logprobs=self.wants_logprobs)
+        if self.wants_logprobs and any(s.logprobs is None or len(s.logprobs) != len(s.token_ids) for s in samples):
+            raise ValueError("importance_clip is set but the sampler returned no log-probs for its tokens")
+        return samples
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether samples must record the sampler's log-probs (config.importance_clip is set)."""
+        return self.config.importance_clip is not None
 
     def respond(self, messages: list[dict]) -> str:
         """One sampled reply; raises EmptyGenerationError when it is empty."""
@@ -374,16 +409,27 @@ class OnlinePolicy:
         return text
 
     def observe(self, messages: list[dict], response: str, followup: str,
-                response_ids: list[int] | tuple[int, ...] | None = None) -> dict | None:
+                response_ids: list[int] | tuple[int, ...] | None = None,
+                response_logprobs: list[float] | tuple[float, ...] | None = None) -> dict | None:
         """Buffer (x, y, u); run an update when `update_every` are buffered. Returns the update's stats or None.
 
-        response_ids: y's sampled token ids; default: the ids of this policy's recent reply with exactly this
-        text, else (a reply not sampled here, or too long ago) the tokenized text.
+        response_ids: y's sampled token ids, response_logprobs: the sampler's log-prob of each; default: those
+        of this policy's recent reply with exactly this text, else (a reply not sampled here, or too long ago)
+        the tokenized text without log-probs. With importance_clip, a reply without log-probs is refused
+        (ValueError, nothing buffered).
         """
         if response_ids is None:
-            response_ids = self.recent.pop(response, None)
+            if response_logprobs is not None:
+                raise ValueError("response_logprobs needs the response_ids they belong to")
+            recent = self.recent.pop(response, None)
+            if recent is not None:
+                response_ids, response_logprobs = recent.token_ids, recent.logprobs
+        if self.wants_logprobs and response_logprobs is None:
+            raise ValueError("importance_clip needs the sampler's log-probs of the reply: observe a reply this "
+                             "policy sampled (respond/respond_batch), or pass response_ids and response_logprobs")
         self.pending.append(PendingInteraction(Interaction(list(messages), response, followup),
-                                               None if response_ids is None else tuple(response_ids)))
+                                               None if response_ids is None else tuple(response_ids),
+                                               None if response_logprobs is None else tuple(response_logprobs)))
         if len(self.pending) < self.config.update_every:
             return None
         return self.update()
@@ -394,7 +440,8 @@ class OnlinePolicy:
         encoded, skipped = [], 0
         for item in batch:
             try:
-                encoded.append(self.encoder.encode(item.interaction, completion_ids=item.completion_ids))
+                encoded.append(self.encoder.encode(item.interaction, completion_ids=item.completion_ids,
+                                                   completion_logprobs=item.completion_logprobs))
             except SkipInteraction:
                 skipped += 1
         retokenized = sum(item.completion_ids is None for item in batch)
@@ -426,7 +473,8 @@ class OnlinePolicy:
                 continue
             followup = user.reply(messages, sample.text)
             out.append({"response": sample.text, "followup": followup,
-                        "update": self.observe(messages, sample.text, followup, sample.token_ids)})
+                        "update": self.observe(messages, sample.text, followup, sample.token_ids,
+                                               sample.logprobs)})
         return out
 
     def room(self) -> int:

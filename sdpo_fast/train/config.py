@@ -74,6 +74,9 @@ class TrainConfig:
     signal_clip: float | None = None
     """Clamp each token's advantage to +-this (None: off)."""
     temperature: float = 1.0
+    importance_clip: float | None = None
+    """Weight each token's loss by min(pi(y_t) / mu(y_t), this), mu the sampler's probability from the data's
+    assistant "logprobs" (every interaction needs them; None: off)."""
     teacher: str = "live"
     """live (current weights, prefix K/V reused), ema or base (own teacher pass; see train/teachers.py)."""
     teacher_ema_rate: float = 0.05
@@ -178,7 +181,7 @@ class TrainConfig:
         check_number("weight_decay", self.weight_decay)
         if self.temperature < MIN_TEMPERATURE:
             raise ValueError(f"temperature must be >= {MIN_TEMPERATURE}, got {self.temperature!r}")
-        for key in ("max_grad_norm", "signal_clip"):
+        for key in ("max_grad_norm", "signal_clip", "importance_clip"):
             check_number(key, getattr(self, key), positive=True, optional=True)
         for key, high in (("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
             check_number(key, getattr(self, key))
@@ -210,8 +213,9 @@ class TrainConfig:
             raise ValueError("offload_optimizer already overlaps the update with backward; unset optimizer_in_backward")
         if self.load_in_4bit and not self.lora_r:
             raise ValueError("load_in_4bit (QLoRA) trains adapters only: set lora_r > 0")
-        if self.loss == "sft" and self.signal_clip is not None:
-            raise ValueError("signal_clip applies to loss 'sdpo' only; unset it for loss 'sft'")
+        for key in ("signal_clip", "importance_clip"):
+            if self.loss == "sft" and getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to loss 'sdpo' only; unset it for loss 'sft'")
         check_number("save_minutes", self.save_minutes, positive=True, optional=True)
         check_number("dist_timeout_minutes", self.dist_timeout_minutes, positive=True)
         check_int("save_total_limit", self.save_total_limit, 1, optional=True)
@@ -252,7 +256,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(key), str):
             out[key] = [m.strip() for m in out[key].split(",") if m.strip()]
     for key in ("lr", "weight_decay", "warmup_ratio", "temperature", "max_grad_norm", "signal_clip",
-                "lora_alpha", "lora_dropout", "save_minutes", "dist_timeout_minutes"):
+                "importance_clip", "lora_alpha", "lora_dropout", "save_minutes", "dist_timeout_minutes"):
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = float(out[key])
         if isinstance(out.get(key), str):  # YAML reads "2e-6" as a string

@@ -90,7 +90,16 @@ def micro_batch_output(model, encoded: list[EncodedInteraction], weights: list[f
     targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
     token_weights = upload(weights, torch.float32, seq.device)[seq]
     return objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets, token_weights, seq,
-                                mb.teacher_hidden, mb.teacher_lm_head_weight))
+                                mb.teacher_hidden, mb.teacher_lm_head_weight, mb.behavior_logprobs))
+
+
+def check_behavior_logprobs(objective: Objective, batch: list[EncodedInteraction]) -> None:
+    """ValueError when the objective clips importance ratios and an interaction has no behavior_logprobs."""
+    if getattr(objective, "importance_clip", None) is not None:
+        missing = sum(e.behavior_logprobs is None for e in batch)
+        if missing:
+            raise ValueError(f"importance_clip is set but {missing} of the step's {len(batch)} interactions have no "
+                             "behavior_logprobs (the sampler's log-probs of their completion tokens)")
 
 
 def train_step(model, batch: list[EncodedInteraction], objective: Objective, optimizer, scheduler,
@@ -98,8 +107,11 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
     """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads.
 
     teacher: a `teachers.Teacher` (None: the live teacher); an ema or base one runs its own teacher pass and is
-    updated after the optimizer step. world: under torchrun, `model` is a `ShardedRoot` and this rank runs its
-    share of `batch` (token weights still from the whole batch; statistics summed over ranks)."""
+    updated after the optimizer step. An objective with importance_clip needs every interaction's
+    behavior_logprobs (ValueError before any pass otherwise). world: under torchrun, `model` is a `ShardedRoot`
+    and this rank runs its share of `batch` (token weights still from the whole batch; statistics summed over
+    ranks)."""
+    check_behavior_logprobs(objective, batch)
     own_teacher = teacher is not None and not teacher.live and objective.needs_teacher
     counts = loss_token_counts(batch, options.ignore_first_k)
     in_backward = hasattr(optimizer, "take_grad_norm")

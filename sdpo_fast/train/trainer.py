@@ -50,7 +50,7 @@ CHANGEABLE_ON_RESUME = ("lr", "epochs", "max_steps", "weight_decay", "max_grad_n
 optimizer's; epochs/max_steps re-shape the schedule to the new total) and recorded."""
 NOT_COMPARED_ON_RESUME = ("output_dir", "resume", "preset")
 """Every other option (model, data, data filters and token limits, seed, shuffle, batch_size, loss, aggregation,
-ignore_first_k, temperature, signal_clip, optimizer, schedule, warmup_ratio, LoRA settings, dtype,
+ignore_first_k, temperature, signal_clip, importance_clip, optimizer, schedule, warmup_ratio, LoRA settings, dtype,
 load_in_4bit, trust_remote_code, and any option added later) is fixed: a resume that changes one is refused."""
 _PROBE = "Hello, world"
 
@@ -80,6 +80,7 @@ def objective_of(config: TrainConfig) -> Objective:
     return distillation_objective(config.distillation_mode, temperature=config.temperature,
                                   alpha=config.distillation_alpha, topk=config.distillation_topk,
                                   add_tail=config.distillation_add_tail, signal_clip=config.signal_clip,
+                                  importance_clip=config.importance_clip,
                                   backend=config.loss_backend)
 
 
@@ -123,6 +124,18 @@ def load_encoded_data(config: TrainConfig, tokenizer) -> tuple[list[EncodedInter
         raise ValueError(f"data {str(source)!r}: {empty} interactions encode to zero prompt or completion tokens; "
                          "the tokenizer does not encode this text (check the model directory's tokenizer files)")
     return encoded, counts
+
+
+def check_behavior_logprobs(config: TrainConfig, encoded: list[EncodedInteraction]) -> None:
+    """With importance_clip, ValueError unless every encoded interaction has the sampler's log-probs."""
+    if config.importance_clip is None:
+        return
+    missing = sum(e.behavior_logprobs is None for e in encoded)
+    if missing:
+        raise ValueError(f"importance_clip needs the sampler's log-probs of every completion, but {missing} of the "
+                         f"{len(encoded)} encoded interactions have none: give each assistant message \"token_ids\" "
+                         "and \"logprobs\" (one per token, as a vLLM/TRL rollout log holds them), or unset "
+                         "importance_clip")
 
 
 def describe_counts(counts: dict) -> str:
@@ -537,6 +550,7 @@ def _train(config: TrainConfig, world: World | None, progress: bool, stop_after:
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     check_tokenizer(tokenizer, name)
     encoded, counts = load_encoded_data(config, tokenizer)
+    check_behavior_logprobs(config, encoded)
     check_memory(config)
     if world is None:
         model, tokenizer = load_model_and_tokenizer(config, ckpt)

@@ -43,6 +43,24 @@ def test_two_phase_experiments_on_the_tiny_model(tmp_path, experiment, personas,
     assert (out / f"{name}.png").is_file()
 
 
+def test_curve_with_importance_clip_weights_updates_by_the_samplers_logprobs(tmp_path, monkeypatch):
+    from sdpo_fast.loss.objectives import sdpo as objective_module
+
+    calls, original = [], objective_module.sdpo_loss
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["importance_clip"], kwargs["behavior_logprobs"], args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "sdpo_loss", spy)
+    assert main(["online", "curve", "--interactions", "2", "--eval-every", "2", "--eval-prompts", "2",
+                 "--max-new-tokens", "4", "--update-every", "2", "--lora-r", "4", "--importance-clip", "1.5",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    assert calls and all(clip == 1.5 for clip, _, _ in calls)
+    for _, behavior, targets in calls:  # the sampler's log-probs of every target token
+        assert behavior.shape == targets.shape and bool((behavior < 0).all())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["online", "curve", "--persona", "nobody"], "--persona 'nobody' is not defined"),
     (["online", "curve", "--persona", "no-emojis,structured"], "--persona must name one persona"),
@@ -56,6 +74,7 @@ def test_two_phase_experiments_on_the_tiny_model(tmp_path, experiment, personas,
     (["online", "flip", "--distillation-alpha", "0.5"], "distillation_alpha must be 1 with distillation_mode"),
     (["online", "sequential", "--teacher", "ema", "--teacher-ema-rate", "0"], "teacher_ema_rate must be"),
     (["online", "curve", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["online", "curve", "--importance-clip", "0"], "importance_clip must be a finite number > 0"),
 ])
 def test_bad_arguments_are_reported(argv, message, tmp_path, capsys):
     assert main(argv + ["--output-dir", str(tmp_path)]) == 2
