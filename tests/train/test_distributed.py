@@ -175,3 +175,33 @@ def test_torchrun_refuses_what_fsdp2_cannot_run_naming_the_option(key, value):
     extra = {"lora_r": 4} if key == "load_in_4bit" else {}
     with pytest.raises(ValueError, match=f"^{key} .*torchrun"):
         check_distributed(resolve_config({}, {key: value, **extra}))
+
+
+@needs_gloo
+def test_the_loss_sees_the_gathered_lm_head_inside_the_root_and_refuses_a_shard_outside():
+    """One gloo process (world size 1): outside the root's forward the lm_head is a DTensor shard, which
+    sdpo_loss refuses by name; inside it is the plain full weight."""
+    from sdpo_fast import sdpo_loss
+    from sdpo_fast.testing import tiny_causal_lm
+    from sdpo_fast.train.distributed import shard_model
+
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        model = tiny_causal_lm("qwen3", seed=0)
+        root = shard_model(model)
+        head = model.get_output_embeddings()
+        hidden = torch.randn(3, head.in_features)
+        targets = torch.tensor([1, 2, 3])
+        with pytest.raises(ValueError, match="lm_head_weight is a sharded DTensor"):
+            sdpo_loss(hidden, head.weight, targets, teacher_logprobs=torch.zeros(3))
+
+        def inside(inner):
+            weight = inner.get_output_embeddings().weight
+            assert not hasattr(weight, "placements") and weight.shape == (inner.config.vocab_size, hidden.shape[1])
+            return sdpo_loss(hidden, weight, targets, teacher_logprobs=torch.zeros(3))
+
+        root(inside).backward()
+        assert hasattr(head.weight, "placements") and head.weight.grad is not None
+    finally:
+        torch.distributed.destroy_process_group()
