@@ -169,7 +169,7 @@ def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
             except ImportError:
                 raise ValueError(NO_BNB) from None
             return bitsandbytes.optim.AdamW8bit(group, lr=lr, weight_decay=weight_decay)
-        fused = all(p.device.type == "cuda" for p in group)
+        fused = all(p.device.type == "cuda" and not hasattr(p, "placements") for p in group)  # DTensors: foreach
         return torch.optim.AdamW(group, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
     return with_master_weights(params, build) if needs_master_weights(params) else build(params)

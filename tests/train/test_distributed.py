@@ -121,11 +121,12 @@ def test_consolidated_checkpoint_loads_and_equals_the_shards(tmp_path):
 
 @needs_gloo
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer,lora_r,bound", [("adamw", 0, 1e-4), ("sgd", 4, 1e-5), ("adamw", 4, 1e-4)])
-def test_two_processes_equal_one(tmp_path, optimizer, lora_r, bound):
+@pytest.mark.parametrize("optimizer,lora_r,checkpointing,bound", [
+    ("adamw", 0, False, 1e-4), ("sgd", 0, True, 1e-5), ("sgd", 4, False, 1e-5), ("adamw", 4, True, 1e-4)])
+def test_two_processes_equal_one(tmp_path, optimizer, lora_r, checkpointing, bound):
     pytest.importorskip("peft") if lora_r else None
     values = dict(max_steps=3, save_steps=0, optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.05,
-                  lora_r=lora_r)
+                  lora_r=lora_r, gradient_checkpointing=checkpointing)
     single, two = run_single(tmp_path / "one", **values), run_two(tmp_path / "two", **values)
     end = weights(two / "checkpoint-3")
     assert max_rel(end, weights(single / "checkpoint-3")) <= bound
