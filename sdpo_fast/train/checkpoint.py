@@ -101,7 +101,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
     """
     final = Path(output_dir) / f"checkpoint-{step}"
     if world is not None and not world.main:
-        _write_rank_part(Path(broadcast_object(None)), model, optimizer, world)
+        _write_rank_part(Path(broadcast_object(None)), model, optimizer, world, teacher_state=teacher_state)
         barrier()  # rank 0 writes the manifest once every shard is on disk
         barrier()  # rank 0 has swapped the checkpoint in
         return final
@@ -111,7 +111,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             broadcast_object(str(tmp))
-            weights = _write_rank_part(tmp, model, optimizer, world, weights_dtype)
+            weights = _write_rank_part(tmp, model, optimizer, world, weights_dtype, teacher_state)
             model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -126,7 +126,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
         }
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
-        if teacher_state:
+        if teacher_state and world is None:
             from safetensors.torch import save_file
 
             save_file({name: t.contiguous() for name, t in teacher_state.items()}, str(tmp / TEACHER_FILE))
@@ -141,9 +141,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
     return path
 
 
-def _write_rank_part(tmp: Path, model, optimizer, world: World, weights_dtype: torch.dtype | None = None) -> dict:
+def _write_rank_part(tmp: Path, model, optimizer, world: World, weights_dtype: torch.dtype | None = None,
+                     teacher_state: dict | None = None) -> dict:
     """This rank's share of a sharded checkpoint in `tmp`; returns the gathered weights (rank 0) or {}."""
-    save_sharded(tmp / SHARDED_DIR, model, optimizer)
+    save_sharded(tmp / SHARDED_DIR, model, optimizer, teacher_state)
     torch.save({"rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / RNG_FILE.format(rank=world.rank))
@@ -179,11 +180,13 @@ def load_teacher_state(checkpoint: str | os.PathLike) -> dict:
     return load_file(str(path))
 
 
-def load_sharded_state(checkpoint: str | os.PathLike, model, optimizer, world: World | None) -> None:
-    """The sharded weights and optimizer state of a checkpoint written under torchrun, and this rank's RNG
-    (a rank the saving job did not have keeps its seeded RNG)."""
+def load_sharded_state(checkpoint: str | os.PathLike, model, optimizer, world: World | None,
+                       teacher_state: dict | None = None) -> None:
+    """The sharded weights, optimizer state and teacher tensors (filled into `teacher_state`'s in place) of a
+    checkpoint written under torchrun, and this rank's RNG (a rank the saving job did not have keeps its seeded
+    RNG)."""
     checkpoint = Path(checkpoint)
-    load_sharded(checkpoint / SHARDED_DIR, model, optimizer)
+    load_sharded(checkpoint / SHARDED_DIR, model, optimizer, teacher_state)
     rng = checkpoint / RNG_FILE.format(rank=0 if world is None else world.rank)
     if rng.is_file():
         restore_rng(torch.load(rng, weights_only=True, map_location="cpu"))

@@ -166,27 +166,33 @@ def _state_options(**kwargs):
     return StateDictOptions(ignore_frozen_params=True, **kwargs)
 
 
-def save_sharded(directory, model, optimizer) -> None:
-    """Every rank writes its shards of the trainable weights and the optimizer state into `directory`
-    (torch.distributed.checkpoint; a collective)."""
+def save_sharded(directory, model, optimizer, teacher_state: dict | None = None) -> None:
+    """Every rank writes its shards of the trainable weights, the optimizer state and the teacher's own tensors
+    (an EMA adapter: sharded like the adapter) into `directory` (torch.distributed.checkpoint; a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if teacher_state:
+        state["teacher"] = teacher_state
+    dcp.save(state, checkpoint_id=str(directory))
 
 
-def load_sharded(directory, model, optimizer) -> None:
-    """The trainable weights and optimizer state saved by `save_sharded`, resharded onto this job's ranks (the
-    world size may differ from the saving job's)."""
+def load_sharded(directory, model, optimizer, teacher_state: dict | None = None) -> None:
+    """The state saved by `save_sharded`, resharded onto this job's ranks (the world size may differ from the
+    saving job's); `teacher_state`'s tensors are filled in place."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
     state = {"model": model_state, "optimizer": optimizer_state}
+    if teacher_state:
+        state["teacher"] = teacher_state
     dcp.load(state, checkpoint_id=str(directory))
+    # frozen weights (a LoRA base) are not in the checkpoint; dcp.load has failed on any trainable one missing
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_state_options())
+                   options=_state_options(strict=False))
 
 
 def full_state_dict(model, dtype: torch.dtype | None = None, trainable_only: bool = False) -> dict:
@@ -214,7 +220,9 @@ def tied_aliases(model) -> set[str]:
 def check_distributed(config) -> None:
     """ValueError naming the first `TrainConfig` option that a torchrun (FSDP2) job cannot run."""
     refused = {
-        "teacher": (config.teacher != "live", "ema and base teachers keep unsharded copies; use --teacher live"),
+        "teacher": (config.teacher != "live" and not config.lora_r,
+                    "without LoRA the ema and base teachers are unsharded copies of the model; use --teacher live "
+                    "or --lora-r"),
         "optimizer": (config.optimizer == "adamw8bit", "bitsandbytes' 8-bit AdamW does not step sharded "
                                                        "(DTensor) parameters; use --optimizer adamw"),
         "optimizer_in_backward": (config.optimizer_in_backward, "FSDP2 reduce-scatters each gradient already; "

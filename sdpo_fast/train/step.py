@@ -78,14 +78,15 @@ def read_totals(totals: torch.Tensor) -> list[float]:
 
 
 def micro_batch_output(model, encoded: list[EncodedInteraction], weights: list[float], objective: Objective,
-                       options: StepOptions, own_teacher: tuple | None):
-    """The objective's output over one micro-batch: student pass, teacher pass (or the `own_teacher` (hidden,
-    lm_head weight) of an ema/base teacher), loss with per-interaction token weights `weights`."""
+                       options: StepOptions, own_teacher):
+    """The objective's output over one micro-batch: student pass, teacher pass (or the pass of `own_teacher`, an
+    ema/base `Teacher`, run first), loss with per-interaction token weights `weights`."""
+    own = own_teacher.hidden_states(encoded, options.attn_backend) if own_teacher is not None else None
     mb = forward_micro_batch(model, encoded, prefix_reuse=options.prefix_reuse and own_teacher is None,
                              attn_backend=options.attn_backend,
                              teacher=objective.needs_teacher and own_teacher is None)
-    if own_teacher is not None:
-        mb = dataclasses.replace(mb, teacher_hidden=own_teacher[0], teacher_lm_head_weight=own_teacher[1])
+    if own is not None:
+        mb = dataclasses.replace(mb, teacher_hidden=own[0], teacher_lm_head_weight=own[1])
     seq = mb.sequence_index
     targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
     token_weights = upload(weights, torch.float32, seq.device)[seq]
@@ -123,9 +124,8 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
     sums = []
     for k, (group, padding) in enumerate(groups):
         encoded = [batch[i] for i in group]
-        own = teacher.hidden_states(encoded, options.attn_backend) if own_teacher else None
         out = run(micro_batch_output, encoded, [0.0 if padding else weights[i] for i in group], objective,
-                  options, own)
+                  options, teacher if own_teacher else None)
         if in_backward:  # the optimizer steps from the gradient hooks of the step's last backward (train/optim.py)
             optimizer.final_backward = k == len(groups) - 1
         out.loss.backward()

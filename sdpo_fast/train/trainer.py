@@ -338,7 +338,8 @@ class Trainer:
                              "settings changed: use the same data, or start a new run in another --output-dir")
         check_resumable(ckpt, self.world)
         if is_sharded(ckpt):
-            load_sharded_state(ckpt, self.model, self.optimizer, self.world)
+            load_sharded_state(ckpt, self.model, self.optimizer, self.world,
+                               self.teacher.ema if self.teacher is not None else None)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -352,7 +353,7 @@ class Trainer:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if not is_sharded(ckpt):
             restore_rng(state)
-        if self.teacher is not None:
+        if self.teacher is not None and not is_sharded(ckpt):
             self.teacher.load_state_dict(load_teacher_state(ckpt))
         self.step = self._saved_step = state["step"]
 

@@ -121,17 +121,32 @@ def test_consolidated_checkpoint_loads_and_equals_the_shards(tmp_path):
 
 @needs_gloo
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer,lora_r,checkpointing,bound", [
-    ("adamw", 0, False, 1e-4), ("sgd", 0, True, 1e-5), ("sgd", 4, False, 1e-5), ("adamw", 4, True, 1e-4)])
-def test_two_processes_equal_one(tmp_path, optimizer, lora_r, checkpointing, bound):
+@pytest.mark.parametrize("optimizer,lora_r,extra,bound", [
+    ("adamw", 0, {}, 1e-4), ("sgd", 0, {"gradient_checkpointing": True}, 1e-5), ("sgd", 4, {}, 1e-5),
+    ("adamw", 4, {"gradient_checkpointing": True}, 1e-4), ("sgd", 4, {"teacher": "base"}, 1e-5),
+    ("sgd", 4, {"teacher": "ema", "teacher_ema_rate": 0.5}, 1e-5)])
+def test_two_processes_equal_one(tmp_path, optimizer, lora_r, extra, bound):
     pytest.importorskip("peft") if lora_r else None
     values = dict(max_steps=3, save_steps=0, optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.05,
-                  lora_r=lora_r, gradient_checkpointing=checkpointing)
+                  lora_r=lora_r, **extra)
     single, two = run_single(tmp_path / "one", **values), run_two(tmp_path / "two", **values)
     end = weights(two / "checkpoint-3")
     assert max_rel(end, weights(single / "checkpoint-3")) <= bound
     if lora_r:
         assert all(".lora_" in k for k in end)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_ema_teacher_resumes_exactly_under_torchrun(tmp_path):
+    pytest.importorskip("peft")
+    values = dict(lora_r=4, teacher="ema", teacher_ema_rate=0.5)
+    whole = run_two(tmp_path / "whole", **values)
+    part = tmp_path / "part"
+    run_two(part, **values, max_steps=2)
+    torchrun(2, ["train", "--output-dir", str(part), "--resume", "--max-steps", "4", "--no-progress"])
+    resumed, end = weights(part / "checkpoint-4"), weights(whole / "checkpoint-4")
+    assert all(torch.equal(resumed[k], end[k]) for k in end)
 
 
 def test_rank_shares_cover_the_step_once_with_equal_micro_batch_counts():
