@@ -263,6 +263,10 @@ class Trainer:
         self.weights_dtype = resolve_dtype(config.dtype, resolve_device(config.device))
         if world is not None:
             check_distributed(config)
+            low = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+            if low:
+                raise ValueError(f"under torchrun the trained weights must be float32 (FSDP2 computes in --dtype and "
+                                 f"keeps the fp32 shards as master weights); this model trains {low} parameters")
             compute = None if self.weights_dtype == torch.float32 else self.weights_dtype
             self.runner = shard_model(model, param_dtype=compute, reduce_dtype=torch.float32)
         else:
@@ -557,7 +561,8 @@ def _train(config: TrainConfig, world: World | None, progress: bool, stop_after:
         model, tokenizer = load_model_and_tokenizer(config, ckpt)
     else:  # every rank loads on the CPU, FSDP2 keeps its shard on its device; trained weights stay fp32 (masters)
         barrier()
-        model, tokenizer = load_model_and_tokenizer(config, ckpt, device=torch.device("cpu"),
+        model, tokenizer = load_model_and_tokenizer(dataclasses.replace(config, lora_dtype="float32"), ckpt,
+                                                    device=torch.device("cpu"),
                                                     dtype=None if config.lora_r else torch.float32)
     trainer = Trainer(config, model, tokenizer, encoded, resume_from=ckpt, data_counts=counts, changes=changes,
                       log=log, world=world)
