@@ -221,3 +221,25 @@ def test_the_loss_sees_the_gathered_lm_head_inside_the_root_and_refuses_a_shard_
         assert hasattr(head.weight, "placements") and head.weight.grad is not None
     finally:
         torch.distributed.destroy_process_group()
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_one_failing_rank_ends_the_job_with_its_error(tmp_path):
+    """Rank 1 raises in its second step while rank 0 waits in a collective: the job ends (no hang) with rank 1's
+    error as the root cause."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import json, os, sys\nimport sdpo_fast.train.trainer as trainer\nfrom sdpo_fast.train.config import "
+        "resolve_config\nreal, calls = trainer.train_step, []\n\ndef failing(*args, **kwargs):\n"
+        "    if os.environ['RANK'] == '1' and len(calls) == 1:\n        raise RuntimeError('rank 1 failed on purpose')\n"
+        "    calls.append(1)\n    return real(*args, **kwargs)\n\ntrainer.train_step = failing\n"
+        "trainer.train(resolve_config({}, json.loads(sys.argv[1])), progress=False)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), json.dumps({**FLAGS, "output_dir": str(tmp_path / "run")})],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "rank 1 failed on purpose" in done.stderr
+    root_cause = done.stderr.split("Root Cause")[-1]
+    assert "rank      : 1" in root_cause
