@@ -355,10 +355,10 @@ class Trainer:
             group["lr"] = self.config.lr * factor(self.scheduler.last_epoch)
             group["weight_decay"] = self.config.weight_decay
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        if not is_sharded(ckpt):
+        if not is_sharded(ckpt):  # else restored with the shards, above
             restore_rng(state)
-        if self.teacher is not None and not is_sharded(ckpt):
-            self.teacher.load_state_dict(load_teacher_state(ckpt))
+            if self.teacher is not None:
+                self.teacher.load_state_dict(load_teacher_state(ckpt))
         self.step = self._saved_step = state["step"]
 
     def save(self) -> Path:
