@@ -260,14 +260,16 @@ class Trainer:
         self.output_dir = Path(config.output_dir or default_output_dir())
         self.total_steps = total_steps(len(encoded), config)
         self.steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
-        self.weights_dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+        dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+        # the dtype one process would save its trained weights in: LoRA adapters per lora_dtype, else the model's
+        self.saved_dtype = torch.float32 if config.lora_r and config.lora_dtype == "float32" else dtype
         if world is not None:
             check_distributed(config)
             low = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
             if low:
                 raise ValueError(f"under torchrun the trained weights must be float32 (FSDP2 computes in --dtype and "
                                  f"keeps the fp32 shards as master weights); this model trains {low} parameters")
-            compute = None if self.weights_dtype == torch.float32 else self.weights_dtype
+            compute = None if dtype == torch.float32 else dtype
             self.runner = shard_model(model, param_dtype=compute, reduce_dtype=torch.float32)
         else:
             self.runner = model
@@ -365,7 +367,7 @@ class Trainer:
         path = save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, self.optimizer,
                                self.scheduler, self._position(),
                                teacher_state=self.teacher.state_dict() if self.teacher is not None else None,
-                               world=self.world, weights_dtype=self.weights_dtype)
+                               world=self.world, weights_dtype=self.saved_dtype)
         self._saved_step, self._last_save = self.step, time.monotonic()
         if self.config.save_total_limit and self.main:
             rotate_checkpoints(self.output_dir, self.config.save_total_limit, path)
