@@ -29,7 +29,8 @@ def _config(**options):
     dict(gradient_checkpointing=False, optimizer="sgd"),
     dict(lora_r=4, gradient_checkpointing=True),
     dict(lora_r=4, gradient_checkpointing=False, loss="sft"),
-    dict(lora_r=4, gradient_checkpointing=True, dtype="bfloat16", lora_dtype="base"),
+    dict(lora_r=4, gradient_checkpointing=True, dtype="bfloat16"),
+    dict(lora_r=4, gradient_checkpointing=True, dtype="bfloat16", lora_dtype="float32"),
     dict(gradient_checkpointing=True, optimizer_in_backward=True),
 ])
 def test_simulated_step_equals_the_real_step_byte_for_byte(options):
@@ -133,8 +134,8 @@ def test_train_sets_expandable_segments_when_unset(monkeypatch):
 
 
 @pytest.mark.slow
-def test_qwen3_8b_lora_r64_bf16_adapters_4096_token_micro_batches_fit_20_gib():
-    plan = simulate(TrainConfig(**QWEN3_8B, lora_r=64, lora_alpha=128, lora_dtype="base", micro_batch_tokens=4096,
+def test_qwen3_8b_lora_r64_4096_token_micro_batches_fit_20_gib():
+    plan = simulate(TrainConfig(**QWEN3_8B, lora_r=64, lora_alpha=128, micro_batch_tokens=4096,
                                 batch_size=4))
     assert plan.micro_batch_tokens == [4096 - 64] * 2
     assert plan.peak_bytes <= 20 * GIB
