@@ -9,8 +9,8 @@ which the tests check on a small model.
 
 Not counted (stated as allowances): the CUDA context, cuBLAS workspaces, allocator fragmentation. Simulated on
 the CPU code path: attention as the CPU flash kernel (same kept tensors as flash-attn: output and log-sum-exp);
-the loss as on CUDA, the Triton backend's Python path with its kernel launches replaced by what they write (the
-torch backend, --loss-backend torch, runs as it is).
+the loss as on CUDA, the Triton backend's Python path with its kernel launches (the logit modes' chunk_logits
+included) replaced by what they write (the torch backend, --loss-backend torch, runs as it is).
 """
 from __future__ import annotations
 
@@ -116,9 +116,9 @@ def worst_case_batch(config, vocab_size: int):
 
 @contextlib.contextmanager
 def _triton_launches_as_workspace():
-    """The Triton loss backend's Python path on CPU tensors, its three kernel launches replaced by what they
-    allocate (README: lse_gather writes 2 floats per token; grad_logits and grad_weight write into buffers the
-    Python path allocated)."""
+    """The Triton loss backend's Python path on CPU tensors, its kernel launches replaced by what they allocate
+    (README: lse_gather writes 2 floats per token; grad_logits, grad_weight and the logit modes' chunk_logits
+    write into buffers the Python path allocated)."""
     from ..loss import api
     from ..loss.backends import triton_fused
 
@@ -133,8 +133,12 @@ def _triton_launches_as_workspace():
     def accumulate_grad_weight(grad_logits_chunk, hidden, grad_weight, accumulate=True):
         return None
 
+    def chunk_logits(hidden, weight, inv_temperature, out):
+        return out
+
     patched = {(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,
                (triton_fused, "accumulate_grad_weight"): accumulate_grad_weight,
+               (triton_fused, "chunk_logits"): chunk_logits,
                (api, "resolve_backend"): lambda backend, device: backend}
     previous = {key: getattr(*key) for key in patched}
     try:

@@ -32,6 +32,7 @@ def _config(**options):
     dict(lora_r=4, gradient_checkpointing=True, dtype="bfloat16"),
     dict(lora_r=4, gradient_checkpointing=True, dtype="bfloat16", lora_dtype="float32"),
     dict(gradient_checkpointing=True, optimizer_in_backward=True),
+    dict(gradient_checkpointing=True, distillation_mode="full_logits", distillation_alpha=0.5, loss_backend="torch"),
 ])
 def test_simulated_step_equals_the_real_step_byte_for_byte(options):
     config = _config(**options)
@@ -40,6 +41,18 @@ def test_simulated_step_equals_the_real_step_byte_for_byte(options):
     assert simulated.peak_bytes == real.peak_bytes
     assert simulated.phases == real.phases and simulated.breakdown == real.breakdown
     assert (simulated.peak_phase, simulated.peak_module) == (real.peak_phase, real.peak_module)
+
+
+def test_triton_logit_mode_simulated_as_the_torch_backend_runs(monkeypatch):
+    """Both backends run the same distillation sweep; with equal chunk budgets, the Triton path with its
+    chunk_logits and grad_weight launches faked allocates what the torch backend's real run does."""
+    monkeypatch.setenv("SDPO_FAST_TRITON_WORKSPACE_MB", "1")
+    monkeypatch.setenv("SDPO_FAST_TORCH_CHUNK_MB", "1")
+    mode = dict(gradient_checkpointing=True, distillation_mode="full_logits", distillation_alpha=0.5)
+    triton = simulate(_config(loss_backend="triton", **mode), _tiny_config())
+    torch_real = simulate(_config(loss_backend="torch", **mode), _tiny_config(), fake=False)
+    assert triton.phases == torch_real.phases and triton.breakdown == torch_real.breakdown
+    assert triton.phases["loss"] > triton.phases["between"]
 
 
 def test_breakdown_parts_match_the_model():
