@@ -228,9 +228,81 @@ class _PhasedObjective:
         return out
 
 
+NF4_BLOCK = 64
+"""Weights per absmax block of bitsandbytes' 4-bit quantization (its default, as transformers loads it)."""
+ABSMAX_BLOCK = 256
+"""absmax values per fp32 scale of the double quantization (bitsandbytes' state2 blocksize)."""
+
+
+class _Dequantize4bit(torch.autograd.Function):
+    """y = x @ W.T with W the layer's weight dequantized to its compute dtype as a transient, in forward and again
+    in backward; nothing saved for backward (bitsandbytes' MatMul4Bit: above 1536 tokens its CUDA gemm_4bit
+    dequantizes and calls F.linear; it reconstructs the double-quantized absmax in fp32 twice in forward, once
+    in backward)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, layer.dequantized(absmax_copies=2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantized(absmax_copies=1), None
+
+
+class _Linear4bitStandIn(torch.nn.Module):
+    """Memory stand-in for bitsandbytes' Linear4bit as `load_model` loads it (NF4, double quantization, uint8
+    storage): the packed weight ((n + 1) // 2 bytes), one uint8 absmax per 64 weights, one fp32 scale per 256 of
+    those, an fp32 offset and the 16-entry fp32 NF4 code (bitsandbytes' Params4bit and QuantState; the 256-entry
+    code of the double quantization, shared by all layers, is left out). No bias (none of the known shapes has
+    one)."""
+
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("load_in_4bit planning covers Linear layers without bias")
+        self.out_features, self.in_features = linear.weight.shape
+        self.compute_dtype = compute_dtype
+        n, device = linear.weight.numel(), linear.weight.device
+        blocks = -(-n // NF4_BLOCK)
+        self.weight = torch.nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device),
+                                         requires_grad=False)
+        self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_scale", torch.empty(-(-blocks // ABSMAX_BLOCK), dtype=torch.float32,
+                                                         device=device))
+        self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=device))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=device))
+
+    def dequantized(self, absmax_copies: int) -> torch.Tensor:
+        """A (out, in) tensor in the compute dtype, with `absmax_copies` fp32 absmax vectors alive meanwhile."""
+        absmax = [torch.zeros(self.absmax.shape, dtype=torch.float32, device=self.absmax.device)
+                  for _ in range(absmax_copies)]
+        weight = torch.zeros((self.out_features, self.in_features), dtype=self.compute_dtype, device=absmax[0].device)
+        del absmax
+        return weight
+
+    def forward(self, x):
+        return _Dequantize4bit.apply(x, self)
+
+
+def _quantize_linears(model, dtype: torch.dtype) -> None:
+    """Every Linear but the output embedding and the LoRA adapters replaced by `_Linear4bitStandIn` (transformers'
+    bitsandbytes quantizer skips the lm_head)."""
+    from ..model import unwrap_model
+
+    output = unwrap_model(model).get_output_embeddings()
+    for name, parent in list(model.named_modules()):
+        if "lora_" in name:
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child is not output and not child_name.startswith("lora_"):
+                setattr(parent, child_name, _Linear4bitStandIn(child, dtype))
+
+
 def _build(hf_config, config, dtype: torch.dtype, fake: bool):
-    """The model `train` would train (checkpointing, LoRA), random weights; fake: built on the meta device and
-    every parameter and buffer then replaced by a fresh fake CPU tensor (ties kept)."""
+    """The model `train` would train (checkpointing, LoRA, 4-bit base Linears as `_Linear4bitStandIn`), random
+    weights; fake: built on the meta device and every parameter and buffer then replaced by a fresh fake CPU tensor
+    (ties kept)."""
     from transformers import AutoModelForCausalLM
 
     from .setup import apply_lora, lora_config
@@ -243,6 +315,8 @@ def _build(hf_config, config, dtype: torch.dtype, fake: bool):
             model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
                                                   config.lora_target_modules),
                                fp32_adapters=config.lora_dtype == "float32")
+        if config.load_in_4bit:
+            _quantize_linears(model, dtype)
     if fake:
         made: dict[int, torch.Tensor] = {}
         if config.lora_r and config.lora_dtype == "base":  # peft leaves meta adapters in fp32
@@ -352,7 +426,9 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
             if collecting:
                 gc.enable()
         breakdown = {name: counter.peak_breakdown.get(name, 0) for name in CATEGORIES}
-        parameters = sum(p.numel() for p in model.parameters())
+        parameters = sum(p.numel() for p in model.parameters()) + sum(
+            m.out_features * m.in_features - m.weight.numel() for m in model.modules()
+            if isinstance(m, _Linear4bitStandIn))
         trainable = sum(p.numel() for p in params)
     from ..model import micro_batch_indices
 

@@ -450,7 +450,7 @@ def check_memory(config: TrainConfig) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if resolve_device(config.device).type != "cuda":
         return
-    if config.check_memory and not config.load_in_4bit:
+    if config.check_memory:
         from .plan import check_fits
 
         check_fits(dataclasses.replace(config, model=config.model or str(tiny_model_path())),

@@ -159,3 +159,39 @@ def test_qwen3_8b_full_fine_tuning_offloaded_fits_24_gib_with_allowances():
     plan = simulate(TrainConfig(**QWEN3_8B, offload_optimizer=True, gradient_checkpointing=True, batch_size=1))
     assert plan.breakdown["optimizer_state"] == 0 and plan.breakdown["grads"] < GIB
     assert plan.total_bytes <= 24 * GIB
+
+
+def test_4bit_stand_in_holds_what_bitsandbytes_stores():
+    """The planner's NF4 layer against bitsandbytes' own Params4bit (quantized on the CPU, as transformers'
+    BitsAndBytesConfig of `load_model` sets it): the same tensors, shapes and dtypes (the double quantization's
+    256-entry code, shared by all layers, aside)."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (QLoRA's optional dependency) not installed")
+    from sdpo_fast.train.plan import _Linear4bitStandIn
+
+    linear = torch.nn.Linear(256, 192, bias=False, dtype=torch.bfloat16)
+    packed = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                               quant_storage=torch.uint8).to("cpu")
+    state = packed.quant_state
+    assert state.blocksize == 64 and state.state2.blocksize == 256
+    stored = [packed.data, state.absmax, state.state2.absmax, state.offset, state.code]
+    stand_in = _Linear4bitStandIn(linear, torch.bfloat16)
+    mine = list(stand_in.parameters()) + list(stand_in.buffers())
+    assert sorted((tuple(t.shape), str(t.dtype)) for t in mine) == sorted((tuple(t.shape), str(t.dtype))
+                                                                            for t in stored)
+    layer = bnb.nn.Linear4bit(256, 192, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = packed
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    assert stand_in(x).shape == layer(x).shape and stand_in(x).dtype == layer(x).dtype
+
+
+def test_qlora_simulated_step_equals_the_real_step_and_holds_4bit_weights():
+    config = _config(lora_r=4, gradient_checkpointing=True, dtype="bfloat16", load_in_4bit=True)
+    simulated = simulate(config, _tiny_config(), fake=True)
+    real = simulate(config, _tiny_config(), fake=False)
+    assert simulated.phases == real.phases and simulated.breakdown == real.breakdown
+    bf16 = simulate(_config(lora_r=4, gradient_checkpointing=True, dtype="bfloat16"), _tiny_config())
+    model = tiny_causal_lm("qwen3", hidden_size=64, num_layers=3, vocab_size=300)
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    saved = bf16.breakdown["weights"] - simulated.breakdown["weights"]
+    assert 2 * linear - linear // 2 - linear // 64 - 8192 * 21 <= saved <= 2 * linear - linear // 2
