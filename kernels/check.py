@@ -1,11 +1,12 @@
 """Ahead-of-time compilation of the fused path's kernels, exactly as the run-time launches specialize them.
 
-Needs no GPU. For a shape (N, d, V), a dtype and an architecture, the launches of one loss step are built on the
-`meta` device (`sdpo_fast.kernels.fused`), bound by Triton's own JIT binder for that target (so pointer alignment,
-integers divisible by 16 and integers equal to 1 are specialized as `kernel[grid](...)` would), and compiled to a
-cubin. The cuobjdump shipped in Triton's wheel reads registers, stack and local memory (spills) and the SASS; the
-SASS tells the matrix instructions (HGMMA = wgmma, HMMA = mma.sync, else FFMA) and async copies (LDGSTS =
-cp.async, UTMALDG = TMA); the TTGIR tells the software-pipeline depth.
+Needs no GPU. For a shape (N, d, V), a dtype and an architecture, the launches of one loss step (sampled_token,
+and a logit mode's chunk_logits / grad_weight) are built on the `meta` device (`sdpo_fast.kernels.fused`), bound
+by Triton's own JIT binder for that target (so pointer alignment, integers divisible by 16 and integers equal to 1
+are specialized as `kernel[grid](...)` would), and compiled to a cubin. The cuobjdump shipped in Triton's wheel
+reads registers, stack and local memory (spills) and the SASS; the SASS tells the matrix instructions (HGMMA =
+wgmma, HMMA = mma.sync, else FFMA) and async copies (LDGSTS = cp.async, UTMALDG = TMA); the TTGIR tells the
+software-pipeline depth.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .config import kernel_config
-from .fused import fused_step_launches
+from .config import kernel_config, triton_workspace_bytes
+from .fused import divergence_step_launches, fused_step_launches
 from .gpus import GPU, arch_limits, gpu_for_arch, programs_per_sm
 from .lse_gather import lse_gather_launch
 
@@ -181,9 +182,20 @@ def step_launches(shape: tuple[int, int, int], dtype: torch.dtype, gpu: GPU, nee
                                                           need_weight, gpu.l2_bytes, occupancy)]
 
 
+def logit_mode_launches(shape: tuple[int, int, int], dtype: torch.dtype, arch: int, need_weight: bool = True) -> list:
+    """Every launch of one distillation-mode (full_logits / topk_logits) step at shape (N, d, V) on `sm_{arch}`:
+    chunk_logits and grad_weight over chunks sized by the Triton workspace budget, as the backend issues them."""
+    n_tokens, hidden_dim, vocab_size = shape
+    return [launch for _, launch in divergence_step_launches(n_tokens, hidden_dim, vocab_size, dtype,
+                                                               kernel_config(dtype, arch), triton_workspace_bytes(),
+                                                               need_weight)]
+
+
 def distinct_launches(shape: tuple[int, int, int], dtype: torch.dtype, arch: int, need_weight: bool = True):
-    """The launches of one loss step at `shape` on the reference GPU of `arch`, one per distinct specialization."""
-    launches = step_launches(shape, dtype, gpu_for_arch(arch), need_weight)
+    """The launches of one loss step at `shape` on the reference GPU of `arch`, sampled_token (the fused path) and
+    the logit modes, one per distinct specialization."""
+    launches = step_launches(shape, dtype, gpu_for_arch(arch), need_weight) + \
+        logit_mode_launches(shape, dtype, arch, need_weight)
     import triton
     from triton.backends.compiler import GPUTarget
 

@@ -69,6 +69,23 @@ class Launch:
         return self.kernel[self.grid](*self.args, **self.options)
 
 
+DIVERGENCE_BUFFERS = 8
+"""fp32 (rows, V) buffers of one distillation-mode chunk at most: student and teacher logits plus the temporaries
+of the divergence and its gradient."""
+
+
+def triton_workspace_bytes() -> int:
+    """The distillation modes' workspace budget on the Triton backend: SDPO_FAST_TRITON_WORKSPACE_MB, else 256 MiB."""
+    env = os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB")
+    return DEFAULT_WORKSPACE_BYTES if env is None else int(env) << 20
+
+
+def divergence_chunk_rows(n_tokens: int, vocab_size: int, budget_bytes: int) -> int:
+    """Rows per distillation-mode chunk so that DIVERGENCE_BUFFERS fp32 (rows, V) buffers fit budget_bytes (at
+    least one row)."""
+    return min(max(1, budget_bytes // (DIVERGENCE_BUFFERS * 4 * vocab_size)), max(n_tokens, 1))
+
+
 def backward_chunk_rows(n_tokens: int, vocab_size: int, hidden_dim: int, dtype: torch.dtype,
                         need_weight: bool, l2_bytes: int = 0) -> int:
     """Tokens per backward chunk, whose (rows, V) gradient workspace is in `dtype`.

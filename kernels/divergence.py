@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import launch_config, tile_meta as launch_meta
+from .config import KernelConfig, Launch, launch_config, tile_meta as launch_meta
 from .logits_tile import logits_tile
 
 
@@ -34,20 +34,23 @@ def chunk_logits_kernel(
     tl.store(out_ptrs, logits, mask=(offs_n < n_valid)[:, None] & (offs_v < v_valid)[None, :])
 
 
+def chunk_logits_launch(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float, out: torch.Tensor,
+                        cfg: KernelConfig) -> Launch:
+    """The launch filling out (n, V) fp32 with hidden (n, d) @ weight (V, d).T * inv_temperature."""
+    n_tokens, hidden_dim = hidden.shape
+    vocab_size = weight.shape[0]
+    return Launch(
+        chunk_logits_kernel, (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab_size, cfg.block_v)),
+        (hidden, weight, out, n_tokens, vocab_size, hidden_dim,
+         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0), inv_temperature),
+        dict(**launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
+
+
 def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float, out: torch.Tensor) -> torch.Tensor:
     """hidden (n, d), weight (V, d) one float dtype, unit stride along d; fills out (n, V) fp32 (row-major rows)
     with hidden @ weight.T * inv_temperature and returns it."""
-    n_tokens, hidden_dim = hidden.shape
-    vocab_size = weight.shape[0]
-    if n_tokens == 0:
+    if hidden.shape[0] == 0:
         return out
-    cfg = launch_config(hidden.dtype, hidden.device)
-    grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab_size, cfg.block_v))
-    chunk_logits_kernel[grid](
-        hidden, weight, out,
-        n_tokens, vocab_size, hidden_dim,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-        inv_temperature,
-        **launch_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    chunk_logits_launch(hidden, weight, inv_temperature, out, launch_config(hidden.dtype, hidden.device))()
     return out

@@ -1,4 +1,5 @@
-"""Every kernel launch of one fused-path loss step (forward of student and teacher, chunked backward), in order.
+"""Every kernel launch of one fused-path loss step (forward of student and teacher, chunked backward), in order;
+and of one distillation-mode (full_logits / topk_logits) step on the Triton backend.
 
 The Triton backend launches exactly these (`backward_chunks` and the `*_launch` builders); the ahead-of-time check
 and the traffic model build them on the `meta` device for a shape and a GPU, without a GPU.
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import KernelConfig, backward_chunk_rows
+from .config import KernelConfig, backward_chunk_rows, divergence_chunk_rows
+from .divergence import chunk_logits_launch
 from .grad_logits import grad_logits_launch
 from .grad_weight import grad_weight_launch
 from .lse_gather import lse_gather_launch
@@ -42,4 +44,29 @@ def fused_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dtype: 
                                                         1.0, chunk, cfg)))
         if need_weight:
             launches.append(("backward", grad_weight_launch(chunk, hidden[rows], grad_weight, cfg, rows.start > 0)))
+    return launches
+
+
+def divergence_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, cfg: KernelConfig,
+                             budget_bytes: int, need_weight: bool = True) -> list[tuple[str, object]]:
+    """(stage, Launch) of one distillation-mode step (`chunked_divergence.divergence_sweep` on the Triton backend),
+    on meta tensors: per chunk of `divergence_chunk_rows` rows, the student's and the teacher's chunk_logits into
+    (rows, V) fp32 buffers, then grad_weight from the chunk's gradient w.r.t. the logits cast to `dtype` (the
+    divergence and grad_hidden are PyTorch)."""
+    meta = dict(device="meta")
+    hidden, teacher_hidden = (torch.empty(n_tokens, hidden_dim, dtype=dtype, **meta) for _ in range(2))
+    weight = torch.empty(vocab_size, hidden_dim, dtype=dtype, **meta)
+    rows_per_chunk = divergence_chunk_rows(n_tokens, vocab_size, budget_bytes)
+    student_buffer, teacher_buffer = (torch.empty(rows_per_chunk, vocab_size, dtype=torch.float32, **meta)
+                                      for _ in range(2))
+    grad_weight = torch.empty(vocab_size, hidden_dim, dtype=torch.float32, **meta)
+    launches = []
+    for start in range(0, n_tokens, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, n_tokens))
+        n = rows.stop - start
+        launches.append(("forward", chunk_logits_launch(hidden[rows], weight, 1.0, student_buffer[:n], cfg)))
+        launches.append(("forward", chunk_logits_launch(teacher_hidden[rows], weight, 1.0, teacher_buffer[:n], cfg)))
+        if need_weight:
+            grad = torch.empty(n, vocab_size, dtype=dtype, **meta)
+            launches.append(("backward", grad_weight_launch(grad, hidden[rows], grad_weight, cfg, True)))
     return launches

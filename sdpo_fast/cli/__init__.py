@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMANDS:
         importlib.import_module(name).add_parser(subparsers)
     return parser
+
+
+def _rank_tag() -> str:
+    """" [rank R]" under a torchrun job of several processes, else ""."""
+    return f" [rank {os.environ.get('RANK', '0')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:
             exc = f"{exc.filename}: {exc.strerror or exc}"
-        print(f"sdpo-fast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sdpo-fast {args.command}{_rank_tag()}: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

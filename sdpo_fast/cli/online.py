@@ -2,6 +2,7 @@
 preferences) and the CPU demo, writing CSV + PNG."""
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -28,7 +29,21 @@ def _common(parser, demo: bool) -> None:
     parser.add_argument("--ignore-first-k", type=int, help="completion tokens left out of the loss")
     parser.add_argument("--no-center", action="store_true", help="do not mean-centre advantages per sequence")
     parser.add_argument("--max-new-tokens", type=int, help="reply length limit")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher", choices=["live", "ema", "base"],
+                        help="hindsight teacher: live (current weights, default), ema (an EMA of the adapter) or "
+                             "base (the adapter disabled)")
+    parser.add_argument("--teacher-ema-rate", type=float, help="EMA teacher's rate per update (default 0.05)")
+    parser.add_argument("--distillation-mode", choices=["sampled_token", "full_logits", "topk_logits"],
+                        help="sampled_token (the SDPO policy gradient, default), full_logits or topk_logits")
+    parser.add_argument("--distillation-alpha", type=float,
+                        help="alpha-divergence of the logit modes: 0 forward KL, 1 reverse KL (default), 0.5 JSD")
+    parser.add_argument("--distillation-topk", type=int, help="support size of topk_logits (default 100)")
+    parser.add_argument("--distillation-add-tail", action=argparse.BooleanOptionalAction, default=None,
+                        help="topk_logits: a tail bucket for the remaining mass (default), or renormalize")
+    parser.add_argument("--seed", type=int, help="seed of LoRA initialization, sampling and prompts (default 0)")
+    parser.add_argument("--config", metavar="YAML",
+                        help="YAML mapping of OnlineConfig options (sdpo_fast/online/loop.py; dashes or "
+                             "underscores); precedence: defaults < --preset < file < flags")
     if demo:
         _flip_after(parser, "100 with --flip")
         parser.add_argument("--flip", action="store_true",
@@ -70,6 +85,9 @@ def add_parser(subparsers) -> None:
                             "and a CUDA GPU; evaluation replies still use Hugging Face generate)")
         p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
                        help="vLLM's share of GPU memory with --generation vllm (default %(default)s)")
+        p.add_argument("--importance-clip", type=float, metavar="X",
+                       help="weight each token's loss by min(pi/mu, X), mu the sampler's recorded probability of "
+                            "the token (default: off)")
         if name == "flip":
             _flip_after(p, "--interactions")
         p.set_defaults(func=run, experiment=name)
@@ -88,20 +106,25 @@ def add_demo_parser(subparsers) -> None:
     demo.set_defaults(func=run_demo)
 
 
-def _config(args, **defaults):
-    from ..online.loop import OnlineConfig
+_FLAG_FIELDS = ("update_every", "lr", "lora_r", "lora_alpha", "ignore_first_k", "max_new_tokens", "teacher",
+                "teacher_ema_rate", "distillation_mode", "distillation_alpha", "distillation_topk",
+                "distillation_add_tail", "seed")
 
-    values = dict(defaults)
-    for key in ("update_every", "lr", "lora_r", "lora_alpha", "ignore_first_k", "max_new_tokens"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+
+def _config(args, **defaults):
+    """The OnlineConfig of the command: `defaults` < --preset < --config file < the flags given."""
+    from ..online.loop import resolve_online_config
+    from ..train.config import load_yaml
+
+    values = {key: getattr(args, key) for key in _FLAG_FIELDS if getattr(args, key) is not None}
     if args.signal_clip is not None:
         values["signal_clip"] = args.signal_clip or None
     if args.no_center:
         values["center_advantages"] = False
-    values["seed"] = args.seed
-    preset = getattr(args, "preset", None)
-    return OnlineConfig.from_preset(preset, **values) if preset else OnlineConfig(**values).validate()
+    if getattr(args, "importance_clip", None) is not None:
+        values["importance_clip"] = args.importance_clip
+    file_values = load_yaml(args.config) if args.config else {}
+    return resolve_online_config(file_values, values, preset=getattr(args, "preset", None), defaults=defaults)
 
 
 def _load(model_name: str | None, device: str, seed: int):
@@ -200,13 +223,15 @@ def run(args) -> int:
         if n not in personas:
             raise ValueError(f"--persona {n!r} is not defined; available: {sorted(personas)}")
     config = _config(args)
+    args.seed = config.seed
     generator = None
     if args.generation == "vllm":  # first: vLLM sizes its share of the GPU before training takes memory
         from ..online.vllm_generator import VLLMGenerator
 
         generator = VLLMGenerator(args.model or str(tiny_model_path()), max_lora_rank=config.lora_r, seed=args.seed,
                                   gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                                  adapter_dir=Path(args.output_dir) / "vllm-adapters")
+                                  adapter_dir=Path(args.output_dir) / "vllm-adapters",
+                                  behavior_logprobs=config.importance_clip is not None)
     model, tokenizer = _load(args.model, args.device, args.seed)
     user_backend = None if args.user == "rule" else _backend(args, "user")
     judge = RuleJudge() if args.judge == "rule" else LLMJudge(_backend(args, "judge"))
@@ -235,6 +260,7 @@ def run_demo(args) -> int:
     _checks(args)
     personas = load_personas(args.personas_file)
     config = _config(args, **online_demo_settings(args.flip))
+    args.seed = config.seed
     model, tokenizer = _load(None, "cpu", args.seed)
     policy = _policy(model, tokenizer, config)
     train_prompts, eval_prompts = demo_prompts(args.seed, args.eval_prompts)

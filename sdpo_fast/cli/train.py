@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from ..train.config import PRESETS, TrainConfig, field_docs, field_names, load_yaml, resolve_config
@@ -86,6 +87,8 @@ def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
     from ..train import train
 
     summary = train(config, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     first, last = summary["first"], summary["last"]
     model = config.model or "bundled tiny Qwen3"
     print(f"trained {model}: {summary['steps']}/{summary['total_steps']} steps over {summary['interactions']} "

@@ -105,8 +105,9 @@ class Preprocessing:
         return None
 
     def cleaned(self, messages: list[dict]) -> list[dict]:
-        """User/assistant messages with text (stripped when `strip`), in order."""
-        return [{"role": m["role"], "content": m["content"].strip() if self.strip else m["content"]}
+        """User/assistant messages with text (stripped when `strip`), in order; other message keys (an assistant's
+        token_ids and logprobs) kept."""
+        return [{**m, "content": m["content"].strip() if self.strip else m["content"]}
                 for m in messages if m["role"] != "system" and m["content"].strip()]
 
 

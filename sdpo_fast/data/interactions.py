@@ -11,12 +11,16 @@ ROLES = ("system", "user", "assistant")
 @dataclass
 class Interaction:
     """history: [{"role", "content"}] ending at the user turn answered by `completion`;
-    followup: the user message that came right after `completion`; meta: source ids, model, language…"""
+    followup: the user message that came right after `completion`; meta: source ids, model, language…;
+    completion_ids / completion_logprobs: the completion's sampled token ids and the sampler's log-prob of each
+    (same length), when the data has them (None: the text is tokenized; no importance clipping)."""
 
     history: list[dict]
     completion: str
     followup: str
     meta: dict = field(default_factory=dict)
+    completion_ids: list[int] | None = None
+    completion_logprobs: list[float] | None = None
 
 
 def extract_interactions(
@@ -34,7 +38,8 @@ def extract_interactions(
     history and does not count toward `max_history`. Interactions whose completion or follow-up is
     empty/whitespace, or whose history has no user message, are skipped and counted in `skipped`
     (reasons "empty_completion", "empty_followup", "no_user_message_in_history").
-    Each Interaction gets a copy of `meta` plus "assistant_index": the completion's index in `messages`.
+    Each Interaction gets a copy of `meta` plus "assistant_index": the completion's index in `messages`, and the
+    assistant message's "token_ids" and "logprobs" when it has them (see rows.parse_row).
     """
     if not isinstance(messages, list):
         raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
@@ -72,7 +77,8 @@ def extract_validated(
             skipped["no_user_message_in_history"] += 1
             continue
         history = [{"role": m["role"], "content": m["content"]} for m in messages[:start] + window[first_user:]]
-        interactions.append(Interaction(history, completion, followup, {**meta, "assistant_index": i}))
+        interactions.append(Interaction(history, completion, followup, {**meta, "assistant_index": i},
+                                        *_sampled(messages[i])))
     return interactions
 
 
@@ -95,13 +101,17 @@ def extract_preprocessed(
         if not window:
             skipped["no_user_message_in_history"] += 1
             continue
-        history = [window[0]]
+        history = [{"role": window[0]["role"], "content": window[0]["content"]}]
         for m in window[1:]:
             if m["role"] != history[-1]["role"]:
-                history.append(m)
+                history.append({"role": m["role"], "content": m["content"]})
         if recipe.history_ends_with_user and history[-1]["role"] != "user":
             skipped["history_ends_with_assistant"] += 1
             continue
         interactions.append(Interaction(history, paired[i]["content"], paired[i + 1]["content"],
-                                        {**meta, "assistant_index": i}))
+                                        {**meta, "assistant_index": i}, *_sampled(paired[i])))
     return interactions
+
+
+def _sampled(message: dict) -> tuple[list[int] | None, list[float] | None]:
+    return message.get("token_ids"), message.get("logprobs")

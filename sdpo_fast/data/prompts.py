@@ -7,6 +7,7 @@ teacher = chat_template(history with the hindsight block appended to its last us
 from __future__ import annotations
 
 import collections
+import math
 from typing import Iterable
 
 from ..model.inputs import EncodedInteraction
@@ -113,6 +114,14 @@ _OPTIONS = frozenset(
 )
 
 
+def checked_logprobs(values, n: int) -> list[float]:
+    """`values` as a list of n log-probabilities (finite floats <= 0); ValueError naming completion_logprobs."""
+    if not isinstance(values, (list, tuple)) or len(values) != n or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x <= 0 for x in values):
+        raise ValueError(f"completion_logprobs must be {n} finite log-probabilities <= 0 (one per completion id)")
+    return [float(x) for x in values]
+
+
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two id lists."""
     n = min(len(a), len(b))
@@ -166,18 +175,39 @@ class InteractionEncoder:
             self.template_kwargs.setdefault(key, value)
         self.end_of_turn_id = self._resolve_end_of_turn(end_of_turn_token)
 
-    def encode(self, interaction: Interaction,
-               completion_ids: list[int] | tuple[int, ...] | None = None) -> EncodedInteraction:
+    def encode(self, interaction: Interaction, completion_ids: list[int] | tuple[int, ...] | None = None,
+               completion_logprobs: list[float] | tuple[float, ...] | None = None) -> EncodedInteraction:
         """completion_ids: the completion's own token ids when known (an online policy's sampled ids, its stop
-        token included), used as they are (cut to max_completion_tokens) instead of re-tokenizing the text."""
+        token included), used as they are (cut to max_completion_tokens) instead of re-tokenizing the text;
+        default: the interaction's completion_ids (from the data) if any. completion_logprobs: the sampler's
+        log-prob of each of those ids (same length, finite, <= 0; cut with them), kept as the encoded
+        interaction's behavior_logprobs; default: the interaction's completion_logprobs when its ids are used.
+        Bad explicit arguments raise ValueError; bad ids from the data skip the interaction
+        ("token_ids_out_of_vocab", "logprobs_length_mismatch")."""
         if not interaction.completion.strip():
             raise SkipInteraction("empty_completion")
         if not interaction.followup.strip():
             raise SkipInteraction("empty_followup")
+        if completion_ids is None and completion_logprobs is not None:
+            raise ValueError("completion_logprobs needs the completion_ids they belong to")
+        logprobs = None
+        if completion_ids is not None:
+            completion_ids = self._checked_ids(completion_ids)
+            if completion_logprobs is not None:
+                logprobs = checked_logprobs(completion_logprobs, len(completion_ids))
+        elif interaction.completion_ids is not None:
+            completion_ids = list(interaction.completion_ids)
+            if not all(isinstance(i, int) and 0 <= i < len(self.tokenizer) for i in completion_ids):
+                raise SkipInteraction("token_ids_out_of_vocab")
+            if interaction.completion_logprobs is not None:
+                if len(interaction.completion_logprobs) != len(completion_ids):
+                    raise SkipInteraction("logprobs_length_mismatch")
+                logprobs = list(interaction.completion_logprobs)
         if completion_ids is None:
             completion_ids = self._completion_ids(interaction.completion)
         else:
-            completion_ids = self._checked_ids(completion_ids)[: self.max_completion_tokens]
+            completion_ids = completion_ids[: self.max_completion_tokens]
+            logprobs = None if logprobs is None else logprobs[: self.max_completion_tokens]
         if not completion_ids:
             raise SkipInteraction("empty_completion")
         student, teacher = self._prompt_ids(interaction)
@@ -186,6 +216,7 @@ class InteractionEncoder:
             teacher_input_ids=teacher + completion_ids,
             completion_ids=completion_ids,
             shared_prefix_len=common_prefix_len(student, teacher),
+            behavior_logprobs=logprobs,
         )
 
     def _completion_ids(self, completion: str) -> list[int]:

@@ -3,9 +3,14 @@
 - WildChat: `conversation` = [{"role": "user"|"assistant"|"system", "content": str, ...}]
 - WildFeedback: `conversations` = [{"from": "human"|"gpt"|"system", "value": str}]
 - OpenAI-style: `messages` = [{"role": "user"|"assistant"|"system", "content": str}]
+
+An assistant message may also carry its sampled tokens, as a rollout log holds them: "token_ids" (the
+completion's token ids, used instead of re-tokenizing the text) and optionally "logprobs" (the sampler's
+log-probability of each of those tokens, same length, finite and <= 0; they enable importance clipping).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 _FORMATS = (
@@ -40,7 +45,11 @@ class Conversation(NamedTuple):
 def parse_row(row) -> Conversation:
     """Normalize one row; raises BadRow (reasons: row_not_an_object, missing_conversation_field,
     conversation_not_a_list, message_not_an_object, message_missing_field, unknown_role,
-    non_string_content, message_too_large)."""
+    non_string_content, message_too_large, and for assistant token fields: bad_token_ids, bad_logprobs,
+    positive_logprobs, logprobs_length_mismatch, logprobs_without_token_ids).
+
+    Messages are {"role", "content"}, assistant ones with "token_ids" (list[int]) and "logprobs"
+    (list[float] or None) when the row has token ids."""
     if not isinstance(row, dict):
         raise BadRow("row_not_an_object")
     for field, role_key, content_key, roles in _FORMATS:
@@ -66,7 +75,8 @@ def parse_row(row) -> Conversation:
             raise BadRow("non_string_content")
         if len(content) > MAX_MESSAGE_CHARS:
             raise BadRow("message_too_large")
-        messages.append({"role": role, "content": content})
+        tokens = _sampled_tokens(message) if role == "assistant" else {}
+        messages.append({"role": role, "content": content, **tokens})
         toxic = toxic or message.get("toxic") is True
     meta = {}
     for key in _ID_FIELDS:
@@ -79,3 +89,25 @@ def parse_row(row) -> Conversation:
     if "toxic" in row or any(isinstance(m, dict) and "toxic" in m for m in raw):
         meta["toxic"] = toxic
     return Conversation(messages, meta)
+
+
+def _sampled_tokens(message: dict) -> dict:
+    """{"token_ids", "logprobs"} of an assistant message that has token ids, else {}; BadRow when malformed."""
+    ids, logprobs = message.get("token_ids"), message.get("logprobs")
+    if ids is None:
+        if logprobs is not None:
+            raise BadRow("logprobs_without_token_ids")
+        return {}
+    if not isinstance(ids, list) or not ids or len(ids) > MAX_MESSAGE_CHARS or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise BadRow("bad_token_ids")
+    if logprobs is not None:
+        if not isinstance(logprobs, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in logprobs):
+            raise BadRow("bad_logprobs")
+        if len(logprobs) != len(ids):
+            raise BadRow("logprobs_length_mismatch")
+        if any(x > 0 for x in logprobs):
+            raise BadRow("positive_logprobs")
+        logprobs = [float(x) for x in logprobs]
+    return {"token_ids": list(ids), "logprobs": logprobs}

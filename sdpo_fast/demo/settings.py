@@ -10,6 +10,7 @@ TINY_DEMO_TRAIN = dict(  # lr 1e-3 collapsed full fine-tuning into "s s s ..." r
 
 
 def online_demo_settings(flip: bool) -> dict:
-    """OnlineConfig values of `sdpo-fast demo` (and `--flip`) unless given on the command line."""
+    """OnlineConfig values of `sdpo-fast demo` (and `--flip`) unless given on the command line (signal_clip:
+    OnlineConfig's "auto", 2.0 in sampled_token mode)."""
     return dict(update_every=4, lr=1e-3 if flip else 2e-3, lora_r=8, lora_alpha=16.0,
-                max_new_tokens=96 if flip else 48, signal_clip=2.0)
+                max_new_tokens=96 if flip else 48)

@@ -60,6 +60,11 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
     if student_hidden.dim() < 2:
         raise ValueError(f"student_hidden must be (..., d), got shape {tuple(student_hidden.shape)}")
     _check_float("lm_head_weight", lm_head_weight, ndim=2)
+    for name, weight in (("lm_head_weight", lm_head_weight), ("teacher_lm_head_weight", teacher_lm_head_weight)):
+        if hasattr(weight, "placements"):
+            raise ValueError(f"{name} is a sharded DTensor (placements {tuple(weight.placements)}): under FSDP2 call "
+                             "sdpo_loss inside the forward of the module that holds the lm_head (its parameters are "
+                             "gathered there), or unshard it first")
     _check_same("lm_head_weight", lm_head_weight, "student_hidden", student_hidden, dtype=True)
     vocab_size, hidden_dim = lm_head_weight.shape
     if student_hidden.shape[-1] != hidden_dim:

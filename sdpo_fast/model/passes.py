@@ -28,7 +28,8 @@ class SDPOBatch:
 
     student_hidden (N, d) with grad; teacher_hidden (N, d_t) detached, or None without a teacher pass;
     target_ids, sequence_index (which interaction of the micro-batch) and position_in_completion (N,) int64;
-    lm_head_weight (V, d); teacher_lm_head_weight (V, d_t), or None when the teacher is the model itself.
+    lm_head_weight (V, d); teacher_lm_head_weight (V, d_t), or None when the teacher is the model itself;
+    behavior_logprobs (N,) fp32, the sampler's log mu of each target, or None when the interactions carry none.
     """
 
     student_hidden: torch.Tensor
@@ -38,6 +39,7 @@ class SDPOBatch:
     position_in_completion: torch.Tensor
     lm_head_weight: torch.Tensor
     teacher_lm_head_weight: torch.Tensor | None
+    behavior_logprobs: torch.Tensor | None = None
 
 
 def reuse_lengths(encoded: Sequence[EncodedInteraction]) -> list[int]:
@@ -70,6 +72,12 @@ def check_encoded(encoded, vocab_size: int, prefix_reuse: bool) -> list[EncodedI
         ids = e.student_input_ids + e.teacher_input_ids
         if min(ids) < 0 or max(ids) >= vocab_size:
             raise ValueError(f"encoded[{i}] has token ids outside the model's vocabulary [0, {vocab_size})")
+        if e.behavior_logprobs is not None and len(e.behavior_logprobs) != n:
+            raise ValueError(f"encoded[{i}].behavior_logprobs has {len(e.behavior_logprobs)} values for {n} "
+                             "completion ids")
+    if len({e.behavior_logprobs is None for e in encoded}) > 1:
+        raise ValueError("encoded mixes interactions with and without behavior_logprobs; importance clipping needs "
+                         "them for every interaction of a micro-batch")
     return list(encoded)
 
 
@@ -162,6 +170,8 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
         position_in_completion=upload([k for n in lengths for k in range(n)], torch.long, device),
         lm_head_weight=hf_model.get_output_embeddings().weight,
         teacher_lm_head_weight=None if teacher_model is None else teacher_hf.get_output_embeddings().weight,
+        behavior_logprobs=None if encoded[0].behavior_logprobs is None else
+        upload([x for e in encoded for x in e.behavior_logprobs], torch.float32, device),
     )
 
 

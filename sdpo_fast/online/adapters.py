@@ -4,8 +4,8 @@
 Each user id has its own adapter and optimizer; an update for one user touches only that user's adapter
 parameters (base weights are frozen). A user's files live in `root/<user_id>/`: the adapter as peft writes it
 (`adapter_model.safetensors`, `adapter_config.json`: `PeftModel.from_pretrained(base, root/user_id)` loads it)
-and `online_state.pt` (optimizer state, counters, not-yet-learned interactions; tensors and plain data only,
-read with `weights_only=True`). The directory is written under a temporary name, then renamed into place.
+and `online_state.pt` (optimizer state, counters, not-yet-learned interactions, an ema teacher's tensors; tensors
+and plain data only, read with `weights_only=True`). The directory is written under a temporary name, then renamed into place.
 At most `max_loaded_users` adapters stay in memory; the least recently used one is saved and unloaded.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from ..data.interactions import Interaction
 from ..utils.files import fsync_file, replace_dir
 from ..utils.checks import check_int
-from .loop import OnlineConfig, OnlinePolicy, PendingInteraction, check_messages, lora_config
+from .loop import OnlineConfig, OnlinePolicy, PendingInteraction, Sample, check_messages, lora_config
 
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _FORMAT = 2
@@ -90,12 +90,16 @@ class UserAdapters:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, adapter, adapter_name=user_id)
+            policy.teacher = policy.new_teacher()  # an EMA starts from the loaded adapter unless one was saved
+            if policy.teacher.ema and state.get("teacher"):
+                policy.teacher.load_state_dict(state["teacher"])
             policy.optimizer.load_state_dict(state["optimizer"])
             policy.generations, policy.updates = state["generations"], state["updates"]
             policy.pending = [PendingInteraction(Interaction(i["history"], i["completion"], i["followup"]),
-                                                 None if i["completion_ids"] is None else tuple(i["completion_ids"]))
+                                                 _tuple(i["completion_ids"]), _tuple(i.get("completion_logprobs")))
                               for i in state["pending"]]
-            policy.recent.update((text, tuple(ids)) for text, ids in state["recent"])
+            policy.recent.update((text, Sample(text, tuple(ids), _tuple(rest[0] if rest else None)))
+                                 for text, ids, *rest in state["recent"])
         self.policies[user_id] = policy
         while len(self.policies) > self.max_loaded_users:
             self.unload(next(iter(self.policies)))
@@ -135,9 +139,11 @@ class UserAdapters:
                  "generations": policy.generations, "updates": policy.updates,
                  "pending": [{"history": p.interaction.history, "completion": p.interaction.completion,
                               "followup": p.interaction.followup,
-                              "completion_ids": None if p.completion_ids is None else list(p.completion_ids)}
+                              "completion_ids": _list(p.completion_ids),
+                              "completion_logprobs": _list(p.completion_logprobs)}
                              for p in policy.pending],
-                 "recent": [[text, list(ids)] for text, ids in policy.recent.items()]}
+                 "recent": [[text, list(s.token_ids), _list(s.logprobs)] for text, s in policy.recent.items()],
+                 "teacher": policy.teacher.state_dict()}
 
         def write(tmp: Path) -> None:
             write_adapter(self.model, user_id, tmp)
@@ -166,6 +172,14 @@ def _sorted_targets(config):
         config = copy.copy(config)
         config.target_modules = sorted(config.target_modules)
     return config
+
+
+def _tuple(values) -> tuple | None:
+    return None if values is None else tuple(values)
+
+
+def _list(values) -> list | None:
+    return None if values is None else list(values)
 
 
 def _read(path: Path, user_id: str) -> tuple[dict, dict]:

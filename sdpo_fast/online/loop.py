@@ -1,8 +1,10 @@
 """Online SDPO (the paper's Algorithm 1): the policy answers, the user replies, and every `update_every`
-interactions the policy is updated from its own (x, y, u) samples with the live hindsight teacher.
+interactions the policy is updated from its own (x, y, u) samples with the hindsight teacher (live by default;
+ema or base, see train/teachers.py).
 
-Each update is one `train_step` (train/step.py) with the SDPO objective; per-sequence mean-centred advantages
-(A'_t = A_t - mean_seq(A), then the signal clip) are formed inside that step's single `sdpo_loss` call.
+Each update is one `train_step` (train/step.py) with the objective of `distillation_mode`; in sampled_token mode
+per-sequence mean-centred advantages (A'_t = A_t - mean_seq(A), then the signal clip) are formed inside that
+step's single `sdpo_loss` call.
 """
 from __future__ import annotations
 
@@ -15,19 +17,24 @@ from typing import Any, NamedTuple
 import torch
 
 from ..data import Interaction, InteractionEncoder, SkipInteraction, default_template_kwargs
-from ..loss import SDPOObjective
+from ..loss import distillation_objective
+from ..loss.objectives import DISTILLATION_OBJECTIVES
 from ..loss.validation import MIN_TEMPERATURE
 from ..model import eval_mode, sdpo_attention, unwrap_model
 from ..train.setup import build_optimizer
 from ..train.setup import lora_config as make_lora_config
 from ..train.step import StepOptions, train_step
-from ..utils.checks import check_bool, check_int, check_number
+from ..train.teachers import TEACHERS, Teacher
+from ..utils.checks import check_bool, check_choice, check_int, check_number
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Paper Table 5 (personalization) and the authors' online trainers (see shared/ANCHORS.md).
-    "paper-personalization": dict(update_every=16, lr=5e-6, max_new_tokens=258, temperature=1.0,
-                                  center_advantages=True, signal_clip=2.0, lora_r=64, lora_alpha=128.0),
+    # center_advantages / signal_clip: their defaults resolve to the authors' (on, 2.0) in sampled_token mode.
+    "paper-personalization": dict(update_every=16, lr=5e-6, max_new_tokens=258, temperature=1.0, lora_r=64,
+                                  lora_alpha=128.0),
 }
+AUTO_SIGNAL_CLIP = 2.0
+"""signal_clip "auto" in sampled_token mode: the authors' single-user live trainer's clamp."""
 
 
 @dataclass
@@ -40,8 +47,12 @@ class OnlineConfig:
     """Constant learning rate (AdamW)."""
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
-    center_advantages: bool = True
-    signal_clip: float | None = 2.0
+    center_advantages: bool | None = None
+    """Per-sequence mean-centred advantages (sampled_token only). None: on for sampled_token (the authors' online
+    trainer), off for the logit modes."""
+    signal_clip: float | str | None = "auto"
+    """Clamp each token's advantage to +-this (sampled_token only; None: off). "auto": 2.0 for sampled_token,
+    off for the logit modes."""
     ignore_first_k: int = 0
     temperature: float = 1.0
     """Sampling temperature of the policy, and the temperature of the loss's log-probs."""
@@ -56,23 +67,73 @@ class OnlineConfig:
     prefix_reuse: bool = True
     attn_backend: str = "auto"
     loss_backend: str = "auto"
+    teacher: str = "live"
+    """live (current weights, prefix K/V reused), ema or base (own teacher pass; see train/teachers.py). With LoRA
+    the teacher is the policy's own adapter: base = adapter disabled, ema = an EMA of that adapter's tensors."""
+    teacher_ema_rate: float = 0.05
+    """EMA teacher: theta_T <- (1 - rate) theta_T + rate theta_S after each update."""
+    distillation_mode: str = "sampled_token"
+    """sampled_token (the SDPO policy gradient), full_logits or topk_logits (see sdpo_loss)."""
+    distillation_alpha: float = 1.0
+    """alpha-divergence of the logit modes: 0 forward KL, 1 reverse KL, 0.5 JSD (sampled_token needs 1)."""
+    distillation_topk: int = 100
+    distillation_add_tail: bool = True
     seed: int = 0
+    importance_clip: float | None = None
+    """Weight each token's loss by min(pi(y_t) / mu(y_t), this), mu the probability the sampler drew y_t with
+    (recorded at sampling; None: off)."""
+
+    @property
+    def resolved_signal_clip(self) -> float | None:
+        """signal_clip with "auto" resolved (2.0 for sampled_token, None for the logit modes)."""
+        if self.signal_clip == "auto":
+            return AUTO_SIGNAL_CLIP if self.distillation_mode == "sampled_token" else None
+        return self.signal_clip
+
+    @property
+    def resolved_center_advantages(self) -> bool:
+        """center_advantages with None resolved (True for sampled_token, False for the logit modes)."""
+        if self.center_advantages is None:
+            return self.distillation_mode == "sampled_token"
+        return self.center_advantages
 
     def validate(self) -> "OnlineConfig":
         for key, low in (("update_every", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
                          ("micro_batch_tokens", 1), ("ignore_first_k", 0), ("lora_r", 0), ("seed", 0)):
             check_int(key, getattr(self, key), low)
         for key in ("lr", "temperature", "lora_alpha", "weight_decay", "lora_dropout", "max_grad_norm",
-                    "signal_clip"):
+                    "importance_clip"):
             check_number(key, getattr(self, key), positive=key not in ("weight_decay", "lora_dropout"),
-                         optional=key in ("max_grad_norm", "signal_clip"))
+                         optional=key in ("max_grad_norm", "importance_clip"))
+        if self.signal_clip != "auto":
+            check_number("signal_clip", self.signal_clip, positive=True, optional=True,
+                         what="'auto', None (off) or a finite number > 0")
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout must be < 1, got {self.lora_dropout!r}")
         if self.temperature < MIN_TEMPERATURE:
             raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (it is also the loss's temperature), "
                              f"got {self.temperature!r}")
-        for key in ("center_advantages", "prefix_reuse"):
+        if self.center_advantages is not None:
+            check_bool("center_advantages", self.center_advantages)
+        for key in ("prefix_reuse", "distillation_add_tail"):
             check_bool(key, getattr(self, key))
+        check_choice("teacher", self.teacher, TEACHERS)
+        check_choice("distillation_mode", self.distillation_mode, tuple(DISTILLATION_OBJECTIVES))
+        check_int("distillation_topk", self.distillation_topk, 1)
+        for key in ("teacher_ema_rate", "distillation_alpha"):
+            check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
+            if getattr(self, key) > 1:
+                raise ValueError(f"{key} must be at most 1, got {getattr(self, key)!r}")
+        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1:
+            raise ValueError("distillation_alpha must be 1 with distillation_mode sampled_token, got "
+                             f"{self.distillation_alpha!r}")
+        if self.distillation_mode != "sampled_token":
+            if self.signal_clip not in ("auto", None):
+                raise ValueError(f"signal_clip applies to distillation_mode sampled_token only; unset it for "
+                                 f"{self.distillation_mode} (got {self.signal_clip!r})")
+            if self.center_advantages:
+                raise ValueError(f"center_advantages applies to distillation_mode sampled_token only; unset it for "
+                                 f"{self.distillation_mode}")
         targets = self.lora_target_modules
         if not (targets == "all-linear" or (isinstance(targets, list) and targets
                                             and all(isinstance(t, str) and t for t in targets))):
@@ -82,24 +143,64 @@ class OnlineConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "OnlineConfig":
         """A config from PRESETS[name], with `overrides` on top."""
-        if name not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ValueError(f"unknown OnlineConfig fields {unknown}")
-        return cls(**{**PRESETS[name], **overrides}).validate()
+        return resolve_online_config(overrides=overrides, preset=name)
+
+
+def online_field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(OnlineConfig)]
+
+
+def _check_keys(values: dict, where: str) -> None:
+    unknown = sorted(set(values) - set(online_field_names()))
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {', '.join(online_field_names())}")
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    """Float fields given as integers or as strings (YAML reads "5e-6" as a string) become floats."""
+    out = dict(values)
+    for f in dataclasses.fields(OnlineConfig):
+        value = out.get(f.name)
+        if "float" not in f.type or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            out[f.name] = float(value)
+        elif isinstance(value, str) and value != "auto":
+            try:
+                out[f.name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def resolve_online_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, *,
+                          preset: str | None = None, defaults: dict[str, Any] | None = None) -> OnlineConfig:
+    """OnlineConfig defaults < `defaults` (e.g. the demo's settings) < PRESETS[preset] < file values (a YAML
+    mapping of field names, see `train.config.load_yaml`) < `overrides` (the flags given); validated. Unknown keys
+    are rejected with the list of valid ones."""
+    file_values, overrides = dict(file_values or {}), dict(overrides or {})
+    _check_keys(file_values, "config file")
+    _check_keys(overrides, "OnlineConfig")
+    merged = dict(defaults or {})
+    if preset is not None:
+        check_choice("preset", preset, tuple(PRESETS))
+        merged.update(PRESETS[preset])
+    merged.update(file_values)
+    merged.update(overrides)
+    return OnlineConfig(**_coerce(merged)).validate()
 
 
 RECENT_SAMPLES = 256
-"""Replies whose sampled ids a policy remembers for `observe` calls that pass only the text."""
+"""Replies whose sampled ids (and log-probs) a policy remembers for `observe` calls that pass only the text."""
 
 
 class PendingInteraction(NamedTuple):
-    """An interaction waiting for the next update, with the reply's sampled ids when known."""
+    """An interaction waiting for the next update, with the reply's sampled ids and their sampler log-probs
+    when known."""
 
     interaction: Interaction
     completion_ids: tuple[int, ...] | None
+    completion_logprobs: tuple[float, ...] | None = None
 
 
 class EmptyGenerationError(ValueError):
@@ -114,20 +215,29 @@ def lora_config(config: OnlineConfig):
 @dataclass(frozen=True)
 class Sample:
     """One sampled reply: its decoded text (special tokens skipped, stripped) and the sampled token ids, up to
-    and including the stop token when one was sampled (a reply cut at max_new_tokens has none)."""
+    and including the stop token when one was sampled (a reply cut at max_new_tokens has none); logprobs: the
+    log of the probability the sampler drew each of those ids with (its distribution at the sampling
+    temperature), or None when not recorded."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None = None
 
 
 @torch.no_grad()
 def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-                 temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None) -> list[Sample]:
+                 temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None,
+                 logprobs: bool = False) -> list[Sample]:
     """One reply per chat in `conversations`, generated together (left padding; HF generate; full-distribution
     sampling at `temperature`, greedy at 0).
 
     The global RNG is left untouched: sampling uses its own seed. stop_token_ids default: the tokenizer's eos.
+    logprobs: record each Sample's log-probs, log_softmax of generate's processed scores (logits / temperature)
+    at the sampled id; needs temperature > 0 (greedy decoding draws from no distribution).
     """
+    if logprobs and not temperature > 0:
+        raise ValueError("logprobs need temperature > 0: greedy decoding has no sampling distribution to record "
+                         "(importance clipping needs a sampled policy)")
     prompts = chat_prompt_ids(tokenizer, conversations)
     device = unwrap_model(model).get_input_embeddings().weight.device
     stops = stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id]
@@ -139,9 +249,16 @@ def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_t
         else dict(do_sample=False)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
         torch.manual_seed(seed)
+        recorded = dict(output_scores=True, return_dict_in_generate=True) if logprobs else {}
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad, **sampling)
-    return [make_sample(tokenizer, row, stops) for row in out[:, width:].tolist()]
+                             eos_token_id=stops, pad_token_id=pad, **sampling, **recorded)
+    if not logprobs:
+        return [make_sample(tokenizer, row, stops) for row in out[:, width:].tolist()]
+    generated = out.sequences[:, width:]
+    # one (batch, V) step at a time: the scores of a whole reply would be (batch, steps, V)
+    sampled = torch.stack([torch.log_softmax(scores.float(), -1).gather(1, generated[:, t, None])[:, 0]
+                           for t, scores in enumerate(out.scores)], 1)
+    return [make_sample(tokenizer, row, stops, lps) for row, lps in zip(generated.tolist(), sampled.tolist())]
 
 
 def chat_prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
@@ -153,11 +270,14 @@ def chat_prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int
                       add_special_tokens=False)["input_ids"] for m in conversations]
 
 
-def make_sample(tokenizer, generated: list[int], stop_token_ids: list[int]) -> Sample:
-    """A Sample of the generated ids, cut after the first stop token (what follows is padding)."""
+def make_sample(tokenizer, generated: list[int], stop_token_ids: list[int],
+                logprobs: list[float] | None = None) -> Sample:
+    """A Sample of the generated ids (and their log-probs, same length), cut after the first stop token (what
+    follows is padding)."""
     end = next((i + 1 for i, t in enumerate(generated) if t in stop_token_ids), len(generated))
     ids = tuple(generated[:end])
-    return Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
+    return Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids,
+                  None if logprobs is None else tuple(logprobs[:end]))
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], **options) -> list[str]:
@@ -189,7 +309,8 @@ class OnlinePolicy:
 
     Updates learn from the sampled token ids of the replies (on-policy exactly, even where re-tokenizing the
     text would give other ids). generator: None samples with Hugging Face generate; else an object with
-    `sample(policy, conversations, seed) -> list[Sample]` (e.g. `VLLMGenerator`).
+    `sample(policy, conversations, seed) -> list[Sample]` (e.g. `VLLMGenerator`), whose Samples carry logprobs
+    when config.importance_clip is set (the sampler's log-probs weight the update, see `OnlineConfig`).
     """
 
     def __init__(self, model, tokenizer, config: OnlineConfig, adapter_name: str | None = "default",
@@ -208,8 +329,12 @@ class OnlinePolicy:
         self.parameters = params
         self.optimizer = build_optimizer(params, "adamw", config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        self.objective = SDPOObjective(temperature=config.temperature, signal_clip=config.signal_clip,
-                                       center_advantages=config.center_advantages, backend=config.loss_backend)
+        self.objective = distillation_objective(
+            config.distillation_mode, temperature=config.temperature, alpha=config.distillation_alpha,
+            topk=config.distillation_topk, add_tail=config.distillation_add_tail,
+            signal_clip=config.resolved_signal_clip, center_advantages=config.resolved_center_advantages,
+            importance_clip=config.importance_clip, backend=config.loss_backend)
+        self.teacher = self.new_teacher()
         self.step_options = StepOptions(micro_batch_tokens=config.micro_batch_tokens,
                                         ignore_first_k=config.ignore_first_k, aggregation="sequence",
                                         max_grad_norm=config.max_grad_norm, prefix_reuse=config.prefix_reuse,
@@ -219,9 +344,16 @@ class OnlinePolicy:
         self.stop_token_ids = sorted({self.encoder.end_of_turn_id, tokenizer.eos_token_id} - {None})
         self.generator = generator
         self.pending: list[PendingInteraction] = []
-        self.recent: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
+        self.recent: collections.OrderedDict[str, Sample] = collections.OrderedDict()
         self.generations = 0
         self.updates = 0
+
+    def new_teacher(self) -> Teacher:
+        """config.teacher over this policy's own weights as they are now: the live weights; base (LoRA: this
+        adapter disabled; lora_r 0: a frozen copy of the model); ema (LoRA: a copy of this adapter's tensors only;
+        lora_r 0: a copy of the model), starting from the current weights."""
+        with self.active():  # Teacher takes the trainable tensors: this adapter's alone
+            return Teacher(self.model, self.config.teacher, self.config.teacher_ema_rate)
 
     @contextlib.contextmanager
     def active(self):
@@ -235,11 +367,11 @@ class OnlinePolicy:
 
     def respond_batch(self, conversations: list[list[dict]]) -> list[str]:
         """Sample one reply per chat, together (seeded by config.seed and this policy's generation count); an
-        empty string where the policy ended the turn at once. The sampled ids are remembered for `observe`."""
+        empty string where the policy ended the turn at once. The samples are remembered for `observe`."""
         samples = self._sample(conversations)
         for sample in samples:
             if sample.text:
-                self.recent[sample.text] = sample.token_ids
+                self.recent[sample.text] = sample
                 self.recent.move_to_end(sample.text)
         while len(self.recent) > RECENT_SAMPLES:
             self.recent.popitem(last=False)
@@ -253,11 +385,20 @@ class OnlinePolicy:
         seed = self.config.seed * 1_000_003 + self.generations
         self.generations += len(conversations)
         if self.generator is not None:
-            return self.generator.sample(self, conversations, seed)
-        with self.active():
-            return sample_batch(self.model, self.tokenizer, conversations, seed=seed,
-                                max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
-                                stop_token_ids=self.stop_token_ids)
+            samples = self.generator.sample(self, conversations, seed)
+        else:
+            with self.active():
+                samples = sample_batch(self.model, self.tokenizer, conversations, seed=seed,
+                                       max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                                       stop_token_ids=self.stop_token_ids, logprobs=self.wants_logprobs)
+        if self.wants_logprobs and any(s.logprobs is None or len(s.logprobs) != len(s.token_ids) for s in samples):
+            raise ValueError("importance_clip is set but the sampler returned no log-probs for its tokens")
+        return samples
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether samples must record the sampler's log-probs (config.importance_clip is set)."""
+        return self.config.importance_clip is not None
 
     def respond(self, messages: list[dict]) -> str:
         """One sampled reply; raises EmptyGenerationError when it is empty."""
@@ -268,16 +409,27 @@ class OnlinePolicy:
         return text
 
     def observe(self, messages: list[dict], response: str, followup: str,
-                response_ids: list[int] | tuple[int, ...] | None = None) -> dict | None:
+                response_ids: list[int] | tuple[int, ...] | None = None,
+                response_logprobs: list[float] | tuple[float, ...] | None = None) -> dict | None:
         """Buffer (x, y, u); run an update when `update_every` are buffered. Returns the update's stats or None.
 
-        response_ids: y's sampled token ids; default: the ids of this policy's recent reply with exactly this
-        text, else (a reply not sampled here, or too long ago) the tokenized text.
+        response_ids: y's sampled token ids, response_logprobs: the sampler's log-prob of each; default: those
+        of this policy's recent reply with exactly this text, else (a reply not sampled here, or too long ago)
+        the tokenized text without log-probs. With importance_clip, a reply without log-probs is refused
+        (ValueError, nothing buffered).
         """
         if response_ids is None:
-            response_ids = self.recent.pop(response, None)
+            if response_logprobs is not None:
+                raise ValueError("response_logprobs needs the response_ids they belong to")
+            recent = self.recent.pop(response, None)
+            if recent is not None:
+                response_ids, response_logprobs = recent.token_ids, recent.logprobs
+        if self.wants_logprobs and response_logprobs is None:
+            raise ValueError("importance_clip needs the sampler's log-probs of the reply: observe a reply this "
+                             "policy sampled (respond/respond_batch), or pass response_ids and response_logprobs")
         self.pending.append(PendingInteraction(Interaction(list(messages), response, followup),
-                                               None if response_ids is None else tuple(response_ids)))
+                                               None if response_ids is None else tuple(response_ids),
+                                               None if response_logprobs is None else tuple(response_logprobs)))
         if len(self.pending) < self.config.update_every:
             return None
         return self.update()
@@ -288,7 +440,8 @@ class OnlinePolicy:
         encoded, skipped = [], 0
         for item in batch:
             try:
-                encoded.append(self.encoder.encode(item.interaction, completion_ids=item.completion_ids))
+                encoded.append(self.encoder.encode(item.interaction, completion_ids=item.completion_ids,
+                                                   completion_logprobs=item.completion_logprobs))
             except SkipInteraction:
                 skipped += 1
         retokenized = sum(item.completion_ids is None for item in batch)
@@ -297,9 +450,9 @@ class OnlinePolicy:
         with self.active(), sdpo_attention(unwrap_model(self.model)):  # generation keeps its own attention
             self.model.train()
             stats = train_step(self.model, encoded, self.objective, self.optimizer, self.scheduler,
-                               self.step_options)
+                               self.step_options, teacher=self.teacher)
         self.updates += 1
-        return {"loss": stats.loss, "mean_advantage": stats.mean_signal, "loss_tokens": stats.loss_tokens,
+        return {"loss": stats.loss, self.objective.signal_name: stats.mean_signal, "loss_tokens": stats.loss_tokens,
                 "grad_norm": stats.grad_norm, "interactions": len(encoded), "skipped": skipped,
                 "retokenized": retokenized}
 
@@ -320,7 +473,8 @@ class OnlinePolicy:
                 continue
             followup = user.reply(messages, sample.text)
             out.append({"response": sample.text, "followup": followup,
-                        "update": self.observe(messages, sample.text, followup, sample.token_ids)})
+                        "update": self.observe(messages, sample.text, followup, sample.token_ids,
+                                               sample.logprobs)})
         return out
 
     def room(self) -> int:

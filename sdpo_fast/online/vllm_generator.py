@@ -3,6 +3,11 @@
 vLLM holds the frozen base model; the policy's LoRA adapter is written to disk after each update and passed
 with the next batch as a new `LoRARequest`, so every reply comes from the current weights. The update still
 scores the sampled ids with the training model (Hugging Face forward), as the paper's on-policy loop does.
+
+For importance clipping the engine runs with `logprobs_mode="processed_logprobs"` (vLLM's log-probs after
+temperature and the other processors, i.e. of the distribution it sampled from; its default, raw_logprobs, is the
+model's distribution before temperature) and each request asks for `logprobs=0` (the sampled token's log-prob
+only).
 """
 from __future__ import annotations
 
@@ -34,11 +39,13 @@ class VLLMGenerator:
     max_lora_rank: the policy's lora_r (vLLM is given the smallest rank it accepts above it, see
     `vllm_max_lora_rank`). gpu_memory_utilization: vLLM's share of the GPU; the rest is
     left to training. adapter_dir: where adapters are written (default: a new temporary directory).
-    engine_options: more `vllm.LLM` arguments (dtype, max_model_len, enforce_eager, ...).
+    engine_options: more `vllm.LLM` arguments (dtype, max_model_len, enforce_eager, ...). behavior_logprobs:
+    record the sampled tokens' log-probs (needed by a policy with importance_clip; needs a vLLM with the
+    logprobs_mode engine option, 0.10 and later).
     """
 
     def __init__(self, model: str, *, max_lora_rank: int, gpu_memory_utilization: float = 0.3, seed: int = 0,
-                 adapter_dir: str | Path | None = None, **engine_options):
+                 adapter_dir: str | Path | None = None, behavior_logprobs: bool = False, **engine_options):
         served_rank = vllm_max_lora_rank(max_lora_rank)
         try:
             import vllm
@@ -48,6 +55,11 @@ class VLLMGenerator:
         if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization < 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization!r}")
         self._vllm, self._lora_request = vllm, LoRARequest
+        self.behavior_logprobs = behavior_logprobs
+        if behavior_logprobs:
+            if engine_options.setdefault("logprobs_mode", "processed_logprobs") != "processed_logprobs":
+                raise ValueError("behavior_logprobs needs logprobs_mode 'processed_logprobs' (the log-probs of the "
+                                 f"distribution sampled from), got {engine_options['logprobs_mode']!r}")
         self.llm = vllm.LLM(model=str(model), enable_lora=True, max_lora_rank=served_rank,
                             gpu_memory_utilization=gpu_memory_utilization, seed=seed, **engine_options)
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else Path(tempfile.mkdtemp(prefix="sdpo-vllm-"))
@@ -75,13 +87,33 @@ class VLLMGenerator:
         return request
 
     def sample(self, policy, conversations: list[list[dict]], seed: int) -> list[Sample]:
-        """One reply per chat from the policy's current adapter; request i is seeded with seed + i."""
+        """One reply per chat from the policy's current adapter; request i is seeded with seed + i. The Samples
+        carry the sampled tokens' log-probs when the policy wants them (policy.wants_logprobs)."""
         config = policy.config
+        want = policy.wants_logprobs
+        if want and not self.behavior_logprobs:
+            raise ValueError("the policy has importance_clip but this VLLMGenerator records no log-probs: build it "
+                             "with behavior_logprobs=True")
         prompts = [self._vllm.TokensPrompt(prompt_token_ids=ids)
                    for ids in chat_prompt_ids(policy.tokenizer, conversations)]
+        extra = {"logprobs": 0} if want else {}
         params = [self._vllm.SamplingParams(temperature=config.temperature, max_tokens=config.max_new_tokens,
-                                            stop_token_ids=list(policy.stop_token_ids), seed=seed + i)
+                                            stop_token_ids=list(policy.stop_token_ids), seed=seed + i, **extra)
                   for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, lora_request=self.lora_request(policy), use_tqdm=False)
-        return [make_sample(policy.tokenizer, list(out.outputs[0].token_ids), policy.stop_token_ids)
+        return [make_sample(policy.tokenizer, list(out.outputs[0].token_ids), policy.stop_token_ids,
+                            sampled_logprobs(out.outputs[0]) if want else None)
                 for out in outputs]
+
+
+def sampled_logprobs(completion) -> list[float]:
+    """The log-prob of each sampled token of a vLLM CompletionOutput: `completion.logprobs` holds one
+    {token_id: Logprob} per token of `completion.token_ids` (with logprobs=0, the sampled one; with more, the top
+    ones besides). Values are capped at 0 (rounding)."""
+    ids, per_token = list(completion.token_ids), completion.logprobs
+    if per_token is None or len(per_token) != len(ids):
+        raise ValueError("vLLM returned no log-prob for some sampled tokens (was the request made with logprobs=0?)")
+    missing = [i for i, (t, entry) in enumerate(zip(ids, per_token)) if t not in entry]
+    if missing:
+        raise ValueError(f"vLLM's log-probs lack the sampled token at positions {missing[:5]}")
+    return [min(float(entry[t].logprob), 0.0) for t, entry in zip(ids, per_token)]

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from ..utils.files import replace_dir
+from .distributed import SHARDED_DIR, World, barrier, broadcast_object, full_state_dict, load_sharded, save_sharded
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "manifest.json"
 TEACHER_FILE = "teacher.safetensors"
+RNG_FILE = "rng-rank{rank}.pt"
 STALE_PATTERNS = (".checkpoint-*.tmp*", ".checkpoint-*.old*")
 """What an interrupted `save_checkpoint` can leave in output_dir (removed when a run starts)."""
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -46,8 +48,8 @@ def _sha256(path: Path) -> str:
 
 
 def _manifest(directory: Path) -> dict:
-    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    return {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
 
 
 def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
@@ -84,23 +86,42 @@ def latest_valid_checkpoint(output_dir: str | os.PathLike,
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, optimizer, scheduler,
-                    extra: dict, teacher_state: dict | None = None) -> Path:
+                    extra: dict, teacher_state: dict | None = None, world: World | None = None,
+                    weights_dtype: torch.dtype | None = None) -> Path:
     """Write output_dir/checkpoint-{step} atomically (built aside, then swapped in); returns its path.
 
     `extra` holds plain values (ints, floats, strings) describing the run position, stored with the state;
     teacher_state (name -> tensor, the ema/base teacher's own weights) goes to teacher.safetensors when non-empty.
     The manifest (sizes and SHA-256 of every file) is written last.
+
+    Under torchrun (`world`, every rank calls this): the trainable weights and optimizer state go sharded to
+    distributed/ (torch.distributed.checkpoint, every rank writing its shards), each rank's RNG to
+    rng-rank{r}.pt, and rank 0 writes the rest, with the weights gathered into one Hugging Face directory
+    (cast to `weights_dtype`) exactly as one process writes it.
     """
+    final = Path(output_dir) / f"checkpoint-{step}"
+    if world is not None and not world.main:
+        _write_rank_part(Path(broadcast_object(None)), model, optimizer, world)
+        barrier()  # rank 0 writes the manifest once every shard is on disk
+        barrier()  # rank 0 has swapped the checkpoint in
+        return final
+
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if world is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            broadcast_object(str(tmp))
+            weights = _write_rank_part(tmp, model, optimizer, world, weights_dtype)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if world is None else None,
             "scheduler": scheduler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "world_size": 1 if world is None else world.size,
             "extra": dict(extra),
         }
         with open(tmp / STATE_FILE, "wb") as f:
@@ -110,9 +131,27 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
 
             save_file({name: t.contiguous() for name, t in teacher_state.items()}, str(tmp / TEACHER_FILE))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        if world is not None:
+            barrier()
         (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": _manifest(tmp)}, indent=1))
 
-    return replace_dir(Path(output_dir) / f"checkpoint-{step}", write)
+    path = replace_dir(final, write)
+    if world is not None:
+        barrier()
+    return path
+
+
+def _write_rank_part(tmp: Path, model, optimizer, world: World, weights_dtype: torch.dtype | None = None) -> dict:
+    """This rank's share of a sharded checkpoint in `tmp`; returns the gathered weights (rank 0) or {}."""
+    save_sharded(tmp / SHARDED_DIR, model, optimizer)
+    torch.save({"rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / RNG_FILE.format(rank=world.rank))
+    return full_state_dict(model, weights_dtype, trainable_only=_is_peft(model))
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep: int, newest: Path) -> list[Path]:
@@ -138,6 +177,20 @@ def load_teacher_state(checkpoint: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def load_sharded_state(checkpoint: str | os.PathLike, model, optimizer, world: World | None) -> None:
+    """The sharded weights and optimizer state of a checkpoint written under torchrun, and this rank's RNG
+    (a rank the saving job did not have keeps its seeded RNG)."""
+    checkpoint = Path(checkpoint)
+    load_sharded(checkpoint / SHARDED_DIR, model, optimizer)
+    rng = checkpoint / RNG_FILE.format(rank=0 if world is None else world.rank)
+    if rng.is_file():
+        restore_rng(torch.load(rng, weights_only=True, map_location="cpu"))
+
+
+def is_sharded(checkpoint: str | os.PathLike) -> bool:
+    return (Path(checkpoint) / SHARDED_DIR).is_dir()
 
 
 def restore_rng(state: dict) -> None:

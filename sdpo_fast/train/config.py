@@ -74,6 +74,9 @@ class TrainConfig:
     signal_clip: float | None = None
     """Clamp each token's advantage to +-this (None: off)."""
     temperature: float = 1.0
+    importance_clip: float | None = None
+    """Weight each token's loss by min(pi(y_t) / mu(y_t), this), mu the sampler's probability from the data's
+    assistant "logprobs" (every interaction needs them; None: off)."""
     teacher: str = "live"
     """live (current weights, prefix K/V reused), ema or base (own teacher pass; see train/teachers.py)."""
     teacher_ema_rate: float = 0.05
@@ -141,6 +144,8 @@ class TrainConfig:
     optimizer_in_backward: bool = False
     """Each parameter's update runs in backward as its gradient arrives, and the gradient is freed (train/optim.py);
     max_grad_norm then clips each parameter's gradient on its own."""
+    dist_timeout_minutes: float = 30.0
+    """Under torchrun: how long a rank waits in a collective for the others before the run fails."""
     offload_optimizer: bool = False
     """Optimizer state and fp32 master weights in CPU memory (torchao's CPUOffloadOptimizer; CUDA, adamw); each
     gradient leaves the GPU as it arrives, so max_grad_norm is not applied."""
@@ -178,7 +183,7 @@ class TrainConfig:
         check_number("weight_decay", self.weight_decay)
         if self.temperature < MIN_TEMPERATURE:
             raise ValueError(f"temperature must be >= {MIN_TEMPERATURE}, got {self.temperature!r}")
-        for key in ("max_grad_norm", "signal_clip"):
+        for key in ("max_grad_norm", "signal_clip", "importance_clip"):
             check_number(key, getattr(self, key), positive=True, optional=True)
         for key, high in (("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
             check_number(key, getattr(self, key))
@@ -210,9 +215,11 @@ class TrainConfig:
             raise ValueError("offload_optimizer already overlaps the update with backward; unset optimizer_in_backward")
         if self.load_in_4bit and not self.lora_r:
             raise ValueError("load_in_4bit (QLoRA) trains adapters only: set lora_r > 0")
-        if self.loss == "sft" and self.signal_clip is not None:
-            raise ValueError("signal_clip applies to loss 'sdpo' only; unset it for loss 'sft'")
+        for key in ("signal_clip", "importance_clip"):
+            if self.loss == "sft" and getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to loss 'sdpo' only; unset it for loss 'sft'")
         check_number("save_minutes", self.save_minutes, positive=True, optional=True)
+        check_number("dist_timeout_minutes", self.dist_timeout_minutes, positive=True)
         check_int("save_total_limit", self.save_total_limit, 1, optional=True)
         return self
 
@@ -251,7 +258,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(key), str):
             out[key] = [m.strip() for m in out[key].split(",") if m.strip()]
     for key in ("lr", "weight_decay", "warmup_ratio", "temperature", "max_grad_norm", "signal_clip",
-                "lora_alpha", "lora_dropout", "save_minutes"):
+                "importance_clip", "lora_alpha", "lora_dropout", "save_minutes", "dist_timeout_minutes"):
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = float(out[key])
         if isinstance(out.get(key), str):  # YAML reads "2e-6" as a string
@@ -263,7 +270,8 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """The mapping in a YAML config file (keys as in TrainConfig)."""
+    """The mapping in a YAML config file, its keys' dashes read as underscores (TrainConfig's or OnlineConfig's
+    field names)."""
     import yaml
 
     path = Path(path)

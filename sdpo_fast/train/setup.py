@@ -169,7 +169,7 @@ def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
             except ImportError:
                 raise ValueError(NO_BNB) from None
             return bitsandbytes.optim.AdamW8bit(group, lr=lr, weight_decay=weight_decay)
-        fused = all(p.device.type == "cuda" for p in group)
+        fused = all(p.device.type == "cuda" and not hasattr(p, "placements") for p in group)  # DTensors: foreach
         return torch.optim.AdamW(group, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
     return with_master_weights(params, build) if needs_master_weights(params) else build(params)
@@ -185,18 +185,21 @@ def build_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: 
     return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
-def load_model_and_tokenizer(config, checkpoint: Path | None = None):
+def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: torch.device | None = None,
+                             dtype: torch.dtype | None = None):
     """The model a `TrainConfig` trains (LoRA-wrapped if lora_r > 0, weights from `checkpoint` when resuming)
-    and its tokenizer. model None: the bundled tiny Qwen3."""
+    and its tokenizer. model None: the bundled tiny Qwen3. device / dtype: where and in what the weights load
+    (default: config.device's device and config.dtype)."""
     if config.lora_r and not importable("peft"):
         raise ValueError(NO_PEFT)
-    device = resolve_device(config.device)
+    compute_device = resolve_device(config.device)
+    device = device or compute_device
     if config.load_in_4bit and (device.type != "cuda" or not importable("bitsandbytes")):
         raise ValueError("load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
                          "use lora_r without load_in_4bit instead")
     if config.use_liger and (device.type != "cuda" or not importable("liger_kernel")):
         raise ValueError("use_liger needs a CUDA GPU and liger-kernel (pip install liger-kernel)")
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = dtype or resolve_dtype(config.dtype, compute_device)
     torch.manual_seed(config.seed)  # LoRA adapters are initialized from the global RNG
     name = config.model or str(tiny_model_path())
     full_weights = str(checkpoint) if checkpoint is not None and not config.lora_r else name
@@ -205,7 +208,7 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None):
                        load_in_4bit=config.load_in_4bit)
     if config.use_liger:
         apply_liger_kernels(model)
-    if config.checkpointing_on(device.type):
+    if config.checkpointing_on(compute_device.type):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r:
         if checkpoint is not None:

@@ -6,6 +6,7 @@ taken in one piece (exact accumulation). Statistics stay on the device until the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -13,8 +14,9 @@ import torch
 
 from ..constants import IGNORE_INDEX
 from ..loss import LossInputs, Objective
-from ..model import EncodedInteraction, forward_micro_batch, micro_batch_indices
+from ..model import EncodedInteraction, forward_micro_batch
 from ..utils.device import upload
+from .distributed import ShardedRoot, World, all_reduce_sum, full_tensor, rank_micro_batches
 
 
 @dataclass(frozen=True)
@@ -75,48 +77,81 @@ def read_totals(totals: torch.Tensor) -> list[float]:
     return totals.cpu().tolist()
 
 
+def micro_batch_output(model, encoded: list[EncodedInteraction], weights: list[float], objective: Objective,
+                       options: StepOptions, own_teacher: tuple | None):
+    """The objective's output over one micro-batch: student pass, teacher pass (or the `own_teacher` (hidden,
+    lm_head weight) of an ema/base teacher), loss with per-interaction token weights `weights`."""
+    mb = forward_micro_batch(model, encoded, prefix_reuse=options.prefix_reuse and own_teacher is None,
+                             attn_backend=options.attn_backend,
+                             teacher=objective.needs_teacher and own_teacher is None)
+    if own_teacher is not None:
+        mb = dataclasses.replace(mb, teacher_hidden=own_teacher[0], teacher_lm_head_weight=own_teacher[1])
+    seq = mb.sequence_index
+    targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
+    token_weights = upload(weights, torch.float32, seq.device)[seq]
+    return objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets, token_weights, seq,
+                                mb.teacher_hidden, mb.teacher_lm_head_weight, mb.behavior_logprobs))
+
+
+def check_behavior_logprobs(objective: Objective, batch: list[EncodedInteraction]) -> None:
+    """ValueError when the objective clips importance ratios and an interaction has no behavior_logprobs."""
+    if getattr(objective, "importance_clip", None) is not None:
+        missing = sum(e.behavior_logprobs is None for e in batch)
+        if missing:
+            raise ValueError(f"importance_clip is set but {missing} of the step's {len(batch)} interactions have no "
+                             "behavior_logprobs (the sampler's log-probs of their completion tokens)")
+
+
 def train_step(model, batch: list[EncodedInteraction], objective: Objective, optimizer, scheduler,
-               options: StepOptions, teacher=None) -> StepStats:
+               options: StepOptions, teacher=None, world: World | None = None) -> StepStats:
     """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads.
 
     teacher: a `teachers.Teacher` (None: the live teacher); an ema or base one runs its own teacher pass and is
-    updated after the optimizer step."""
+    updated after the optimizer step. An objective with importance_clip needs every interaction's
+    behavior_logprobs (ValueError before any pass otherwise). world: under torchrun, `model` is a `ShardedRoot`
+    and this rank runs its share of `batch` (token weights still from the whole batch; statistics summed over
+    ranks)."""
+    check_behavior_logprobs(objective, batch)
     own_teacher = teacher is not None and not teacher.live and objective.needs_teacher
     counts = loss_token_counts(batch, options.ignore_first_k)
     in_backward = hasattr(optimizer, "take_grad_norm")
     weights = interaction_weights(counts, options.aggregation)
+    groups = rank_micro_batches(batch, counts, options.micro_batch_tokens, world)
+    ranks = 1 if world is None else world.size
+    weights = [w * ranks for w in weights]  # FSDP2 averages gradients over ranks: their sum is wanted
+    run = model if isinstance(model, ShardedRoot) else functools.partial(_run, model)
     sums = []
-    groups = [g for g in micro_batch_indices(batch, options.micro_batch_tokens) if any(counts[i] for i in g)]
-    for k, group in enumerate(groups):
+    for k, (group, padding) in enumerate(groups):
         encoded = [batch[i] for i in group]
         own = teacher.hidden_states(encoded, options.attn_backend) if own_teacher else None
-        mb = forward_micro_batch(model, encoded, prefix_reuse=options.prefix_reuse and not own_teacher,
-                                 attn_backend=options.attn_backend, teacher=objective.needs_teacher and not own_teacher)
-        if own is not None:
-            mb = dataclasses.replace(mb, teacher_hidden=own[0], teacher_lm_head_weight=own[1])
-        seq = mb.sequence_index
-        targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
-        token_weights = upload([weights[i] for i in group], torch.float32, seq.device)[seq]
-        out = objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets, token_weights, seq,
-                                   mb.teacher_hidden, mb.teacher_lm_head_weight))
+        out = run(micro_batch_output, encoded, [0.0 if padding else weights[i] for i in group], objective,
+                  options, own)
         if in_backward:  # the optimizer steps from the gradient hooks of the step's last backward (train/optim.py)
             optimizer.final_backward = k == len(groups) - 1
         out.loss.backward()
-        signal = out.signal.masked_fill(~out.mask, 0.0)
-        sums.append(torch.stack([out.loss.detach().double(), signal.sum().double(),
-                                 ((signal > 0) & out.mask).sum().double()]))
+        if not padding:
+            signal = out.signal.masked_fill(~out.mask, 0.0)
+            sums.append(torch.stack([out.loss.detach().double(), signal.sum().double(),
+                                     ((signal > 0) & out.mask).sum().double()]))
     if in_backward:
         norm = optimizer.take_grad_norm()
     else:
         params = [p for group in optimizer.param_groups for p in group["params"]]  # fp32 masters under bf16
-        norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf)
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or math.inf))
     optimizer.step()
     if own_teacher:
         teacher.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     totals = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64, device=norm.device)
+    if world is not None:
+        totals = all_reduce_sum(totals) / torch.tensor([ranks, 1, 1], dtype=torch.float64, device=totals.device)
     loss_sum, signal_sum, positive, grad_norm = read_totals(torch.cat([totals, norm.detach().double()[None]]))
-    run = [len(e.student_input_ids) + (len(e.teacher_input_ids) if objective.needs_teacher else 0) for e in batch]
-    return StepStats(loss=loss_sum, tokens=sum(run), loss_tokens=sum(counts), signal_sum=signal_sum,
+    run_tokens = [len(e.student_input_ids) + (len(e.teacher_input_ids) if objective.needs_teacher else 0)
+                  for e in batch]
+    return StepStats(loss=loss_sum, tokens=sum(run_tokens), loss_tokens=sum(counts), signal_sum=signal_sum,
                      positive=int(positive), grad_norm=grad_norm)
+
+
+def _run(model, fn, *args):
+    return fn(model, *args)

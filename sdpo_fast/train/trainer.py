@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -24,29 +25,32 @@ import torch
 
 from ..data import EncodedInteraction, encode_interactions, load_interactions
 from ..demo.assets import tiny_model_path, tiny_sample_path
-from ..loss import Objective, make_objective, resolve_backend
+from ..loss import Objective, distillation_objective, make_objective, resolve_backend
 from ..model.attention import check_backend as check_attn_backend
 from ..utils.files import disk_error, write_text_atomic
 from ..utils.signals import Interrupted, deferred_signals
-from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, checkpoint_problem, latest_checkpoint, latest_valid_checkpoint,
-                         load_teacher_state, load_trainer_state, restore_rng, rotate_checkpoints, save_checkpoint)
+from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, checkpoint_problem, is_sharded, latest_checkpoint,
+                         latest_valid_checkpoint, load_sharded_state, load_teacher_state, load_trainer_state,
+                         restore_rng, rotate_checkpoints, save_checkpoint)
 from .config import TrainConfig, load_yaml, save_config
+from .distributed import (World, any_rank, barrier, broadcast_object, check_distributed, close_world, init_world,
+                          launched_world, shard_model)
 from .optim import OptimizerInBackward, offload_optimizer
 from .reporting import Reporters, check_reporters
 from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer, load_tokenizer
-from .setup import check_model_source, resolve_device
+from .setup import check_model_source, resolve_device, resolve_dtype
 from .step import StepOptions, train_step
 from .teachers import Teacher
 
 CHANGEABLE_ON_RESUME = ("lr", "epochs", "max_steps", "weight_decay", "max_grad_norm", "micro_batch_tokens",
                         "save_steps", "save_minutes", "save_total_limit", "logging_steps", "report_to",
                         "gradient_checkpointing", "prefix_reuse", "attn_backend", "loss_backend", "device",
-                        "use_liger")
+                        "use_liger", "dist_timeout_minutes")
 """Options `--resume` may change: applied from the resumed step on (lr and weight_decay replace the saved
 optimizer's; epochs/max_steps re-shape the schedule to the new total) and recorded."""
 NOT_COMPARED_ON_RESUME = ("output_dir", "resume", "preset")
 """Every other option (model, data, data filters and token limits, seed, shuffle, batch_size, loss, aggregation,
-ignore_first_k, temperature, signal_clip, optimizer, schedule, warmup_ratio, LoRA settings, dtype,
+ignore_first_k, temperature, signal_clip, importance_clip, optimizer, schedule, warmup_ratio, LoRA settings, dtype,
 load_in_4bit, trust_remote_code, and any option added later) is fixed: a resume that changes one is refused."""
 _PROBE = "Hello, world"
 
@@ -73,15 +77,11 @@ def objective_of(config: TrainConfig) -> Objective:
     """The objective `config.loss` names, with its options."""
     if config.loss == "sft":
         return make_objective("sft")
-    if config.distillation_mode == "full_logits":
-        return make_objective("full_logits", alpha=config.distillation_alpha, temperature=config.temperature,
-                              backend=config.loss_backend)
-    if config.distillation_mode == "topk_logits":
-        return make_objective("topk_logits", alpha=config.distillation_alpha, topk=config.distillation_topk,
-                              add_tail=config.distillation_add_tail, temperature=config.temperature,
-                              backend=config.loss_backend)
-    return make_objective("sdpo", temperature=config.temperature, signal_clip=config.signal_clip,
-                          backend=config.loss_backend)
+    return distillation_objective(config.distillation_mode, temperature=config.temperature,
+                                  alpha=config.distillation_alpha, topk=config.distillation_topk,
+                                  add_tail=config.distillation_add_tail, signal_clip=config.signal_clip,
+                                  importance_clip=config.importance_clip,
+                                  backend=config.loss_backend)
 
 
 def make_optimizer(params: list, config: TrainConfig):
@@ -124,6 +124,18 @@ def load_encoded_data(config: TrainConfig, tokenizer) -> tuple[list[EncodedInter
         raise ValueError(f"data {str(source)!r}: {empty} interactions encode to zero prompt or completion tokens; "
                          "the tokenizer does not encode this text (check the model directory's tokenizer files)")
     return encoded, counts
+
+
+def check_behavior_logprobs(config: TrainConfig, encoded: list[EncodedInteraction]) -> None:
+    """With importance_clip, ValueError unless every encoded interaction has the sampler's log-probs."""
+    if config.importance_clip is None:
+        return
+    missing = sum(e.behavior_logprobs is None for e in encoded)
+    if missing:
+        raise ValueError(f"importance_clip needs the sampler's log-probs of every completion, but {missing} of the "
+                         f"{len(encoded)} encoded interactions have none: give each assistant message \"token_ids\" "
+                         "and \"logprobs\" (one per token, as a vLLM/TRL rollout log holds them), or unset "
+                         "importance_clip")
 
 
 def describe_counts(counts: dict) -> str:
@@ -234,17 +246,27 @@ class Trainer:
 
     resume_from: with config.resume, the checkpoint to continue from ("latest": the newest valid one; None:
     step 0). data_counts: what the data loader read (logged with the run's start). changes: options changed
-    on resume ({option: [saved, new]}), recorded."""
+    on resume ({option: [saved, new]}), recorded. world: under torchrun, this rank (see train/distributed.py):
+    the model is sharded with FSDP2 here, each step's interactions are split over the ranks, and rank 0 alone
+    logs, shows progress and writes everything but the shards of checkpoints."""
 
     def __init__(self, config: TrainConfig, model, tokenizer, encoded: list[EncodedInteraction], *,
                  resume_from: Path | str | None = "latest", data_counts: dict | None = None,
-                 changes: dict | None = None, log=_say):
+                 changes: dict | None = None, log=_say, world: World | None = None):
         if not encoded:
             raise ValueError("no interactions to train on")
         self.config, self.model, self.tokenizer, self.encoded = config, model, tokenizer, encoded
+        self.world, self.main = world, world is None or world.main
         self.output_dir = Path(config.output_dir or default_output_dir())
         self.total_steps = total_steps(len(encoded), config)
         self.steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+        self.weights_dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+        if world is not None:
+            check_distributed(config)
+            compute = None if self.weights_dtype == torch.float32 else self.weights_dtype
+            self.runner = shard_model(model, param_dtype=compute, reduce_dtype=torch.float32)
+        else:
+            self.runner = model
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.warmup_ratio, self.total_steps)
         self.objective, self.step_options = objective_of(config), step_options(config)
@@ -257,9 +279,17 @@ class Trainer:
 
     def _prepare_output_dir(self) -> None:
         if self.resume_from == "latest":
-            self.resume_from = latest_valid_checkpoint(self.output_dir, warn=lambda m: self.log(f"warning: {m}"))
+            found = latest_valid_checkpoint(self.output_dir, warn=lambda m: self.log(f"warning: {m}")) \
+                if self.main else None
+            self.resume_from = found if self.world is None else broadcast_object(found)
         if self.resume_from is not None:
             self._restore(Path(self.resume_from))
+        if self.main:
+            self._write_run_files()
+        if self.world is not None:
+            barrier()
+
+    def _write_run_files(self) -> None:
         if self.config.resume:
             self._set_aside_newer_checkpoints()
         elif self.output_dir.exists() and any(_entries(self.output_dir)):
@@ -306,7 +336,11 @@ class Trainer:
             listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differ.items())
             raise ValueError(f"resume: checkpoint {str(ckpt)!r} belongs to another run ({listed}); the data or its "
                              "settings changed: use the same data, or start a new run in another --output-dir")
-        self.optimizer.load_state_dict(state["optimizer"])
+        check_resumable(ckpt, self.world)
+        if is_sharded(ckpt):
+            load_sharded_state(ckpt, self.model, self.optimizer, self.world)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule's shape comes from this run's options (total steps may have changed), its peak lr and the
         # weight decay from this run's config: the saved optimizer's values are replaced.
@@ -316,7 +350,8 @@ class Trainer:
             group["lr"] = self.config.lr * factor(self.scheduler.last_epoch)
             group["weight_decay"] = self.config.weight_decay
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        restore_rng(state)
+        if not is_sharded(ckpt):
+            restore_rng(state)
         if self.teacher is not None:
             self.teacher.load_state_dict(load_teacher_state(ckpt))
         self.step = self._saved_step = state["step"]
@@ -324,9 +359,10 @@ class Trainer:
     def save(self) -> Path:
         path = save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, self.optimizer,
                                self.scheduler, self._position(),
-                               teacher_state=self.teacher.state_dict() if self.teacher is not None else None)
+                               teacher_state=self.teacher.state_dict() if self.teacher is not None else None,
+                               world=self.world, weights_dtype=self.weights_dtype)
         self._saved_step, self._last_save = self.step, time.monotonic()
-        if self.config.save_total_limit:
+        if self.config.save_total_limit and self.main:
             rotate_checkpoints(self.output_dir, self.config.save_total_limit, path)
         return path
 
@@ -343,9 +379,15 @@ class Trainer:
         return bool((cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == self.total_steps
                     or (cfg.save_minutes and time.monotonic() - self._last_save >= cfg.save_minutes * 60))
 
-    def _interrupt(self, signum: int) -> Interrupted:
-        import signal
+    def _agreed(self, interrupted: bool, due: bool) -> tuple[bool, bool]:
+        """(interrupted, save due) as every rank will act on them: OR-ed over the ranks under torchrun (a signal
+        or the save clock may reach the ranks at different steps)."""
+        if self.world is None:
+            return interrupted, due
+        interrupted, due = any_rank([interrupted, due], self.optimizer.param_groups[0]["params"][0].device)
+        return interrupted, due
 
+    def _interrupt(self, signum: int) -> Interrupted:
         name = signal.Signals(signum).name
         if self.step and self._saved_step != self.step:
             self.save()
@@ -362,6 +404,8 @@ class Trainer:
             self._prepare_output_dir()
             if self.resume_from is None:
                 torch.manual_seed(self.config.seed)
+            if not self.main:
+                self.log = lambda message: None
             if self.data_counts is not None:
                 self.log(describe_counts(self.data_counts))
             if self.changes:
@@ -371,17 +415,18 @@ class Trainer:
             cfg, start, first, last = self.config, time.perf_counter(), None, None
             tokens = 0
             bar = tqdm(total=self.total_steps, initial=self.step, desc=f"sdpo-fast train ({cfg.loss})",
-                       unit="step", disable=not progress, dynamic_ncols=True)
-            reporters = Reporters(cfg.report_to, self.output_dir, cfg.to_dict())
+                       unit="step", disable=not (progress and self.main), dynamic_ncols=True)
+            reporters = Reporters(cfg.report_to if self.main else [], self.output_dir, cfg.to_dict())
             try:
-                with open(self.output_dir / "metrics.jsonl", "a") as metrics:
+                with open(self.output_dir / "metrics.jsonl", "a") if self.main else open(os.devnull, "w") as metrics:
+                    stop = self._agreed(signals.received is not None, False)[0]
                     for step, batch in self.batches():
-                        if signals.received is not None:
-                            raise self._interrupt(signals.received)
+                        if stop:
+                            raise self._interrupt(signals.received or signal.SIGTERM)
                         t0 = time.perf_counter()
                         lr = self.scheduler.get_last_lr()[0]
-                        stats = train_step(self.model, batch, self.objective, self.optimizer, self.scheduler,
-                                           self.step_options, teacher=self.teacher)
+                        stats = train_step(self.runner, batch, self.objective, self.optimizer, self.scheduler,
+                                           self.step_options, teacher=self.teacher, world=self.world)
                         self.step, seconds = step + 1, time.perf_counter() - t0
                         if not math.isfinite(stats.loss):
                             raise ValueError(f"the loss is {stats.loss} at step {self.step} (non-finite weights, "
@@ -404,7 +449,8 @@ class Trainer:
                         if self.step % cfg.logging_steps == 0:
                             bar.set_postfix(_postfix(last), refresh=False)
                         bar.update()
-                        if self._due():
+                        stop, due = self._agreed(signals.received is not None, self._due())
+                        if due:
                             self.save()
                         if stop_after is not None and self.step >= stop_after:
                             break
@@ -465,14 +511,32 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     output directory. `log` receives the one-line notes (data counts, warnings); default stderr.
     """
     config.validate()
+    world = launched_world()
+    if world is not None:
+        check_distributed(config)
+        world = init_world(resolve_device(config.device), config.dist_timeout_minutes)
+        log = log if world.main else (lambda message: None)
+    try:
+        return _train(config, world, progress, stop_after, log)
+    finally:
+        if world is not None:
+            close_world()
+
+
+def _train(config: TrainConfig, world: World | None, progress: bool, stop_after: int | None, log) -> dict:
     if config.output_dir is None:
-        config.output_dir = default_output_dir()
+        config.output_dir = default_output_dir() if world is None else broadcast_object(default_output_dir())
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, config.resume)
     changes, ckpt = {}, None
     if config.resume:
         changes = resume_changes(config, output_dir)
-        ckpt = latest_valid_checkpoint(output_dir, warn=lambda m: log(f"warning: {m}"))
+        ckpt = latest_valid_checkpoint(output_dir, warn=lambda m: log(f"warning: {m}")) \
+            if world is None or world.main else None
+        if world is not None:
+            ckpt = broadcast_object(ckpt)
+        if ckpt is not None:
+            check_resumable(ckpt, world)
         if ckpt is None:
             log(f"resume: no checkpoint in {str(output_dir)!r} yet; starting from step 0")
         elif latest_checkpoint(output_dir) != ckpt:
@@ -486,8 +550,26 @@ def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None 
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     check_tokenizer(tokenizer, name)
     encoded, counts = load_encoded_data(config, tokenizer)
+    check_behavior_logprobs(config, encoded)
     check_memory(config)
-    model, tokenizer = load_model_and_tokenizer(config, ckpt)
+    if world is None:
+        model, tokenizer = load_model_and_tokenizer(config, ckpt)
+    else:  # every rank loads on the CPU, FSDP2 keeps its shard on its device; trained weights stay fp32 (masters)
+        barrier()
+        model, tokenizer = load_model_and_tokenizer(config, ckpt, device=torch.device("cpu"),
+                                                    dtype=None if config.lora_r else torch.float32)
     trainer = Trainer(config, model, tokenizer, encoded, resume_from=ckpt, data_counts=counts, changes=changes,
-                      log=log)
+                      log=log, world=world)
     return trainer.fit(progress=progress, stop_after=stop_after)
+
+
+def check_resumable(checkpoint: Path, world: World | None) -> None:
+    """ValueError when `checkpoint` was written by a job of the other kind (one process vs torchrun): a sharded
+    checkpoint resumes under torchrun with any number of processes, a one-process one in one process."""
+    if is_sharded(checkpoint) and world is None:
+        raise ValueError(f"resume: {str(checkpoint)!r} holds a sharded (torchrun) training state; resume it under "
+                         "torchrun (any --nproc-per-node >= 2), or start a new run from its weights with "
+                         f"--model {str(checkpoint)}")
+    if not is_sharded(checkpoint) and world is not None:
+        raise ValueError(f"resume: {str(checkpoint)!r} was written by one process; resume it without torchrun, "
+                         f"or start a new torchrun run from its weights with --model {str(checkpoint)}")

@@ -93,7 +93,7 @@ def replace_dir(final: str | os.PathLike, write: Callable[[Path], None], *, tag:
         if mode is not None:
             os.chmod(tmp, mode)
         write(tmp)
-        for path in tmp.iterdir():
+        for path in tmp.rglob("*"):
             if path.is_file():
                 fsync_file(path)
         if final.exists():

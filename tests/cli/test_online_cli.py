@@ -43,6 +43,24 @@ def test_two_phase_experiments_on_the_tiny_model(tmp_path, experiment, personas,
     assert (out / f"{name}.png").is_file()
 
 
+def test_curve_with_importance_clip_weights_updates_by_the_samplers_logprobs(tmp_path, monkeypatch):
+    from sdpo_fast.loss.objectives import sdpo as objective_module
+
+    calls, original = [], objective_module.sdpo_loss
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["importance_clip"], kwargs["behavior_logprobs"], args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "sdpo_loss", spy)
+    assert main(["online", "curve", "--interactions", "2", "--eval-every", "2", "--eval-prompts", "2",
+                 "--max-new-tokens", "4", "--update-every", "2", "--lora-r", "4", "--importance-clip", "1.5",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    assert calls and all(clip == 1.5 for clip, _, _ in calls)
+    for _, behavior, targets in calls:  # the sampler's log-probs of every target token
+        assert behavior.shape == targets.shape and bool((behavior < 0).all())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["online", "curve", "--persona", "nobody"], "--persona 'nobody' is not defined"),
     (["online", "curve", "--persona", "no-emojis,structured"], "--persona must name one persona"),
@@ -51,10 +69,47 @@ def test_two_phase_experiments_on_the_tiny_model(tmp_path, experiment, personas,
     (["online", "curve", "--judge", "hf"], "--judge hf needs --judge-model"),
     (["online", "curve", "--lora-r", "0"], "--lora-r must be >= 1"),
     (["online", "demo", "--update-every", "0"], "update_every must be an integer >= 1"),
+    (["online", "curve", "--distillation-mode", "full_logits", "--signal-clip", "2"],
+     "signal_clip applies to distillation_mode sampled_token only"),
+    (["online", "flip", "--distillation-alpha", "0.5"], "distillation_alpha must be 1 with distillation_mode"),
+    (["online", "sequential", "--teacher", "ema", "--teacher-ema-rate", "0"], "teacher_ema_rate must be"),
+    (["online", "curve", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["online", "curve", "--importance-clip", "0"], "importance_clip must be a finite number > 0"),
 ])
 def test_bad_arguments_are_reported(argv, message, tmp_path, capsys):
     assert main(argv + ["--output-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def _parsed_config(argv, **defaults):
+    from sdpo_fast.cli import build_parser
+    from sdpo_fast.cli.online import _config
+
+    return _config(build_parser().parse_args(argv), **defaults)
+
+
+def test_config_file_precedence_and_unknown_keys(tmp_path, capsys):
+    """defaults < --preset < --config file < flags; file keys with dashes or underscores; unknown keys rejected
+    with the valid ones listed, before anything is loaded."""
+    path = tmp_path / "online.yaml"
+    path.write_text("lr: 1e-4\nupdate-every: 3\nteacher: ema\ndistillation_mode: topk_logits\n"
+                    "distillation-alpha: 0.5\nseed: 9\n")
+    config = _parsed_config(["online", "curve", "--preset", "paper-personalization", "--config", str(path),
+                             "--update-every", "5", "--distillation-topk", "7", "--no-distillation-add-tail"])
+    assert (config.lr, config.update_every, config.teacher, config.distillation_mode, config.distillation_alpha) == \
+        (1e-4, 5, "ema", "topk_logits", 0.5)
+    assert (config.lora_r, config.max_new_tokens, config.seed) == (64, 258, 9)  # preset, preset, file
+    assert (config.distillation_topk, config.distillation_add_tail, config.resolved_signal_clip) == (7, False, None)
+    from sdpo_fast.demo import online_demo_settings
+
+    demo = _parsed_config(["online", "demo", "--config", str(path), "--seed", "2"], **online_demo_settings(False))
+    assert (demo.lora_r, demo.lr, demo.seed) == (8, 1e-4, 2)  # demo setting, file, flag
+    path.write_text("learning_rate: 1e-4\n")
+    out = tmp_path / "out"
+    assert main(["online", "curve", "--config", str(path), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config file key(s) ['learning_rate']" in err and "valid keys: update_every, lr" in err
+    assert not out.exists()
 
 
 def test_vllm_generation_without_vllm_is_reported_before_loading(tmp_path, capsys, monkeypatch):

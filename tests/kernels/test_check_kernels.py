@@ -26,26 +26,32 @@ def sass_opcodes(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("arch,mma", [("sm_90", "HGMMA"), ("sm_80", "HMMA")])
 def test_fused_path_lowers_to_tensor_cores_with_async_copies(arch, mma, tmp_path):
-    """Every 16-bit kernel of one loss step at d=4096, V=151936: the tensor-core instruction of the arch, async
-    copies, a software pipeline, no spills; read back from the SASS files --sass writes."""
+    """Every 16-bit kernel of one loss step at d=4096, V=151936 (sampled_token's, and the logit modes'
+    chunk_logits and their grad_weight chunks): the tensor-core instruction of the arch, async copies, a software
+    pipeline, no spills; read back from the SASS files --sass writes (a kernel's second specialization: _v1)."""
     out = check_kernels("--arch", arch, "--dtype", SIXTEEN_BIT, "--shape", "1024,4096,151936", "--sass", str(tmp_path))
     rows = out["kernels"]
-    assert {r["kernel"] for r in rows} == {"lse_gather_kernel", "grad_logits_kernel", "grad_weight_kernel"}
+    assert {r["kernel"] for r in rows} == {"lse_gather_kernel", "grad_logits_kernel", "grad_weight_kernel",
+                                           "chunk_logits_kernel"}
     assert {r["dtype"] for r in rows} == {"bf16", "fp16"}
+    variants = {}
     for row in rows:
         assert row["mma"] == mma and ("LDGSTS" in row["async_copies"] or "UTMALDG" in row["async_copies"]), row
         assert row["pipeline_stages"] >= 2 and row["stack_bytes"] == row["local_bytes"] == 0, row
         assert row["fits_shared"] and row["programs_per_sm"] >= 1, row
         assert "hidden_dim=i32:16" in row["signature"] and "stride_hd=1" in row["signature"], row
         name = row["kernel"].removesuffix("_kernel")
-        opcodes = sass_opcodes(tmp_path / f"{name}_{row['dtype']}_sm{arch[3:]}.sass")
+        variant = variants[name, row["dtype"]] = variants.get((name, row["dtype"]), -1) + 1
+        opcodes = sass_opcodes(tmp_path / (f"{name}_{row['dtype']}_sm{arch[3:]}" + (f"_v{variant}" if variant else "")
+                                           + ".sass"))
         assert mma in opcodes and opcodes & {"LDGSTS", "UTMALDG"}, (name, sorted(opcodes)[:40])
         assert not opcodes & {"STL", "LDL"}, name  # no local-memory traffic (spills)
 
 
 def test_integer_specialization_follows_the_jit(tmp_path):
     """Sizes divisible by 16 get the divisibility flag, others not; a size-1 dimension becomes a constant;
-    an uneven last backward chunk is a second specialization of the backward kernels."""
+    an uneven last backward chunk is a second specialization of the backward kernels; the logit modes' chunk_logits
+    runs over chunks of as many rows as 8 fp32 (rows, V) buffers fit in the workspace budget."""
     script = tmp_path / "bind.py"
     script.write_text('''
 import json, torch
@@ -71,12 +77,15 @@ print(json.dumps(rows))
         for name in names:
             assert name in spec, (kernel, summary)
         value_of = {"lse_gather_kernel": dict(zip(names, args[5:8])), "grad_logits_kernel": dict(zip(names, args[6:9])),
-                    "grad_weight_kernel": dict(zip(names, args[3:6]))}[kernel]
+                    "grad_weight_kernel": dict(zip(names, args[3:6])),
+                    "chunk_logits_kernel": dict(zip(names, args[3:6]))}[kernel]
         for name, value in value_of.items():
             want = "1" if value == 1 else ("i32:16" if value % 16 == 0 else "i32")
             assert spec[name] == want, (shape, kernel, name, value, summary)
     backward_1000 = [r for r in rows if r[0] == [1000, 4096, 151936] and r[1] == "grad_weight_kernel"]
     assert sorted(r[3][3] for r in backward_1000) == [232, 768]
+    logits_rows = {tuple(r[0]): r[3][3] for r in rows if r[1] == "chunk_logits_kernel"}
+    assert logits_rows == {(1000, 4096, 151936): (256 << 20) // (8 * 4 * 151936), (300, 4095, 1001): 300, (8, 1, 7): 8}
 
 
 @pytest.mark.slow

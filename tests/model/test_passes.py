@@ -309,3 +309,22 @@ def test_cuda_fp32_checkpointed_student_pass_and_liger(encoded):
         batch = forward_micro_batch(model, encoded, attn_backend="sdpa")
         got = reference_token_logprobs(batch.student_hidden, batch.lm_head_weight, batch.target_ids)
         torch.testing.assert_close(got.detach().cpu(), expected, atol=1e-3, rtol=0)
+
+
+def test_behavior_logprobs_are_packed_aligned_with_the_targets(encoded):
+    import dataclasses
+
+    with_mu = [dataclasses.replace(e, behavior_logprobs=[-(i + 1) - k / 100 for k in range(len(e.completion_ids))])
+               for i, e in enumerate(encoded)]
+    with torch.no_grad():
+        mb = forward_micro_batch(_model("qwen3"), with_mu)
+        assert forward_micro_batch(_model("qwen3"), encoded).behavior_logprobs is None
+    assert mb.behavior_logprobs.dtype == torch.float32 and mb.behavior_logprobs.shape == mb.target_ids.shape
+    for target, seq, pos, mu in zip(mb.target_ids.tolist(), mb.sequence_index.tolist(),
+                                    mb.position_in_completion.tolist(), mb.behavior_logprobs.tolist()):
+        assert target == with_mu[seq].completion_ids[pos] and mu == pytest.approx(with_mu[seq].behavior_logprobs[pos])
+    with pytest.raises(ValueError, match="mixes interactions with and without behavior_logprobs"):
+        forward_micro_batch(_model("qwen3"), [with_mu[0], encoded[1]])
+    short = dataclasses.replace(with_mu[0], behavior_logprobs=with_mu[0].behavior_logprobs[:-1])
+    with pytest.raises(ValueError, match=r"encoded\[0\].behavior_logprobs has"):
+        forward_micro_batch(_model("qwen3"), [short])

@@ -228,9 +228,9 @@ def test_updates_learn_from_the_sampled_token_ids(tokenizer, monkeypatch):
     learned = []
     step = loop.train_step
 
-    def recording_step(model, encoded, *args):
+    def recording_step(model, encoded, *args, **kwargs):
         learned.extend(encoded)
-        return step(model, encoded, *args)
+        return step(model, encoded, *args, **kwargs)
 
     monkeypatch.setattr(policy.model, "generate", recording_generate)
     monkeypatch.setattr(loop, "train_step", recording_step)
@@ -264,7 +264,7 @@ def test_learn_uses_the_ids_of_the_users_recent_reply(tokenizer, tmp_path):
     policy = adapters.policy("alice")
     messages = [{"role": "user", "content": "How do I boil an egg?"}]
     reply = adapters.respond("alice", messages)
-    sampled = policy.recent[reply]
+    sampled = policy.recent[reply].token_ids
     adapters.learn("alice", messages + [{"role": "assistant", "content": reply},
                                         {"role": "user", "content": "Shorter."}])
     adapters.learn("alice", messages + [{"role": "assistant", "content": "Written by someone else."},

@@ -4,6 +4,8 @@ without an output size, tensors from host data outside the pinned `upload`), a w
 reads its statistics once at the end."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -28,15 +30,19 @@ def _reads(monkeypatch, module) -> list[int]:
     return reads
 
 
-@pytest.mark.parametrize("loss, lora, checkpointing", [("sdpo", False, False), ("sdpo", True, True),
-                                                        ("sft", False, False)])
-def test_offline_step_synchronizes_once(batch, monkeypatch, loss, lora, checkpointing):
+@pytest.mark.parametrize("loss, lora, checkpointing, importance_clip", [
+    ("sdpo", False, False, None), ("sdpo", True, True, None), ("sft", False, False, None),
+    ("sdpo", False, False, 2.0)])
+def test_offline_step_synchronizes_once(batch, monkeypatch, loss, lora, checkpointing, importance_clip):
+    if importance_clip is not None:
+        batch = [dataclasses.replace(e, behavior_logprobs=[-1.0] * len(e.completion_ids)) for e in batch]
     model = tiny_causal_lm("qwen3").train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model = apply_lora(model, lora_config(4, 8.0, 0.0, "all-linear"))
-    config = TrainConfig(loss=loss, micro_batch_tokens=300, ignore_first_k=2, max_grad_norm=1.0)
+    config = TrainConfig(loss=loss, micro_batch_tokens=300, ignore_first_k=2, max_grad_norm=1.0,
+                         importance_clip=importance_clip)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     reads = _reads(monkeypatch, step)

@@ -1,21 +1,15 @@
 """The distillation sweep both fast backends share: chunks of student and teacher logits, the divergence and its
 gradient formed in the same pass (8·N·d·V FLOPs: two logits products, grad_hidden, grad_weight).
 
-Workspace: `WORKSPACE_BUFFERS` fp32 (rows, V) buffers at most (student and teacher logits plus the temporaries
+Workspace: `kernels.config.DIVERGENCE_BUFFERS` fp32 (rows, V) buffers at most (student and teacher logits plus the temporaries
 of `chunk_divergence`), rows chosen so that they fit the backend's budget; never an (N, V) tensor.
 """
 from __future__ import annotations
 
 import torch
 
+from ...kernels.config import divergence_chunk_rows
 from ..divergence import DivergenceSpec, chunk_divergence
-
-WORKSPACE_BUFFERS = 8
-
-
-def chunk_rows(n_tokens: int, vocab_size: int, budget_bytes: int) -> int:
-    """Rows per chunk so that WORKSPACE_BUFFERS fp32 (rows, V) buffers fit budget_bytes (at least one row)."""
-    return min(max(1, budget_bytes // (WORKSPACE_BUFFERS * 4 * vocab_size)), max(n_tokens, 1))
 
 
 def divergence_sweep(hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec: DivergenceSpec,
@@ -33,7 +27,7 @@ def divergence_sweep(hidden, weight, teacher_hidden, teacher_weight, targets, co
     divergence, student_lp, teacher_lp = (torch.empty(n_tokens, dtype=torch.float32, device=device) for _ in range(3))
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
-    rows_per_chunk = chunk_rows(n_tokens, vocab_size, budget_bytes)
+    rows_per_chunk = divergence_chunk_rows(n_tokens, vocab_size, budget_bytes)
     student_buffer = torch.empty((rows_per_chunk, vocab_size), dtype=torch.float32, device=device)
     teacher_buffer = torch.empty_like(student_buffer)
     need_grad = need_hidden or need_weight

@@ -5,10 +5,9 @@ The backward writes one chunk's gradient w.r.t. the logits into one reused (chun
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ...kernels.config import triton_workspace_bytes
 from ...kernels.divergence import chunk_logits
 from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
@@ -17,13 +16,9 @@ from ...kernels.lse_gather import lse_gather
 from .chunked_divergence import divergence_sweep
 
 
-def _budget_bytes() -> int:
-    return int(os.environ.get("SDPO_FAST_TRITON_WORKSPACE_MB", "256")) << 20
-
-
 def _vocab_slices(vocab_size: int, hidden_dim: int) -> list[slice]:
     """Vocabulary rows whose fp32 gradient fits SDPO_FAST_TRITON_WORKSPACE_MB (multiples of 128 rows)."""
-    rows = max(128, _budget_bytes() // (4 * hidden_dim) // 128 * 128)
+    rows = max(128, triton_workspace_bytes() // (4 * hidden_dim) // 128 * 128)
     return [slice(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
 
 
@@ -107,4 +102,4 @@ class TritonBackend:
 
         return divergence_sweep(
             hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
-            need_weight, budget_bytes=_budget_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight)
+            need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight)

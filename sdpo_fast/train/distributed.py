@@ -1,0 +1,229 @@
+"""Data-parallel training under `torchrun` on PyTorch's FSDP2: the process group, the sharded model, each rank's
+share of a step, and the collectives a step needs.
+
+Sharding: every decoder layer is one FSDP2 unit (gathered for its forward and again for its backward), and the
+root unit holds the rest (embeddings, final norm, lm_head). The root is `ShardedRoot`, whose forward runs a
+whole micro-batch: student pass, teacher pass and the loss. `sdpo_loss` reads the whole lm_head weight, so it
+must run inside the root's forward: there the root's parameters are gathered (FSDP2 keeps the root's gathered
+from forward to the end of backward) and the lm_head gradient is reduce-scattered by the root's post-backward,
+like every other gradient. One process (no torchrun) does not shard at all.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model import unwrap_model
+
+DEFAULT_TIMEOUT_MINUTES = 30.0
+"""How long a collective waits for the other ranks before the run fails (a crashed or stuck rank)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a torchrun job."""
+
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world() -> World | None:
+    """The torchrun job this process belongs to (WORLD_SIZE > 1 in the environment), else None."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return None
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_world(device: torch.device, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> World | None:
+    """Join the torchrun job's process group (NCCL on CUDA, gloo on CPU); None when not under torchrun."""
+    world = launched_world()
+    if world is None:
+        return None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                             **kwargs)
+    return world
+
+
+def close_world() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class ShardedRoot(nn.Module):
+    """The FSDP2 root around a causal LM (or peft model): `root(fn, *args)` runs `fn(model, *args)` inside the
+    root's forward, with the root's parameters (embeddings, final norm, lm_head) gathered."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    """The decoder layers of a causal LM (or peft model), the FSDP2 units below the root."""
+    decoder = unwrap_model(model).get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(decoder).__name__} has no `layers`: FSDP2 sharding needs a decoder with a "
+                        "`layers` list (Llama/Qwen/Mistral-style)")
+    return list(layers)
+
+
+def shard_model(model, *, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+                mesh=None) -> ShardedRoot:
+    """Shard `model` with FSDP2 (`fully_shard` per decoder layer, then the root) over `mesh` (default: all
+    ranks). param_dtype: the compute dtype the gathered parameters are cast to (None: their own);
+    reduce_dtype: the dtype gradients are reduced in (None: param_dtype's)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    root = ShardedRoot(model)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
+    return root
+
+
+def rank_micro_batches(batch, counts: list[int], max_tokens: int,
+                       world: World | None) -> list[tuple[list[int], bool]]:
+    """This rank's micro-batches of a step as (indices into `batch`, padding).
+
+    Rank r takes interactions r, r + size, ... (deterministic, whatever the data); each rank packs its share
+    under `max_tokens`, leaving out micro-batches without loss tokens (`counts`). Every rank runs as many
+    micro-batches as the busiest one, so that all join the same collectives: the missing ones are padding
+    (the step's cheapest interaction with loss tokens, run with zero token weights)."""
+    from ..model import micro_batch_indices
+
+    def groups_of(indices: list[int]) -> list[list[int]]:
+        packed = micro_batch_indices([batch[i] for i in indices], max_tokens)
+        return [[indices[j] for j in g] for g in packed if any(counts[indices[j]] for j in g)]
+
+    if world is None:
+        return [(g, False) for g in groups_of(list(range(len(batch))))]
+    per_rank = [groups_of(list(range(r, len(batch), world.size))) for r in range(world.size)]
+    mine, most = per_rank[world.rank], max(map(len, per_rank))
+    if len(mine) == most:
+        return [(g, False) for g in mine]
+    filler = min((i for i in range(len(batch)) if counts[i]),
+                 key=lambda i: len(batch[i].student_input_ids) + len(batch[i].teacher_input_ids))
+    return [(g, False) for g in mine] + [([filler], True)] * (most - len(mine))
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (e.g. clip_grad_norm_'s total norm over sharded gradients); a tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks (a new tensor)."""
+    out = tensor.clone()
+    torch.distributed.all_reduce(out)
+    return out
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def broadcast_object(value, src: int = 0):
+    """Rank `src`'s `value`, on every rank (any picklable value built by this program, never read from disk)."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over the ranks (one small all-reduce), so that every rank takes the same branch."""
+    values = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+SHARDED_DIR = "distributed"
+"""The checkpoint subdirectory holding the sharded training state (torch.distributed.checkpoint)."""
+
+
+def _state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kwargs)
+
+
+def save_sharded(directory, model, optimizer) -> None:
+    """Every rank writes its shards of the trainable weights and the optimizer state into `directory`
+    (torch.distributed.checkpoint; a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory, model, optimizer) -> None:
+    """The trainable weights and optimizer state saved by `save_sharded`, resharded onto this job's ranks (the
+    world size may differ from the saving job's)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options())
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_state_options())
+
+
+def full_state_dict(model, dtype: torch.dtype | None = None, trainable_only: bool = False) -> dict:
+    """The unsharded weights on rank 0's CPU (cast to `dtype` if given; {} on the other ranks; a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=trainable_only))
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()
+            if k not in tied_aliases(model)}
+
+
+def tied_aliases(model) -> set[str]:
+    """Names of parameters that are another name's parameter (tied embeddings: lm_head.weight), which a
+    Hugging Face checkpoint leaves out."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        first.setdefault(id(param), name)
+    return aliases
+
+
+def check_distributed(config) -> None:
+    """ValueError naming the first `TrainConfig` option that a torchrun (FSDP2) job cannot run."""
+    refused = {
+        "teacher": (config.teacher != "live", "ema and base teachers keep unsharded copies; use --teacher live"),
+        "optimizer": (config.optimizer == "adamw8bit", "bitsandbytes' 8-bit AdamW does not step sharded "
+                                                       "(DTensor) parameters; use --optimizer adamw"),
+        "optimizer_in_backward": (config.optimizer_in_backward, "FSDP2 reduce-scatters each gradient already; "
+                                                                "drop --optimizer-in-backward"),
+        "offload_optimizer": (config.offload_optimizer, "shard the optimizer state over the GPUs instead; drop "
+                                                        "--offload-optimizer"),
+        "load_in_4bit": (config.load_in_4bit, "4-bit base weights are not sharded here; use --lora-r without "
+                                              "--load-in-4bit"),
+    }
+    for key, (bad, advice) in refused.items():
+        if bad:
+            raise ValueError(f"{key} {getattr(config, key)!r} is not supported under torchrun: {advice}")

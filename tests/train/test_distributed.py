@@ -1,0 +1,208 @@
+"""torchrun + FSDP2 (gloo, CPU): the sharded job equals one process with the same global batch; sharded
+checkpoints resume exactly (also on another world size); the consolidated Hugging Face checkpoint equals the
+shards."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpo_fast.train import train
+from sdpo_fast.train.config import resolve_config
+from sdpo_fast.train.distributed import World, rank_micro_batches
+
+FLAGS = {"max_steps": 4, "batch_size": 5, "micro_batch_tokens": 200, "save_steps": 2, "optimizer": "sgd",
+         "lr": 0.05, "seed": 1}
+"""Small steps of the bundled model and data; 200-token micro-batches make the ranks' micro-batch counts differ."""
+TIMEOUT_S = 240
+
+needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch build has no gloo backend")
+
+
+def _flags(values: dict) -> list[str]:
+    out = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag] if value is True else [f"--no-{key.replace('_', '-')}"] if value is False else [flag, str(value)]
+    return out
+
+
+def torchrun(nproc: int, args: list[str], *, module: str = "sdpo_fast.cli") -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m module args` (bounded in time), checked."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", module, *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def run_single(output_dir: Path, **values) -> Path:
+    train(resolve_config({}, {**FLAGS, **values, "output_dir": str(output_dir)}), progress=False)
+    return output_dir
+
+
+def run_two(output_dir: Path, nproc: int = 2, **values) -> Path:
+    torchrun(nproc, ["train", *_flags({**FLAGS, **values, "output_dir": str(output_dir)}), "--no-progress"])
+    return output_dir
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (checkpoint / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(str(checkpoint / name))
+
+
+def max_rel(a: dict, b: dict) -> float:
+    """The largest relative error ||a - b|| / ||b|| over the tensors."""
+    assert sorted(a) == sorted(b)
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)).item() for k in a)
+
+
+def changed(a: dict, before: dict) -> bool:
+    return any(not torch.equal(a[k], before[k]) for k in a)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_two_processes_equal_one_then_resume_exactly(tmp_path):
+    single, two = run_single(tmp_path / "one"), run_two(tmp_path / "two")
+    end = weights(two / "checkpoint-4")
+    assert changed(end, weights(two / "checkpoint-2"))
+    assert max_rel(end, weights(single / "checkpoint-4")) <= 1e-5
+    assert sorted(p.name for p in (two / "checkpoint-4").iterdir() if p.suffix == ".json") == \
+        sorted(p.name for p in (single / "checkpoint-4").iterdir() if p.suffix == ".json")
+
+    # A job that dies right after its step-2 checkpoint, then resumed with --resume: equal to the uninterrupted job.
+    crashed = tmp_path / "crashed"
+    script = tmp_path / "crash.py"
+    script.write_text("import json, sys\nfrom sdpo_fast.train import train\nfrom sdpo_fast.train.config import "
+                      "resolve_config\ntrain(resolve_config({}, json.loads(sys.argv[1])), progress=False, "
+                      "stop_after=2)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), json.dumps({**FLAGS, "output_dir": str(crashed)})],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not (crashed / "checkpoint-4").exists() and (crashed / "checkpoint-2" / "distributed").is_dir()
+    three = tmp_path / "three"
+    shutil.copytree(crashed, three)
+    torchrun(2, ["train", "--output-dir", str(crashed), "--resume", "--no-progress"])
+    resumed = weights(crashed / "checkpoint-4")
+    assert all(torch.equal(resumed[k], end[k]) for k in end)
+
+    # The same checkpoint resumed by three processes: the same steps, resharded.
+    torchrun(3, ["train", "--output-dir", str(three), "--resume", "--no-progress"])
+    assert max_rel(weights(three / "checkpoint-4"), end) <= 1e-5
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_consolidated_checkpoint_loads_and_equals_the_shards(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    run = run_two(tmp_path / "two", max_steps=2)
+    checkpoint = run / "checkpoint-2"
+    dcp_to_torch_save(checkpoint / "distributed", tmp_path / "shards.pt")
+    shards = torch.load(tmp_path / "shards.pt", weights_only=True)["model"]
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
+    assert set(shards) == set(loaded)
+    assert all(torch.equal(shards[k], loaded[k]) for k in shards)
+
+
+@needs_gloo
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer,lora_r,checkpointing,bound", [
+    ("adamw", 0, False, 1e-4), ("sgd", 0, True, 1e-5), ("sgd", 4, False, 1e-5), ("adamw", 4, True, 1e-4)])
+def test_two_processes_equal_one(tmp_path, optimizer, lora_r, checkpointing, bound):
+    pytest.importorskip("peft") if lora_r else None
+    values = dict(max_steps=3, save_steps=0, optimizer=optimizer, lr=1e-3 if optimizer == "adamw" else 0.05,
+                  lora_r=lora_r, gradient_checkpointing=checkpointing)
+    single, two = run_single(tmp_path / "one", **values), run_two(tmp_path / "two", **values)
+    end = weights(two / "checkpoint-3")
+    assert max_rel(end, weights(single / "checkpoint-3")) <= bound
+    if lora_r:
+        assert all(".lora_" in k for k in end)
+
+
+def test_rank_shares_cover_the_step_once_with_equal_micro_batch_counts():
+    from sdpo_fast.data import encode_interactions, load_interactions
+    from sdpo_fast.demo.assets import tiny_model_path, tiny_sample_path
+    from sdpo_fast.train.setup import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_path()))
+    batch, _ = encode_interactions(tokenizer, load_interactions(tiny_sample_path()))
+    batch = batch[:7]
+    counts = [len(e.completion_ids) for e in batch]
+    single = [g for g, padding in rank_micro_batches(batch, counts, 200, None)]
+    assert sorted(i for g in single for i in g) == list(range(7))
+    for size in (2, 3, 8):
+        shares = [rank_micro_batches(batch, counts, 200, World(rank, size, rank)) for rank in range(size)]
+        assert len({len(s) for s in shares}) == 1
+        assert sorted(i for s in shares for g, padding in s if not padding for i in g) == list(range(7))
+        assert all(len(g) == 1 for s in shares for g, padding in s if padding)
+    assert [padding for _, padding in rank_micro_batches(batch, counts, 200, World(7, 8, 7))] == [True]
+
+
+def test_one_process_refuses_a_sharded_checkpoint_and_torchrun_a_single_one(tmp_path):
+    from sdpo_fast.train.trainer import check_resumable
+
+    sharded = tmp_path / "checkpoint-2"
+    (sharded / "distributed").mkdir(parents=True)
+    with pytest.raises(ValueError, match="sharded .*torchrun"):
+        check_resumable(sharded, None)
+    single = tmp_path / "checkpoint-3"
+    single.mkdir()
+    with pytest.raises(ValueError, match="written by one process"):
+        check_resumable(single, World(0, 2, 0))
+    check_resumable(sharded, World(0, 2, 0))
+    check_resumable(single, None)
+
+
+@pytest.mark.parametrize("key,value", [("teacher", "ema"), ("optimizer_in_backward", True),
+                                       ("offload_optimizer", True), ("load_in_4bit", True)])
+def test_torchrun_refuses_what_fsdp2_cannot_run_naming_the_option(key, value):
+    from sdpo_fast.train.distributed import check_distributed
+
+    extra = {"lora_r": 4} if key == "load_in_4bit" else {}
+    with pytest.raises(ValueError, match=f"^{key} .*torchrun"):
+        check_distributed(resolve_config({}, {key: value, **extra}))
+
+
+@needs_gloo
+def test_the_loss_sees_the_gathered_lm_head_inside_the_root_and_refuses_a_shard_outside():
+    """One gloo process (world size 1): outside the root's forward the lm_head is a DTensor shard, which
+    sdpo_loss refuses by name; inside it is the plain full weight."""
+    from sdpo_fast import sdpo_loss
+    from sdpo_fast.testing import tiny_causal_lm
+    from sdpo_fast.train.distributed import shard_model
+
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        model = tiny_causal_lm("qwen3", seed=0)
+        root = shard_model(model)
+        head = model.get_output_embeddings()
+        hidden = torch.randn(3, head.in_features)
+        targets = torch.tensor([1, 2, 3])
+        with pytest.raises(ValueError, match="lm_head_weight is a sharded DTensor"):
+            sdpo_loss(hidden, head.weight, targets, teacher_logprobs=torch.zeros(3))
+
+        def inside(inner):
+            weight = inner.get_output_embeddings().weight
+            assert not hasattr(weight, "placements") and weight.shape == (inner.config.vocab_size, hidden.shape[1])
+            return sdpo_loss(hidden, weight, targets, teacher_logprobs=torch.zeros(3))
+
+        root(inside).backward()
+        assert hasattr(head.weight, "placements") and head.weight.grad is not None
+    finally:
+        torch.distributed.destroy_process_group()
