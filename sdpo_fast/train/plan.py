@@ -69,7 +69,8 @@ def load_config(model: str):
 
 @dataclass(frozen=True)
 class SimulatedPlan:
-    """Bytes of the reported step's peak (counted storages), where it happened, its parts, and allowances."""
+    """Bytes of the reported step's peak (counted storages) on one GPU (rank 0 of world_size), where it happened,
+    its parts, and allowances; parameters and trainable count that GPU's shards."""
 
     peak_bytes: int
     peak_phase: str
@@ -80,6 +81,7 @@ class SimulatedPlan:
     parameters: int
     trainable: int
     micro_batch_tokens: list[int]
+    world_size: int = 1
 
     @property
     def total_bytes(self) -> int:
@@ -90,7 +92,8 @@ class SimulatedPlan:
 
     def to_json(self, budget_bytes: int) -> dict:
         return {"peak_bytes": self.peak_bytes, "method": "simulated", "phases": dict(self.phases),
-                "breakdown": dict(self.breakdown), "fits": self.fits(budget_bytes), "budget_bytes": budget_bytes}
+                "breakdown": dict(self.breakdown), "fits": self.fits(budget_bytes), "budget_bytes": budget_bytes,
+                "world_size": self.world_size}
 
 
 def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int):
@@ -106,12 +109,12 @@ def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int):
     return EncodedInteraction(student, teacher, completion, shared)
 
 
-def worst_case_batch(config, vocab_size: int):
-    """The step's interactions at the configured limits, as many as fill two micro-batches (so gradients
-    accumulate), at most batch_size."""
+def worst_case_batch(config, vocab_size: int, world_size: int = 1):
+    """The step's interactions at the configured limits, as many as fill two micro-batches on each of
+    `world_size` ranks (so gradients accumulate), at most batch_size."""
     e = interaction(config.max_prompt_tokens, config.max_completion_tokens, vocab_size)
     per_micro_batch = max(1, config.micro_batch_tokens // max(len(e.student_input_ids), len(e.teacher_input_ids)))
-    return [e] * min(config.batch_size, 2 * per_micro_batch)
+    return [e] * min(config.batch_size, 2 * per_micro_batch * world_size)
 
 
 @contextlib.contextmanager
@@ -365,21 +368,48 @@ def _optimizer(params, config):
     return build(params)
 
 
+@contextlib.contextmanager
+def _fake_world(world_size: int):
+    """Rank 0 of a `world_size`-rank job on torch's fake process group (collectives return at once, their
+    outputs allocated as the real ones are), or None for one process."""
+    if world_size == 1:
+        yield None
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from .distributed import World
+
+    if torch.distributed.is_initialized():
+        raise RuntimeError("world_size > 1 is simulated on a fake process group; one is already initialized")
+    torch.distributed.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield World(rank=0, size=world_size, local_rank=0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | None = None,
-             steps: int = 2) -> SimulatedPlan:
+             steps: int = 2, world_size: int = 1) -> SimulatedPlan:
     """Run `steps` training steps of `config` (a TrainConfig) on the model of `hf_config` (default: the config
     `config.model` names) and count storages; the last step, on `worst_case_batch`, is reported (the ones before
     run one short interaction, to create the optimizer state). fake False: the same on real CPU
     tensors (the check that the simulation is exact). dtype default: bfloat16 (as `train` on CUDA) unless
-    config.dtype names one."""
+    config.dtype names one. world_size > 1: rank 0 of a torchrun job, the model sharded by FSDP2 as `train` shards
+    it (`distributed.shard_model`) over a fake process group, the batch `world_size` times as large."""
     from torch._subclasses import FakeTensorMode
 
     from ..model import unwrap_model
-    from .memory import StorageCounter
+    from .memory import StorageCounter, local_shard
     from .setup import build_scheduler
     from .step import train_step
     from .trainer import objective_of, step_options
 
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if world_size > 1:
+        from .distributed import check_distributed
+
+        check_distributed(config)
     if hf_config is None:
         hf_config = load_config(config.model)
     if dtype is None:
@@ -396,8 +426,16 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
     constants = _IntegerConstants(fake_mode) if fake else contextlib.nullcontext()
     torch.manual_seed(config.seed)
     launches = _triton_launches_as_workspace() if triton else contextlib.nullcontext()
-    with _constant_index_tensors(), launches, fake_mode, constants:
-        model = _build(hf_config, config, dtype, fake)
+    # Under torchrun the trained weights load in fp32 (the sharded weights are the master weights; trainer._train)
+    weights_dtype = torch.float32 if world_size > 1 and not config.lora_r else dtype
+    with _constant_index_tensors(), launches, _fake_world(world_size) as world, fake_mode, constants:
+        model = _build(hf_config, config, weights_dtype, fake)
+        runner = model
+        if world is not None:
+            from .distributed import shard_model
+
+            runner = shard_model(model, param_dtype=None if dtype == torch.float32 else dtype,
+                                 reduce_dtype=torch.float32)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(params, config)
         scheduler = build_scheduler(optimizer, config.schedule, config.warmup_ratio, steps)
@@ -407,7 +445,7 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
         objective = _PhasedObjective(objective_of(config), counter)
         options = step_options(config)
         vocab_size = hf_config.get_text_config().vocab_size
-        batch = worst_case_batch(config, vocab_size)
+        batch = worst_case_batch(config, vocab_size, world_size)
         first = [interaction(config.ignore_first_k + 2, config.ignore_first_k + 1, vocab_size)]
         collecting = gc.isenabled()
         gc.disable()
@@ -418,25 +456,26 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
                     if step == steps - 1:
                         counter.reset_peak()
                     counter.set_phase("between")
-                    train_step(model, batch if step == steps - 1 else first, objective, optimizer, scheduler,
-                               options)
+                    train_step(runner, batch if step == steps - 1 else first, objective, optimizer, scheduler,
+                               options, world=world)
         finally:
             for hook in hooks:
                 hook.remove()
             if collecting:
                 gc.enable()
         breakdown = {name: counter.peak_breakdown.get(name, 0) for name in CATEGORIES}
-        parameters = sum(p.numel() for p in model.parameters()) + sum(
+        parameters = sum(local_shard(p).numel() for p in model.parameters()) + sum(
             m.out_features * m.in_features - m.weight.numel() for m in model.modules()
             if isinstance(m, _Linear4bitStandIn))
-        trainable = sum(p.numel() for p in params)
+        trainable = sum(local_shard(p).numel() for p in params)
     from ..model import micro_batch_indices
 
-    groups = micro_batch_indices(batch, config.micro_batch_tokens)
-    tokens = [sum(len(batch[i].student_input_ids) for i in g) for g in groups]
+    mine = batch[::world_size]  # rank 0's share (distributed.rank_micro_batches)
+    groups = micro_batch_indices(mine, config.micro_batch_tokens)
+    tokens = [sum(len(mine[i].student_input_ids) for i in g) for g in groups]
     allowances = dict(ALLOWANCES, fragmentation=int(FRAGMENTATION * counter.peak))
     return SimulatedPlan(counter.peak, counter.peak_phase, counter.peak_module, dict(counter.phase_peaks), breakdown,
-                         allowances, parameters, trainable, tokens)
+                         allowances, parameters, trainable, tokens, world_size)
 
 
 def _phase_hooks(hf_model, counter, params, optimizer, modules: list[str]) -> list:
@@ -492,7 +531,8 @@ def _phase_hooks(hf_model, counter, params, optimizer, modules: list[str]) -> li
 
 def format_plan(plan: SimulatedPlan, budget_bytes: int) -> str:
     """A human-readable report of `plan` against `budget_bytes`."""
-    lines = [f"parameters {plan.parameters / 1e9:.3f}B, trainable {plan.trainable / 1e6:.2f}M; "
+    per_gpu = f" on each of {plan.world_size} GPUs (FSDP2 shards)" if plan.world_size > 1 else ""
+    lines = [f"parameters {plan.parameters / 1e9:.3f}B, trainable {plan.trainable / 1e6:.2f}M{per_gpu}; "
              f"micro-batches of {plan.micro_batch_tokens} student tokens",
              f"simulated peak {plan.peak_bytes / GIB:.2f} GiB during {plan.peak_phase} ({plan.peak_module})"]
     lines += [f"  {name:<20}{value / GIB:9.2f} GiB" for name, value in plan.breakdown.items()]

@@ -96,7 +96,8 @@ def test_plan_command_json(capsys, tmp_path):
             "--batch-size", "2", "--json"]
     assert cli.main(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"peak_bytes", "method", "phases", "breakdown", "fits", "budget_bytes"}
+    assert set(out) == {"peak_bytes", "method", "phases", "breakdown", "fits", "budget_bytes", "world_size"}
+    assert out["world_size"] == 1
     assert out["method"] == "simulated" and out["fits"] is True and out["budget_bytes"] == 24 * GIB
     assert out["peak_bytes"] == max(out["phases"].values()) == sum(out["breakdown"].values())
     assert cli.main(args[:-1] + ["--budget-gib", "0.0001"]) == 0
@@ -195,3 +196,41 @@ def test_qlora_simulated_step_equals_the_real_step_and_holds_4bit_weights():
                  if isinstance(m, torch.nn.Linear) and n != "lm_head")
     saved = bf16.breakdown["weights"] - simulated.breakdown["weights"]
     assert 2 * linear - linear // 2 - linear // 64 - 8192 * 21 <= saved <= 2 * linear - linear // 2
+
+
+def test_world_size_2_shards_weights_and_lowers_the_peak():
+    """Rank 0 of two under FSDP2 (fake process group): each parameter's shard is its first ceil(rows / 2) rows
+    (fp32, as `train` loads trained weights under torchrun), the peak is below one GPU's, and the fake step equals
+    the same step on real tensors."""
+    config = _config(gradient_checkpointing=True, batch_size=8)
+    one = simulate(config, _tiny_config())
+    two = simulate(config, _tiny_config(), world_size=2)
+    assert two.world_size == 2 and two.peak_bytes < one.peak_bytes
+    model = tiny_causal_lm("qwen3", hidden_size=64, num_layers=3, vocab_size=300)
+
+    def rounded(nbytes: int) -> int:
+        return -(-nbytes // 512) * 512
+
+    shards = sum(rounded(-(-p.shape[0] // 2) * p[0].numel() * 4) for p in model.parameters())
+    buffers = sum(rounded(b.numel() * b.element_size()) for b in model.buffers())
+    assert two.breakdown["weights"] == shards + buffers
+    assert two.breakdown["grads"] + two.breakdown["optimizer_state"] < (one.breakdown["grads"]
+                                                                        + one.breakdown["optimizer_state"]) * 0.6
+    real = simulate(config, _tiny_config(), fake=False, world_size=2)
+    assert (two.peak_bytes, two.phases, two.breakdown) == (real.peak_bytes, real.phases, real.breakdown)
+
+
+def test_world_size_refuses_what_torchrun_refuses():
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        simulate(_config(offload_optimizer=True), _tiny_config(), world_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        simulate(_config(), _tiny_config(), world_size=0)
+
+
+def test_world_size_2_in_bf16_runs_the_packed_passes():
+    """bf16 compute under FSDP2 (fp32 shards gathered as bf16): the packed passes reach every attention layer
+    (FSDP2 must not rebuild the pass's `sdpo_call` by casting inputs), fake equal to real."""
+    config = _config(gradient_checkpointing=True, dtype="bfloat16", batch_size=4)
+    fake = simulate(config, _tiny_config(), world_size=2)
+    real = simulate(config, _tiny_config(), fake=False, world_size=2)
+    assert (fake.peak_bytes, fake.phases) == (real.peak_bytes, real.phases)
