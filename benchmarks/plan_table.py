@@ -3,8 +3,9 @@
 Usage: python benchmarks/plan_table.py [--model qwen3-8b] [--budget-gib 24] [--tokens 4160,8192] [--json]
 
 Each row is `simulate` on fake tensors (no GPU), bf16, the default 2048 + 2048-token limits, the worst-case batch:
-two micro-batches of the budget (gradients accumulate), except full fine-tuning, where one micro-batch makes the
-step (torchao's offloaded gradients are copied, not accumulated, so only a one-micro-batch step is right there).
+two micro-batches of the budget on each GPU (gradients accumulate), except `--offload-optimizer`, where one
+micro-batch makes the step (torchao copies each offloaded gradient instead of adding it, so only a one-micro-batch
+step is right there). Several GPUs: the memory of one of them (rank 0).
 """
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ from sdpo_fast.train.config import TrainConfig
 from sdpo_fast.train.plan import GIB, interaction, load_config, simulate
 
 CONFIGURATIONS = [
-    ("LoRA r16 (bf16 adapters, fp32 masters; default)", dict(lora_r=16)),
-    ("LoRA r16, `--lora-dtype float32`", dict(lora_r=16, lora_dtype="float32")),
-    ("LoRA r64 (alpha 128)", dict(lora_r=64, lora_alpha=128)),
-    ("QLoRA r16 (`--load-in-4bit`, NF4)", dict(lora_r=16, load_in_4bit=True)),
-    ("full, `--offload-optimizer`", dict(offload_optimizer=True, gradient_checkpointing=True)),
-    ("full, `--optimizer-in-backward`", dict(optimizer_in_backward=True, gradient_checkpointing=True)),
+    # (name, TrainConfig options, GPUs, micro-batches per GPU in the step)
+    ("LoRA r16 (bf16 adapters, fp32 masters; default)", dict(lora_r=16), 1, 2),
+    ("LoRA r16, `--lora-dtype float32`", dict(lora_r=16, lora_dtype="float32"), 1, 2),
+    ("LoRA r64 (alpha 128)", dict(lora_r=64, lora_alpha=128), 1, 2),
+    ("QLoRA r16 (`--load-in-4bit`, NF4)", dict(lora_r=16, load_in_4bit=True), 1, 2),
+    ("full, `--offload-optimizer` (one micro-batch per step)", dict(offload_optimizer=True,
+                                                                   gradient_checkpointing=True), 1, 1),
+    ("full, `--optimizer-in-backward`", dict(optimizer_in_backward=True, gradient_checkpointing=True), 1, 2),
+    ("full, torchrun + FSDP2, 2 GPUs", dict(gradient_checkpointing=True), 2, 2),
+    ("full, torchrun + FSDP2, 4 GPUs", dict(gradient_checkpointing=True), 4, 2),
+    ("full, torchrun + FSDP2, 8 GPUs", dict(gradient_checkpointing=True), 8, 2),
 ]
 
 
@@ -30,24 +36,23 @@ def rows(model: str, budget_bytes: int, token_budgets: list[int]) -> list[dict]:
     longest = max(len(interaction(2048, 2048, 1000).student_input_ids),
                   len(interaction(2048, 2048, 1000).teacher_input_ids))
     out = []
-    for name, options in CONFIGURATIONS:
+    for name, options, gpus, micro_batches in CONFIGURATIONS:
         for tokens in token_budgets:
             per_micro_batch = max(1, tokens // longest)
-            batch = per_micro_batch if not options.get("lora_r") else 2 * per_micro_batch
-            config = TrainConfig(model=model, dtype="bfloat16", micro_batch_tokens=tokens, batch_size=batch,
-                                 **options).validate()
+            config = TrainConfig(model=model, dtype="bfloat16", micro_batch_tokens=tokens,
+                                 batch_size=per_micro_batch * micro_batches * gpus, **options).validate()
             start = time.perf_counter()
-            plan = simulate(config, hf_config)
-            out.append(dict(configuration=name, micro_batch_tokens=tokens, student_tokens=plan.micro_batch_tokens,
-                            peak_gib=plan.peak_bytes / GIB, total_gib=plan.total_bytes / GIB,
-                            fits=plan.fits(budget_bytes), peak_phase=plan.peak_phase,
-                            seconds=time.perf_counter() - start))
+            plan = simulate(config, hf_config, world_size=gpus)
+            out.append(dict(configuration=name, gpus=gpus, micro_batch_tokens=tokens,
+                            student_tokens=plan.micro_batch_tokens, peak_gib=plan.peak_bytes / GIB,
+                            total_gib=plan.total_bytes / GIB, fits=plan.fits(budget_bytes),
+                            peak_phase=plan.peak_phase, seconds=time.perf_counter() - start))
     return out
 
 
 def markdown(table: list[dict], budget_gib: float) -> str:
-    lines = [f"| configuration | --micro-batch-tokens | micro-batches (student tokens) | simulated peak GiB | "
-             f"+ allowances | fits {budget_gib:g} GiB | peak during |",
+    lines = [f"| configuration | --micro-batch-tokens | micro-batches per GPU (student tokens) | simulated peak "
+             f"GiB per GPU | + allowances | fits {budget_gib:g} GiB | peak during |",
              "|---|--:|---|--:|--:|:-:|---|"]
     for r in table:
         parts = r["student_tokens"]

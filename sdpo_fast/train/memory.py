@@ -88,6 +88,21 @@ class StorageCounter(TorchDispatchMode):
             self.by_category[category] += size
             self._live[key] = (size, category)
 
+    def resized(self, tensor: torch.Tensor) -> None:
+        """Recount `tensor`'s storage at its current size, after an in-place storage resize (FSDP2 frees and
+        re-allocates gathered parameters that way); a grown storage counts as allocated now."""
+        storage = local_shard(tensor).untyped_storage()
+        key = self._key(storage)
+        if key not in self._live:
+            self.track(tensor)
+            return
+        size, category = self._live.pop(key)
+        self.by_category[category] -= size
+        self.current -= size
+        self._refs.pop(key, None)
+        if storage.nbytes():
+            self.track(tensor, category if _rounded(storage.nbytes()) <= size else None)
+
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)
         self._refs.pop(key, None)

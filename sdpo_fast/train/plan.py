@@ -369,6 +369,33 @@ def _optimizer(params, config):
 
 
 @contextlib.contextmanager
+def _fsdp_storage_resizes(counter):
+    """FSDP2's in-place storage frees and re-allocations of gathered parameters reported to `counter`."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def counted_alloc(tensor):
+        alloc(tensor)
+        counter.resized(tensor)
+
+    def counted_free(tensor):
+        free(tensor)
+        counter.resized(tensor)
+
+    patched = {(_fsdp_param, "alloc_storage"): counted_alloc, (_fsdp_param, "free_storage"): counted_free,
+               (_fsdp_param_group, "alloc_storage"): counted_alloc}
+    previous = {key: getattr(*key) for key in patched}
+    try:
+        for (module, name), value in patched.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in previous.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
 def _fake_world(world_size: int):
     """Rank 0 of a `world_size`-rank job on torch's fake process group (collectives return at once, their
     outputs allocated as the real ones are), or None for one process."""
@@ -450,7 +477,8 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with counter:
+            resizes = _fsdp_storage_resizes(counter) if world is not None else contextlib.nullcontext()
+            with counter, resizes:
                 for step in range(steps):
                     gc.collect()
                     if step == steps - 1:
