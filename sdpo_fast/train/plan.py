@@ -350,18 +350,23 @@ class _OffloadedStandIn(torch.optim.Optimizer):
 
 
 def _optimizer(params, config):
-    """The optimizer `train` builds on CUDA (fused AdamW; stand-ins for bitsandbytes and CPU offload)."""
+    """The optimizer `train` builds on CUDA (fused AdamW; stand-ins for bitsandbytes and CPU offload), 16-bit
+    parameters stepped through fp32 masters as `build_optimizer` does."""
     from .optim import OptimizerInBackward
+    from .precision import needs_master_weights, with_master_weights
     from .setup import build_optimizer
+
+    def on_cuda(group):
+        if config.optimizer == "adamw8bit":
+            return _Adam8bitStandIn(group, config.lr)
+        return torch.optim.AdamW(group, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
     def build(ps):
         if config.offload_optimizer:
             return _OffloadedStandIn(ps, config.lr)
-        if config.optimizer == "adamw8bit":
-            return _Adam8bitStandIn(ps, config.lr)
-        if config.optimizer == "adamw":
-            return torch.optim.AdamW(ps, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-        return build_optimizer(ps, config.optimizer, config.lr, config.weight_decay)
+        if config.optimizer not in ("adamw", "adamw8bit"):
+            return build_optimizer(ps, config.optimizer, config.lr, config.weight_decay)
+        return with_master_weights(ps, on_cuda) if needs_master_weights(ps) else on_cuda(ps)
 
     if config.optimizer_in_backward or config.offload_optimizer:
         return OptimizerInBackward(params, build, config.max_grad_norm)
@@ -468,6 +473,9 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
         scheduler = build_scheduler(optimizer, config.schedule, config.warmup_ratio, steps)
         for t in list(model.parameters()) + list(model.buffers()):
             counter.track(t, "weights")
+        for group in optimizer.param_groups:  # fp32 masters of 16-bit parameters (the rest: counted above)
+            for p in group["params"]:
+                counter.track(p, "optimizer_state")
         hooks = _phase_hooks(unwrap_model(model), counter, params, optimizer, modules)
         objective = _PhasedObjective(objective_of(config), counter)
         options = step_options(config)

@@ -234,3 +234,14 @@ def test_world_size_2_in_bf16_runs_the_packed_passes():
     fake = simulate(config, _tiny_config(), world_size=2)
     real = simulate(config, _tiny_config(), fake=False, world_size=2)
     assert (fake.peak_bytes, fake.phases) == (real.peak_bytes, real.phases)
+
+
+@pytest.mark.parametrize("optimizer,state_bytes", [("adamw", 4 + 8), ("adamw8bit", 4 + 2)])
+def test_bf16_weights_are_stepped_through_fp32_masters_in_the_plan(optimizer, state_bytes):
+    """As `build_optimizer` on CUDA: an fp32 master (4 bytes) per bf16 parameter beside the optimizer's moments
+    (AdamW: two fp32; the 8-bit stand-in: two uint8)."""
+    plan = simulate(_config(gradient_checkpointing=True, dtype="bfloat16", optimizer=optimizer, batch_size=1),
+                    _tiny_config())
+    model = tiny_causal_lm("qwen3", hidden_size=64, num_layers=3, vocab_size=300)
+    n = sum(p.numel() for p in model.parameters())
+    assert state_bytes * n <= plan.breakdown["optimizer_state"] <= state_bytes * n * 1.1
