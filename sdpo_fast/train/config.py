@@ -139,7 +139,7 @@ class TrainConfig:
     lora_dtype: str = "base"
     """base: LoRA adapters computed in the base weights' dtype (bf16 on CUDA; with load_in_4bit, the compute
     dtype), updated through fp32 master weights in the optimizer (train/precision.py); float32: adapters held in
-    fp32 (peft's default; each adapter then keeps an fp32 copy of its bf16 input for backward: +0.85 GiB peak per
+    fp32 (peft's default; each adapter then keeps an fp32 copy of its bf16 input for backward: +0.45 GiB peak per
     4k-token micro-batch on Qwen3-8B, simulated)."""
     optimizer_in_backward: bool = False
     """Each parameter's update runs in backward as its gradient arrives, and the gradient is freed (train/optim.py);
