@@ -148,11 +148,11 @@ def test_train_sets_expandable_segments_when_unset(monkeypatch):
 
 
 @pytest.mark.slow
-def test_qwen3_8b_lora_r64_4096_token_micro_batches_fit_20_gib():
+def test_qwen3_8b_lora_r64_4096_token_micro_batches_fit_24_gib_with_allowances():
     plan = simulate(TrainConfig(**QWEN3_8B, lora_r=64, lora_alpha=128, micro_batch_tokens=4096,
                                 batch_size=4))
     assert plan.micro_batch_tokens == [4096 - 64] * 2
-    assert plan.peak_bytes <= 20 * GIB
+    assert plan.total_bytes <= 24 * GIB
 
 
 @pytest.mark.slow
