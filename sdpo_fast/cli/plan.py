@@ -15,6 +15,8 @@ def add_parser(subparsers) -> None:
                "otherwise.")
     add_config_flags(parser)
     parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory to compare with (default 24)")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="GPUs of a torchrun job (FSDP2): memory of one of them (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.budget_gib > 0:
         raise ValueError(f"--budget-gib must be > 0, got {args.budget_gib}")
     config = config_from_args(args)
-    plan = simulate(config, load_config(config.model or str(tiny_model_path())))
+    plan = simulate(config, load_config(config.model or str(tiny_model_path())), world_size=args.world_size)
     budget = int(args.budget_gib * GIB)
     print(json.dumps(plan.to_json(budget)) if args.json else format_plan(plan, budget))
     return 0

@@ -56,6 +56,14 @@ def centered_teacher_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: 
     return teacher_logprobs - (sums / counts.clamp(min=1))[sequence_index]
 
 
+def _scaled(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad (fp32, saved by this backward's own forward) times the 0-dim fp32 scale, in `dtype`, rounded once:
+    in place when dtype is grad's, else written straight into the `dtype` result (no scaled fp32 copy)."""
+    if grad.dtype == dtype:
+        return grad.mul_(scale)
+    return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
+
+
 class SDPOFunction(torch.autograd.Function):
     """loss = -sum_n w_n * A_n * log pi_n with A_n (clipped, optionally centred log q_n - log pi_n) held constant.
 
@@ -109,12 +117,12 @@ class SDPOFunction(torch.autograd.Function):
             grad_hidden, grad_weight = ctx.saved_tensors
             scale = grad_loss.float()
             grad_hidden = (grad_hidden.float() * scale) if need_hidden else None
-            grad_weight = grad_weight * scale if need_weight else None
+            grad_weight = _scaled(grad_weight, scale, ctx.weight_dtype) if need_weight else None
         else:
             hidden, weight, targets, lse, coef = ctx.saved_tensors
             grad_hidden, grad_weight = ctx.params.backend.grad(
                 hidden, weight, targets, lse, coef * grad_loss.float(), ctx.params.inv_temperature, need_hidden,
-                need_weight)
+                need_weight, grad_weight_dtype=ctx.weight_dtype)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(ctx.hidden_dtype)
         if grad_weight is not None:
@@ -156,5 +164,5 @@ class DivergenceFunction(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.float()
         grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype) if need_hidden else None
-        grad_weight = (grad_weight * scale).to(ctx.weight_dtype) if need_weight else None
+        grad_weight = _scaled(grad_weight, scale, ctx.weight_dtype) if need_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None, None

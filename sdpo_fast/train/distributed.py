@@ -93,7 +93,9 @@ def shard_model(model, *, param_dtype: torch.dtype | None = None, reduce_dtype: 
     reduce_dtype: the dtype gradients are reduced in (None: param_dtype's)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Inputs are not cast: FSDP2 would rebuild the packed pass's `sdpo_call` dataclass per layer, and its
+    # attention layers would record into copies.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     root = ShardedRoot(model)

@@ -20,6 +20,11 @@ def _rounded(nbytes: int) -> int:
     return -(-nbytes // BLOCK) * BLOCK
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what this rank's memory holds); any other tensor as it is."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
 class StorageCounter(TorchDispatchMode):
     """Counts live storages by identity, each under a category (the `phase` current at its allocation unless
     `tag` moves it). Tracks the peak, the phase and module at the peak, and each category's bytes then.
@@ -53,8 +58,9 @@ class StorageCounter(TorchDispatchMode):
         return storage._cdata
 
     def track(self, tensor: torch.Tensor, category: str | None = None) -> None:
-        """Count `tensor`'s storage (if not yet counted) under `category` (default: the current phase)."""
-        storage = tensor.untyped_storage()
+        """Count `tensor`'s storage (a DTensor's: its shard's; if not yet counted) under `category` (default: the
+        current phase)."""
+        storage = local_shard(tensor).untyped_storage()
         key = self._key(storage)
         if key in self._live:
             return
@@ -72,7 +78,7 @@ class StorageCounter(TorchDispatchMode):
 
     def tag(self, tensor: torch.Tensor, category: str) -> None:
         """Move `tensor`'s storage (counting it if new) to `category`."""
-        key = self._key(tensor.untyped_storage())
+        key = self._key(local_shard(tensor).untyped_storage())
         if key not in self._live:
             self.track(tensor, category)
             return
@@ -81,6 +87,21 @@ class StorageCounter(TorchDispatchMode):
             self.by_category[old] -= size
             self.by_category[category] += size
             self._live[key] = (size, category)
+
+    def resized(self, tensor: torch.Tensor) -> None:
+        """Recount `tensor`'s storage at its current size, after an in-place storage resize (FSDP2 frees and
+        re-allocates gathered parameters that way); a grown storage counts as allocated now."""
+        storage = local_shard(tensor).untyped_storage()
+        key = self._key(storage)
+        if key not in self._live:
+            self.track(tensor)
+            return
+        size, category = self._live.pop(key)
+        self.by_category[category] -= size
+        self.current -= size
+        self._refs.pop(key, None)
+        if storage.nbytes():
+            self.track(tensor, category if _rounded(storage.nbytes()) <= size else None)
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)

@@ -37,15 +37,18 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(opt)) for p, opt in zip(params, self.inner)]
 
     def _hook(self, opt: torch.optim.Optimizer):
+        stepped = opt.param_groups[0]["params"][0]  # the parameter, or its fp32 master (train/precision.py), whose
+        # own hook, registered first, has moved the gradient there
+
         def step(p: torch.Tensor) -> None:
             if not self.final_backward:
                 return
-            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(stepped.grad, dtype=torch.float32)
             self._squared_norm += norm.double() ** 2
             if self.max_grad_norm is not None:
-                p.grad.mul_((self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(p.grad.dtype))
+                stepped.grad.mul_((self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(stepped.grad.dtype))
             opt.step()
-            p.grad = None
+            stepped.grad = None
         return step
 
     def take_grad_norm(self) -> torch.Tensor:

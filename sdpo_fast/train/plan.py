@@ -9,8 +9,8 @@ which the tests check on a small model.
 
 Not counted (stated as allowances): the CUDA context, cuBLAS workspaces, allocator fragmentation. Simulated on
 the CPU code path: attention as the CPU flash kernel (same kept tensors as flash-attn: output and log-sum-exp);
-the loss as on CUDA, the Triton backend's Python path with its kernel launches replaced by what they write (the
-torch backend, --loss-backend torch, runs as it is).
+the loss as on CUDA, the Triton backend's Python path with its kernel launches (the logit modes' chunk_logits
+included) replaced by what they write (the torch backend, --loss-backend torch, runs as it is).
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def load_config(model: str):
 
 @dataclass(frozen=True)
 class SimulatedPlan:
-    """Bytes of the reported step's peak (counted storages), where it happened, its parts, and allowances."""
+    """Bytes of the reported step's peak (counted storages) on one GPU (rank 0 of world_size), where it happened,
+    its parts, and allowances; parameters and trainable count that GPU's shards."""
 
     peak_bytes: int
     peak_phase: str
@@ -80,6 +81,7 @@ class SimulatedPlan:
     parameters: int
     trainable: int
     micro_batch_tokens: list[int]
+    world_size: int = 1
 
     @property
     def total_bytes(self) -> int:
@@ -90,7 +92,8 @@ class SimulatedPlan:
 
     def to_json(self, budget_bytes: int) -> dict:
         return {"peak_bytes": self.peak_bytes, "method": "simulated", "phases": dict(self.phases),
-                "breakdown": dict(self.breakdown), "fits": self.fits(budget_bytes), "budget_bytes": budget_bytes}
+                "breakdown": dict(self.breakdown), "fits": self.fits(budget_bytes), "budget_bytes": budget_bytes,
+                "world_size": self.world_size}
 
 
 def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int):
@@ -106,19 +109,19 @@ def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int):
     return EncodedInteraction(student, teacher, completion, shared)
 
 
-def worst_case_batch(config, vocab_size: int):
-    """The step's interactions at the configured limits, as many as fill two micro-batches (so gradients
-    accumulate), at most batch_size."""
+def worst_case_batch(config, vocab_size: int, world_size: int = 1):
+    """The step's interactions at the configured limits, as many as fill two micro-batches on each of
+    `world_size` ranks (so gradients accumulate), at most batch_size."""
     e = interaction(config.max_prompt_tokens, config.max_completion_tokens, vocab_size)
     per_micro_batch = max(1, config.micro_batch_tokens // max(len(e.student_input_ids), len(e.teacher_input_ids)))
-    return [e] * min(config.batch_size, 2 * per_micro_batch)
+    return [e] * min(config.batch_size, 2 * per_micro_batch * world_size)
 
 
 @contextlib.contextmanager
 def _triton_launches_as_workspace():
-    """The Triton loss backend's Python path on CPU tensors, its three kernel launches replaced by what they
-    allocate (README: lse_gather writes 2 floats per token; grad_logits and grad_weight write into buffers the
-    Python path allocated)."""
+    """The Triton loss backend's Python path on CPU tensors, its kernel launches replaced by what they allocate
+    (README: lse_gather writes 2 floats per token; grad_logits, grad_weight and the logit modes' chunk_logits
+    write into buffers the Python path allocated)."""
     from ..loss import api
     from ..loss.backends import triton_fused
 
@@ -133,8 +136,12 @@ def _triton_launches_as_workspace():
     def accumulate_grad_weight(grad_logits_chunk, hidden, grad_weight, accumulate=True):
         return None
 
+    def chunk_logits(hidden, weight, inv_temperature, out):
+        return out
+
     patched = {(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,
                (triton_fused, "accumulate_grad_weight"): accumulate_grad_weight,
+               (triton_fused, "chunk_logits"): chunk_logits,
                (api, "resolve_backend"): lambda backend, device: backend}
     previous = {key: getattr(*key) for key in patched}
     try:
@@ -224,9 +231,81 @@ class _PhasedObjective:
         return out
 
 
+NF4_BLOCK = 64
+"""Weights per absmax block of bitsandbytes' 4-bit quantization (its default, as transformers loads it)."""
+ABSMAX_BLOCK = 256
+"""absmax values per fp32 scale of the double quantization (bitsandbytes' state2 blocksize)."""
+
+
+class _Dequantize4bit(torch.autograd.Function):
+    """y = x @ W.T with W the layer's weight dequantized to its compute dtype as a transient, in forward and again
+    in backward; nothing saved for backward (bitsandbytes' MatMul4Bit: above 1536 tokens its CUDA gemm_4bit
+    dequantizes and calls F.linear; it reconstructs the double-quantized absmax in fp32 twice in forward, once
+    in backward)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, layer.dequantized(absmax_copies=2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantized(absmax_copies=1), None
+
+
+class _Linear4bitStandIn(torch.nn.Module):
+    """Memory stand-in for bitsandbytes' Linear4bit as `load_model` loads it (NF4, double quantization, uint8
+    storage): the packed weight ((n + 1) // 2 bytes), one uint8 absmax per 64 weights, one fp32 scale per 256 of
+    those, an fp32 offset and the 16-entry fp32 NF4 code (bitsandbytes' Params4bit and QuantState; the 256-entry
+    code of the double quantization, shared by all layers, is left out). No bias (none of the known shapes has
+    one)."""
+
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("load_in_4bit planning covers Linear layers without bias")
+        self.out_features, self.in_features = linear.weight.shape
+        self.compute_dtype = compute_dtype
+        n, device = linear.weight.numel(), linear.weight.device
+        blocks = -(-n // NF4_BLOCK)
+        self.weight = torch.nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device),
+                                         requires_grad=False)
+        self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_scale", torch.empty(-(-blocks // ABSMAX_BLOCK), dtype=torch.float32,
+                                                         device=device))
+        self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=device))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=device))
+
+    def dequantized(self, absmax_copies: int) -> torch.Tensor:
+        """A (out, in) tensor in the compute dtype, with `absmax_copies` fp32 absmax vectors alive meanwhile."""
+        absmax = [torch.zeros(self.absmax.shape, dtype=torch.float32, device=self.absmax.device)
+                  for _ in range(absmax_copies)]
+        weight = torch.zeros((self.out_features, self.in_features), dtype=self.compute_dtype, device=absmax[0].device)
+        del absmax
+        return weight
+
+    def forward(self, x):
+        return _Dequantize4bit.apply(x, self)
+
+
+def _quantize_linears(model, dtype: torch.dtype) -> None:
+    """Every Linear but the output embedding and the LoRA adapters replaced by `_Linear4bitStandIn` (transformers'
+    bitsandbytes quantizer skips the lm_head)."""
+    from ..model import unwrap_model
+
+    output = unwrap_model(model).get_output_embeddings()
+    for name, parent in list(model.named_modules()):
+        if "lora_" in name:
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child is not output and not child_name.startswith("lora_"):
+                setattr(parent, child_name, _Linear4bitStandIn(child, dtype))
+
+
 def _build(hf_config, config, dtype: torch.dtype, fake: bool):
-    """The model `train` would train (checkpointing, LoRA), random weights; fake: built on the meta device and
-    every parameter and buffer then replaced by a fresh fake CPU tensor (ties kept)."""
+    """The model `train` would train (checkpointing, LoRA, 4-bit base Linears as `_Linear4bitStandIn`), random
+    weights; fake: built on the meta device and every parameter and buffer then replaced by a fresh fake CPU tensor
+    (ties kept)."""
     from transformers import AutoModelForCausalLM
 
     from .setup import apply_lora, lora_config
@@ -239,6 +318,8 @@ def _build(hf_config, config, dtype: torch.dtype, fake: bool):
             model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
                                                   config.lora_target_modules),
                                fp32_adapters=config.lora_dtype == "float32")
+        if config.load_in_4bit:
+            _quantize_linears(model, dtype)
     if fake:
         made: dict[int, torch.Tensor] = {}
         if config.lora_r and config.lora_dtype == "base":  # peft leaves meta adapters in fp32
@@ -269,39 +350,98 @@ class _OffloadedStandIn(torch.optim.Optimizer):
 
 
 def _optimizer(params, config):
-    """The optimizer `train` builds on CUDA (fused AdamW; stand-ins for bitsandbytes and CPU offload)."""
+    """The optimizer `train` builds on CUDA (fused AdamW; stand-ins for bitsandbytes and CPU offload), 16-bit
+    parameters stepped through fp32 masters as `build_optimizer` does."""
     from .optim import OptimizerInBackward
+    from .precision import needs_master_weights, with_master_weights
     from .setup import build_optimizer
+
+    def on_cuda(group):
+        if config.optimizer == "adamw8bit":
+            return _Adam8bitStandIn(group, config.lr)
+        return torch.optim.AdamW(group, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
     def build(ps):
         if config.offload_optimizer:
             return _OffloadedStandIn(ps, config.lr)
-        if config.optimizer == "adamw8bit":
-            return _Adam8bitStandIn(ps, config.lr)
-        if config.optimizer == "adamw":
-            return torch.optim.AdamW(ps, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-        return build_optimizer(ps, config.optimizer, config.lr, config.weight_decay)
+        if config.optimizer not in ("adamw", "adamw8bit"):
+            return build_optimizer(ps, config.optimizer, config.lr, config.weight_decay)
+        return with_master_weights(ps, on_cuda) if needs_master_weights(ps) else on_cuda(ps)
 
     if config.optimizer_in_backward or config.offload_optimizer:
         return OptimizerInBackward(params, build, config.max_grad_norm)
     return build(params)
 
 
+@contextlib.contextmanager
+def _fsdp_storage_resizes(counter):
+    """FSDP2's in-place storage frees and re-allocations of gathered parameters reported to `counter`."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def counted_alloc(tensor):
+        alloc(tensor)
+        counter.resized(tensor)
+
+    def counted_free(tensor):
+        free(tensor)
+        counter.resized(tensor)
+
+    patched = {(_fsdp_param, "alloc_storage"): counted_alloc, (_fsdp_param, "free_storage"): counted_free,
+               (_fsdp_param_group, "alloc_storage"): counted_alloc}
+    previous = {key: getattr(*key) for key in patched}
+    try:
+        for (module, name), value in patched.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in previous.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def _fake_world(world_size: int):
+    """Rank 0 of a `world_size`-rank job on torch's fake process group (collectives return at once, their
+    outputs allocated as the real ones are), or None for one process."""
+    if world_size == 1:
+        yield None
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from .distributed import World
+
+    if torch.distributed.is_initialized():
+        raise RuntimeError("world_size > 1 is simulated on a fake process group; one is already initialized")
+    torch.distributed.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield World(rank=0, size=world_size, local_rank=0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | None = None,
-             steps: int = 2) -> SimulatedPlan:
+             steps: int = 2, world_size: int = 1) -> SimulatedPlan:
     """Run `steps` training steps of `config` (a TrainConfig) on the model of `hf_config` (default: the config
     `config.model` names) and count storages; the last step, on `worst_case_batch`, is reported (the ones before
     run one short interaction, to create the optimizer state). fake False: the same on real CPU
     tensors (the check that the simulation is exact). dtype default: bfloat16 (as `train` on CUDA) unless
-    config.dtype names one."""
+    config.dtype names one. world_size > 1: rank 0 of a torchrun job, the model sharded by FSDP2 as `train` shards
+    it (`distributed.shard_model`) over a fake process group, the batch `world_size` times as large."""
     from torch._subclasses import FakeTensorMode
 
     from ..model import unwrap_model
-    from .memory import StorageCounter
+    from .memory import StorageCounter, local_shard
     from .setup import build_scheduler
     from .step import train_step
     from .trainer import objective_of, step_options
 
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if world_size > 1:
+        from .distributed import check_distributed
+
+        check_distributed(config)
     if hf_config is None:
         hf_config = load_config(config.model)
     if dtype is None:
@@ -318,45 +458,60 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
     constants = _IntegerConstants(fake_mode) if fake else contextlib.nullcontext()
     torch.manual_seed(config.seed)
     launches = _triton_launches_as_workspace() if triton else contextlib.nullcontext()
-    with _constant_index_tensors(), launches, fake_mode, constants:
-        model = _build(hf_config, config, dtype, fake)
+    # Under torchrun the trained weights load in fp32 (the sharded weights are the master weights; trainer._train)
+    weights_dtype = torch.float32 if world_size > 1 and not config.lora_r else dtype
+    with _constant_index_tensors(), launches, _fake_world(world_size) as world, fake_mode, constants:
+        model = _build(hf_config, config, weights_dtype, fake)
+        runner = model
+        if world is not None:
+            from .distributed import shard_model
+
+            runner = shard_model(model, param_dtype=None if dtype == torch.float32 else dtype,
+                                 reduce_dtype=torch.float32)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(params, config)
         scheduler = build_scheduler(optimizer, config.schedule, config.warmup_ratio, steps)
         for t in list(model.parameters()) + list(model.buffers()):
             counter.track(t, "weights")
+        for group in optimizer.param_groups:  # fp32 masters of 16-bit parameters (the rest: counted above)
+            for p in group["params"]:
+                counter.track(p, "optimizer_state")
         hooks = _phase_hooks(unwrap_model(model), counter, params, optimizer, modules)
         objective = _PhasedObjective(objective_of(config), counter)
         options = step_options(config)
         vocab_size = hf_config.get_text_config().vocab_size
-        batch = worst_case_batch(config, vocab_size)
+        batch = worst_case_batch(config, vocab_size, world_size)
         first = [interaction(config.ignore_first_k + 2, config.ignore_first_k + 1, vocab_size)]
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with counter:
+            resizes = _fsdp_storage_resizes(counter) if world is not None else contextlib.nullcontext()
+            with counter, resizes:
                 for step in range(steps):
                     gc.collect()
                     if step == steps - 1:
                         counter.reset_peak()
                     counter.set_phase("between")
-                    train_step(model, batch if step == steps - 1 else first, objective, optimizer, scheduler,
-                               options)
+                    train_step(runner, batch if step == steps - 1 else first, objective, optimizer, scheduler,
+                               options, world=world)
         finally:
             for hook in hooks:
                 hook.remove()
             if collecting:
                 gc.enable()
         breakdown = {name: counter.peak_breakdown.get(name, 0) for name in CATEGORIES}
-        parameters = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in params)
+        parameters = sum(local_shard(p).numel() for p in model.parameters()) + sum(
+            m.out_features * m.in_features - m.weight.numel() for m in model.modules()
+            if isinstance(m, _Linear4bitStandIn))
+        trainable = sum(local_shard(p).numel() for p in params)
     from ..model import micro_batch_indices
 
-    groups = micro_batch_indices(batch, config.micro_batch_tokens)
-    tokens = [sum(len(batch[i].student_input_ids) for i in g) for g in groups]
+    mine = batch[::world_size]  # rank 0's share (distributed.rank_micro_batches)
+    groups = micro_batch_indices(mine, config.micro_batch_tokens)
+    tokens = [sum(len(mine[i].student_input_ids) for i in g) for g in groups]
     allowances = dict(ALLOWANCES, fragmentation=int(FRAGMENTATION * counter.peak))
     return SimulatedPlan(counter.peak, counter.peak_phase, counter.peak_module, dict(counter.phase_peaks), breakdown,
-                         allowances, parameters, trainable, tokens)
+                         allowances, parameters, trainable, tokens, world_size)
 
 
 def _phase_hooks(hf_model, counter, params, optimizer, modules: list[str]) -> list:
@@ -412,7 +567,8 @@ def _phase_hooks(hf_model, counter, params, optimizer, modules: list[str]) -> li
 
 def format_plan(plan: SimulatedPlan, budget_bytes: int) -> str:
     """A human-readable report of `plan` against `budget_bytes`."""
-    lines = [f"parameters {plan.parameters / 1e9:.3f}B, trainable {plan.trainable / 1e6:.2f}M; "
+    per_gpu = f" on each of {plan.world_size} GPUs (FSDP2 shards)" if plan.world_size > 1 else ""
+    lines = [f"parameters {plan.parameters / 1e9:.3f}B, trainable {plan.trainable / 1e6:.2f}M{per_gpu}; "
              f"micro-batches of {plan.micro_batch_tokens} student tokens",
              f"simulated peak {plan.peak_bytes / GIB:.2f} GiB during {plan.peak_phase} ({plan.peak_module})"]
     lines += [f"  {name:<20}{value / GIB:9.2f} GiB" for name, value in plan.breakdown.items()]

@@ -220,5 +220,9 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
             model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
                                                   config.lora_target_modules),
                                fp32_adapters=config.lora_dtype == "float32")
+        if config.load_in_4bit and config.lora_dtype == "base":  # peft makes a 4-bit base's adapters fp32
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(dtype)
     unwrap_model(model)
     return model.train(), tokenizer

@@ -499,11 +499,12 @@ def _postfix(metrics: dict) -> dict:
 
 def check_memory(config: TrainConfig) -> None:
     """Before any CUDA allocation: expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set; on CUDA, with
-    check_memory, the simulated step against the card's free memory (see `plan.check_fits`)."""
+    check_memory, the simulated step against the card's free memory (see `plan.check_fits`; one process only: a
+    torchrun job's share is `sdpo-fast plan --world-size N`)."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if resolve_device(config.device).type != "cuda":
         return
-    if config.check_memory and not config.load_in_4bit:
+    if config.check_memory and launched_world() is None:
         from .plan import check_fits
 
         check_fits(dataclasses.replace(config, model=config.model or str(tiny_model_path())),

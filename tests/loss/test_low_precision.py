@@ -60,3 +60,24 @@ def test_autocast_runs_the_16_bit_path_with_fp32_grads(backend, monkeypatch):
     assert torch.equal(got["loss"], low["loss"])
     assert torch.equal(got["grad_hidden"].to(torch.bfloat16), low["grad_hidden"])
     assert torch.equal(got["grad_weight"].to(torch.bfloat16), low["grad_weight"])
+
+
+def test_triton_16_bit_grad_weight_is_the_fp32_accumulation_rounded_once(monkeypatch):
+    """A bf16 grad_W formed vocabulary slice by slice (no fp32 (V, d) beside it; here 4 slices of 128 rows and
+    3 token chunks) equals the whole fp32 accumulation rounded to bf16; grad_hidden is unchanged."""
+    from sdpo_fast.loss.backends.triton_fused import TritonBackend, _vocab_slices
+
+    monkeypatch.setenv("SDPO_FAST_TRITON_WORKSPACE_MB", "0")
+    device = backend_device("triton")
+    case = make_case(300, 32, 500, dtype=torch.bfloat16, device=device, seed=5)
+    hidden, weight, targets = case["student_hidden"], case["lm_head_weight"], case["target_ids"]
+    assert len(_vocab_slices(500, 32)) == 4
+    backend = TritonBackend()
+    logprobs, lse = backend.token_logprobs(hidden, weight, targets, 1.0)
+    coef = torch.randn(300, generator=torch.Generator().manual_seed(1)).to(device)
+    fp32_hidden, fp32_weight = backend.grad(hidden, weight, targets, lse, coef, 1.0, True, True)
+    bf16_hidden, bf16_weight = backend.grad(hidden, weight, targets, lse, coef, 1.0, True, True,
+                                            grad_weight_dtype=torch.bfloat16)
+    assert fp32_weight.dtype == torch.float32 and bf16_weight.dtype == torch.bfloat16
+    assert torch.equal(bf16_weight, fp32_weight.to(torch.bfloat16))
+    assert torch.equal(bf16_hidden, fp32_hidden)

@@ -92,7 +92,7 @@ def test_frozen_weight_does_no_weight_gradient_work(backend, monkeypatch):
     ops, name = (TritonBackend, "grad") if backend == "triton" else (TorchBackend, "logprobs_and_grad")
     calls = []
     original = getattr(ops, name)
-    monkeypatch.setattr(ops, name, lambda self, *a: calls.append(a[-1]) or original(self, *a))
+    monkeypatch.setattr(ops, name, lambda self, *a, **k: calls.append(a[-1]) or original(self, *a, **k))
     case = make_case(20, 24, 90, device=device, seed=1)
     student = case["student_hidden"].clone().requires_grad_()
     loss = sdpo_loss(student, case["lm_head_weight"], case["target_ids"], teacher_hidden=case["teacher_hidden"],

@@ -64,3 +64,23 @@ def test_offload_needs_torchao_and_cuda():
         offload_optimizer(params, "adamw", 1e-3, 0.0)
     with pytest.raises(ValueError, match="unset optimizer_in_backward"):
         TrainConfig(optimizer_in_backward=True, offload_optimizer=True).validate()
+
+
+def test_bf16_parameters_step_in_backward_through_their_fp32_masters():
+    """bf16 weights (CUDA's default dtype): the in-backward step takes the gradient from the fp32 master it was
+    moved to, and ends where a plain step of the same masters does (two micro-batches accumulated first)."""
+    from sdpo_fast.train.setup import build_optimizer
+
+    torch.manual_seed(0)
+    start = torch.randn(6, 4).to(torch.bfloat16)
+    grads = [torch.randn(6, 4) for _ in range(2)]
+    fused, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    in_backward = OptimizerInBackward([fused], lambda ps: build_optimizer(ps, "adamw", 1e-2, 0.0), max_grad_norm=None)
+    reference = build_optimizer([plain], "adamw", 1e-2, 0.0)
+    for k, g in enumerate(grads):
+        in_backward.final_backward = k == len(grads) - 1
+        (fused * g.to(torch.bfloat16)).sum().backward()
+        (plain * g.to(torch.bfloat16)).sum().backward()
+    reference.step()
+    assert torch.equal(fused.detach(), plain.detach()) and not torch.equal(fused.detach(), start)
+    assert in_backward.inner[0].param_groups[0]["params"][0].grad is None

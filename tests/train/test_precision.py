@@ -132,3 +132,37 @@ def test_cuda_bf16_training_moves_like_fp32(tmp_path):
                       int((w[name].to(torch.bfloat16) != init[name].to(torch.bfloat16)).sum()) for name in init)
                for d, w in runs.items()}
     assert abs(changed["auto"] - changed["float32"]) <= 0.1 * changed["float32"]
+
+
+def test_bf16_lora_adapters_step_through_fp32_masters():
+    """The default lora_dtype: bf16 adapters on a bf16 base, each AdamW step applied to fp32 masters (a plain
+    fp32 AdamW on the same gradients), the adapters set to the masters' rounding."""
+    from sdpo_fast.train.setup import load_model_and_tokenizer
+    from sdpo_fast.train.trainer import make_optimizer
+
+    config = TrainConfig(lora_r=4, lora_dropout=0.0, dtype="bfloat16", device="cpu", lr=1e-3, weight_decay=0.01,
+                         optimizer="adamw").validate()
+    model, _ = load_model_and_tokenizer(config)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.bfloat16 for p in adapters)
+    optimizer = make_optimizer(adapters, config)
+    reference = [torch.nn.Parameter(p.detach().float().clone()) for p in adapters]
+    plain = torch.optim.AdamW(reference, lr=config.lr, weight_decay=config.weight_decay)
+    seen: dict[int, torch.Tensor] = {}
+    for i, p in enumerate(adapters):
+        p.register_hook(lambda g, i=i: seen.__setitem__(i, g.detach().clone()))
+    ids = torch.arange(3, 40).reshape(1, -1)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for i, r in enumerate(reference):
+            assert seen[i].dtype == torch.bfloat16
+            r.grad = seen[i].float()
+        plain.step()
+        plain.zero_grad(set_to_none=True)
+    masters = optimizer.param_groups[0]["params"]
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert all(torch.equal(m, r) for m, r in zip(masters, reference))
+    assert all(torch.equal(p, r.detach().to(torch.bfloat16)) for p, r in zip(adapters, reference))
+    assert any(not torch.equal(r, r.detach().to(torch.bfloat16).float()) for r in reference)  # masters not bf16

@@ -5,9 +5,10 @@ with z = hidden @ weight.T * inv_temperature:
 
 - `token_logprobs(hidden, weight, targets, inv_temperature) -> (logprobs, lse)`: log_softmax(z)[target] (N,)
   fp32, and what `grad` needs saved (the logsumexp (N,) fp32, or None where `grad` recomputes it).
-- `grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight) -> (grad_hidden,
-  grad_weight)`: gradients of L = sum_n coef[n] * -log_softmax(z_n)[target_n] with coef (N,) fp32 held
-  constant; grad_hidden (N, d) in hidden's dtype, grad_weight (V, d) fp32, each None when not needed.
+- `grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight, grad_weight_dtype=fp32)
+  -> (grad_hidden, grad_weight)`: gradients of L = sum_n coef[n] * -log_softmax(z_n)[target_n] with coef (N,)
+  fp32 held constant; grad_hidden (N, d) in hidden's dtype, grad_weight (V, d) accumulated in fp32 and returned
+  in grad_weight_dtype, each None when not needed.
 - `logprobs_and_grad(hidden, weight, targets, inv_temperature, coef_of, need_hidden, need_weight) ->
   (logprobs, grad_hidden, grad_weight)`: both at once, coef_of(rows, logprobs[rows]) -> coef[rows] computed
   as the log-probs become known (per-token coefficients only).
@@ -33,7 +34,7 @@ class LossBackend(Protocol):
     def token_logprobs(self, hidden, weight, targets, inv_temperature: float): ...
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
-             need_weight: bool): ...
+             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32): ...
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
                           need_weight: bool): ...

@@ -61,10 +61,10 @@ class TorchBackend:
         return logprobs, None
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
-             need_weight: bool):
+             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32):
         _, grad_hidden, grad_weight = self.logprobs_and_grad(
             hidden, weight, targets, inv_temperature, lambda rows, _: coef[rows], need_hidden, need_weight)
-        return grad_hidden, grad_weight
+        return grad_hidden, None if grad_weight is None else grad_weight.to(grad_weight_dtype)
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
                           need_weight: bool):

@@ -16,6 +16,12 @@ from ...kernels.lse_gather import lse_gather
 from .chunked_divergence import divergence_sweep
 
 
+def _vocab_slices(vocab_size: int, hidden_dim: int) -> list[slice]:
+    """Vocabulary rows whose fp32 gradient fits SDPO_FAST_TRITON_WORKSPACE_MB (multiples of 128 rows)."""
+    rows = max(128, triton_workspace_bytes() // (4 * hidden_dim) // 128 * 128)
+    return [slice(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
+
+
 def _inner_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     """The kernels are specialized for a unit stride along the hidden dimension."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
@@ -36,25 +42,46 @@ class TritonBackend:
         return target_logit - lse, lse
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
-             need_weight: bool):
+             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32):
+        """grad_weight accumulated in fp32 and returned in grad_weight_dtype. A 16-bit one is formed in a second
+        sweep, vocabulary slice by slice (`_vocab_slices`), so no fp32 (V, d) tensor exists beside it."""
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
-        n_tokens = hidden.shape[0]
+        (n_tokens, hidden_dim), vocab_size = hidden.shape, weight.shape[0]
+        device = hidden.device
         grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        in_one_sweep = need_weight and grad_weight_dtype == torch.float32
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device) if in_one_sweep else None
         if n_tokens == 0:
-            return grad_hidden, None if grad_weight is None else grad_weight.zero_()
-        l2_bytes = getattr(torch.cuda.get_device_properties(hidden.device), "L2_cache_size", 0) \
-            if hidden.is_cuda else 0
-        chunks = backward_chunks(n_tokens, weight.shape[0], weight.shape[1], hidden.dtype, need_weight, l2_bytes)
-        workspace = torch.empty((chunks[0].stop, weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
-        for rows in chunks:
-            grad_logits_chunk = workspace[: rows.stop - rows.start]
-            grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows], inv_temperature,
-                        grad_logits_chunk)
-            if need_hidden:
-                torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
             if need_weight:
-                accumulate_grad_weight(grad_logits_chunk, hidden[rows], grad_weight, accumulate=rows.start > 0)
+                grad_weight = torch.zeros(weight.shape, dtype=grad_weight_dtype, device=device)
+            return grad_hidden, grad_weight
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) if hidden.is_cuda else 0
+        chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, hidden.dtype, need_weight, l2_bytes)
+        if need_hidden or in_one_sweep:
+            workspace = torch.empty((chunks[0].stop, vocab_size), dtype=hidden.dtype, device=device)
+            for rows in chunks:
+                grad_logits_chunk = workspace[: rows.stop - rows.start]
+                grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows], inv_temperature,
+                            grad_logits_chunk)
+                if need_hidden:
+                    torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
+                if in_one_sweep:
+                    accumulate_grad_weight(grad_logits_chunk, hidden[rows], grad_weight, accumulate=rows.start > 0)
+            del workspace, grad_logits_chunk
+        if need_weight and not in_one_sweep:
+            grad_weight = torch.empty(weight.shape, dtype=grad_weight_dtype, device=device)
+            slices = _vocab_slices(vocab_size, hidden_dim)
+            workspace = torch.empty(chunks[0].stop * slices[0].stop, dtype=hidden.dtype, device=device)
+            accumulator = torch.empty((slices[0].stop, hidden_dim), dtype=torch.float32, device=device)
+            for vocab in slices:
+                width = vocab.stop - vocab.start
+                slice_targets = targets - vocab.start
+                for rows in chunks:
+                    chunk = workspace[: (rows.stop - rows.start) * width].view(rows.stop - rows.start, width)
+                    grad_logits(hidden[rows], weight[vocab], slice_targets[rows], lse[rows], coef[rows],
+                                inv_temperature, chunk)
+                    accumulate_grad_weight(chunk, hidden[rows], accumulator[:width], accumulate=rows.start > 0)
+                grad_weight[vocab].copy_(accumulator[:width])
         return grad_hidden, grad_weight
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
