@@ -89,5 +89,7 @@ def offload_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, we
         raise ValueError("offload_optimizer needs the model on a CUDA GPU (use --device cuda)")
     if name != "adamw":
         raise ValueError(f"offload_optimizer supports optimizer 'adamw', got {name!r}")
-    return CPUOffloadOptimizer(params, torch.optim.AdamW, lr=lr, weight_decay=weight_decay, fused=True,
-                               offload_gradients=True)
+    optimizer = CPUOffloadOptimizer(params, torch.optim.AdamW, lr=lr, weight_decay=weight_decay, fused=True,
+                                    offload_gradients=True)
+    optimizer.one_backward_per_step = True  # each offloaded gradient replaces, not adds to, the previous one
+    return optimizer

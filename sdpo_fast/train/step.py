@@ -118,6 +118,10 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
     in_backward = hasattr(optimizer, "take_grad_norm")
     weights = interaction_weights(counts, options.aggregation)
     groups = rank_micro_batches(batch, counts, options.micro_batch_tokens, world)
+    if getattr(optimizer, "one_backward_per_step", False) and len(groups) > 1:
+        raise ValueError(f"offload_optimizer keeps one micro-batch's gradient per step (torchao offloads each as it "
+                         f"arrives), but this step packs into {len(groups)}: raise micro_batch_tokens or lower "
+                         "batch_size")
     ranks = 1 if world is None else world.size
     weights = [w * ranks for w in weights]  # FSDP2 averages gradients over ranks: their sum is wanted
     run = model if isinstance(model, ShardedRoot) else functools.partial(_run, model)

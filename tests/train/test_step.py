@@ -214,3 +214,21 @@ def test_sft_loss_matches_cross_entropy_in_chunks(monkeypatch):
     assert not nll[~keep].any()
     torch.testing.assert_close(hidden.grad, h2.grad)
     torch.testing.assert_close(weight.grad, w2.grad)
+
+
+def test_an_optimizer_with_one_backward_per_step_refuses_several_micro_batches(model_dir):
+    """torchao's gradient-offloading optimizer keeps only the last backward's gradient: a step that packs into
+    several micro-batches is refused before any pass."""
+    from transformers import AutoModelForCausalLM
+
+    from sdpo_fast.loss import make_objective
+    from sdpo_fast.train.step import StepOptions, train_step
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer.one_backward_per_step = True
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    batch = [EncodedInteraction([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [4, 5], 3) for _ in range(2)]
+    with pytest.raises(ValueError, match="offload_optimizer keeps one micro-batch"):
+        train_step(model, batch, make_objective("sdpo"), optimizer, scheduler, StepOptions(micro_batch_tokens=6))
+    train_step(model, batch, make_objective("sdpo"), optimizer, scheduler, StepOptions(micro_batch_tokens=64))
