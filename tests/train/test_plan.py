@@ -153,6 +153,9 @@ def test_qwen3_8b_lora_r64_4096_token_micro_batches_fit_24_gib_with_allowances()
                                 batch_size=4))
     assert plan.micro_batch_tokens == [4096 - 64] * 2
     assert plan.total_bytes <= 24 * GIB
+    one = simulate(TrainConfig(**QWEN3_8B, lora_r=64, lora_alpha=128, micro_batch_tokens=4096, batch_size=1))
+    assert one.micro_batch_tokens == [4096 - 64]
+    assert one.peak_bytes <= 20 * GIB  # a step of one micro-batch: no fp32 master gradients alive from a previous one
 
 
 @pytest.mark.slow
