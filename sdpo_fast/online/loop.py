@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -21,6 +20,7 @@ from ..loss import distillation_objective
 from ..loss.objectives import DISTILLATION_OBJECTIVES
 from ..loss.validation import MIN_TEMPERATURE
 from ..model import eval_mode, sdpo_attention, unwrap_model
+from ..train.config import check_keys, coerce_floats
 from ..train.setup import build_optimizer
 from ..train.setup import lora_config as make_lora_config
 from ..train.step import StepOptions, train_step
@@ -146,48 +146,21 @@ class OnlineConfig:
         return resolve_online_config(overrides=overrides, preset=name)
 
 
-def online_field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(OnlineConfig)]
-
-
-def _check_keys(values: dict, where: str) -> None:
-    unknown = sorted(set(values) - set(online_field_names()))
-    if unknown:
-        raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {', '.join(online_field_names())}")
-
-
-def _coerce(values: dict[str, Any]) -> dict[str, Any]:
-    """Float fields given as integers or as strings (YAML reads "5e-6" as a string) become floats."""
-    out = dict(values)
-    for f in dataclasses.fields(OnlineConfig):
-        value = out.get(f.name)
-        if "float" not in f.type or isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            out[f.name] = float(value)
-        elif isinstance(value, str) and value != "auto":
-            try:
-                out[f.name] = float(value)
-            except ValueError:
-                pass
-    return out
-
-
 def resolve_online_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, *,
                           preset: str | None = None, defaults: dict[str, Any] | None = None) -> OnlineConfig:
     """OnlineConfig defaults < `defaults` (e.g. the demo's settings) < PRESETS[preset] < file values (a YAML
     mapping of field names, see `train.config.load_yaml`) < `overrides` (the flags given); validated. Unknown keys
     are rejected with the list of valid ones."""
     file_values, overrides = dict(file_values or {}), dict(overrides or {})
-    _check_keys(file_values, "config file")
-    _check_keys(overrides, "OnlineConfig")
+    check_keys(OnlineConfig, file_values, "config file")
+    check_keys(OnlineConfig, overrides, "OnlineConfig")
     merged = dict(defaults or {})
     if preset is not None:
         check_choice("preset", preset, tuple(PRESETS))
         merged.update(PRESETS[preset])
     merged.update(file_values)
     merged.update(overrides)
-    return OnlineConfig(**_coerce(merged)).validate()
+    return OnlineConfig(**coerce_floats(OnlineConfig, merged)).validate()
 
 
 RECENT_SAMPLES = 256

@@ -246,10 +246,30 @@ def field_docs() -> dict[str, str]:
             and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
 
 
-def _check_keys(values: dict, where: str) -> None:
-    unknown = sorted(set(values) - set(field_names()))
+def check_keys(config_class, values: dict, where: str) -> None:
+    """ValueError listing the keys of `values` that are not fields of the dataclass `config_class`."""
+    names = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {', '.join(field_names())}")
+        raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {', '.join(names)}")
+
+
+def coerce_floats(config_class, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with the float fields of `config_class` given as integers or numeric strings (YAML reads "2e-6"
+    as a string) made floats; anything else is left for validation to name."""
+    out = dict(values)
+    for f in dataclasses.fields(config_class):
+        value = out.get(f.name)
+        if "float" not in f.type or isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            out[f.name] = float(value)
+        elif isinstance(value, str):
+            try:
+                out[f.name] = float(value)
+            except ValueError:
+                pass
+    return out
 
 
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
@@ -257,16 +277,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("lora_target_modules", "report_to"):
         if isinstance(out.get(key), str):
             out[key] = [m.strip() for m in out[key].split(",") if m.strip()]
-    for key in ("lr", "weight_decay", "warmup_ratio", "temperature", "max_grad_norm", "signal_clip",
-                "importance_clip", "lora_alpha", "lora_dropout", "save_minutes", "dist_timeout_minutes"):
-        if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
-            out[key] = float(out[key])
-        if isinstance(out.get(key), str):  # YAML reads "2e-6" as a string
-            try:
-                out[key] = float(out[key])
-            except ValueError:
-                pass
-    return out
+    return coerce_floats(TrainConfig, out)
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -292,8 +303,8 @@ def resolve_config(file_values: dict[str, Any] | None = None, overrides: dict[st
     """Defaults < preset (named by the flags, else the file; tiny-demo when neither names a preset nor a model)
     < file values < flag overrides; validated."""
     file_values, overrides = dict(file_values or {}), dict(overrides or {})
-    _check_keys(file_values, "config file")
-    _check_keys(overrides, "option")
+    check_keys(TrainConfig, file_values, "config file")
+    check_keys(TrainConfig, overrides, "option")
     preset = overrides.get("preset", file_values.get("preset"))
     if preset is None and overrides.get("model", file_values.get("model")) is None:
         preset = overrides["preset"] = BUNDLED_PRESET

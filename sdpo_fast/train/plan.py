@@ -118,6 +118,19 @@ def worst_case_batch(config, vocab_size: int, world_size: int = 1):
 
 
 @contextlib.contextmanager
+def _patched(attributes: dict):
+    """{(module, name): value} set for the block, the previous values restored after it."""
+    previous = {key: getattr(*key) for key in attributes}
+    try:
+        for (module, name), value in attributes.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for (module, name), value in previous.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
 def _triton_launches_as_workspace():
     """The Triton loss backend's Python path on CPU tensors, its kernel launches replaced by what they allocate
     (README: lse_gather writes 2 floats per token; grad_logits, grad_weight and the logit modes' chunk_logits
@@ -139,18 +152,11 @@ def _triton_launches_as_workspace():
     def chunk_logits(hidden, weight, inv_temperature, out):
         return out
 
-    patched = {(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,
-               (triton_fused, "accumulate_grad_weight"): accumulate_grad_weight,
-               (triton_fused, "chunk_logits"): chunk_logits,
-               (api, "resolve_backend"): lambda backend, device: backend}
-    previous = {key: getattr(*key) for key in patched}
-    try:
-        for (module, name), value in patched.items():
-            setattr(module, name, value)
+    with _patched({(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,
+                   (triton_fused, "accumulate_grad_weight"): accumulate_grad_weight,
+                   (triton_fused, "chunk_logits"): chunk_logits,
+                   (api, "resolve_backend"): lambda backend, device: backend}):
         yield
-    finally:
-        for (module, name), value in previous.items():
-            setattr(module, name, value)
 
 
 @contextlib.contextmanager
@@ -388,16 +394,9 @@ def _fsdp_storage_resizes(counter):
         free(tensor)
         counter.resized(tensor)
 
-    patched = {(_fsdp_param, "alloc_storage"): counted_alloc, (_fsdp_param, "free_storage"): counted_free,
-               (_fsdp_param_group, "alloc_storage"): counted_alloc}
-    previous = {key: getattr(*key) for key in patched}
-    try:
-        for (module, name), value in patched.items():
-            setattr(module, name, value)
+    with _patched({(_fsdp_param, "alloc_storage"): counted_alloc, (_fsdp_param, "free_storage"): counted_free,
+                   (_fsdp_param_group, "alloc_storage"): counted_alloc}):
         yield
-    finally:
-        for (module, name), value in previous.items():
-            setattr(module, name, value)
 
 
 @contextlib.contextmanager
