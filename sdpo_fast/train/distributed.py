@@ -19,10 +19,6 @@ from torch import nn
 
 from ..model import unwrap_model
 
-DEFAULT_TIMEOUT_MINUTES = 30.0
-"""How long a collective waits for the other ranks before the run fails (a crashed or stuck rank)."""
-
-
 @dataclass(frozen=True)
 class World:
     """This process's place in a torchrun job."""
@@ -44,8 +40,9 @@ def launched_world() -> World | None:
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_world(device: torch.device, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> World | None:
-    """Join the torchrun job's process group (NCCL on CUDA, gloo on CPU); None when not under torchrun."""
+def init_world(device: torch.device, timeout_minutes: float) -> World | None:
+    """Join the torchrun job's process group (NCCL on CUDA, gloo on CPU; a collective waiting longer than
+    `timeout_minutes` for the other ranks fails the run); None when not under torchrun."""
     world = launched_world()
     if world is None:
         return None
