@@ -43,39 +43,15 @@ if [ -n "${WHEELS_DIR:-}" ] && [ "$DRY" != 1 ]; then
     || echo "installing the wheels in $WHEELS_DIR failed: see $OUT/install.log" >&2
 fi
 
-# sdpo_fast.kernels is the top-level kernels/ folder (setuptools package-dir), which PYTHONPATH alone cannot map.
+# sdpo_fast.kernels is the link sdpo_fast/kernels -> ../kernels, so the checkout on PYTHONPATH is the whole package.
 imports_checkout() {
   (cd / && "$PY" -c '
 import os, sys
-import sdpo_fast, sdpo_fast.kernels
-sys.exit(not all(os.path.realpath(m.__file__).startswith(sys.argv[1]) for m in (sdpo_fast, sdpo_fast.kernels)))
+import sdpo_fast, sdpo_fast.kernels.config
+sys.exit(not all(os.path.realpath(m.__file__).startswith(sys.argv[1]) for m in (sdpo_fast, sdpo_fast.kernels.config)))
 ' "$REPO/") 2>>"$OUT/install.log"
 }
-if ! imports_checkout; then
-  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e "$REPO" >>"$OUT/install.log" 2>&1
-fi
-if ! imports_checkout; then
-  SHIM=$(mktemp -d)
-  cat >"$SHIM/sitecustomize.py" <<EOF
-"""Map sdpo_fast.kernels onto $REPO/kernels, as an installed sdpo_fast does (written by gpu_check.sh)."""
-import importlib.util
-import sys
-
-
-class _KernelsFinder:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name != "sdpo_fast.kernels":
-            return None
-        return importlib.util.spec_from_file_location(
-            name, "$REPO/kernels/__init__.py", submodule_search_locations=["$REPO/kernels"])
-
-
-sys.meta_path.insert(0, _KernelsFinder)
-EOF
-  export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-  echo "using the sitecustomize shim in $SHIM" >>"$OUT/install.log"
-fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 imports_checkout || { echo "cannot import sdpo_fast.kernels from $REPO: see $OUT/install.log" >&2; exit 1; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/nvidia-smi.txt" 2>/dev/null \
