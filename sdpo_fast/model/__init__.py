@@ -1,7 +1,7 @@
 """Model integration: packed student/teacher passes with prefix K/V reuse on any transformers decoder that uses
 AttentionInterface, and Hugging Face helpers."""
 from .attention import ATTN_IMPLEMENTATION, enable_sdpo_attention, sdpo_attention, varlen_attention
-from .hf import apply_liger_kernels, eval_mode, unwrap_model
+from .hf import apply_liger_kernels, enable_checkpointing, eval_mode, unwrap_model
 from .inputs import EncodedInteraction
 from .packing import pack, plan_micro_batches
 from .passes import (
@@ -25,6 +25,7 @@ __all__ = [
     "apply_liger_kernels",
     "check_encoded",
     "check_pass_options",
+    "enable_checkpointing",
     "enable_sdpo_attention",
     "eval_mode",
     "forward_micro_batch",

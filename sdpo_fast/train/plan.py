@@ -314,12 +314,13 @@ def _build(hf_config, config, dtype: torch.dtype, fake: bool):
     (ties kept)."""
     from transformers import AutoModelForCausalLM
 
+    from ..model import enable_checkpointing
     from .setup import apply_lora, lora_config
 
     with torch.device("meta") if fake else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         if config.checkpointing_on("cuda"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         if config.lora_r:
             model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
                                                   config.lora_target_modules),

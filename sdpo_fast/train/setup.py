@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..demo.assets import tiny_model_path
-from ..model import apply_liger_kernels, unwrap_model
+from ..model import apply_liger_kernels, enable_checkpointing, unwrap_model
 from ..utils.hub import hub_endpoint, hub_unreachable
 from .precision import needs_master_weights, with_master_weights
 
@@ -209,7 +209,7 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
     if config.use_liger:
         apply_liger_kernels(model)
     if config.checkpointing_on(compute_device.type):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if config.lora_r:
         if checkpoint is not None:
             from peft import PeftModel
