@@ -113,6 +113,18 @@ def test_readme_is_a_short_front_door_opening_with_the_setup_commands():
     assert len(setup_commands()) == 2
 
 
+def test_the_readme_layout_map_names_every_layer_and_only_existing_folders():
+    from test_layers import RANK
+
+    block = next(body for language, body in code_blocks(README) if language == "text")
+    folders = [t for line in block.splitlines() for t in line.split() if t.endswith("/")]
+    missing = [f for f in folders if not (ROOT / f).is_dir() and not (ROOT / "sdpo_fast" / f).is_dir()]
+    assert not missing, missing
+    shown = {Path(f).name for f in folders}
+    assert not set(RANK) - {"constants", "utils", "testing"} - shown
+    assert {"benchmarks", "tests", "scripts", "docs"} <= shown
+
+
 def test_every_docs_page_is_listed_in_the_index_and_the_readme_links_the_index():
     index = (DOCS / "index.md").read_text()
     pages = {p.name for p in DOCS.glob("*.md")} - {"index.md"}
