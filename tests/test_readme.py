@@ -259,3 +259,18 @@ def test_the_plan_table_lives_between_its_markers_in_benchmarks_only(tmp_path):
     target.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         plan_table.write_between_markers(target, "| new |")
+
+
+def test_plan_table_main_writes_its_rows_into_benchmarks(tmp_path, monkeypatch, capsys):
+    plan_table = _plan_table()
+    row = dict(configuration="LoRA r16", gpus=1, micro_batch_tokens=4160, student_tokens=[4032, 4032],
+               peak_gib=18.3, total_gib=19.8, fits=True, peak_phase="backward", seconds=1.0)
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text(f"# B\n{plan_table.BEGIN}\n{plan_table.END}\n")
+    monkeypatch.setattr(plan_table, "BENCHMARKS", target)
+    monkeypatch.setattr(plan_table, "rows", lambda model, budget, tokens: [row])
+    monkeypatch.setattr("sys.argv", ["plan_table.py", "--tokens", "4160"])
+    plan_table.main()
+    assert target.read_text() == (f"# B\n{plan_table.BEGIN}\n{plan_table.markdown([row], 24.0)}\n{plan_table.END}\n")
+    assert "| LoRA r16 | 4160 | 2 x 4032 | 18.30 | 19.80 | yes | backward |" in target.read_text()
+    assert "1 rows written" in capsys.readouterr().out
