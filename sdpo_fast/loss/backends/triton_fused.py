@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels.config import triton_workspace_bytes
+from ...kernels.config import l2_bytes, triton_workspace_bytes
 from ...kernels.divergence import chunk_logits
 from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
@@ -66,8 +66,7 @@ class TritonBackend:
         if n_tokens == 0:
             grad_weight = torch.zeros(weight.shape, dtype=grad_weight_dtype, device=device) if need_weight else None
             return grad_hidden, grad_weight
-        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) if hidden.is_cuda else 0
-        chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, hidden.dtype, need_weight, l2_bytes)
+        chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, hidden.dtype, need_weight, l2_bytes(device))
         in_one_sweep = need_weight and (grad_weight_dtype == torch.float32 or _fp32_grad_weight_fits(
             weight, chunks[0].stop * vocab_size * hidden.element_size()))
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device) if in_one_sweep else None
