@@ -302,6 +302,28 @@ def test_train_config_refuses_a_varlen_backend_before_loading_weights(monkeypatc
                                          "cpu; use attn_backend='sdpa'"):
         check_backends(TrainConfig(device="cpu", dtype="float32", attn_backend="torch"))
     check_backends(TrainConfig(device="cpu", dtype="float32", attn_backend="sdpa"))
+    from sdpo_fast.cli.online import _check_attn_backend
+
+    with pytest.raises(ValueError, match="attn_backend='torch' cannot run here"):
+        _check_attn_backend("torch", "cpu")
+
+
+def test_a_pass_refuses_a_varlen_backend_before_any_forward(monkeypatch):
+    """forward_micro_batch on a CPU model with attn_backend 'torch': refused from the model's device before a layer
+    runs."""
+    from sdpo_fast.data import EncodedInteraction
+    from sdpo_fast.model import forward_micro_batch
+
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: _stand_in("2.11", []))
+    model = tiny_causal_lm("qwen3")
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    encoded = [EncodedInteraction([5, 6, 7, 40, 41], [5, 6, 9, 40, 41], [40, 41], 2)]
+    with pytest.raises(ValueError, match="attn_backend='torch' cannot run here: they run on CUDA GPUs only"):
+        forward_micro_batch(model, encoded, attn_backend="torch")
+    assert calls == []
+    forward_micro_batch(model, encoded, attn_backend="sdpa")
+    assert calls == [1, 1]
 
 
 @pytest.mark.cuda
