@@ -85,8 +85,8 @@ def test_lse_gather_measures_occupancy_once_per_dtype_device_and_config(monkeypa
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_lse_gather_compiles_one_kernel_and_warms_up_once(monkeypatch):
-    """On a GPU: three calls at different N, 16-bit: one warmup, and the kernel cache holds the kernels of the
-    launches that ran only (no extra one-split specialization)."""
+    """On a GPU: three calls at different N, 16-bit: one warmup, and at most one kernel compiled for them (the
+    one-split occupancy launch compiles the kernel the real launches run, not a second specialization)."""
     monkeypatch.setattr(lse_module, "_PROGRAMS_PER_SM", {})
     kernel = lse_module.lse_gather_kernel
     real_warmup, warmups = kernel.warmup, []
@@ -103,7 +103,7 @@ def test_cuda_lse_gather_compiles_one_kernel_and_warms_up_once(monkeypatch):
     assert len(warmups) == 1
     if caches is not None:
         added = sum(len(c[0]) - before.get(d, 0) for d, c in kernel.device_caches.items())
-        assert added == 1
+        assert added <= 1  # 0 when an earlier test compiled this specialization already
 
 
 @pytest.mark.cuda
