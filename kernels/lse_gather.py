@@ -3,17 +3,20 @@
 Each program owns BLOCK_N tokens and one contiguous vocabulary split; it sweeps the split's tiles with an
 online logsumexp. Splits are merged on the host; merging is deterministic. Program order: split fastest, so the
 programs resident at once share few token blocks (their hidden rows stay in L2) and walk all splits of the weight.
+`n_splits` is not specialized: the one-split launch that measures the kernel's occupancy (once per dtype, device
+and config) compiles the same kernel as the launches that run.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, Launch, launch_config, sm_count, tile_meta as launch_meta
+from .config import KernelConfig, Launch, l2_bytes as device_l2_bytes, launch_config, sm_count, \
+    tile_meta as launch_meta
 from .gpus import programs_per_sm
 from .logits_tile import logits_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def lse_gather_kernel(
     hidden_ptr, weight_ptr, target_ptr, lse_ptr, target_logit_ptr,
     n_tokens, vocab_size, hidden_dim, vocab_per_split, n_splits,
@@ -102,17 +105,28 @@ def lse_gather_launch(hidden, weight, targets, inv_temperature: float, cfg: Kern
     return launch, lse_parts, target_parts
 
 
+_PROGRAMS_PER_SM: dict[tuple, int] = {}
+"""(dtype, device, KernelConfig) -> programs per SM of the compiled lse_gather_kernel there."""
+
+
 def _resident_programs(hidden, weight, targets, inv_temperature: float, cfg: KernelConfig) -> int:
-    """Programs per SM of the compiled kernel on this CUDA device (1 if Triton does not expose its registers)."""
-    launch, _, _ = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, None)
-    compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
-    try:
-        compiled._init_handles()
-        registers = compiled.n_regs
-    except (AttributeError, TypeError):
-        return 1
-    major, minor = torch.cuda.get_device_capability(hidden.device)
-    return max(1, programs_per_sm(registers, compiled.metadata.shared, cfg.num_warps, 10 * major + minor))
+    """Programs per SM of the compiled kernel on hidden's CUDA device (1 if Triton does not expose its registers),
+    measured on the first call for (dtype, device, cfg) and cached."""
+    key = (hidden.dtype, hidden.device, cfg)
+    if key not in _PROGRAMS_PER_SM:
+        launch, _, _ = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, None)
+        with torch.cuda.device(hidden.device):
+            compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
+            try:
+                compiled._init_handles()
+                registers = compiled.n_regs
+            except (AttributeError, TypeError):
+                _PROGRAMS_PER_SM[key] = 1
+                return 1
+        major, minor = torch.cuda.get_device_capability(hidden.device)
+        _PROGRAMS_PER_SM[key] = max(1, programs_per_sm(registers, compiled.metadata.shared, cfg.num_warps,
+                                                       10 * major + minor))
+    return _PROGRAMS_PER_SM[key]
 
 
 def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float):
@@ -125,10 +139,9 @@ def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     if sms is None:
         launch, lse_parts, target_parts = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, None)
     else:
-        l2_bytes = getattr(torch.cuda.get_device_properties(hidden.device), "L2_cache_size", 0)
         resident = _resident_programs(hidden, weight, targets, inv_temperature, cfg)
         launch, lse_parts, target_parts = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, sms,
-                                                            l2_bytes, resident)
+                                                            device_l2_bytes(hidden.device), resident)
     launch()
     if lse_parts.shape[0] == 1:
         return lse_parts[0], target_parts[0]

@@ -137,6 +137,15 @@ def _load(model_name: str | None, device: str, seed: int):
     return load_model_and_tokenizer(config)
 
 
+def _check_attn_backend(attn_backend: str, device_name: str) -> None:
+    """Before weights load: the policy runs in `_load`'s dtype ("auto") on `device_name`."""
+    from ..model.attention import check_backend
+    from ..train.setup import resolve_device, resolve_dtype
+
+    device = resolve_device(device_name)
+    check_backend(attn_backend, device, resolve_dtype("auto", device))
+
+
 def _backend(args, role: str):
     from ..online.users import HFChat, OpenAIChat
 
@@ -224,6 +233,7 @@ def run(args) -> int:
             raise ValueError(f"--persona {n!r} is not defined; available: {sorted(personas)}")
     config = _config(args)
     args.seed = config.seed
+    _check_attn_backend(config.attn_backend, args.device)
     generator = None
     if args.generation == "vllm":  # first: vLLM sizes its share of the GPU before training takes memory
         from ..online.vllm_generator import VLLMGenerator

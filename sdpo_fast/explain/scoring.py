@@ -63,7 +63,7 @@ def score_interactions(model, tokenizer, interactions: Sequence[Interaction | En
     """
     check_int("micro_batch_tokens", micro_batch_tokens, 1)
     check_number("temperature", temperature, positive=True)
-    check_pass_options(prefix_reuse, teacher_model, attn_backend)
+    check_pass_options(prefix_reuse, teacher_model, attn_backend, model)
     hf_model = unwrap_model(model)
     teacher_hf = hf_model if teacher_model is None else unwrap_model(teacher_model)
     encoded = check_encoded(_encode_all(tokenizer, interactions, encode_options), shared_vocab_size(hf_model, teacher_hf),

@@ -114,21 +114,49 @@ def _torch_varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
-def check_backend(backend: str) -> None:
-    """Raise ValueError if `backend` is unknown or its library is missing."""
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def varlen_refusal(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why the flash and torch varlen kernels cannot run on `device` with `dtype` inputs (None: they can, or the
+    dtype is not known yet). Both are FlashAttention-2 kernels: fp16/bf16 only, on CUDA GPUs of compute
+    capability >= 8.0."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"they run on CUDA GPUs only, not {device.type}"
+    if dtype is not None and dtype not in _HALF:
+        return f"they take fp16/bf16 inputs only, not {str(dtype).removeprefix('torch.')}"
+    major, minor = _capability(device)
+    if major < 8:
+        return f"they need a GPU of compute capability >= 8.0, {device} has {major}.{minor}"
+    return None
+
+
+def check_backend(backend: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    """Raise ValueError if `backend` is unknown or its library is missing; given the device (and the dtype the
+    attention runs in, e.g. the configured compute dtype), also if an explicit flash/torch backend cannot run
+    there. One line, naming the backend that can."""
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "flash" and _flash_varlen() is None:
         raise ValueError("attn_backend='flash' needs the flash-attn package")
     if backend == "torch" and _torch_varlen() is None:
-        raise ValueError("attn_backend='torch' needs torch.nn.attention.varlen (torch >= 2.9)")
+        raise ValueError("attn_backend='torch' needs torch.nn.attention.varlen (torch >= 2.10)")
+    if backend in ("flash", "torch") and device is not None:
+        why = varlen_refusal(device, dtype)
+        if why is not None:
+            raise ValueError(f"attn_backend={backend!r} cannot run here: {why}; use attn_backend='sdpa' "
+                             "(or 'auto', which picks it)")
 
 
 def resolve_backend(backend: str, query: torch.Tensor, dropout: float) -> str:
-    """The backend that runs: "auto" picks flash, then torch varlen (CUDA, fp16/bf16), else sdpa."""
+    """The backend that runs: "auto" picks flash, then torch varlen (fp16/bf16 on CUDA with compute capability
+    >= 8.0), else sdpa."""
     if backend != "auto":
         return backend
-    if query.is_cuda and query.dtype in _HALF:
+    if varlen_refusal(query.device, query.dtype) is None:
         if _flash_varlen() is not None:
             return "flash"
         if _torch_varlen() is not None and dropout == 0.0:
@@ -192,9 +220,10 @@ def _sdpa_kernels(on_cuda: bool) -> Iterator[None]:
 
 
 def _torch_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """torch.nn.attention.varlen, feature-detected: `scale` (absent in 2.9) folded into q when missing; GQA by
-    `enable_gqa` where offered, else one call per query group sharing the same K/V (no repeated K/V kept for
-    backward)."""
+    """torch.nn.attention.varlen.varlen_attn, one call for every head, GQA included: in torch 2.10 and 2.11 it runs
+    aten's FlashAttention-2 varlen kernel, which takes fewer K/V heads than query heads (mha_varlen_fwd/_bwd check
+    num_heads % num_heads_k == 0 and sum dK/dV over each group). Feature-detected: causal as window_size=(-1, 0)
+    (2.11) or is_causal=True (2.10); `scale` (absent in 2.10) folded into q when missing."""
     params = _torch_varlen_params()
     kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     default_scale = q.shape[-1] ** -0.5
@@ -202,16 +231,7 @@ def _torch_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         kwargs["scale"] = scale
     elif scale is not None and scale != default_scale:
         q = q * (scale / default_scale)
-    groups = q.shape[1] // k.shape[1]
-    if groups == 1:
-        return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-    if "enable_gqa" in params:
-        return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa=True, **kwargs)
-    # query head h reads K/V head h // groups: heads g, g + groups, ... form one group over all K/V heads
-    grouped = q.unflatten(1, (k.shape[1], groups))
-    outs = [_torch_varlen()(grouped[:, :, g].contiguous(), k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-            for g in range(groups)]
-    return torch.stack(outs, dim=2).flatten(1, 2)
+    return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -222,7 +242,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q (Tq, H, D), k/v (Tk, Hkv, D) with H % Hkv == 0; cu_seqlens_* (n + 1,) int32 on q's device and
     lengths_* the per-sequence lengths as ints. Returns (Tq, H, D) in q's dtype.
     """
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"varlen_attention needs q, k and v in one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     backend = resolve_backend(backend, q, dropout)
+    check_backend(backend, q.device, q.dtype)
     if backend == "sdpa":
         return _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout)
     max_q, max_k = max(lengths_q), max(lengths_k)

@@ -48,10 +48,13 @@ def reuse_lengths(encoded: Sequence[EncodedInteraction]) -> list[int]:
     return [min(e.shared_prefix_len, e.teacher_prompt_len - 1) for e in encoded]
 
 
-def check_pass_options(prefix_reuse: bool, teacher_model, attn_backend: str) -> None:
+def check_pass_options(prefix_reuse: bool, teacher_model, attn_backend: str, model=None) -> None:
+    """ValueError for options that cannot run; with `model`, also an attention backend its device refuses
+    (before any forward; the dtype is checked on the first layer's q, the compute dtype under autocast or
+    FSDP2 mixed precision)."""
     if prefix_reuse and teacher_model is not None:
         raise ValueError("prefix_reuse=True needs the live teacher: pass teacher_model=None or prefix_reuse=False")
-    check_backend(attn_backend)
+    check_backend(attn_backend, None if model is None else unwrap_model(model).get_input_embeddings().weight.device)
 
 
 def check_encoded(encoded, vocab_size: int, prefix_reuse: bool) -> list[EncodedInteraction]:
@@ -151,7 +154,7 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
     full teacher pass. Leaves `model` (and `teacher_model`) switched to the `sdpo_varlen` attention, which
     gradient-checkpoint recomputation during backward relies on; outside these passes it attends like sdpa.
     """
-    check_pass_options(prefix_reuse, teacher_model, attn_backend)
+    check_pass_options(prefix_reuse, teacher_model, attn_backend, model)
     hf_model = unwrap_model(model)
     teacher_hf = hf_model if teacher_model is None else unwrap_model(teacher_model)
     encoded = check_encoded(encoded, shared_vocab_size(hf_model, teacher_hf), prefix_reuse)

@@ -104,7 +104,9 @@ class TrainConfig:
     prefix_reuse: bool = True
     """The teacher pass reuses the student's K/V of the shared prompt prefix."""
     attn_backend: str = "auto"
-    """auto, flash, torch or sdpa (packed varlen attention)."""
+    """auto, flash, torch or sdpa (packed varlen attention). flash (flash-attn) and torch (torch >= 2.10 varlen)
+    need bf16/fp16 on a GPU of compute capability >= 8.0, refused otherwise before weights load; auto picks flash,
+    then torch there, else sdpa."""
     loss_backend: str = "auto"
     """sdpo_loss backend: auto, triton, torch or reference."""
     max_prompt_tokens: int = 2048

@@ -227,14 +227,15 @@ def _same(a, b) -> bool:
 
 
 def check_backends(config: TrainConfig) -> None:
-    """ValueError naming loss_backend/attn_backend when it cannot run on the configured device."""
+    """ValueError naming loss_backend/attn_backend when it cannot run on the configured device (attention: in the
+    configured dtype, on that GPU's compute capability), before weights load."""
     device = resolve_device(config.device)
     if config.loss == "sdpo":
         try:
             resolve_backend(config.loss_backend, device)
         except ValueError as exc:
             raise ValueError(f"loss_backend {config.loss_backend!r} cannot run on {device.type}: {exc}") from None
-    check_attn_backend(config.attn_backend)
+    check_attn_backend(config.attn_backend, device, resolve_dtype(config.dtype, device))
 
 
 def default_output_dir() -> str:

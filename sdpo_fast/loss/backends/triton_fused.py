@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels.config import triton_workspace_bytes
+from ...kernels.config import l2_bytes, triton_workspace_bytes
 from ...kernels.divergence import chunk_logits
 from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
@@ -20,6 +20,18 @@ def _vocab_slices(vocab_size: int, hidden_dim: int) -> list[slice]:
     """Vocabulary rows whose fp32 gradient fits SDPO_FAST_TRITON_WORKSPACE_MB (multiples of 128 rows)."""
     rows = max(128, triton_workspace_bytes() // (4 * hidden_dim) // 128 * 128)
     return [slice(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
+
+
+def _fp32_grad_weight_fits(weight: torch.Tensor, workspace_bytes: int) -> bool:
+    """Whether a 16-bit grad_W can be accumulated in fp32 in the sweep that forms grad_hidden: the fp32 (V, d)
+    tensor, the 16-bit result and the (chunk, V) workspace fit in the device's free memory (the caching
+    allocator's unused blocks included). Always on CPU. `sdpo-fast plan` counts the slice-by-slice path instead
+    (train/plan.py): the least memory the step needs."""
+    if not weight.is_cuda:
+        return True
+    free, _ = torch.cuda.mem_get_info(weight.device)
+    free += torch.cuda.memory_reserved(weight.device) - torch.cuda.memory_allocated(weight.device)
+    return (4 + weight.element_size()) * weight.numel() + workspace_bytes <= free
 
 
 def _inner_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -43,20 +55,21 @@ class TritonBackend:
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
              need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32):
-        """grad_weight accumulated in fp32 and returned in grad_weight_dtype. A 16-bit one is formed in a second
-        sweep, vocabulary slice by slice (`_vocab_slices`), so no fp32 (V, d) tensor exists beside it."""
+        """grad_weight accumulated in fp32 and returned in grad_weight_dtype, in the sweep that forms grad_hidden
+        (10·N·d·V FLOPs with the forward). A 16-bit one whose fp32 accumulator does not fit in free memory
+        (`_fp32_grad_weight_fits`) is formed in a second sweep instead, vocabulary slice by slice
+        (`_vocab_slices`; the logits gradient formed again: 12·N·d·V), so no fp32 (V, d) tensor exists beside it."""
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         (n_tokens, hidden_dim), vocab_size = hidden.shape, weight.shape[0]
         device = hidden.device
         grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-        in_one_sweep = need_weight and grad_weight_dtype == torch.float32
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device) if in_one_sweep else None
         if n_tokens == 0:
-            if need_weight:
-                grad_weight = torch.zeros(weight.shape, dtype=grad_weight_dtype, device=device)
+            grad_weight = torch.zeros(weight.shape, dtype=grad_weight_dtype, device=device) if need_weight else None
             return grad_hidden, grad_weight
-        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) if hidden.is_cuda else 0
-        chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, hidden.dtype, need_weight, l2_bytes)
+        chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, hidden.dtype, need_weight, l2_bytes(device))
+        in_one_sweep = need_weight and (grad_weight_dtype == torch.float32 or _fp32_grad_weight_fits(
+            weight, chunks[0].stop * vocab_size * hidden.element_size()))
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device) if in_one_sweep else None
         if need_hidden or in_one_sweep:
             workspace = torch.empty((chunks[0].stop, vocab_size), dtype=hidden.dtype, device=device)
             for rows in chunks:
@@ -82,6 +95,8 @@ class TritonBackend:
                                 inv_temperature, chunk)
                     accumulate_grad_weight(chunk, hidden[rows], accumulator[:width], accumulate=rows.start > 0)
                 grad_weight[vocab].copy_(accumulator[:width])
+        elif need_weight:
+            grad_weight = grad_weight.to(grad_weight_dtype)
         return grad_hidden, grad_weight
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
