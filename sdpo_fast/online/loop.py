@@ -18,7 +18,7 @@ import torch
 from ..data import Interaction, InteractionEncoder, SkipInteraction, default_template_kwargs
 from ..loss import distillation_objective
 from ..loss.objectives import DISTILLATION_OBJECTIVES
-from ..loss.validation import MIN_TEMPERATURE
+from ..loss.validation import MIN_TEMPERATURE, check_topk_support
 from ..model import eval_mode, sdpo_attention, unwrap_model
 from ..train.config import check_keys, coerce_floats
 from ..train.setup import build_optimizer
@@ -120,6 +120,7 @@ class OnlineConfig:
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("distillation_mode", self.distillation_mode, tuple(DISTILLATION_OBJECTIVES))
         check_int("distillation_topk", self.distillation_topk, 1)
+        check_topk_support(self.distillation_mode, self.distillation_topk, self.distillation_add_tail)
         for key in ("teacher_ema_rate", "distillation_alpha"):
             check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
             if getattr(self, key) > 1:

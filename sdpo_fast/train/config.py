@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.prompts import HINDSIGHT_TEMPLATES, PROMPT_TRUNCATIONS
-from ..loss.validation import MIN_TEMPERATURE
+from ..loss.validation import MIN_TEMPERATURE, check_topk_support
 from ..demo.settings import TINY_DEMO_PRESET, TINY_DEMO_TRAIN
 from ..utils.checks import check_bool, check_choice, check_int, check_number
 from ..utils.files import write_text_atomic
@@ -160,6 +160,7 @@ class TrainConfig:
         check_choice("teacher", self.teacher, ("live", "ema", "base"))
         check_choice("distillation_mode", self.distillation_mode, ("sampled_token", "full_logits", "topk_logits"))
         check_int("distillation_topk", self.distillation_topk, 1)
+        check_topk_support(self.distillation_mode, self.distillation_topk, self.distillation_add_tail)
         for key in ("teacher_ema_rate", "distillation_alpha"):
             check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
             if getattr(self, key) > 1:
