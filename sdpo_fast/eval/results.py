@@ -71,8 +71,9 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
 
 
 def headline(record: dict, side: str) -> tuple[float, str | None]:
-    """(value in percent, its uncertainty as the table writes it or None) for one side of a record: lm-eval's
-    standard error ("± x"), or for the win rate the 95% Wilson interval over the decided pairs ("[lo, hi]")."""
+    """(value in percent, its uncertainty as the table writes it or None) for one side of a record: the 95% Wilson
+    interval ("[lo, hi]") over the documents of a 0/1-per-document score or over the decided pairs of the win
+    rate, else lm-eval's standard error ("± x")."""
     result = record[side]
     if record["kind"] == "pairwise":
         if side == "base":
@@ -82,8 +83,19 @@ def headline(record: dict, side: str) -> tuple[float, str | None]:
         return 100.0 * result[key], (None if interval is None else
                                      f"[{100.0 * interval[0]:.1f}, {100.0 * interval[1]:.1f}]")
     value = result["metrics"][result["primary"]]
+    interval = _document_interval(result)
+    if interval is not None:
+        return 100.0 * value, f"[{100.0 * interval[0]:.1f}, {100.0 * interval[1]:.1f}]"
     stderr = result["metrics"].get(result["primary"].replace(",", "_stderr,", 1))
     return 100.0 * value, (f"± {100.0 * stderr:.1f}" if stderr is not None and not math.isnan(stderr) else None)
+
+
+def _document_interval(result: dict) -> tuple[float, float] | None:
+    """The Wilson interval of an lm-eval score that is a share of its n documents (a 0/1 metric per document:
+    accuracy, exact match, IFEval's prompt-level scores), else None."""
+    n, value = result.get("n") or 0, result["metrics"][result["primary"]]
+    successes = round(value * n)
+    return wilson_interval(successes, n) if n and abs(value * n - successes) < 1e-6 else None
 
 
 def column_name(record: dict) -> str:
@@ -102,9 +114,10 @@ def _fmt(value: float, uncertainty: str | None = None) -> str:
     return f"{value:.1f}" + (f" {uncertainty}" if uncertainty else "")
 
 
-NOTE = ("± : lm-eval's standard error over the n documents. Win rate: each pair judged in both orders (a split "
-        "verdict is a tie), ties excluded; [lo, hi]: the 95% Wilson score interval of the plain win rate over the "
-        "decided pairs (also under the length-controlled value).")
+NOTE = ("[lo, hi]: the 95% Wilson score interval of a share: of the n documents scored (lm-eval tasks with a "
+        "0/1 score per document), or of the decided pairs won (win rate: each pair judged in both orders, a split "
+        "verdict is a tie, ties excluded; the interval is the plain win rate's, also under the length-controlled "
+        "value). ± : lm-eval's standard error, for other metrics.")
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -147,11 +160,14 @@ def bar_chart(records: list[dict], path: str | Path) -> None:
 
 
 def _error_bar(record: dict, side: str, value: float) -> tuple[float, float]:
-    """(below, above) `value` in percent: the standard error both ways, or the Wilson interval's ends."""
+    """(below, above) `value` in percent: the Wilson interval's ends, or the standard error both ways."""
     result = record[side]
     if record["kind"] == "pairwise":
         interval = wilson_interval(result["wins"], result["wins"] + result["losses"]) if side == "sdpo" else None
         return (0.0, 0.0) if interval is None else (max(0.0, value - 100 * interval[0]),
                                                      max(0.0, 100 * interval[1] - value))
+    interval = _document_interval(result)
+    if interval is not None:
+        return max(0.0, value - 100 * interval[0]), max(0.0, 100 * interval[1] - value)
     stderr = result["metrics"].get(result["primary"].replace(",", "_stderr,", 1))
     return (0.0, 0.0) if stderr is None or math.isnan(stderr) else (100 * stderr, 100 * stderr)

@@ -193,6 +193,11 @@ def validate_distillation(target_ids, vocab_size, teacher_hidden, teacher_logpro
     if center_advantages:
         raise ValueError(f"center_advantages applies to distillation_mode='sampled_token' only, not "
                          f"distillation_mode={distillation_mode!r}")
+    check_topk_vocabulary(distillation_mode, distillation_topk, vocab_size)
+
+
+def check_topk_vocabulary(distillation_mode: str, distillation_topk: int, vocab_size: int) -> None:
+    """ValueError when topk_logits asks for more tokens than the model's vocabulary has."""
     if distillation_mode == "topk_logits" and distillation_topk > vocab_size:
         raise ValueError(f"distillation_topk must be at most the vocabulary size {vocab_size}, "
                          f"got {distillation_topk}")

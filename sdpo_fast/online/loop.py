@@ -18,7 +18,7 @@ import torch
 from ..data import Interaction, InteractionEncoder, SkipInteraction, default_template_kwargs
 from ..loss import distillation_objective
 from ..loss.objectives import DISTILLATION_OBJECTIVES
-from ..loss.validation import MIN_TEMPERATURE, check_topk_support
+from ..loss.validation import MIN_TEMPERATURE, check_topk_support, check_topk_vocabulary
 from ..model import eval_mode, sdpo_attention, unwrap_model
 from ..train.config import check_keys, coerce_floats
 from ..train.setup import build_optimizer
@@ -300,6 +300,8 @@ class OnlinePolicy:
                 raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
         if not params:
             raise ValueError("the model has no trainable parameters")
+        check_topk_vocabulary(config.distillation_mode, config.distillation_topk,
+                              model.get_output_embeddings().weight.shape[0])
         self.parameters = params
         self.optimizer = build_optimizer(params, "adamw", config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)

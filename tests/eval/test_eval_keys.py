@@ -90,8 +90,11 @@ def test_table_shows_decided_pairs_ties_and_a_wilson_interval():
     assert wilson_interval(2, 2) == pytest.approx((ci.low, ci.high), abs=1e-12)
     lines = table.splitlines()
     assert lines[0] == ("| model | mc_local (acc, n=6) | win rate vs base (LC; 2 won, 0 lost, 30 tied of 32) |")
-    assert lines[3] == f"| SDPO | 50.0 ± 22.0 | 99.7 [{100 * ci.low:.1f}, 100.0] |"
+    mc_ci = scipy_stats.binomtest(3, 6).proportion_ci(method="wilson")
+    assert lines[3] == f"| SDPO | 50.0 [{100 * mc_ci.low:.1f}, {100 * mc_ci.high:.1f}] | 99.7 [{100 * ci.low:.1f}, 100.0] |"
     assert "± 0.0" not in table and "Wilson" in table
+    mc["sdpo"]["metrics"]["acc,none"] = 0.55  # not a share of 6 documents: lm-eval's standard error
+    assert "| SDPO | 55.0 ± 22.0 |" in markdown_table([mc])
     ci = scipy_stats.binomtest(7, 10).proportion_ci(method="wilson")
     assert wilson_interval(7, 10) == pytest.approx((ci.low, ci.high), abs=1e-12)
     assert wilson_interval(0, 0) is None
