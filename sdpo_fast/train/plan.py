@@ -72,7 +72,7 @@ def load_config(model: str):
         check_shape_fields(PretrainedConfig.get_config_dict(model)[0], model)
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"no usable model config at {model!r} (known shapes: {sorted(SHAPES)}): "
+        raise ValueError(f"no model config at {model!r} (known shapes: {sorted(SHAPES)}): "
                          f"{str(exc).splitlines()[0]}") from None
 
 
