@@ -118,3 +118,23 @@ def test_adapter_on_a_base_of_another_size_is_refused_before_any_model_loads(tmp
     with pytest.raises(ValueError, match=r"q_proj has in_features 128, but the base model .* has 64"):
         evaluate_checkpoint(tmp_path / "adapter", tmp_path / "out", base=model_dir, **OPTIONS)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--limit", "nan"], "--limit must be a finite number > 0, got nan"),
+    (["--limit", "inf"], "--limit must be a finite number > 0, got inf"),
+    (["--limit", "0"], "--limit must be a finite number > 0, got 0.0"),
+    (["--limit", "2.5"], "--limit must be a fraction < 1 or a whole number of documents, got 2.5"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--timeout", "inf"], "--timeout must be a finite number > 0, got inf"),
+    (["--n-prompts", "0"], "--n-prompts must be an integer >= 1, got 0"),
+])
+def test_eval_number_flags_are_checked_before_anything_loads(flags, message, tiny_checkpoint, tmp_path, capsys,
+                                                             monkeypatch):
+    from sdpo_fast.cli import main
+
+    _no_model_loads(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_checkpoint), "--out", str(out), "--prompts", "demo", "--persona", "brief",
+                 *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
