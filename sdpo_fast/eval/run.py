@@ -112,11 +112,13 @@ def _folder_fingerprint(folder: str | None) -> dict | None:
     if folder is None:
         return None
     root = Path(folder).resolve()
+    files = [f for f in sorted(root.rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
     return {"path": str(root), "files": {str(f.relative_to(root)): [f.stat().st_size, f.stat().st_mtime_ns]
-                                          for f in sorted(root.rglob("*")) if f.is_file() and "__pycache__" not in f.parts}}
+                                          for f in files}}
 
 
 def _judge_identity(judge) -> dict:
+    """The judge's class and, for an LLM judge, its backend's class, endpoint, model and sampling settings."""
     backend = getattr(judge, "backend", None)
     identity = {"judge": type(judge).__name__}
     if backend is not None:
@@ -128,13 +130,14 @@ def _judge_identity(judge) -> dict:
     return identity
 
 
-def run_key(models: "EvalModels", include_path: str | None, tasks: bool) -> dict:
+def run_key(models: "EvalModels", include_path: str | None, lm_eval: bool) -> dict:
     """Everything besides the settings that produced a benchmark's results: the checkpoint's and the base
-    model's files, the dtype and device they ran in, the task folder and the library versions."""
+    model's files, the dtype and device they ran in, the task folder and the library versions (lm-eval's for
+    its tasks)."""
     import transformers
 
     versions = {"sdpo_fast": sdpo_fast_version, "torch": torch.__version__, "transformers": transformers.__version__}
-    if tasks:
+    if lm_eval:
         versions["lm_eval"] = getattr(require_lm_eval(), "__version__", "unknown")
     if models.adapter:
         import peft
@@ -142,7 +145,7 @@ def run_key(models: "EvalModels", include_path: str | None, tasks: bool) -> dict
         versions["peft"] = peft.__version__
     return {"checkpoint": directory_fingerprint(models.checkpoint), "base": _model_fingerprint(models.base),
             "dtype": str(models.dtype), "device": models.device.type,
-            "include_path": _folder_fingerprint(include_path) if tasks else None, "versions": versions}
+            "include_path": _folder_fingerprint(include_path), "versions": versions}
 
 
 def check_adapter_base(checkpoint: str | Path, base: str, trust_remote_code: bool = False) -> None:
@@ -216,8 +219,10 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: st
     """Each lm-eval task, then the pairwise win rate on `prompts` (judged by `judge`, an online.judge Judge,
     under `persona`; replies of at most max_new_tokens, greedy at temperature 0, both models with the same
     sampling seeds), for the base model and the checkpoint. Writes out_dir/<benchmark>.json as each side
-    finishes (finished sides are not rerun), then results.md (the table) and results.png (the chart).
-    Returns the records."""
+    finishes, then results.md (the table) and results.png (the chart). Finished sides are not rerun when the
+    stored benchmark has the same settings and `run_key` (checkpoint and base files, dtype, device, task folder,
+    versions); otherwise ValueError naming what differs. Unknown tasks and an adapter that does not fit its base
+    are refused before any model loads. Returns the records."""
     if tasks:
         require_lm_eval()
     if prompts is not None and judge is None:
@@ -229,17 +234,17 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: st
     manager = task_manager(list(tasks), include_path) if tasks else None
     if models.adapter:
         check_adapter_base(models.checkpoint, models.base, models.trust_remote_code)
-    key = run_key(models, include_path, bool(tasks))
     task_settings = {"limit": limit, "seed": seed, "chat_template": True, "max_length": max_length,
                      "batch_size": batch_size}
     results = ResultsDir(out_dir)
+    key = run_key(models, include_path, lm_eval=True) if tasks else None
     records = {task: results.load(task, "lm_eval", task_settings, key) for task in tasks}
     if prompts is not None:
         pair_settings = {"prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
                          "n_prompts": len(prompts), "seed": seed, "max_new_tokens": max_new_tokens,
                          "temperature": temperature, "length_control": length_control, **_judge_identity(judge),
                          "persona": None if persona is None else dataclasses.asdict(persona)}
-        records[PAIRWISE] = results.load(PAIRWISE, PAIRWISE, pair_settings, dict(key, include_path=None))
+        records[PAIRWISE] = results.load(PAIRWISE, PAIRWISE, pair_settings, run_key(models, None, lm_eval=False))
     for side in SIDES:
         for task in tasks:
             if side not in records[task]:
