@@ -9,6 +9,7 @@ from pathlib import Path
 from ..demo.assets import tiny_model_path
 from ..demo.report import demo_prompts
 from ..utils import write_text_atomic
+from ..utils.checks import check_number
 
 _EXPERIMENTS = ("curve", "flip", "sequential")
 
@@ -157,6 +158,11 @@ def _checks(args) -> None:
     for key, low in (("interactions", 1), ("eval_every", 1), ("eval_prompts", 1), ("flip_after", 1)):
         if getattr(args, key, None) is not None and getattr(args, key) < low:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(args, key)}")
+    utilization = getattr(args, "vllm_gpu_memory_utilization", None)
+    if utilization is not None:
+        check_number("--vllm-gpu-memory-utilization", utilization, positive=True, what="a number in (0, 1]")
+        if utilization > 1:
+            raise ValueError(f"--vllm-gpu-memory-utilization must be a number in (0, 1], got {utilization}")
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:

@@ -235,14 +235,15 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, base: st
     if models.adapter:
         check_adapter_base(models.checkpoint, models.base, models.trust_remote_code)
     task_settings = {"limit": limit, "seed": seed, "chat_template": True, "max_length": max_length,
-                     "batch_size": batch_size}
+                     "batch_size": batch_size, "log_samples": log_samples}
     results = ResultsDir(out_dir)
     key = run_key(models, include_path, lm_eval=True) if tasks else None
     records = {task: results.load(task, "lm_eval", task_settings, key) for task in tasks}
     if prompts is not None:
         pair_settings = {"prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
                          "n_prompts": len(prompts), "seed": seed, "max_new_tokens": max_new_tokens,
-                         "temperature": temperature, "length_control": length_control, **_judge_identity(judge),
+                         "temperature": temperature, "length_control": length_control, "alpaca_eval": alpaca_eval,
+                         **_judge_identity(judge),
                          "persona": None if persona is None else dataclasses.asdict(persona)}
         records[PAIRWISE] = results.load(PAIRWISE, PAIRWISE, pair_settings, run_key(models, None, lm_eval=False))
     for side in SIDES:

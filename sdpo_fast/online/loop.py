@@ -121,6 +121,10 @@ class OnlineConfig:
         check_choice("distillation_mode", self.distillation_mode, tuple(DISTILLATION_OBJECTIVES))
         check_int("distillation_topk", self.distillation_topk, 1)
         check_topk_support(self.distillation_mode, self.distillation_topk, self.distillation_add_tail)
+        if self.ignore_first_k > self.max_new_tokens:
+            raise ValueError(f"ignore_first_k {self.ignore_first_k} > max_new_tokens {self.max_new_tokens} trains "
+                             "nothing (a completion has at most max_new_tokens + 1 tokens, the end of turn included, "
+                             "and all are left out of the loss); lower ignore_first_k")
         for key in ("teacher_ema_rate", "distillation_alpha"):
             check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
             if getattr(self, key) > 1:

@@ -179,6 +179,10 @@ class TrainConfig:
         for key in ("ignore_first_k", "lora_r", "save_steps", "seed"):
             check_int(key, getattr(self, key), 0)
         check_int("max_steps", self.max_steps, 1, optional=True)
+        if self.ignore_first_k >= self.max_completion_tokens:
+            raise ValueError(f"ignore_first_k {self.ignore_first_k} >= max_completion_tokens "
+                             f"{self.max_completion_tokens} trains nothing (every completion token is left out of "
+                             "the loss); lower ignore_first_k")
         for key in ("lr", "temperature", "lora_alpha"):
             check_number(key, getattr(self, key), positive=True)
         check_number("weight_decay", self.weight_decay)

@@ -62,3 +62,12 @@ def test_topk_above_the_vocabulary_is_refused_before_anything_is_written(tmp_pat
                  "--output-dir", str(online)]) == 2
     assert "distillation_topk must be at most the vocabulary size" in capsys.readouterr().err
     assert not online.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "1.5"])
+def test_vllm_memory_share_is_checked_before_anything_loads(tmp_path, capsys, value):
+    out = tmp_path / "online"
+    assert main(["online", "curve", "--generation", "vllm", "--vllm-gpu-memory-utilization", value,
+                 "--output-dir", str(out)]) == 2
+    assert "--vllm-gpu-memory-utilization must be a number in (0, 1]" in capsys.readouterr().err
+    assert not out.exists()

@@ -72,3 +72,12 @@ def test_behavior_logprobs_are_checked_like_every_sampler_float(value):
     t[2] = -100  # at an ignored position the value is not read
     loss = sdpo_loss(h, w, t, teacher_hidden=th, behavior_logprobs=behavior, importance_clip=2.0, backend="torch")
     assert math.isfinite(loss.item())
+
+
+def test_ignoring_every_completion_token_trains_nothing_and_is_refused():
+    with pytest.raises(ValueError, match="ignore_first_k 8 >= max_completion_tokens 8 trains nothing"):
+        resolve_config({"ignore_first_k": 8, "max_completion_tokens": 8})
+    resolve_config({"ignore_first_k": 7, "max_completion_tokens": 8})  # one loss token left
+    with pytest.raises(ValueError, match="ignore_first_k 7 > max_new_tokens 6 trains nothing"):
+        OnlineConfig(ignore_first_k=7, max_new_tokens=6).validate()
+    OnlineConfig(ignore_first_k=6, max_new_tokens=6).validate()  # a reply observed as text keeps its end of turn
