@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import gc
 import hashlib
 import importlib.util
@@ -81,18 +82,22 @@ class EvalModels:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+MODEL_FILES = ("*config.json", "*.safetensors.index.json", "tokenizer*", "*.jinja", "vocab*", "merges.txt",
+               "special_tokens_map.json", "added_tokens.json", "*.model", "*.tiktoken")
+"""Top-level files besides the weights that make the model what it is (configs, tokenizer, chat template)."""
 
 
 def directory_fingerprint(path: str | Path) -> dict:
     """What identifies a model directory's contents without reading its weights: the resolved path, each weight
-    file's size and modification time (ns), and a SHA-256 of every other top-level file (configs, tokenizer)."""
+    file's size and modification time (ns), and a SHA-256 of each of its MODEL_FILES (other files, such as
+    results written next to it, do not count)."""
     path = Path(path).resolve()
     files = {}
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         if f.name.endswith(WEIGHT_SUFFIXES):
             stat = f.stat()
             files[f.name] = [stat.st_size, stat.st_mtime_ns]
-        else:
+        elif any(fnmatch.fnmatch(f.name, pattern) for pattern in MODEL_FILES):
             files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
     return {"path": str(path), "files": files}
 

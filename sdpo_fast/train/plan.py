@@ -67,8 +67,11 @@ def load_config(model: str):
         fields = dict(SHAPES[model.lower()])
         return CONFIG_MAPPING[fields.pop("model_type")](**fields)
     try:
-        if not Path(model).expanduser().exists():
+        path = Path(model).expanduser()
+        if not path.exists():
             check_model_source(model, weights=False)
+        elif path.is_dir() and not (path / "config.json").is_file():
+            raise ValueError(f"{model!r} is a directory without a config.json")
         check_shape_fields(PretrainedConfig.get_config_dict(model)[0], model)
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as exc:
@@ -84,6 +87,8 @@ SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "inte
 def check_shape_fields(values: dict, model: str) -> None:
     """ValueError unless each of SHAPE_FIELDS is a positive integer in `values` (a raw config.json mapping, or its
     text_config for a multimodal model), and num_key_value_heads and head_dim too where given."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{model!r}: config.json must hold a JSON object, got {type(values).__name__}")
     text = values.get("text_config") if isinstance(values.get("text_config"), dict) else values
     for key in SHAPE_FIELDS + ("num_key_value_heads", "head_dim"):
         if key not in text:

@@ -59,6 +59,15 @@ def test_config_json_shape_fields_are_checked(tmp_path, capsys, change, drop, me
     load_config(_config_file(tmp_path, {}))  # the unchanged file plans
 
 
+def test_config_json_that_is_no_object_or_missing(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json must hold a JSON object, got list"):
+        load_config(str(tmp_path / "config.json"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is a directory without a config.json"):
+        load_config(str(tmp_path / "empty"))
+
+
 def test_unknown_name_fails_fast_without_retrying_the_hub(monkeypatch):
     from huggingface_hub.utils import _http
 

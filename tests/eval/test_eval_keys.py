@@ -35,6 +35,8 @@ def test_results_of_another_checkpoint_are_refused_not_shown(tiny_checkpoint, tm
     assert stored["key"]["checkpoint"]["path"] == str(tiny_checkpoint.resolve())
     assert set(stored["key"]["versions"]) >= {"sdpo_fast", "torch", "transformers"}
 
+    assert set(stored["key"]["checkpoint"]["files"]) == {"config.json", "generation_config.json", "model.safetensors",
+                                                         "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     _no_model_loads(monkeypatch)
     assert evaluate_checkpoint(tiny_checkpoint, out, **OPTIONS) == first  # exact match: reused
     with pytest.raises(ValueError, match=r"computed by another run.*key\.checkpoint\.path"):
@@ -49,6 +51,16 @@ def test_results_of_another_checkpoint_are_refused_not_shown(tiny_checkpoint, tm
         evaluate_checkpoint(tiny_checkpoint, out, **dict(OPTIONS, persona=get_persona("no-emojis")))
     with pytest.raises(ValueError, match=r"key\.dtype"):
         evaluate_checkpoint(tiny_checkpoint, out, **dict(OPTIONS, dtype="bfloat16"))
+
+
+def test_results_written_into_the_checkpoint_directory_do_not_change_its_key(tiny_checkpoint, tmp_path,
+                                                                             monkeypatch):
+    shutil.copytree(tiny_checkpoint.parent, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    first = evaluate_checkpoint(checkpoint, checkpoint, **OPTIONS)
+    assert (checkpoint / "pairwise.json").is_file()
+    _no_model_loads(monkeypatch)
+    assert evaluate_checkpoint(checkpoint, checkpoint, **OPTIONS) == first
 
 
 def test_a_base_side_left_by_a_failed_run_with_another_base_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
