@@ -15,7 +15,7 @@ import yaml
 from .. import __version__ as sdpo_fast_version
 from ..demo.assets import tiny_model_path
 from ..online.loop import generate_batch
-from ..train.setup import load_model, load_tokenizer, resolve_device, resolve_dtype
+from ..train.setup import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .harness import require_lm_eval, run_lm_eval, task_manager
 from .pairwise import alpaca_eval_lc_win_rate, pairwise_win_rate
 from ..utils import write_text_atomic
@@ -53,6 +53,7 @@ class EvalModels:
                  dtype: str = "auto", trust_remote_code: bool = False):
         self.checkpoint = Path(checkpoint)
         self.base, self.adapter = resolve_base(checkpoint, base)
+        check_model_source(self.base, argument="--base")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.trust_remote_code = trust_remote_code

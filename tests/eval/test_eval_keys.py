@@ -151,3 +151,16 @@ def test_eval_number_flags_are_checked_before_anything_loads(flags, message, tin
     assert main(["eval", str(tiny_checkpoint), "--out", str(out), "--prompts", "demo", "--persona", "brief",
                  *flags]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_an_unreachable_hub_base_is_refused_at_once(tiny_checkpoint, tmp_path, monkeypatch):
+    from huggingface_hub.utils import _http
+
+    from sdpo_fast.train import setup
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(setup, "hub_unreachable", lambda: "gaierror")
+    monkeypatch.setattr(_http.time, "sleep", lambda s: pytest.fail("the Hub request was retried"))
+    with pytest.raises(FileNotFoundError, match="--base 'org/no-such-model'.*cannot be reached"):
+        evaluate_checkpoint(tiny_checkpoint, tmp_path / "out", base="org/no-such-model", **OPTIONS)
+    assert not (tmp_path / "out").exists()
