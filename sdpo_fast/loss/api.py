@@ -67,7 +67,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     check_bool("check_finite", check_finite)
     if check_values:
         validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
-                        teacher_lm_head_weight, token_weights, ignore_index, sequence_index, check_finite)
+                        teacher_lm_head_weight, token_weights, ignore_index, sequence_index, check_finite,
+                        behavior_logprobs)
     backend = resolve_backend(backend, student_hidden.device)
     targets = target_ids.reshape(-1)
     loss_mask = targets != ignore_index

@@ -102,6 +102,9 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
         _check_per_token("teacher_logprobs", teacher_logprobs, target_ids)
     if token_weights is not None:
         _check_per_token("token_weights", token_weights, target_ids)
+        if token_weights.requires_grad and torch.is_grad_enabled():
+            raise ValueError("token_weights requires grad, but sdpo_loss treats the token weights as constants (the "
+                             "fused backends give them no gradient): pass token_weights.detach()")
     check_number("temperature", temperature, positive=True)
     if temperature < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (smaller values overflow the logits), "
@@ -117,10 +120,11 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
 
 def validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
                     teacher_lm_head_weight, token_weights, ignore_index, sequence_index=None,
-                    check_finite: bool = True) -> None:
+                    check_finite: bool = True, behavior_logprobs=None) -> None:
     """The checks that read tensor values, gathered into one device->host read: target ids in [0, V) or
     ignore_index, sequence ids in [0, number of positions), token_weights >= 0 and teacher_logprobs <= 0 at loss
-    positions, and with `check_finite` every float input finite. ValueError naming the tensor."""
+    positions, and with `check_finite` every float input (behavior_logprobs included) finite. ValueError naming the
+    tensor."""
     vocab_size = lm_head_weight.shape[0]
     loss = target_ids != ignore_index
     out_of_range = loss & ((target_ids < 0) | (target_ids >= vocab_size))
@@ -140,7 +144,8 @@ def validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, 
             if tensor is not None:
                 checks.append((f"{name} has non-finite values (NaN or inf); pass check_finite=False to skip this "
                                "check", ~torch.isfinite(tensor).all()))
-        for name, tensor in (("teacher_logprobs", teacher_logprobs), ("token_weights", token_weights)):
+        for name, tensor in (("teacher_logprobs", teacher_logprobs), ("token_weights", token_weights),
+                             ("behavior_logprobs", behavior_logprobs)):
             if tensor is not None:
                 checks.append((f"{name} has non-finite values (NaN or inf) at loss positions",
                                ~torch.isfinite(tensor[loss]).all()))
@@ -168,6 +173,10 @@ def validate_distillation(target_ids, vocab_size, teacher_hidden, teacher_logpro
     check_number("importance_clip", importance_clip, positive=True, optional=True, what="None or a number > 0")
     if behavior_logprobs is not None:
         _check_per_token("behavior_logprobs", behavior_logprobs, target_ids)
+    elif importance_clip is not None:
+        raise ValueError(f"importance_clip={importance_clip!r} needs behavior_logprobs (the sampler's log mu of each "
+                         "target); pass them, or importance_clip=None")
+    check_topk_support(distillation_mode, distillation_topk, distillation_add_tail)
     if distillation_mode == "sampled_token":
         if distillation_alpha != 1:
             raise ValueError("distillation_alpha must be 1 (reverse KL) with distillation_mode='sampled_token', "
@@ -184,6 +193,20 @@ def validate_distillation(target_ids, vocab_size, teacher_hidden, teacher_logpro
     if center_advantages:
         raise ValueError(f"center_advantages applies to distillation_mode='sampled_token' only, not "
                          f"distillation_mode={distillation_mode!r}")
+    check_topk_vocabulary(distillation_mode, distillation_topk, vocab_size)
+
+
+def check_topk_vocabulary(distillation_mode: str, distillation_topk: int, vocab_size: int) -> None:
+    """ValueError when topk_logits asks for more tokens than the model's vocabulary has."""
     if distillation_mode == "topk_logits" and distillation_topk > vocab_size:
         raise ValueError(f"distillation_topk must be at most the vocabulary size {vocab_size}, "
                          f"got {distillation_topk}")
+
+
+def check_topk_support(distillation_mode: str, distillation_topk: int, distillation_add_tail: bool) -> None:
+    """ValueError for topk_logits over one token without the tail bucket: renormalized, that token has probability
+    1 for student and teacher alike, so the loss and its gradient are 0 (nothing trains)."""
+    if distillation_mode == "topk_logits" and distillation_topk == 1 and not distillation_add_tail:
+        raise ValueError("distillation_topk=1 with distillation_add_tail=False trains nothing (one token renormalized "
+                         "has probability 1 for student and teacher: loss 0, gradient 0); use distillation_topk >= 2 "
+                         "or keep the tail bucket (distillation_add_tail=True)")

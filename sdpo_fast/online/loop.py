@@ -18,7 +18,7 @@ import torch
 from ..data import Interaction, InteractionEncoder, SkipInteraction, default_template_kwargs
 from ..loss import distillation_objective
 from ..loss.objectives import DISTILLATION_OBJECTIVES
-from ..loss.validation import MIN_TEMPERATURE
+from ..loss.validation import MIN_TEMPERATURE, check_topk_support, check_topk_vocabulary
 from ..model import eval_mode, sdpo_attention, unwrap_model
 from ..train.config import check_keys, coerce_floats
 from ..train.setup import build_optimizer
@@ -120,6 +120,11 @@ class OnlineConfig:
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("distillation_mode", self.distillation_mode, tuple(DISTILLATION_OBJECTIVES))
         check_int("distillation_topk", self.distillation_topk, 1)
+        check_topk_support(self.distillation_mode, self.distillation_topk, self.distillation_add_tail)
+        if self.ignore_first_k > self.max_new_tokens:
+            raise ValueError(f"ignore_first_k {self.ignore_first_k} > max_new_tokens {self.max_new_tokens} trains "
+                             "nothing (a completion has at most max_new_tokens + 1 tokens, the end of turn included, "
+                             "and all are left out of the loss); lower ignore_first_k")
         for key in ("teacher_ema_rate", "distillation_alpha"):
             check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
             if getattr(self, key) > 1:
@@ -299,6 +304,8 @@ class OnlinePolicy:
                 raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
         if not params:
             raise ValueError("the model has no trainable parameters")
+        check_topk_vocabulary(config.distillation_mode, config.distillation_topk,
+                              model.get_output_embeddings().weight.shape[0])
         self.parameters = params
         self.optimizer = build_optimizer(params, "adamw", config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)

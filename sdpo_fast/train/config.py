@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.prompts import HINDSIGHT_TEMPLATES, PROMPT_TRUNCATIONS
-from ..loss.validation import MIN_TEMPERATURE
+from ..loss.validation import MIN_TEMPERATURE, check_topk_support
 from ..demo.settings import TINY_DEMO_PRESET, TINY_DEMO_TRAIN
 from ..utils.checks import check_bool, check_choice, check_int, check_number
 from ..utils.files import write_text_atomic
@@ -162,6 +162,7 @@ class TrainConfig:
         check_choice("teacher", self.teacher, ("live", "ema", "base"))
         check_choice("distillation_mode", self.distillation_mode, ("sampled_token", "full_logits", "topk_logits"))
         check_int("distillation_topk", self.distillation_topk, 1)
+        check_topk_support(self.distillation_mode, self.distillation_topk, self.distillation_add_tail)
         for key in ("teacher_ema_rate", "distillation_alpha"):
             check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
             if getattr(self, key) > 1:
@@ -180,6 +181,10 @@ class TrainConfig:
         for key in ("ignore_first_k", "lora_r", "save_steps", "seed"):
             check_int(key, getattr(self, key), 0)
         check_int("max_steps", self.max_steps, 1, optional=True)
+        if self.ignore_first_k >= self.max_completion_tokens:
+            raise ValueError(f"ignore_first_k {self.ignore_first_k} >= max_completion_tokens "
+                             f"{self.max_completion_tokens} trains nothing (every completion token is left out of "
+                             "the loss); lower ignore_first_k")
         for key in ("lr", "temperature", "lora_alpha"):
             check_number(key, getattr(self, key), positive=True)
         check_number("weight_decay", self.weight_decay)
@@ -282,22 +287,48 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     return coerce_floats(TrainConfig, out)
 
 
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping in a YAML config file, its keys' dashes read as underscores (TrainConfig's or OnlineConfig's
-    field names)."""
+    field names); an option given twice, in one spelling or both, is a ValueError."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except UnicodeDecodeError as exc:
         raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
+    spellings: dict[str, list[str]] = {}
+    for key in values:
+        spellings.setdefault(str(key).replace("-", "_"), []).append(str(key))
+    twice = {name: keys for name, keys in spellings.items() if len(keys) > 1}
+    if twice:
+        listed = "; ".join(f"{name} as {' and '.join(repr(k) for k in keys)}" for name, keys in twice.items())
+        raise ValueError(f"config file {str(path)!r} sets an option twice ({listed}); keep one")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 

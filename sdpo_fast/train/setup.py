@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..demo.assets import tiny_model_path
+from ..loss.validation import check_topk_vocabulary
 from ..model import apply_liger_kernels, enable_checkpointing, unwrap_model
 from ..utils.hub import hub_endpoint, hub_unreachable
 from .precision import needs_master_weights, with_master_weights
@@ -84,6 +85,17 @@ def check_model_source(name: str, *, weights: bool = True, argument: str = "--mo
     if hub_unreachable() is not None:
         raise FileNotFoundError(f"{argument} {name!r}: no such local directory, and the Hub ({hub_endpoint()[0]}) "
                                 "cannot be reached to download it; pass a local model directory")
+
+
+def check_model_options(config, name: str) -> None:
+    """The options that depend on the model, checked from its config before any weights load or anything is
+    written: distillation_topk at most the vocabulary (ValueError naming it)."""
+    if config.loss != "sdpo" or config.distillation_mode != "topk_logits":
+        return
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+    check_topk_vocabulary(config.distillation_mode, config.distillation_topk, hf_config.get_text_config().vocab_size)
 
 
 def _not_local(name: str) -> str:

@@ -38,7 +38,7 @@ from .distributed import (World, any_rank, barrier, broadcast_object, check_dist
 from .optim import OptimizerInBackward, offload_optimizer
 from .reporting import Reporters, check_reporters
 from .setup import NO_BNB, build_optimizer, build_scheduler, importable, load_model_and_tokenizer, load_tokenizer
-from .setup import check_model_source, resolve_device, resolve_dtype
+from .setup import check_model_options, check_model_source, resolve_device, resolve_dtype
 from .step import StepOptions, train_step
 from .teachers import Teacher
 
@@ -344,6 +344,9 @@ class Trainer:
             raise ValueError(f"resume: checkpoint {str(ckpt)!r} belongs to another run ({listed}); the data or its "
                              "settings changed: use the same data, or start a new run in another --output-dir")
         check_resumable(ckpt, self.world)
+        world_sizes = [state.get("world_size", 1), 1 if self.world is None else self.world.size]
+        if world_sizes[0] != world_sizes[1]:
+            self.changes["world_size"] = world_sizes
         if is_sharded(ckpt):
             load_sharded_state(ckpt, self.model, self.optimizer, self.world,
                                self.teacher.ema if self.teacher is not None else None)
@@ -556,6 +559,7 @@ def _train(config: TrainConfig, world: World | None, progress: bool, stop_after:
     check_reporters(config.report_to)
     name = config.model or str(tiny_model_path())
     check_model_source(name)
+    check_model_options(config, name)
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     check_tokenizer(tokenizer, name)
     encoded, counts = load_encoded_data(config, tokenizer)
