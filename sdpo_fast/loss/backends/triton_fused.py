@@ -1,7 +1,9 @@
 """Triton backend: fused forward (logits never written), chunked fused backward.
 
 The backward writes one chunk's gradient w.r.t. the logits into one reused (chunk, V) workspace (its size:
-`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer.
+`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer. Soft-capped logits (`softcap`, see
+`loss.head`) take the chunked torch sweep of `torch_chunked` (cuBLAS products) for the per-token ops, and the
+`chunk_logits` kernel with the cap applied to each chunk in the logit modes.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from ...kernels.grad_logits import grad_logits
 from ...kernels.grad_weight import accumulate_grad_weight
 from ...kernels.lse_gather import lse_gather
 from .chunked_divergence import divergence_sweep
+from .torch_chunked import TorchBackend
 
 
 def _vocab_slices(vocab_size: int, hidden_dim: int) -> list[slice]:
@@ -33,7 +36,9 @@ class TritonBackend:
     name = "triton"
     grad_in_forward = False
 
-    def token_logprobs(self, hidden, weight, targets, inv_temperature: float):
+    def token_logprobs(self, hidden, weight, targets, inv_temperature: float, softcap: float | None = None):
+        if softcap is not None:
+            return TorchBackend().token_logprobs(hidden, weight, targets, inv_temperature, softcap)
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         if hidden.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
@@ -42,9 +47,12 @@ class TritonBackend:
         return target_logit - lse, lse
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
-             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32):
+             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32, softcap: float | None = None):
         """grad_weight accumulated in fp32 and returned in grad_weight_dtype. A 16-bit one is formed in a second
         sweep, vocabulary slice by slice (`_vocab_slices`), so no fp32 (V, d) tensor exists beside it."""
+        if softcap is not None:
+            return TorchBackend().grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight,
+                                       grad_weight_dtype, softcap)
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         (n_tokens, hidden_dim), vocab_size = hidden.shape, weight.shape[0]
         device = hidden.device
@@ -85,13 +93,15 @@ class TritonBackend:
         return grad_hidden, grad_weight
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
-                          need_weight: bool):
-        logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature)
+                          need_weight: bool, softcap: float | None = None):
+        logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature, softcap)
         coef = coef_of(slice(None), logprobs)
-        return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight))
+        return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight,
+                                     softcap=softcap))
 
     def divergence(self, hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec,
-                   inv_temperature: float, need_hidden: bool, need_weight: bool):
+                   inv_temperature: float, need_hidden: bool, need_weight: bool, softcap: float | None = None,
+                   teacher_inv_temperature: float | None = None, teacher_softcap: float | None = None):
         """See `chunked_divergence.divergence_sweep`: logits chunks from the `chunk_logits` kernel, grad_weight
         from `accumulate_grad_weight`; workspace within SDPO_FAST_TRITON_WORKSPACE_MB."""
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
@@ -102,4 +112,5 @@ class TritonBackend:
 
         return divergence_sweep(
             hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
-            need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight)
+            need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight,
+            softcap=softcap, teacher_inv_temperature=teacher_inv_temperature, teacher_softcap=teacher_softcap)
