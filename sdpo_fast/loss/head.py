@@ -33,6 +33,15 @@ class LogitHead:
         return dict(lm_head_bias=self.bias, logit_scale=self.scale, logit_softcap=self.softcap)
 
 
+def head_kwargs(head: LogitHead | None, teacher_head: LogitHead | None, teacher_lm_head_weight=None) -> dict:
+    """The `sdpo_loss` keyword arguments of a student head and a teacher's own head (None: the teacher uses the
+    student's, or teacher_lm_head_weight alone when given)."""
+    kwargs = {} if head is None else head.loss_kwargs()
+    if teacher_head is not None:
+        return {**kwargs, **teacher_head.loss_kwargs("teacher")}
+    return {**kwargs, "teacher_lm_head_weight": teacher_lm_head_weight}
+
+
 def _extra_columns(hidden_dim: int) -> int:
     return COLUMN_MULTIPLE - hidden_dim % COLUMN_MULTIPLE
 
