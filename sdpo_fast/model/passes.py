@@ -92,7 +92,7 @@ def check_encoded(encoded, vocab_size: int, prefix_reuse: bool) -> list[EncodedI
 
 
 def shared_vocab_size(*models: PreTrainedModel) -> int:
-    return min(m.get_input_embeddings().num_embeddings for m in models)
+    return min(m.get_input_embeddings().weight.shape[0] for m in models)  # a peft adapter has no num_embeddings
 
 
 def _trunk_hidden(hf_model: PreTrainedModel, row: PackedRow, call) -> torch.Tensor:

@@ -197,9 +197,14 @@ def check_model_name(name: str, *, attn_backend: str = "auto", device: torch.dev
 
 def logit_head(model) -> LogitHead:
     """The logit head of a loaded causal LM (or peft model): its lm_head weight and bias, and the scale and soft cap
-    its config applies after it. TypeError when the lm_head is not a linear map."""
+    its config applies after it. TypeError when the lm_head is not a linear map, ValueError when it carries an
+    adapter (its output is not weight @ h + bias: leave lm_head out of the LoRA targets)."""
     hf_model = unwrap_model(model)
     head = hf_model.get_output_embeddings()
+    if hasattr(head, "base_layer"):
+        raise ValueError(f"{type(hf_model).__name__}'s lm_head carries an adapter ({type(head).__name__}); sdpo_fast "
+                         "computes logits from the lm_head weight: leave lm_head (and tied embeddings with "
+                         "ensure_weight_tying) out of the LoRA targets")
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"{type(hf_model).__name__}'s lm_head ({type(head).__name__}) has no (V, d) weight")
