@@ -9,7 +9,7 @@ from ..utils.checks import check_bool
 from .backends import get_backend, resolve_backend
 from .divergence import DivergenceSpec
 from .function import DivergenceFunction, LossParams, SDPOFunction
-from .head import head_hidden, head_inv_temperature, head_weight
+from .head import head_hidden, head_inv_temperature, head_softcap, head_weight
 from .reference import reference_sdpo_loss
 from .stats import SDPOStats
 from .validation import validate, validate_distillation, validate_head, validate_values
@@ -109,12 +109,12 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     teacher_bias, teacher_scale, teacher_softcap = (teacher_lm_head_bias, teacher_logit_scale,
                                                     teacher_logit_softcap) if own_head else (
         lm_head_bias, logit_scale, logit_softcap)
-    params = LossParams(ops, head_inv_temperature(1.0 / float(temperature), logit_scale, logit_softcap),
+    params = LossParams(ops, head_inv_temperature(1.0 / float(temperature), logit_scale),
                         signal_clip=signal_clip, center=center_advantages, compute_dtype=compute_dtype,
-                        importance_clip=importance_clip, divergence=spec, softcap=logit_softcap,
-                        teacher_inv_temperature=head_inv_temperature(1.0 / float(temperature), teacher_scale,
-                                                                     teacher_softcap),
-                        teacher_softcap=teacher_softcap)
+                        importance_clip=importance_clip, divergence=spec,
+                        softcap=head_softcap(logit_scale, logit_softcap),
+                        teacher_inv_temperature=head_inv_temperature(1.0 / float(temperature), teacher_scale),
+                        teacher_softcap=head_softcap(teacher_scale, teacher_softcap))
 
     def loss_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if every_row else tensor.index_select(0, rows)
@@ -126,8 +126,7 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         out[rows] = values.detach()
         return out.reshape(target_ids.shape)
 
-    hidden = head_hidden(loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1])), lm_head_bias is not None,
-                         logit_scale, logit_softcap)
+    hidden = head_hidden(loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1])), lm_head_bias is not None)
     weight = head_weight(lm_head_weight, lm_head_bias)
     loss_targets = loss_rows(targets).long()
     if not compact:
@@ -145,7 +144,7 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
 
     def teacher_head_rows() -> torch.Tensor:
         rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
-        return head_hidden(rows, teacher_bias is not None, teacher_scale, teacher_softcap)
+        return head_hidden(rows, teacher_bias is not None)
 
     if spec is not None:
         loss, divergence, student_lp, teacher_lp = DivergenceFunction.apply(

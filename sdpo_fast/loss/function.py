@@ -13,7 +13,7 @@ from .divergence import DivergenceSpec, importance_ratio
 class LossParams:
     """Everything `SDPOFunction` needs besides tensors.
 
-    inv_temperature: 1/T of the log-probs (times the logit scale when there is no cap). softcap: the student
+    inv_temperature: 1/T of the log-probs (times the logit scale, `loss.head`). softcap: the student
     logits are softcap * tanh(hidden @ weight.T / softcap) * inv_temperature (None: no cap; `loss.head`); the
     teacher's, with teacher_softcap and teacher_inv_temperature (None: inv_temperature).
     signal_clip: advantages clamped to +-signal_clip (None: off).

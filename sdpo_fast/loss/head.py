@@ -1,10 +1,10 @@
 """The logit head of `sdpo_loss`: logits = softcap(scale * (h @ W.T + b)) / T with softcap(z) = c * tanh(z / c).
 
-The backends compute softcap_c(h @ W.T) * inv_temperature (c None: no cap). `head_inputs` brings any head to that
-form with differentiable tensor ops, so autograd returns the gradients of the bias and the original inputs:
-a bias becomes one more hidden column (ones) and one more weight column (the bias), zero-padded to a multiple of
-8 columns (16-byte rows for the kernels); a scale without a cap folds into inv_temperature; a scale with a cap
-multiplies the hidden rows.
+The backends compute softcap_c(h @ W.T) * inv_temperature (c None: no cap). Any head takes that form exactly:
+softcap_c(s * u) / T = softcap_{c/s}(u) * s / T, so the scale folds into the cap and the final factor
+(`head_softcap`, `head_inv_temperature`), and a bias becomes one more hidden column (ones) and one more weight column
+(the bias), zero-padded to a multiple of 8 columns (16-byte rows for the kernels; `head_hidden`, `head_weight`,
+differentiable tensor ops, so autograd returns the bias's gradient).
 """
 from __future__ import annotations
 
@@ -55,19 +55,23 @@ def head_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor
     return torch.cat([weight, bias[:, None], zeros], -1)
 
 
-def head_hidden(hidden: torch.Tensor, has_bias: bool, scale: float, softcap: float | None) -> torch.Tensor:
-    """hidden (n, d) -> [h, 1, 0...] (n, d') with a bias, times scale with a cap (the partner of `head_weight`)."""
-    if has_bias:
-        ones = torch.zeros((hidden.shape[0], _extra_columns(hidden.shape[1])), dtype=hidden.dtype,
-                           device=hidden.device)
-        ones[:, 0] = 1.0
-        hidden = torch.cat([hidden, ones], -1)
-    return hidden * scale if softcap is not None and scale != 1.0 else hidden
+def head_hidden(hidden: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    """hidden (n, d) -> [h, 1, 0...] (n, d') with a bias (the partner of `head_weight`), else hidden itself."""
+    if not has_bias:
+        return hidden
+    ones = torch.zeros((hidden.shape[0], _extra_columns(hidden.shape[1])), dtype=hidden.dtype, device=hidden.device)
+    ones[:, 0] = 1.0
+    return torch.cat([hidden, ones], -1)
 
 
-def head_inv_temperature(inv_temperature: float, scale: float, softcap: float | None) -> float:
-    """The backends' final factor: 1/T, times the scale when no cap keeps it apart."""
-    return inv_temperature * scale if softcap is None else inv_temperature
+def head_inv_temperature(inv_temperature: float, scale: float) -> float:
+    """The backends' final factor: scale / T."""
+    return inv_temperature * scale
+
+
+def head_softcap(scale: float, softcap: float | None) -> float | None:
+    """The backends' cap on the unscaled products: c / scale (None: no cap)."""
+    return None if softcap is None else softcap / scale
 
 
 def soft_cap_(raw: torch.Tensor, softcap: float | None, inv_temperature: float) -> torch.Tensor:
