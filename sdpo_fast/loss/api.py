@@ -106,9 +106,10 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         distillation_mode, float(distillation_alpha), distillation_topk, distillation_add_tail)
     compute_dtype = autocast_dtype(student_hidden, lm_head_weight) if spec is None else None
     own_head = teacher_lm_head_weight is not None
-    teacher_bias, teacher_scale, teacher_softcap = (teacher_lm_head_bias, teacher_logit_scale,
-                                                    teacher_logit_softcap) if own_head else (
-        lm_head_bias, logit_scale, logit_softcap)
+    if own_head:
+        teacher_bias, teacher_scale, teacher_softcap = teacher_lm_head_bias, teacher_logit_scale, teacher_logit_softcap
+    else:
+        teacher_bias, teacher_scale, teacher_softcap = lm_head_bias, logit_scale, logit_softcap
     params = LossParams(ops, head_inv_temperature(1.0 / float(temperature), logit_scale),
                         signal_clip=signal_clip, center=center_advantages, compute_dtype=compute_dtype,
                         importance_clip=importance_clip, divergence=spec,

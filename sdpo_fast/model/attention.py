@@ -168,7 +168,7 @@ def _capped_attention(q, k, v, mask, scale, softcap, dropout):
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # a fully masked (padding) row stays finite
     return F.dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), p=dropout) @ v
 
 
@@ -266,7 +266,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if backend == "flash":
         return _flash_varlen()(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p=dropout,
                                softmax_scale=scale, causal=True,
-                               window_size=(-1, -1) if window is None else (window - 1, 0),
+                               **({} if window is None else {"window_size": (window - 1, 0)}),
                                **({} if softcap is None else {"softcap": softcap}))
     if dropout != 0.0:
         raise ValueError("attn_backend='torch' does not support attention dropout")
@@ -295,8 +295,16 @@ def sdpo_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           sliding_window: int | None = None, sdpo_call: VarlenCall | None = None, **kwargs):
     """transformers attention function: query (1, H, T, D), key/value (1, Hkv, T, D) after RoPE.
 
-    Returns (attn_output (1, T, H, D), None). Without `sdpo_call` it is transformers' sdpa attention.
+    Returns (attn_output (1, T, H, D), None). Without `sdpo_call` it is transformers' sdpa attention, or for
+    soft-capped scores (which SDPA cannot apply) their explicit computation under the same mask.
     """
+    if sdpo_call is None and kwargs.get("softcap") is not None:
+        n_q, n_k = query.shape[2], key.shape[2]
+        mask = _window_mask(n_q, n_k, sliding_window, query.device) if attention_mask is None else attention_mask
+        if mask.dtype != torch.bool:
+            mask = mask == 0
+        out = _capped_attention(query, key, value, mask, scaling, kwargs["softcap"], dropout)
+        return out.transpose(1, 2).contiguous(), None
     if sdpo_call is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)

@@ -256,3 +256,20 @@ def test_train_refuses_before_weights_load(tmp_path, monkeypatch, data_path):
     with pytest.raises(ValueError, match="s_aux"):
         trainer.train(TrainConfig(model=str(model_dir), data=data_path, output_dir=str(tmp_path / "run"),
                                   device="cpu", max_steps=1), progress=False)
+
+
+def test_soft_capped_attention_outside_the_packed_passes():
+    """A Gemma-2 model switched to sdpo_varlen computes its soft-capped attention outside the packed passes too
+    (generation, plain forwards): its logits equal the eager model's, with and without padding."""
+    from sdpo_fast.model import sdpo_attention
+
+    model_type, overrides, _ = FAMILIES["Gemma-2"]
+    model = tiny_model(tiny_config(model_type, overrides))
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad(), sdpo_attention(model):
+        got = model(input_ids=ids, attention_mask=mask).logits
+    expected = reference(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=0)
