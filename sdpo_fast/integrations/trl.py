@@ -53,7 +53,7 @@ def _lm_head(trainer, model, role: str) -> tuple[torch.nn.Linear, LogitHead]:
         raise ValueError(f"sdpo_fast's TRL integration needs the {role} model's lm_head to be a torch.nn.Linear, "
                          f"got {type(head).__name__}; train without an adapter on the lm_head")
     try:
-        scale, softcap = logit_transform(base.config)
+        scale, softcap = logit_transform(base.config, type(base))
     except ValueError as exc:
         raise ValueError(f"sdpo_fast's TRL integration cannot serve the {role} model: {exc}") from None
     if head.bias is not None and scale != 1.0:

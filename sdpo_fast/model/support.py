@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -123,10 +125,10 @@ def _positive(config, name: str):
     return value
 
 
-def logit_transform(config) -> tuple[float, float | None]:
-    """(scale, softcap) of the logits the causal LM of `config` computes after its lm_head (see the module
-    docstring); ValueError naming what it cannot reproduce."""
-    names = head_transform_names(causal_lm_class(config))
+def logit_transform(config, cls=None) -> tuple[float, float | None]:
+    """(scale, softcap) of the logits the causal LM of `config` (class `cls`, default the one transformers maps the
+    config to) computes after its lm_head (see the module docstring); ValueError naming what it cannot reproduce."""
+    names = head_transform_names(cls or causal_lm_class(config))
     text = config.get_text_config()
     scale, softcap = 1.0, None
     if "logit_scale" in names and _positive(text, "logit_scale") is not None:
@@ -169,14 +171,14 @@ def attention_refusal(config, attn_backend: str = "auto", device: torch.device |
 
 
 def check_model_support(config, *, attn_backend: str = "auto", device: torch.device | str = "cpu",
-                        dtype: torch.dtype | None = None) -> None:
+                        dtype: torch.dtype | None = None, cls=None) -> None:
     """ValueError (one line, naming the attribute or backend) when sdpo_fast cannot compute exactly what the causal
-    LM of `config` computes: run it before the weights load."""
-    cls = causal_lm_class(config)
+    LM of `config` (class `cls`, default transformers' for the config) computes: run it before the weights load."""
+    cls = cls or causal_lm_class(config)
     if not getattr(cls, "_supports_attention_backend", False):
         raise ValueError(f"{cls.__name__} does not use transformers' AttentionInterface, which the packed passes "
                          f"({ATTN_IMPLEMENTATION}) plug into")
-    logit_transform(config)
+    logit_transform(config, cls)
     unserved = sorted(attention_keywords(cls) - SERVED_ATTENTION_KEYWORDS)
     if unserved:
         raise ValueError(f"{cls.__name__} passes {', '.join(unserved)} to its attention, which the packed passes "
@@ -188,11 +190,24 @@ def check_model_support(config, *, attn_backend: str = "auto", device: torch.dev
 
 def check_model_name(name: str, *, attn_backend: str = "auto", device: torch.device | str = "cpu",
                      dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> None:
-    """`check_model_support` on the config of a local model directory or Hub id (config.json only)."""
+    """`check_model_support` on the config of a local model directory or Hub id (config.json only; an adapter
+    directory's base model; a remote-code model's own class with trust_remote_code)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    check_model_support(config, attn_backend=attn_backend, device=device, dtype=dtype)
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not read the config of model {name!r}: {str(exc).splitlines()[0]}") from None
+    cls = None
+    remote = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if trust_remote_code and remote:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        cls = get_class_from_dynamic_module(remote, name)
+    check_model_support(config, attn_backend=attn_backend, device=device, dtype=dtype, cls=cls)
 
 
 def logit_head(model) -> LogitHead:
@@ -208,5 +223,5 @@ def logit_head(model) -> LogitHead:
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"{type(hf_model).__name__}'s lm_head ({type(head).__name__}) has no (V, d) weight")
-    scale, softcap = logit_transform(hf_model.config)
+    scale, softcap = logit_transform(hf_model.config, type(hf_model))
     return LogitHead(weight, getattr(head, "bias", None), scale, softcap)

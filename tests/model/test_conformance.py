@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -273,3 +274,27 @@ def test_soft_capped_attention_outside_the_packed_passes():
         got = model(input_ids=ids, attention_mask=mask).logits
     expected = reference(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=0)
+
+
+def test_check_model_name_reads_the_saved_config_and_an_adapters_base(tmp_path):
+    """From a directory: a refused family's saved config is refused by name; an adapter directory is judged by its
+    base model's config."""
+    peft = pytest.importorskip("peft")
+    from sdpo_fast.model import check_model_name
+
+    refused = tmp_path / "gpt_oss"
+    tiny_config("gpt_oss", FAMILIES["GPT-OSS"][1]).save_pretrained(refused)
+    with pytest.raises(ValueError, match="s_aux"):
+        check_model_name(str(refused))
+    base = tmp_path / "gemma2"
+    model = tiny_model(tiny_config("gemma2", FAMILIES["Gemma-2"][1]))
+    model.save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(base)  # as from a model loaded from `base`
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    assert not (adapter / "config.json").exists()
+    check_model_name(str(adapter))
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        check_model_name(str(adapter), attn_backend="torch")
