@@ -298,3 +298,45 @@ def test_check_model_name_reads_the_saved_config_and_an_adapters_base(tmp_path):
     check_model_name(str(adapter))
     with pytest.raises(ValueError, match="attn_logit_softcapping"):
         check_model_name(str(adapter), attn_backend="torch")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash-attn / torch varlen backends)")
+@pytest.mark.parametrize("backend", ["flash", "torch", "sdpa"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_cuda_backends_serve_windows_and_caps(backend, softcap):
+    """Packed bf16 attention on CUDA with a window (and a soft cap where served), queries aligned bottom-right over
+    longer keys as in the teacher pass, against the CPU fp32 path; refused by name where not served."""
+    from sdpo_fast.model.attention import _flash_varlen, _torch_varlen, varlen_attention
+
+    if (backend == "flash" and _flash_varlen() is None) or (backend == "torch" and _torch_varlen() is None):
+        pytest.skip(f"attn_backend {backend!r} is not installed")
+    g = torch.Generator().manual_seed(0)
+    lengths_q, lengths_k = [7, 12, 5], [11, 12, 20]
+    q = torch.randn(sum(lengths_q), 4, 16, generator=g)
+    k, v = (torch.randn(sum(lengths_k), 2, 16, generator=g) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
+                  for n in (lengths_q, lengths_k))
+    expected = varlen_attention(q, k, v, cu_q, cu_k, lengths_q, lengths_k, backend="sdpa", window=WINDOW,
+                                softcap=softcap)
+    args = [t.cuda().bfloat16() for t in (q, k, v)] + [cu_q.cuda(), cu_k.cuda(), lengths_q, lengths_k]
+    if softcap is not None and backend != "flash":
+        with pytest.raises(ValueError, match="flash"):
+            varlen_attention(*args, backend=backend, window=WINDOW, softcap=softcap)
+        return
+    got = varlen_attention(*args, backend=backend, window=WINDOW, softcap=softcap)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=3e-2, rtol=0)
+
+
+def test_window_mask_is_transformers_sliding_window():
+    """The packed passes' window, square (student) and aligned bottom-right over a longer key row (teacher after a
+    reused prefix), equals transformers' causal sliding-window mask over the whole sequence."""
+    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+
+    from sdpo_fast.model.attention import _window_mask
+
+    allowed = and_masks(causal_mask_function, sliding_window_overlay(WINDOW))
+    n_k = 13
+    zero = torch.tensor(0)
+    full = allowed(zero, zero, torch.arange(n_k)[:, None], torch.arange(n_k)[None, :])
+    for n_q in (n_k, 6, 1):
+        assert torch.equal(_window_mask(n_q, n_k, WINDOW, "cpu"), full[n_k - n_q:]), n_q
