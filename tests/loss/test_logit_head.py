@@ -98,13 +98,15 @@ def test_teacher_with_its_own_head(backend, mode):
     assert rel_err(shared["teacher_logprobs"], truth["teacher_logprobs"]) > 1e-2  # the teacher's head is used
 
 
-def test_chunked_with_a_cap(monkeypatch):
-    """Many chunks (the cap's slope buffer shares the budget) still match."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunked_with_a_cap(backend, monkeypatch):
+    """Many chunks and vocabulary tiles (the cap's slope buffer shares the budget) still match."""
     monkeypatch.setenv("SDPO_FAST_TORCH_CHUNK_MB", "0")
+    monkeypatch.setenv("SDPO_FAST_TRITON_WORKSPACE_MB", "0")
     for mode in ("sampled", "topk"):
-        case, options = head_case(40, 12, 300, "cpu", seed=4, head=HEADS["all"])
+        case, options = head_case(40, 12, 300, backend_device(backend), seed=4, head=HEADS["all"])
         del case["sequence_index"]
-        assert_matches_truth(case, "torch", {**options, **MODES[mode]})
+        assert_matches_truth(case, backend, {**options, **MODES[mode]})
 
 
 def test_reference_logits_are_the_models():

@@ -1,9 +1,8 @@
 """Triton backend: fused forward (logits never written), chunked fused backward.
 
 The backward writes one chunk's gradient w.r.t. the logits into one reused (chunk, V) workspace (its size:
-`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer. Soft-capped logits (`softcap`, see
-`loss.head`) take the chunked torch sweep of `torch_chunked` (cuBLAS products) for the per-token ops, and the
-`chunk_logits` kernel with the cap applied to each chunk in the logit modes.
+`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer. A soft cap (`softcap`, see `loss.head`) is
+applied inside the forward and backward kernels' tiles, and to each `chunk_logits` chunk in the logit modes.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from ...kernels.grad_logits import grad_logits
 from ...kernels.grad_weight import accumulate_grad_weight
 from ...kernels.lse_gather import lse_gather
 from .chunked_divergence import divergence_sweep
-from .torch_chunked import TorchBackend
 
 
 def _vocab_slices(vocab_size: int, hidden_dim: int) -> list[slice]:
@@ -37,22 +35,17 @@ class TritonBackend:
     grad_in_forward = False
 
     def token_logprobs(self, hidden, weight, targets, inv_temperature: float, softcap: float | None = None):
-        if softcap is not None:
-            return TorchBackend().token_logprobs(hidden, weight, targets, inv_temperature, softcap)
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         if hidden.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
             return empty, empty
-        lse, target_logit = lse_gather(hidden, weight, targets, inv_temperature)
+        lse, target_logit = lse_gather(hidden, weight, targets, inv_temperature, softcap)
         return target_logit - lse, lse
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
              need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32, softcap: float | None = None):
         """grad_weight accumulated in fp32 and returned in grad_weight_dtype. A 16-bit one is formed in a second
         sweep, vocabulary slice by slice (`_vocab_slices`), so no fp32 (V, d) tensor exists beside it."""
-        if softcap is not None:
-            return TorchBackend().grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight,
-                                       grad_weight_dtype, softcap)
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         (n_tokens, hidden_dim), vocab_size = hidden.shape, weight.shape[0]
         device = hidden.device
@@ -70,7 +63,7 @@ class TritonBackend:
             for rows in chunks:
                 grad_logits_chunk = workspace[: rows.stop - rows.start]
                 grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows], inv_temperature,
-                            grad_logits_chunk)
+                            grad_logits_chunk, softcap)
                 if need_hidden:
                     torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
                 if in_one_sweep:
@@ -87,7 +80,7 @@ class TritonBackend:
                 for rows in chunks:
                     chunk = workspace[: (rows.stop - rows.start) * width].view(rows.stop - rows.start, width)
                     grad_logits(hidden[rows], weight[vocab], slice_targets[rows], lse[rows], coef[rows],
-                                inv_temperature, chunk)
+                                inv_temperature, chunk, softcap)
                     accumulate_grad_weight(chunk, hidden[rows], accumulator[:width], accumulate=rows.start > 0)
                 grad_weight[vocab].copy_(accumulator[:width])
         return grad_hidden, grad_weight
