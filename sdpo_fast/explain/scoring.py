@@ -80,9 +80,8 @@ def score_interactions(model, tokenizer, interactions: Sequence[Interaction | En
             batch = forward_micro_batch(model, [encoded[i] for i in group], prefix_reuse=prefix_reuse,
                                         teacher_model=teacher_model, attn_backend=attn_backend)
             _, stats = sdpo_loss(batch.student_hidden, batch.lm_head_weight, batch.target_ids,
-                                 teacher_hidden=batch.teacher_hidden,
-                                 teacher_lm_head_weight=batch.teacher_lm_head_weight, temperature=temperature,
-                                 return_stats=True)
+                                 teacher_hidden=batch.teacher_hidden, temperature=temperature, return_stats=True,
+                                 **batch.loss_kwargs())
             counts = [len(encoded[i].completion_ids) for i in group]
             per_sequence = zip(*(s.float().cpu().split(counts) for s in stats))
             for i, (student_lp, teacher_lp, advantages) in zip(group, per_sequence):

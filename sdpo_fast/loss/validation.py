@@ -120,7 +120,8 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
 
 def validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
                     teacher_lm_head_weight, token_weights, ignore_index, sequence_index=None,
-                    check_finite: bool = True, behavior_logprobs=None) -> None:
+                    check_finite: bool = True, behavior_logprobs=None, *, lm_head_bias=None,
+                    teacher_lm_head_bias=None) -> None:
     """The checks that read tensor values, gathered into one device->host read: target ids in [0, V) or
     ignore_index, sequence ids in [0, number of positions), token_weights >= 0 and teacher_logprobs <= 0 at loss
     positions, and with `check_finite` every float input (behavior_logprobs included) finite. ValueError naming the
@@ -139,7 +140,8 @@ def validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, 
                        "not q or a logit)", (teacher_logprobs[loss].float() > LOGPROB_SLACK).any()))
     if check_finite:
         tensors = {"student_hidden": student_hidden, "lm_head_weight": lm_head_weight,
-                   "teacher_hidden": teacher_hidden, "teacher_lm_head_weight": teacher_lm_head_weight}
+                   "teacher_hidden": teacher_hidden, "teacher_lm_head_weight": teacher_lm_head_weight,
+                   "lm_head_bias": lm_head_bias, "teacher_lm_head_bias": teacher_lm_head_bias}
         for name, tensor in tensors.items():
             if tensor is not None:
                 checks.append((f"{name} has non-finite values (NaN or inf); pass check_finite=False to skip this "
@@ -210,3 +212,39 @@ def check_topk_support(distillation_mode: str, distillation_topk: int, distillat
         raise ValueError("distillation_topk=1 with distillation_add_tail=False trains nothing (one token renormalized "
                          "has probability 1 for student and teacher: loss 0, gradient 0); use distillation_topk >= 2 "
                          "or keep the tail bucket (distillation_add_tail=True)")
+
+
+def _check_bias(name: str, bias, weight_name: str, weight: torch.Tensor) -> None:
+    _check_float(name, bias, ndim=1)
+    if hasattr(bias, "placements"):
+        raise ValueError(f"{name} is a sharded DTensor; pass it where {weight_name} is gathered, or unshard it first")
+    if bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"{name} must have shape ({weight.shape[0]},) (the vocabulary of {weight_name}), "
+                         f"got {tuple(bias.shape)}")
+    _check_same(name, bias, weight_name, weight, dtype=True)
+
+
+def _check_scale_and_cap(scale_name: str, scale, cap_name: str, cap) -> None:
+    check_number(scale_name, scale, positive=True, what="a finite number > 0")
+    check_number(cap_name, cap, positive=True, optional=True, what="None or a finite number > 0")
+
+
+def validate_head(lm_head_weight, lm_head_bias, logit_scale, logit_softcap, teacher_lm_head_weight,
+                  teacher_lm_head_bias, teacher_logit_scale, teacher_logit_softcap) -> None:
+    """The logit-head arguments of `sdpo_loss` (ValueError/TypeError naming them): biases (V,) in their weight's
+    dtype and device, scales finite and > 0, soft caps None or finite and > 0; the teacher's only with its own
+    teacher_lm_head_weight."""
+    if lm_head_bias is not None:
+        _check_bias("lm_head_bias", lm_head_bias, "lm_head_weight", lm_head_weight)
+    _check_scale_and_cap("logit_scale", logit_scale, "logit_softcap", logit_softcap)
+    _check_scale_and_cap("teacher_logit_scale", teacher_logit_scale, "teacher_logit_softcap", teacher_logit_softcap)
+    if teacher_lm_head_weight is None:
+        given = [name for name, is_set in (("teacher_lm_head_bias", teacher_lm_head_bias is not None),
+                                           ("teacher_logit_scale", teacher_logit_scale != 1.0),
+                                           ("teacher_logit_softcap", teacher_logit_softcap is not None)) if is_set]
+        if given:
+            raise ValueError(f"{given[0]} describes the teacher's own head: pass it with teacher_lm_head_weight "
+                             "(without one the teacher uses the student's lm_head_bias, logit_scale and "
+                             "logit_softcap)")
+    elif teacher_lm_head_bias is not None:
+        _check_bias("teacher_lm_head_bias", teacher_lm_head_bias, "teacher_lm_head_weight", teacher_lm_head_weight)

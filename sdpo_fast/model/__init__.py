@@ -16,6 +16,7 @@ from .passes import (
     teacher_hidden_states,
 )
 from .prefix_cache import PrefixKVCache
+from .support import check_model_name, check_model_support, logit_head
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -24,11 +25,14 @@ __all__ = [
     "SDPOBatch",
     "apply_liger_kernels",
     "check_encoded",
+    "check_model_name",
+    "check_model_support",
     "check_pass_options",
     "enable_checkpointing",
     "enable_sdpo_attention",
     "eval_mode",
     "forward_micro_batch",
+    "logit_head",
     "micro_batch_indices",
     "new_prefix_cache",
     "pack",

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from ..loss.head import LogitHead, head_kwargs
 from ..utils.device import upload
 from .attention import check_backend, enable_sdpo_attention, make_call, packed_forward
 from .hf import unwrap_model
 from .inputs import EncodedInteraction
 from .packing import PackedRow, gather_index, pack, plan_micro_batches
 from .prefix_cache import PrefixKVCache
+from .support import logit_head
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class SDPOBatch:
     target_ids, sequence_index (which interaction of the micro-batch) and position_in_completion (N,) int64;
     lm_head_weight (V, d); teacher_lm_head_weight (V, d_t), or None when the teacher is the model itself;
     behavior_logprobs (N,) fp32, the sampler's log mu of each target, or None when the interactions carry none.
+    head: the model's logit head (lm_head weight and bias, logit scale and soft cap); teacher_head the teacher
+    model's, or None when the teacher is the model itself.
     """
 
     student_hidden: torch.Tensor
@@ -40,6 +44,12 @@ class SDPOBatch:
     lm_head_weight: torch.Tensor
     teacher_lm_head_weight: torch.Tensor | None
     behavior_logprobs: torch.Tensor | None = None
+    head: LogitHead | None = None
+    teacher_head: LogitHead | None = None
+
+    def loss_kwargs(self) -> dict:
+        """The `sdpo_loss` keyword arguments of the student's and the teacher's heads."""
+        return head_kwargs(self.head, self.teacher_head, self.teacher_lm_head_weight)
 
 
 def reuse_lengths(encoded: Sequence[EncodedInteraction]) -> list[int]:
@@ -85,7 +95,7 @@ def check_encoded(encoded, vocab_size: int, prefix_reuse: bool) -> list[EncodedI
 
 
 def shared_vocab_size(*models: PreTrainedModel) -> int:
-    return min(m.get_input_embeddings().num_embeddings for m in models)
+    return min(m.get_input_embeddings().weight.shape[0] for m in models)  # a peft adapter has no num_embeddings
 
 
 def _trunk_hidden(hf_model: PreTrainedModel, row: PackedRow, call) -> torch.Tensor:
@@ -165,16 +175,20 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
 
     device = student_hidden.device
     lengths = [len(e.completion_ids) for e in encoded]
+    head = logit_head(hf_model)
+    teacher_head = None if teacher_model is None else logit_head(teacher_hf)
     return SDPOBatch(
         student_hidden=student_hidden,
         teacher_hidden=teacher_hidden,
         target_ids=upload([t for e in encoded for t in e.completion_ids], torch.long, device),
         sequence_index=upload([i for i, n in enumerate(lengths) for _ in range(n)], torch.long, device),
         position_in_completion=upload([k for n in lengths for k in range(n)], torch.long, device),
-        lm_head_weight=hf_model.get_output_embeddings().weight,
-        teacher_lm_head_weight=None if teacher_model is None else teacher_hf.get_output_embeddings().weight,
+        lm_head_weight=head.weight,
+        teacher_lm_head_weight=None if teacher_head is None else teacher_head.weight,
         behavior_logprobs=None if encoded[0].behavior_logprobs is None else
         upload([x for e in encoded for x in e.behavior_logprobs], torch.float32, device),
+        head=head,
+        teacher_head=teacher_head,
     )
 
 

@@ -177,12 +177,12 @@ def _triton_launches_as_workspace():
     from ..loss import api
     from ..loss.backends import triton_fused
 
-    def lse_gather(hidden, weight, targets, inv_temperature):
+    def lse_gather(hidden, weight, targets, inv_temperature, softcap=None):
         n = hidden.shape[0]
         return (torch.zeros(n, dtype=torch.float32, device=hidden.device),
                 torch.zeros(n, dtype=torch.float32, device=hidden.device))
 
-    def grad_logits(hidden, weight, targets, lse, coef, inv_temperature, out):
+    def grad_logits(hidden, weight, targets, lse, coef, inv_temperature, out, softcap=None):
         return out
 
     def accumulate_grad_weight(grad_logits_chunk, hidden, grad_weight, accumulate=True):

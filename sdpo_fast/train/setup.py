@@ -12,7 +12,7 @@ import torch
 
 from ..demo.assets import tiny_model_path
 from ..loss.validation import check_topk_vocabulary
-from ..model import apply_liger_kernels, enable_checkpointing, unwrap_model
+from ..model import apply_liger_kernels, check_model_name, enable_checkpointing, unwrap_model
 from ..utils.hub import hub_endpoint, hub_unreachable
 from .precision import needs_master_weights, with_master_weights
 
@@ -120,6 +120,8 @@ def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, tru
     from transformers import AutoModelForCausalLM
 
     check_model_source(name)
+    check_model_name(name, device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None,
+                     trust_remote_code=trust_remote_code)
     quantization = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig

@@ -86,12 +86,14 @@ def micro_batch_output(model, encoded: list[EncodedInteraction], weights: list[f
                              attn_backend=options.attn_backend,
                              teacher=objective.needs_teacher and own_teacher is None)
     if own is not None:
-        mb = dataclasses.replace(mb, teacher_hidden=own[0], teacher_lm_head_weight=own[1])
+        mb = dataclasses.replace(mb, teacher_hidden=own[0], teacher_lm_head_weight=None if own[1] is None else
+                                 own[1].weight, teacher_head=own[1])
     seq = mb.sequence_index
     targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
     token_weights = upload(weights, torch.float32, seq.device)[seq]
     return objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets, token_weights, seq,
-                                mb.teacher_hidden, mb.teacher_lm_head_weight, mb.behavior_logprobs))
+                                mb.teacher_hidden, mb.teacher_lm_head_weight, mb.behavior_logprobs, mb.head,
+                                mb.teacher_head))
 
 
 def check_behavior_logprobs(objective: Objective, batch: list[EncodedInteraction]) -> None:

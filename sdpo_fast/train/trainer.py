@@ -27,6 +27,7 @@ from ..data import EncodedInteraction, encode_interactions, load_interactions
 from ..demo.assets import tiny_model_path, tiny_sample_path
 from ..loss import Objective, distillation_objective, make_objective, resolve_backend
 from ..model.attention import check_backend as check_attn_backend
+from ..model.support import check_model_name
 from ..utils.files import disk_error, write_text_atomic
 from ..utils.signals import Interrupted, deferred_signals
 from .checkpoint import (STALE_PATTERNS, checkpoint_dirs, checkpoint_problem, is_sharded, latest_checkpoint,
@@ -236,6 +237,13 @@ def check_backends(config: TrainConfig) -> None:
         except ValueError as exc:
             raise ValueError(f"loss_backend {config.loss_backend!r} cannot run on {device.type}: {exc}") from None
     check_attn_backend(config.attn_backend, device, resolve_dtype(config.dtype, device))
+
+
+def model_check_options(config: TrainConfig) -> dict:
+    """`check_model_name`'s options for the model of `config`: its attention backend, device and dtype."""
+    device = resolve_device(config.device)
+    return dict(attn_backend=config.attn_backend, device=device, dtype=resolve_dtype(config.dtype, device),
+                trust_remote_code=config.trust_remote_code)
 
 
 def default_output_dir() -> str:
@@ -559,6 +567,7 @@ def _train(config: TrainConfig, world: World | None, progress: bool, stop_after:
     check_reporters(config.report_to)
     name = config.model or str(tiny_model_path())
     check_model_source(name)
+    check_model_name(name, **model_check_options(config))
     check_model_options(config, name)
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     check_tokenizer(tokenizer, name)

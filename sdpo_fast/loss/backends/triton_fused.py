@@ -1,7 +1,8 @@
 """Triton backend: fused forward (logits never written), chunked fused backward.
 
 The backward writes one chunk's gradient w.r.t. the logits into one reused (chunk, V) workspace (its size:
-`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer.
+`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer. A soft cap (`softcap`, see `loss.head`) is
+applied inside the forward and backward kernels' tiles, and to each `chunk_logits` chunk in the logit modes.
 """
 from __future__ import annotations
 
@@ -45,16 +46,16 @@ class TritonBackend:
     name = "triton"
     grad_in_forward = False
 
-    def token_logprobs(self, hidden, weight, targets, inv_temperature: float):
+    def token_logprobs(self, hidden, weight, targets, inv_temperature: float, softcap: float | None = None):
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         if hidden.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
             return empty, empty
-        lse, target_logit = lse_gather(hidden, weight, targets, inv_temperature)
+        lse, target_logit = lse_gather(hidden, weight, targets, inv_temperature, softcap)
         return target_logit - lse, lse
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
-             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32):
+             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32, softcap: float | None = None):
         """grad_weight accumulated in fp32 and returned in grad_weight_dtype, in the sweep that forms grad_hidden
         (10·N·d·V FLOPs with the forward). A 16-bit one whose fp32 accumulator does not fit in free memory
         (`_fp32_grad_weight_fits`) is formed in a second sweep instead, vocabulary slice by slice
@@ -75,7 +76,7 @@ class TritonBackend:
             for rows in chunks:
                 grad_logits_chunk = workspace[: rows.stop - rows.start]
                 grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows], inv_temperature,
-                            grad_logits_chunk)
+                            grad_logits_chunk, softcap)
                 if need_hidden:
                     torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
                 if in_one_sweep:
@@ -92,7 +93,7 @@ class TritonBackend:
                 for rows in chunks:
                     chunk = workspace[: (rows.stop - rows.start) * width].view(rows.stop - rows.start, width)
                     grad_logits(hidden[rows], weight[vocab], slice_targets[rows], lse[rows], coef[rows],
-                                inv_temperature, chunk)
+                                inv_temperature, chunk, softcap)
                     accumulate_grad_weight(chunk, hidden[rows], accumulator[:width], accumulate=rows.start > 0)
                 grad_weight[vocab].copy_(accumulator[:width])
         elif need_weight:
@@ -100,13 +101,15 @@ class TritonBackend:
         return grad_hidden, grad_weight
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
-                          need_weight: bool):
-        logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature)
+                          need_weight: bool, softcap: float | None = None):
+        logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature, softcap)
         coef = coef_of(slice(None), logprobs)
-        return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight))
+        return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight,
+                                     softcap=softcap))
 
     def divergence(self, hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec,
-                   inv_temperature: float, need_hidden: bool, need_weight: bool):
+                   inv_temperature: float, need_hidden: bool, need_weight: bool, softcap: float | None = None,
+                   teacher_inv_temperature: float | None = None, teacher_softcap: float | None = None):
         """See `chunked_divergence.divergence_sweep`: logits chunks from the `chunk_logits` kernel, grad_weight
         from `accumulate_grad_weight`; workspace within SDPO_FAST_TRITON_WORKSPACE_MB."""
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
@@ -117,4 +120,5 @@ class TritonBackend:
 
         return divergence_sweep(
             hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
-            need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight)
+            need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight,
+            softcap=softcap, teacher_inv_temperature=teacher_inv_temperature, teacher_softcap=teacher_softcap)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..head import LogitHead, head_kwargs
+
 
 @dataclass(frozen=True)
 class LossInputs:
@@ -14,7 +16,9 @@ class LossInputs:
     student_hidden (N, d) with grad; lm_head_weight (V, d); target_ids (N,) int64, IGNORE_INDEX where no loss;
     token_weights (N,) fp32; sequence_index (N,) int64 (the sequence each token belongs to); teacher_hidden
     (N, d_t) detached or None; teacher_lm_head_weight (V, d_t) or None (the teacher uses lm_head_weight);
-    behavior_logprobs (N,) fp32 or None: the sampler's log mu(y_t), for importance clipping.
+    behavior_logprobs (N,) fp32 or None: the sampler's log mu(y_t), for importance clipping. head: the student
+    model's logit head (its bias, scale and soft cap; None: none), teacher_head the teacher's own (None: the
+    student's head, or teacher_lm_head_weight alone).
     """
 
     student_hidden: torch.Tensor
@@ -25,6 +29,12 @@ class LossInputs:
     teacher_hidden: torch.Tensor | None = None
     teacher_lm_head_weight: torch.Tensor | None = None
     behavior_logprobs: torch.Tensor | None = None
+    head: LogitHead | None = None
+    teacher_head: LogitHead | None = None
+
+    def head_kwargs(self) -> dict:
+        """The `sdpo_loss` keyword arguments of the student's and the teacher's heads."""
+        return head_kwargs(self.head, self.teacher_head, self.teacher_lm_head_weight)
 
 
 @dataclass(frozen=True)
