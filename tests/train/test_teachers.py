@@ -149,3 +149,50 @@ def test_resume_with_a_teacher_equals_uninterrupted(tmp_path, model_dir, data_pa
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def _bf16_model(lora: bool):
+    model = _model(lora)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_bf16_ema_is_stepped_in_fp32_like_its_formula(lora, batch):
+    """bf16 weights through fp32 masters: after each step the EMA equals theta_T + rate * (theta_S - theta_T)
+    applied in fp32 to the student's exact (master) weights, from their start; the teacher pass reads its
+    rounding. A bf16 lerp would round most of each rate * (theta_S - theta_T) step away."""
+    from sdpo_fast.train import build_optimizer
+
+    rate, steps = 0.05, 4
+    model = _bf16_model(lora)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], "adamw", 1e-3, 0.0)
+    masters = optimizer.param_groups[0]["params"]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    teacher = Teacher(model, "ema", ema_rate=rate)
+    want = {n: m.detach().clone() for n, m in zip(names, masters)}
+    start = {n: t.clone() for n, t in want.items()}
+    student_bf16 = {n: t.to(torch.bfloat16).float() for n, t in want.items()}
+    for _ in range(steps):
+        _step(model, batch, teacher, optimizer)
+        for n, m in zip(names, masters):
+            want[n] = want[n] + rate * (m.detach() - want[n])
+            student_bf16[n] = student_bf16[n] + rate * (dict(model.named_parameters())[n].detach().float()
+                                                        - student_bf16[n])
+    state = teacher.state_dict()
+    assert all(state[n].dtype == torch.float32 for n in names)
+    for n in names:
+        torch.testing.assert_close(state[n], want[n], rtol=1e-6, atol=1e-8)
+    moved = sum((state[n] - start[n]).square().sum() for n in names).sqrt()
+    formula_on_bf16 = sum((student_bf16[n] - start[n]).square().sum() for n in names).sqrt()
+    assert abs(moved / formula_on_bf16 - 1) < 0.05  # the formula on the saved bf16 student weights moves as far
+    if not lora:  # the copy the teacher pass reads is the EMA's rounding
+        copy_params = dict(teacher.copy.named_parameters())
+        assert all(copy_params[n].dtype == torch.bfloat16 and torch.equal(copy_params[n], state[n].to(torch.bfloat16))
+                   for n in names)
+    fresh = Teacher(model, "ema", ema_rate=rate)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.state_dict()[n], state[n]) for n in names)
+    if not lora:
+        assert all(torch.equal(a, b) for a, b in zip(fresh.copy.parameters(), teacher.copy.parameters()))
