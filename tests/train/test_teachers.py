@@ -196,3 +196,67 @@ def test_bf16_ema_is_stepped_in_fp32_like_its_formula(lora, batch):
     assert all(torch.equal(fresh.state_dict()[n], state[n]) for n in names)
     if not lora:
         assert all(torch.equal(a, b) for a, b in zip(fresh.copy.parameters(), teacher.copy.parameters()))
+
+
+def _one_process_group(device: str) -> None:
+    store = torch.distributed.HashStore()
+    if device == "cuda":
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1, store=store,
+                                             device_id=torch.device("cuda", 0))
+    else:
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=store)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_ema_swap_runs_outside_every_fsdp2_forward(device, batch, monkeypatch):
+    """FSDP2 (one process) + LoRA + ema teacher: every in-place swap of the EMA into the adapter, and back, runs
+    while no FSDP2 root forward is open (the root's pre-forward then orders its all-gather streams after the
+    copies), and the sharded step equals the unsharded one. On a GPU the equality decides the stream race."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no gloo backend")
+    from sdpo_fast.train.distributed import shard_model
+
+    def prepared(sharded: bool):
+        torch.manual_seed(0)  # peft draws lora_A from the global RNG
+        model = _model(lora=True).to(device)
+        runner = shard_model(model) if sharded else model
+        teacher = Teacher(model, "ema", ema_rate=0.3)
+        for value in teacher.ema.values():  # a teacher whose adapter differs from the student's
+            value.mul_(1.5).add_(0.01)
+        return runner, model, teacher
+
+    def step(runner, model, teacher):
+        config = TrainConfig(ignore_first_k=0, loss_backend="torch")
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        options = dataclasses.replace(step_options(config), max_grad_norm=None, micro_batch_tokens=1,
+                                      attn_backend="sdpa" if device == "cpu" else "auto")
+        train_step(runner, batch, objective_of(config), optimizer, scheduler, options, teacher=teacher)
+
+    runner, model, teacher = prepared(sharded=False)
+    step(runner, model, teacher)
+    want = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+    _one_process_group(device)
+    try:
+        root, model, teacher = prepared(sharded=True)
+        state = root._get_fsdp_state()
+        seen, real_swap = [], Teacher._swap
+
+        def swap(self, values):
+            seen.append(state._state_ctx.iter_forward_root is None)
+            return real_swap(self, values)
+
+        roots = []
+        root.register_forward_pre_hook(lambda module, args: roots.append(args[0].__name__))
+        monkeypatch.setattr(Teacher, "_swap", swap)
+        step(root, model, teacher)
+        got = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(seen) == 2 * len(batch) and all(seen), "an EMA swap ran inside an FSDP2 root forward"
+    assert roots == ["_teacher_pass", "micro_batch_output"] * len(batch)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
