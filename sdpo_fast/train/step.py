@@ -133,6 +133,8 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
                   options, own)
         if in_backward:  # the optimizer steps from the gradient hooks of the step's last backward (train/optim.py)
             optimizer.final_backward = k == len(groups) - 1
+        if isinstance(model, ShardedRoot):
+            model.sync_gradients(last=k == len(groups) - 1)
         out.loss.backward()
         if not padding:
             signal = out.signal.masked_fill(~out.mask, 0.0)
