@@ -231,7 +231,7 @@ def test_ema_swap_runs_outside_every_fsdp2_forward(device, batch, monkeypatch):
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         options = dataclasses.replace(step_options(config), max_grad_norm=None, micro_batch_tokens=1,
-                                      attn_backend="sdpa" if device == "cpu" else "auto")
+                                      attn_backend="sdpa")
         train_step(runner, batch, objective_of(config), optimizer, scheduler, options, teacher=teacher)
 
     runner, model, teacher = prepared(sharded=False)
