@@ -184,3 +184,33 @@ def test_bf16_lora_adapters_step_through_fp32_masters():
     assert all(torch.equal(m, r) for m, r in zip(masters, reference))
     assert all(torch.equal(p, r.detach().to(torch.bfloat16)) for p, r in zip(adapters, reference))
     assert any(not torch.equal(r, r.detach().to(torch.bfloat16).float()) for r in reference)  # masters not bf16
+
+
+def test_bf16_masters_start_from_the_checkpoints_fp32_values_and_rope_stays_fp32():
+    """Full fine-tuning in bf16: each master weight is the fp32 checkpoint's tensor (not its bf16 rounding), the
+    model's weights are its rounding, RoPE's frequencies are those of an fp32 load; loaded for evaluation, no fp32
+    value is kept."""
+    from sdpo_fast.train.precision import FP32_START
+    from sdpo_fast.train.setup import load_model_and_tokenizer
+    from sdpo_fast.train.trainer import make_optimizer
+
+    saved = load_file(str(tiny_model_path() / "model.safetensors"))
+    config = TrainConfig(dtype="bfloat16", device="cpu", optimizer="adamw").validate()
+    model, _ = load_model_and_tokenizer(config)
+    fp32_model, _ = load_model_and_tokenizer(TrainConfig(dtype="float32", device="cpu").validate())
+    for name, buffer in model.named_buffers():
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, dict(fp32_model.named_buffers())[name])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    masters = optimizer.param_groups[0]["params"]
+    off_grid = 0
+    for name, p, master in zip(names, params, masters):
+        want = saved[name if name in saved else "model.embed_tokens.weight"]  # tied lm_head
+        assert p.dtype == torch.bfloat16 and torch.equal(p, want.to(torch.bfloat16))
+        assert master.dtype == torch.float32 and torch.equal(master, want)
+        assert not hasattr(p, FP32_START)
+        off_grid += int((want != want.to(torch.bfloat16).float()).sum())
+    assert off_grid > 0.9 * sum(p.numel() for p in params)  # the checkpoint's values are mostly off the bf16 grid
+    evaluated, _ = load_model_and_tokenizer(config, training=False)
+    assert all(p.dtype == torch.bfloat16 and not hasattr(p, FP32_START) for p in evaluated.parameters())
