@@ -2,8 +2,8 @@
 
 Student pass: student ids packed into one row, with grad; each layer keeps its shared-prefix K/V.
 Teacher pass (no grad): only the teacher suffixes (ids after the shared prefix), attending to the kept
-prefix K/V, which are freed right after it; exact when the teacher is the student's current weights. A full teacher pass (no reuse)
-serves other teacher models and checks. Only the trunk runs: hidden states at completion positions are
+prefix K/V, which are freed right after it; exact when the teacher is the student's current weights. A full
+teacher pass (no reuse) serves other teacher models and checks. Only the trunk runs: hidden states at completion positions are
 returned for `sdpo_loss`, never full logits.
 """
 from __future__ import annotations
