@@ -108,7 +108,7 @@ def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
         from ..demo import REPORT_PROMPTS, preferred_rate
         from ..train.setup import load_model_and_tokenizer
 
-        before, after = (preferred_rate(*load_model_and_tokenizer(config, ckpt))
+        before, after = (preferred_rate(*load_model_and_tokenizer(config, ckpt, training=False))
                          for ckpt in (None, Path(summary["checkpoint"])))
         print(f"preferred style (no emojis, not degenerate) in the model's own replies to {REPORT_PROMPTS} held-out requests, "
               f"no hindsight: {before:.0%} before -> {after:.0%} after {config.loss}")

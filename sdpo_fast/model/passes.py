@@ -2,8 +2,8 @@
 
 Student pass: student ids packed into one row, with grad; each layer keeps its shared-prefix K/V.
 Teacher pass (no grad): only the teacher suffixes (ids after the shared prefix), attending to the kept
-prefix K/V; exact when the teacher is the student's current weights. A full teacher pass (no reuse)
-serves other teacher models and checks. Only the trunk runs: hidden states at completion positions are
+prefix K/V, which are freed right after it; exact when the teacher is the student's current weights. A full
+teacher pass (no reuse) serves other teacher models and checks. Only the trunk runs: hidden states at completion positions are
 returned for `sdpo_loss`, never full logits.
 """
 from __future__ import annotations
@@ -172,6 +172,8 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
     student_hidden = student_hidden_states(hf_model, encoded, prefix_cache=cache, attn_backend=attn_backend)
     teacher_hidden = teacher_hidden_states(teacher_hf, encoded, prefix_cache=cache, attn_backend=attn_backend) \
         if teacher else None
+    if cache is not None:  # else kept until backward ends, by the gradient-checkpointed call that holds it
+        cache.release()
 
     device = student_hidden.device
     lengths = [len(e.completion_ids) for e in encoded]

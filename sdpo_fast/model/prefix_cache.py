@@ -13,6 +13,8 @@ class PrefixKVCache:
 
     Sequence i of the packed student row has `sequence_lengths[i]` tokens, of which the first
     `prefix_lengths[i]` form its prefix. Stored K/V are packed over sequences: (sum(prefix_lengths), Hkv, D).
+    `release()` frees them once the teacher pass has read them: gradient checkpointing keeps the packed call,
+    and with it this cache, alive until backward ends, and its recomputation of the student pass stores nothing.
     """
 
     def __init__(self, prefix_lengths: Sequence[int], sequence_lengths: Sequence[int]):
@@ -26,6 +28,7 @@ class PrefixKVCache:
                 raise ValueError(f"prefix_lengths[{i}]={p} must lie in [0, sequence_lengths[{i}]={n}]")
         self._kv: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._store_indices: dict[torch.device, torch.Tensor] = {}
+        self.released = False
 
     @property
     def num_sequences(self) -> int:
@@ -51,14 +54,21 @@ class PrefixKVCache:
     def store(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor) -> None:
         """Keep the prefix rows of the packed student key/value (T, Hkv, D), detached; no-op if `layer` has them.
 
-        The no-op makes gradient-checkpoint recomputation of the student pass leave the cache untouched.
+        The no-op (also after `release`) makes gradient-checkpoint recomputation of the student pass leave the
+        cache untouched.
         """
-        if layer in self._kv:
+        if layer in self._kv or self.released:
             return
         if key.shape[0] != sum(self.sequence_lengths):
             raise ValueError(f"expected {sum(self.sequence_lengths)} packed student rows, got {key.shape[0]}")
         index = self._store_index(key.device)
         self._kv[layer] = (key.detach().index_select(0, index), value.detach().index_select(0, index))
+
+    def release(self) -> None:
+        """Drop the stored K/V (after the teacher pass); later `store` calls do nothing, `join` raises."""
+        self._kv.clear()
+        self._store_indices.clear()
+        self.released = True
 
     def join_index(self, suffix_lengths: Sequence[int], device: torch.device) -> torch.Tensor:
         """Index into cat([prefix rows, suffix rows]) that yields [prefix i; suffix i] for each i, packed."""
@@ -73,6 +83,8 @@ class PrefixKVCache:
     def join(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
              index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed suffix key/value (S, Hkv, D) -> packed [prefix; suffix] key/value, using `join_index`'s index."""
+        if self.released:
+            raise RuntimeError("this prefix K/V cache was released after its teacher pass; make a new one")
         if layer not in self._kv:
             raise RuntimeError("no prefix K/V stored for this layer: run the student pass with this cache first")
         prefix_key, prefix_value = self._kv[layer]

@@ -3,10 +3,22 @@ share of a step, and the collectives a step needs.
 
 Sharding: every decoder layer is one FSDP2 unit (gathered for its forward and again for its backward), and the
 root unit holds the rest (embeddings, final norm, lm_head). The root is `ShardedRoot`, whose forward runs a
-whole micro-batch: student pass, teacher pass and the loss. `sdpo_loss` reads the whole lm_head weight, so it
-must run inside the root's forward: there the root's parameters are gathered (FSDP2 keeps the root's gathered
-from forward to the end of backward) and the lm_head gradient is reduce-scattered by the root's post-backward,
-like every other gradient. One process (no torchrun) does not shard at all.
+whole micro-batch: student pass, live teacher pass and the loss (an ema/base teacher's pass is a root call of
+its own, before: train/teachers.py). `sdpo_loss` reads the whole lm_head weight, so it must run inside the
+root's forward: there the root's parameters are gathered (FSDP2 keeps the root's gathered from forward to the
+end of backward) and the lm_head gradient is reduce-scattered by the root's post-backward, like every other
+gradient. One process (no torchrun) does not shard at all.
+
+Prefetching is explicit: layer i gathers layer i + 1 during its forward and layer i - 1 during its backward. A
+micro-batch runs two forwards (student, then the no-grad teacher pass) per backward, and FSDP2's implicit
+backward prefetch, which replays the recorded forward order, would gather the last layer again after the first
+layer's backward, once per micro-batch.
+
+Gradient sync: with at most `DEFERRED_SYNC_BYTES` of trainable weights' fp32 gradient (LoRA), the micro-batches
+of a step accumulate unsharded fp32 gradients and only the last one reduce-scatters (one reduce-scatter per
+unit per step instead of one per micro-batch), at the cost of holding the whole trainable gradient on every
+rank between micro-batches instead of its 1/world_size shard. Above it (full fine-tuning: 4 bytes per
+parameter unsharded), every micro-batch reduce-scatters, as before.
 """
 from __future__ import annotations
 
@@ -61,16 +73,26 @@ def close_world() -> None:
         torch.distributed.destroy_process_group()
 
 
+DEFERRED_SYNC_BYTES = 1 << 30
+"""Largest unsharded fp32 gradient of the trainable weights for which a step reduce-scatters only once."""
+
+
 class ShardedRoot(nn.Module):
     """The FSDP2 root around a causal LM (or peft model): `root(fn, *args)` runs `fn(model, *args)` inside the
-    root's forward, with the root's parameters (embeddings, final norm, lm_head) gathered."""
+    root's forward, with the root's parameters (embeddings, final norm, lm_head) gathered. defer_sync: gradients
+    are reduce-scattered on a step's last micro-batch only (`sync_gradients`)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, defer_sync: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.defer_sync = model, defer_sync
 
     def forward(self, fn, *args):
         return fn(self.model, *args)
+
+    def sync_gradients(self, last: bool) -> None:
+        """Before a micro-batch's backward: reduce-scatter its gradients, or (defer_sync, not the step's `last`
+        micro-batch) accumulate them unsharded in fp32 for the last one to reduce-scatter."""
+        self.set_requires_gradient_sync(last or not self.defer_sync)
 
 
 def decoder_layers(model) -> list[nn.Module]:
@@ -93,10 +115,17 @@ def shard_model(model, *, param_dtype: torch.dtype | None = None, reduce_dtype: 
     # Inputs are not cast: FSDP2 would rebuild the packed pass's `sdpo_call` dataclass per layer, and its
     # attention layers would record into copies.
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    for layer in decoder_layers(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = decoder_layers(model)
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    root = ShardedRoot(model)
+    root = ShardedRoot(model, defer_sync=4 * trainable <= DEFERRED_SYNC_BYTES)
     fully_shard(root, mesh=mesh, mp_policy=policy)
+    for i, layer in enumerate(layers):
+        if i + 1 < len(layers):
+            layer.set_modules_to_forward_prefetch([layers[i + 1]])
+        # layer 0 names the root (gathered until backward ends: a no-op), which turns off the implicit pick
+        layer.set_modules_to_backward_prefetch([layers[i - 1] if i else root])
     return root
 
 

@@ -14,7 +14,7 @@ from ..demo.assets import tiny_model_path
 from ..loss.validation import check_topk_vocabulary
 from ..model import apply_liger_kernels, check_model_name, enable_checkpointing, unwrap_model
 from ..utils.hub import hub_endpoint, hub_unreachable
-from .precision import needs_master_weights, with_master_weights
+from .precision import needs_master_weights, to_compute_dtype, with_master_weights
 
 NO_PEFT = "lora_r > 0 needs peft (pip install 'sdpo_fast[lora]'); or set lora_r 0 for full fine-tuning"
 FP16_REFUSED = ("dtype float16 has no loss scaling here (small gradients underflow to zero); use --dtype bfloat16 "
@@ -138,7 +138,13 @@ def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, tru
         raise ValueError(f"could not load model {name!r}{_not_local(name)}: {str(exc).splitlines()[0]}") from None
     if load_in_4bit:
         return model
-    return model.to(device=device, dtype=dtype) if isinstance(dtype, torch.dtype) else model.to(device)
+    if isinstance(dtype, torch.dtype):  # parameters only: RoPE's fp32 frequencies rounded to bf16 shift angles
+        model = model.to(device)        # by position * 2^-9 rad
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        return model
+    return model.to(device)
 
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules: str | list[str]):
@@ -200,10 +206,12 @@ def build_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: 
 
 
 def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: torch.device | None = None,
-                             dtype: torch.dtype | None = None):
+                             dtype: torch.dtype | None = None, training: bool = True):
     """The model a `TrainConfig` trains (LoRA-wrapped if lora_r > 0, weights from `checkpoint` when resuming)
     and its tokenizer. model None: the bundled tiny Qwen3. device / dtype: where and in what the weights load
-    (default: config.device's device and config.dtype)."""
+    (default: config.device's device and config.dtype). training, full fine-tuning in bf16: the weights load in
+    fp32, and each keeps its fp32 tensor as the start of its master weight (train/precision.py; no more memory
+    than the masters take anyway); False (evaluation) loads them in bf16 directly."""
     if config.lora_r and not importable("peft"):
         raise ValueError(NO_PEFT)
     compute_device = resolve_device(config.device)
@@ -218,8 +226,11 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
     name = config.model or str(tiny_model_path())
     full_weights = str(checkpoint) if checkpoint is not None and not config.lora_r else name
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
-    model = load_model(full_weights, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
-                       load_in_4bit=config.load_in_4bit)
+    exact_masters = training and not config.lora_r and dtype == torch.bfloat16
+    model = load_model(full_weights, dtype=torch.float32 if exact_masters else dtype, device=device,
+                       trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit)
+    if exact_masters:
+        to_compute_dtype(model, dtype)
     if config.use_liger:
         apply_liger_kernels(model)
     if config.checkpointing_on(compute_device.type):

@@ -78,13 +78,12 @@ def read_totals(totals: torch.Tensor) -> list[float]:
 
 
 def micro_batch_output(model, encoded: list[EncodedInteraction], weights: list[float], objective: Objective,
-                       options: StepOptions, own_teacher):
-    """The objective's output over one micro-batch: student pass, teacher pass (or the pass of `own_teacher`, an
-    ema/base `Teacher`, run first), loss with per-interaction token weights `weights`."""
-    own = own_teacher.hidden_states(encoded, options.attn_backend) if own_teacher is not None else None
-    mb = forward_micro_batch(model, encoded, prefix_reuse=options.prefix_reuse and own_teacher is None,
-                             attn_backend=options.attn_backend,
-                             teacher=objective.needs_teacher and own_teacher is None)
+                       options: StepOptions, own):
+    """The objective's output over one micro-batch: student pass, teacher pass, loss with per-interaction token
+    weights `weights`. own: (hidden, `LogitHead` or None) of an ema/base teacher's pass over `encoded`
+    (`Teacher.hidden_states`, a call of its own made before), used instead of the live teacher's; None: live."""
+    mb = forward_micro_batch(model, encoded, prefix_reuse=options.prefix_reuse and own is None,
+                             attn_backend=options.attn_backend, teacher=objective.needs_teacher and own is None)
     if own is not None:
         mb = dataclasses.replace(mb, teacher_hidden=own[0], teacher_lm_head_weight=None if own[1] is None else
                                  own[1].weight, teacher_head=own[1])
@@ -130,10 +129,14 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
     sums = []
     for k, (group, padding) in enumerate(groups):
         encoded = [batch[i] for i in group]
+        # an ema/base teacher's pass is a root call of its own: its weight swap stays outside FSDP2's forwards
+        own = teacher.hidden_states(encoded, options.attn_backend, run) if own_teacher else None
         out = run(micro_batch_output, encoded, [0.0 if padding else weights[i] for i in group], objective,
-                  options, teacher if own_teacher else None)
+                  options, own)
         if in_backward:  # the optimizer steps from the gradient hooks of the step's last backward (train/optim.py)
             optimizer.final_backward = k == len(groups) - 1
+        if isinstance(model, ShardedRoot):
+            model.sync_gradients(last=k == len(groups) - 1)
         out.loss.backward()
         if not padding:
             signal = out.signal.masked_fill(~out.mask, 0.0)

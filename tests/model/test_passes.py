@@ -322,3 +322,34 @@ def test_behavior_logprobs_are_packed_aligned_with_the_targets(encoded):
     short = dataclasses.replace(with_mu[0], behavior_logprobs=with_mu[0].behavior_logprobs[:-1])
     with pytest.raises(ValueError, match=r"encoded\[0\].behavior_logprobs has"):
         forward_micro_batch(_model("qwen3"), [short])
+
+
+def test_prefix_kv_is_freed_after_the_teacher_pass_and_recompute_stores_none(encoded, monkeypatch):
+    """With gradient checkpointing the packed call (and its prefix cache) lives until backward ends: the prefix
+    K/V must be freed once the teacher pass has read them, and the student pass recomputed in backward must not
+    store them again; the gradients stay those of the unpacked forwards."""
+    import weakref
+
+    from sdpo_fast.model.prefix_cache import PrefixKVCache
+
+    stored, caches = [], []
+    real_store = PrefixKVCache.store
+
+    def store(self, layer, key, value):
+        had = set(self._kv)
+        real_store(self, layer, key, value)
+        if layer in self._kv and layer not in had:
+            stored.extend(weakref.ref(t) for t in self._kv[layer])
+            caches.append(weakref.ref(self))
+
+    monkeypatch.setattr(PrefixKVCache, "store", store)
+    model = _model("qwen3").train()
+    _enable_checkpointing(model)
+    batch = forward_micro_batch(model, encoded)
+    layers = model.config.num_hidden_layers
+    assert len(stored) == 2 * layers and any(c() is not None for c in caches)  # the call still holds its cache
+    assert all(ref() is None for ref in stored), "prefix K/V alive after the teacher pass"
+    loss = reference_token_logprobs(batch.student_hidden, batch.lm_head_weight, batch.target_ids).sum()
+    loss.backward()
+    assert len(stored) == 2 * layers  # the recomputed student pass stored nothing
+    _check_student_gradients(model, encoded)

@@ -252,3 +252,68 @@ def test_two_gpus_equal_one_gpu_in_fp32(tmp_path):
     values = dict(max_steps=3, save_steps=0, device="cuda", dtype="float32", attn_backend="sdpa")
     single, two = run_single(tmp_path / "one", **values), run_two(tmp_path / "two", **values)
     assert max_rel(weights(two / "checkpoint-3"), weights(single / "checkpoint-3")) <= 1e-5
+
+
+@needs_gloo
+def test_fsdp2_prefetches_the_previous_layer_and_syncs_lora_gradients_once_per_step(monkeypatch):
+    """One gloo process: a step of two micro-batches (student and live teacher pass, two forwards per backward)
+    gathers each layer once per backward, in reverse order (FSDP2's implicit prefetch would gather the last layer
+    again after the first layer's backward), and LoRA gradients are reduce-scattered on the last micro-batch only,
+    giving the gradients of the unsharded model."""
+    import copy
+    import dataclasses
+
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+    from torch.distributed.fsdp._fully_shard._fsdp_common import is_bw
+    from peft import LoraConfig, get_peft_model
+
+    from sdpo_fast.data import encode_interactions, load_interactions, sample_path
+    from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
+    from sdpo_fast.train import TrainConfig, objective_of, step_options, train_step
+    from sdpo_fast.train.distributed import shard_model
+
+    batch, _ = encode_interactions(tiny_tokenizer("qwen3"), list(load_interactions(sample_path()))[:2])
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_causal_lm("qwen3", num_layers=3, initializer_range=0.2, seed=1),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                      init_lora_weights=False)).train()
+    plain = copy.deepcopy(model)
+    config = TrainConfig(ignore_first_k=0, loss_backend="torch")
+    options = dataclasses.replace(step_options(config), micro_batch_tokens=1, attn_backend="sdpa")
+
+    def step(runner, params):
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        train_step(runner, batch, objective_of(config), optimizer, scheduler, options)
+
+    step(plain, [p for p in plain.parameters() if p.requires_grad])
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        root = shard_model(model)
+        layers = {layer: i for i, layer in enumerate(root.model.get_base_model().model.layers)}
+        gathered, reduced = [], []
+        real_unshard, real_reduce = param_group.FSDPParamGroup.unshard, param_group.foreach_reduce
+
+        def unshard(self, async_op=False):
+            if self._all_gather_result is None and not self.is_unsharded and self.modules[0] in layers:
+                gathered.append(("backward" if is_bw() else "forward", layers[self.modules[0]]))
+            return real_unshard(self, async_op)
+
+        def foreach_reduce(*args, **kwargs):
+            reduced.append(1)
+            return real_reduce(*args, **kwargs)
+
+        monkeypatch.setattr(param_group.FSDPParamGroup, "unshard", unshard)
+        monkeypatch.setattr(param_group, "foreach_reduce", foreach_reduce)
+        assert root.defer_sync
+        step(root, [p for p in model.parameters() if p.requires_grad])
+        got = {n: p.full_tensor().detach() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        torch.distributed.destroy_process_group()
+    in_backward = [i for phase, i in gathered if phase == "backward"]
+    assert in_backward == [2, 1, 0] * len(batch), gathered
+    assert len(reduced) == len(layers)  # each layer once per step (the root holds no LoRA weights)
+    want = {n: p.detach() for n, p in plain.named_parameters() if p.requires_grad}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)

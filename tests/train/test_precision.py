@@ -53,8 +53,9 @@ def test_fp16_is_refused():
 
 
 def _run(tmp_path, name, dtype, **options):
-    config = TrainConfig(dtype=dtype, output_dir=str(tmp_path / name), batch_size=16, optimizer="adamw",
-                         schedule="constant", warmup_ratio=0.0, **options)
+    options = {"batch_size": 16, **options}
+    config = TrainConfig(dtype=dtype, output_dir=str(tmp_path / name), optimizer="adamw", schedule="constant",
+                         warmup_ratio=0.0, **options)
     return train(config, progress=False)
 
 
@@ -71,28 +72,46 @@ def test_bf16_resume_is_exact(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in a.values())
 
 
-@pytest.mark.slow
-def test_bf16_full_fine_tuning_tracks_fp32(tmp_path):
-    """The bundled tiny model, lr 1e-5, 50 steps: the bf16 run's weight change points where the fp32 run's does,
-    and as many weights change as in the fp32 run rounded to bf16."""
-    init = load_file(str(tiny_model_path() / "model.safetensors"))
-    runs = {d: load_file(_run(tmp_path, d, d, lr=1e-5, max_steps=50)["checkpoint"] + "/model.safetensors")
-            for d in ("float32", "bfloat16")}
-    dot = norm32 = norm16 = 0.0
-    changed16 = changed32 = total = 0
+def _grid_delta_cosine(init: dict, run: dict, reference: dict) -> float:
+    """Cosine of the weight changes of `run` and `reference` from `init`, each rounded to the bf16 grid first."""
+    dot = norm_run = norm_ref = 0.0
     for name, w0 in init.items():
-        delta32 = runs["float32"][name].double() - w0.double()
-        delta16 = runs["bfloat16"][name].double() - w0.to(torch.bfloat16).double()
-        dot += (delta32 * delta16).sum().item()
-        norm32 += delta32.square().sum().item()
-        norm16 += delta16.square().sum().item()
-        start = w0.to(torch.bfloat16)
-        changed16 += int((runs["bfloat16"][name] != start).sum())
-        changed32 += int((runs["float32"][name].to(torch.bfloat16) != start).sum())
-        total += w0.numel()
-    assert dot / (norm32 * norm16) ** 0.5 >= 0.9
+        start = w0.to(torch.bfloat16).double()
+        delta_run = run[name].to(torch.bfloat16).double() - start
+        delta_ref = reference[name].to(torch.bfloat16).double() - start
+        dot += (delta_run * delta_ref).sum().item()
+        norm_run += delta_run.square().sum().item()
+        norm_ref += delta_ref.square().sum().item()
+    return dot / (norm_run * norm_ref) ** 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size, steps", [(8, 40), (16, 50)])
+def test_bf16_full_fine_tuning_tracks_fp32_as_closely_as_autocast(tmp_path, batch_size, steps):
+    """The bundled tiny model, lr 1e-5, AdamW, the same batches: the bf16 run's weight change (bf16 weights, fp32
+    masters) points where the fp32 run's does as closely as fp32 weights under torch.autocast(bf16) do, on the
+    bf16 grid (measured: 0.9946 vs 0.9957 at batch 8 / 40 steps, 0.9969 vs 0.9804 at batch 16 / 50; 0.677 at
+    batch 8 when the masters started from the bf16 rounding of the fp32 checkpoint), and as many weights change as
+    in the fp32 run rounded to bf16."""
+    init = load_file(str(tiny_model_path() / "model.safetensors"))
+
+    def run(name, dtype):
+        summary = _run(tmp_path, name, dtype, lr=1e-5, max_steps=steps, batch_size=batch_size)
+        return load_file(summary["checkpoint"] + "/model.safetensors")
+
+    fp32, bf16 = run("fp32", "float32"), run("bf16", "bfloat16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run("autocast", "float32")
+    assert all(w.dtype == torch.bfloat16 for w in bf16.values())
+    cosine, autocast_cosine = _grid_delta_cosine(init, bf16, fp32), _grid_delta_cosine(init, autocast, fp32)
+    # 0.002: the metric's resolution here (rounding-boundary flips); the fp32 masters' own trajectory has cosine
+    # 0.9996 with fp32's, autocast's fp32 weights 0.9997
+    assert cosine >= autocast_cosine - 0.002, (cosine, autocast_cosine)
+    start = {name: w.to(torch.bfloat16) for name, w in init.items()}
+    changed16 = sum(int((bf16[name] != start[name]).sum()) for name in init)
+    changed32 = sum(int((fp32[name].to(torch.bfloat16) != start[name]).sum()) for name in init)
     assert abs(changed16 - changed32) <= 0.1 * changed32
-    assert changed32 > 0.3 * total
+    assert changed32 > 0.3 * sum(w.numel() for w in init.values())
 
 
 def test_cuda_device_and_4bit_placement_follow_local_rank(monkeypatch):
@@ -166,3 +185,33 @@ def test_bf16_lora_adapters_step_through_fp32_masters():
     assert all(torch.equal(m, r) for m, r in zip(masters, reference))
     assert all(torch.equal(p, r.detach().to(torch.bfloat16)) for p, r in zip(adapters, reference))
     assert any(not torch.equal(r, r.detach().to(torch.bfloat16).float()) for r in reference)  # masters not bf16
+
+
+def test_bf16_masters_start_from_the_checkpoints_fp32_values_and_rope_stays_fp32():
+    """Full fine-tuning in bf16: each master weight is the fp32 checkpoint's tensor (not its bf16 rounding), the
+    model's weights are its rounding, RoPE's frequencies are those of an fp32 load; loaded for evaluation, no fp32
+    value is kept."""
+    from sdpo_fast.train.precision import FP32_START
+    from sdpo_fast.train.setup import load_model_and_tokenizer
+    from sdpo_fast.train.trainer import make_optimizer
+
+    saved = load_file(str(tiny_model_path() / "model.safetensors"))
+    config = TrainConfig(dtype="bfloat16", device="cpu", optimizer="adamw").validate()
+    model, _ = load_model_and_tokenizer(config)
+    fp32_model, _ = load_model_and_tokenizer(TrainConfig(dtype="float32", device="cpu").validate())
+    for name, buffer in model.named_buffers():
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, dict(fp32_model.named_buffers())[name])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    masters = optimizer.param_groups[0]["params"]
+    off_grid = 0
+    for name, p, master in zip(names, params, masters):
+        want = saved[name if name in saved else "model.embed_tokens.weight"]  # tied lm_head
+        assert p.dtype == torch.bfloat16 and torch.equal(p, want.to(torch.bfloat16))
+        assert master.dtype == torch.float32 and torch.equal(master, want)
+        assert not hasattr(p, FP32_START)
+        off_grid += int((want != want.to(torch.bfloat16).float()).sum())
+    assert off_grid > 0.9 * sum(p.numel() for p in params)  # the checkpoint's values are mostly off the bf16 grid
+    evaluated, _ = load_model_and_tokenizer(config, training=False)
+    assert all(p.dtype == torch.bfloat16 and not hasattr(p, FP32_START) for p in evaluated.parameters())

@@ -149,3 +149,114 @@ def test_resume_with_a_teacher_equals_uninterrupted(tmp_path, model_dir, data_pa
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def _bf16_model(lora: bool):
+    model = _model(lora)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_bf16_ema_is_stepped_in_fp32_like_its_formula(lora, batch):
+    """bf16 weights through fp32 masters: after each step the EMA equals theta_T + rate * (theta_S - theta_T)
+    applied in fp32 to the student's exact (master) weights, from their start; the teacher pass reads its
+    rounding. A bf16 lerp would round most of each rate * (theta_S - theta_T) step away."""
+    from sdpo_fast.train import build_optimizer
+
+    rate, steps = 0.05, 4
+    model = _bf16_model(lora)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], "adamw", 1e-3, 0.0)
+    masters = optimizer.param_groups[0]["params"]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    teacher = Teacher(model, "ema", ema_rate=rate)
+    want = {n: m.detach().clone() for n, m in zip(names, masters)}
+    start = {n: t.clone() for n, t in want.items()}
+    student_bf16 = {n: t.to(torch.bfloat16).float() for n, t in want.items()}
+    for _ in range(steps):
+        _step(model, batch, teacher, optimizer)
+        for n, m in zip(names, masters):
+            want[n] = want[n] + rate * (m.detach() - want[n])
+            student_bf16[n] = student_bf16[n] + rate * (dict(model.named_parameters())[n].detach().float()
+                                                        - student_bf16[n])
+    state = teacher.state_dict()
+    assert all(state[n].dtype == torch.float32 for n in names)
+    for n in names:
+        torch.testing.assert_close(state[n], want[n], rtol=1e-6, atol=1e-8)
+    moved = sum((state[n] - start[n]).square().sum() for n in names).sqrt()
+    formula_on_bf16 = sum((student_bf16[n] - start[n]).square().sum() for n in names).sqrt()
+    assert abs(moved / formula_on_bf16 - 1) < 0.05  # the formula on the saved bf16 student weights moves as far
+    if not lora:  # the copy the teacher pass reads is the EMA's rounding
+        copy_params = dict(teacher.copy.named_parameters())
+        assert all(copy_params[n].dtype == torch.bfloat16 and torch.equal(copy_params[n], state[n].to(torch.bfloat16))
+                   for n in names)
+    fresh = Teacher(model, "ema", ema_rate=rate)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.state_dict()[n], state[n]) for n in names)
+    if not lora:
+        assert all(torch.equal(a, b) for a, b in zip(fresh.copy.parameters(), teacher.copy.parameters()))
+
+
+def _one_process_group(device: str) -> None:
+    store = torch.distributed.HashStore()
+    if device == "cuda":
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1, store=store,
+                                             device_id=torch.device("cuda", 0))
+    else:
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=store)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_ema_swap_runs_outside_every_fsdp2_forward(device, batch, monkeypatch):
+    """FSDP2 (one process) + LoRA + ema teacher: every in-place swap of the EMA into the adapter, and back, runs
+    while no FSDP2 root forward is open (the root's pre-forward then orders its all-gather streams after the
+    copies), and the sharded step equals the unsharded one. On a GPU the equality decides the stream race."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no gloo backend")
+    from sdpo_fast.train.distributed import shard_model
+
+    def prepared(sharded: bool):
+        torch.manual_seed(0)  # peft draws lora_A from the global RNG
+        model = _model(lora=True).to(device)
+        runner = shard_model(model) if sharded else model
+        teacher = Teacher(model, "ema", ema_rate=0.3)
+        for value in teacher.ema.values():  # a teacher whose adapter differs from the student's
+            value.mul_(1.5).add_(0.01)
+        return runner, model, teacher
+
+    def step(runner, model, teacher):
+        config = TrainConfig(ignore_first_k=0, loss_backend="torch")
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        options = dataclasses.replace(step_options(config), max_grad_norm=None, micro_batch_tokens=1,
+                                      attn_backend="sdpa")
+        train_step(runner, batch, objective_of(config), optimizer, scheduler, options, teacher=teacher)
+
+    runner, model, teacher = prepared(sharded=False)
+    step(runner, model, teacher)
+    want = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+    _one_process_group(device)
+    try:
+        root, model, teacher = prepared(sharded=True)
+        state = root._get_fsdp_state()
+        seen, real_swap = [], Teacher._swap
+
+        def swap(self, values):
+            seen.append(state._state_ctx.iter_forward_root is None)
+            return real_swap(self, values)
+
+        roots = []
+        root.register_forward_pre_hook(lambda module, args: roots.append(args[0].__name__))
+        monkeypatch.setattr(Teacher, "_swap", swap)
+        step(root, model, teacher)
+        got = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(seen) == 2 * len(batch) and all(seen), "an EMA swap ran inside an FSDP2 root forward"
+    assert roots == ["_teacher_pass", "micro_batch_output"] * len(batch)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
