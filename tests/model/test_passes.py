@@ -344,7 +344,7 @@ def test_prefix_kv_is_freed_after_the_teacher_pass_and_recompute_stores_none(enc
 
     monkeypatch.setattr(PrefixKVCache, "store", store)
     model = _model("qwen3").train()
-    _enable_checkpointing(model)
+    enable_checkpointing(model)
     batch = forward_micro_batch(model, encoded)
     layers = model.config.num_hidden_layers
     assert len(stored) == 2 * layers and any(c() is not None for c in caches)  # the call still holds its cache
