@@ -22,6 +22,7 @@ import torch
 
 from bench_memory import cpu_peak_growth, cuda_peak_growth, subprocess_env
 from sdpo_fast.data import EncodedInteraction
+from sdpo_fast.model import enable_checkpointing
 from sdpo_fast.train.config import TrainConfig
 from sdpo_fast.train.plan import worst_case_batch
 from sdpo_fast.train.reference_step import reference_step
@@ -80,7 +81,7 @@ def build(size: Size, device: str):
         model = apply_lora(model, lora_config(train_config.lora_r, train_config.lora_alpha, train_config.lora_dropout,
                                               train_config.lora_target_modules))
     if train_config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train_config.optimizer,
                                 train_config.lr, train_config.weight_decay)
