@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from ..demo.assets import tiny_model_path
-from ..online.loop import generate_batch
+from ..model.generation import generate_batch
 from ..train.setup import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .harness import require_lm_eval, run_lm_eval
 from .pairwise import alpaca_eval_lc_win_rate, pairwise_win_rate

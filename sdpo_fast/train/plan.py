@@ -309,21 +309,16 @@ def _quantize_linears(model, dtype: torch.dtype) -> None:
 
 
 def _build(hf_config, config, dtype: torch.dtype, fake: bool):
-    """The model `train` would train (checkpointing, LoRA, 4-bit base Linears as `_Linear4bitStandIn`), random
-    weights; fake: built on the meta device and every parameter and buffer then replaced by a fresh fake CPU tensor
-    (ties kept)."""
+    """The model `train` would train (`setup.prepare_model`: checkpointing, LoRA; 4-bit base Linears as
+    `_Linear4bitStandIn`), random weights; fake: built on the meta device and every parameter and buffer then
+    replaced by a fresh fake CPU tensor (ties kept)."""
     from transformers import AutoModelForCausalLM
 
-    from .setup import apply_lora, lora_config
+    from .setup import prepare_model
 
     with torch.device("meta") if fake else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        if config.checkpointing_on("cuda"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.lora_r:
-            model = apply_lora(model, lora_config(config.lora_r, config.lora_alpha, config.lora_dropout,
-                                                  config.lora_target_modules),
-                               fp32_adapters=config.lora_dtype == "float32")
+        model = prepare_model(model, dataclasses.replace(config, use_liger=False), "cuda", dtype)
         if config.load_in_4bit:
             _quantize_linears(model, dtype)
     if fake:
@@ -356,27 +351,21 @@ class _OffloadedStandIn(torch.optim.Optimizer):
 
 
 def _optimizer(params, config):
-    """The optimizer `train` builds on CUDA (fused AdamW; stand-ins for bitsandbytes and CPU offload), 16-bit
-    parameters stepped through fp32 masters as `build_optimizer` does."""
+    """The optimizer `train` builds on CUDA (`build.make_optimizer` with fused AdamW, and stand-ins for
+    bitsandbytes and CPU offload)."""
+    from .build import make_optimizer
     from .optim import OptimizerInBackward
-    from .precision import needs_master_weights, with_master_weights
-    from .setup import build_optimizer
 
     def on_cuda(group):
         if config.optimizer == "adamw8bit":
             return _Adam8bitStandIn(group, config.lr)
         return torch.optim.AdamW(group, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
-    def build(ps):
-        if config.offload_optimizer:
-            return _OffloadedStandIn(ps, config.lr)
-        if config.optimizer not in ("adamw", "adamw8bit"):
-            return build_optimizer(ps, config.optimizer, config.lr, config.weight_decay)
-        return with_master_weights(ps, on_cuda) if needs_master_weights(ps) else on_cuda(ps)
+    def offloaded(ps, name, lr, weight_decay):
+        return OptimizerInBackward(ps, lambda group: _OffloadedStandIn(group, lr), config.max_grad_norm)
 
-    if config.optimizer_in_backward or config.offload_optimizer:
-        return OptimizerInBackward(params, build, config.max_grad_norm)
-    return build(params)
+    return make_optimizer(params, config, construct=on_cuda if config.optimizer in ("adamw", "adamw8bit") else None,
+                          offload=offloaded)
 
 
 @contextlib.contextmanager
@@ -430,10 +419,9 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
     from torch._subclasses import FakeTensorMode
 
     from ..model import unwrap_model
+    from .build import make_scheduler, objective_of, step_options
     from .memory import StorageCounter, local_shard
-    from .setup import build_scheduler
     from .step import train_step
-    from .trainer import objective_of, step_options
 
     if not (isinstance(world_size, int) and world_size >= 1):
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
@@ -469,7 +457,7 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
                                  reduce_dtype=torch.float32)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(params, config)
-        scheduler = build_scheduler(optimizer, config.schedule, config.warmup_ratio, steps)
+        scheduler = make_scheduler(optimizer, config, steps)
         for t in list(model.parameters()) + list(model.buffers()):
             counter.track(t, "weights")
         for group in optimizer.param_groups:  # fp32 masters of 16-bit parameters (the rest: counted above)
