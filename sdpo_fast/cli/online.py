@@ -27,7 +27,8 @@ def _common(parser, demo: bool) -> None:
                         help="held-out prompts judged (default %(default)s)")
     add_dataclass_flags(parser, OnlineConfig, skip=("signal_clip",),
                         choices={"teacher": TEACHERS, "distillation_mode": tuple(DISTILLATION_MODES)})
-    parser.add_argument("--signal-clip", type=float, help="clip of the per-token signal (0: off)")
+    parser.add_argument("--signal-clip", type=float, default=argparse.SUPPRESS,
+                        help="clip of the per-token signal (0: off; default: auto, 2 for sampled_token)")
     parser.add_argument("--no-center", dest="center_advantages", action="store_false", default=argparse.SUPPRESS,
                         help="do not mean-centre advantages per sequence (--no-center-advantages)")
     parser.add_argument("--config", metavar="YAML",
@@ -97,8 +98,8 @@ def _config(args, **defaults):
     from ..train.config import load_yaml
 
     values = given_fields(args, OnlineConfig)
-    if args.signal_clip is not None:
-        values["signal_clip"] = args.signal_clip or None
+    if "signal_clip" in values:
+        values["signal_clip"] = values["signal_clip"] or None
     file_values = load_yaml(args.config) if args.config else {}
     return resolve_online_config(file_values, values, preset=getattr(args, "preset", None), defaults=defaults)
 

@@ -195,8 +195,8 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
                              dtype: torch.dtype | None = None, tokenizer=None):
     """The model a `TrainConfig` trains (LoRA-wrapped if lora_r > 0, weights from `checkpoint` when resuming)
     and its tokenizer. model None: the bundled tiny Qwen3. device / dtype: where and in what the weights load
-    (default: config.device's device and config.dtype). tokenizer: the model's, already loaded after
-    `check_model_source` (train's preflight), so neither is done again."""
+    (default: config.device's device and config.dtype). tokenizer: the model's, loaded by train's preflight
+    after `check_model_source` (and the checkpoint verified against its manifest), so none of it is repeated."""
     if config.lora_r and not importable("peft"):
         raise ValueError(NO_PEFT)
     compute_device = resolve_device(config.device)
@@ -214,7 +214,7 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
     if tokenizer is None:
         tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     model = load_model(full_weights, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code,
-                       load_in_4bit=config.load_in_4bit, check_source=not (checked and full_weights == name))
+                       load_in_4bit=config.load_in_4bit, check_source=not checked)
     model = prepare_model(model, config, compute_device.type, dtype, checkpoint)
     unwrap_model(model)
     return model.train(), tokenizer

@@ -29,7 +29,7 @@ from .checkpoint import (is_sharded, latest_checkpoint, load_sharded_state, load
 from .config import TrainConfig
 from .distributed import World, any_rank, barrier, close_world, init_world, shard_model
 from .preflight import check_launch, preflight
-from .reporting import Reporters
+from .reporting import Reporters, check_reporters
 from .rundir import check_fresh, check_resumable, default_output_dir, resolve_checkpoint, write_run_files
 from .setup import load_model_and_tokenizer, resolve_device, resolve_dtype
 from .step import StepStats, train_step
@@ -85,6 +85,7 @@ class Trainer:
     def _start(self) -> None:
         """The run's start: the checkpoint restored, the run files written, the seed set, the notes logged."""
         if not self.preflighted:
+            check_reporters(self.config.report_to)
             if self.resume_from == "latest":
                 self.resume_from = resolve_checkpoint(self.output_dir, self.world, self.log)
             elif self.resume_from is not None:

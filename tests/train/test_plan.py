@@ -135,7 +135,7 @@ def test_lora_turns_checkpointing_on_only_on_cuda_unless_told():
 
 
 def test_train_sets_expandable_segments_when_unset(monkeypatch):
-    from sdpo_fast.train.trainer import check_memory
+    from sdpo_fast.train.preflight import check_memory
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     check_memory(TrainConfig(device="cpu"))
