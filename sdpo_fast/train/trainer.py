@@ -8,6 +8,7 @@ checkpoints. Resume (train/rundir.py) takes the newest intact checkpoint, or sta
 directory has none yet."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,7 +33,7 @@ from .preflight import check_launch, preflight
 from .reporting import Reporters, check_reporters
 from .rundir import check_fresh, check_resumable, default_output_dir, resolve_checkpoint, write_run_files
 from .setup import load_model_and_tokenizer, resolve_device, resolve_dtype
-from .step import StepStats, train_step
+from .step import train_step
 from .teachers import Teacher
 
 
@@ -182,8 +183,13 @@ class Trainer:
         return Interrupted(f"interrupted by {name} at step {self.step}/{self.total_steps}; {saved}; continue with "
                            f"--output-dir {str(self.output_dir)} --resume", signum)
 
-    def _metrics(self, step: int, batch: list, stats: StepStats, lr: float, seconds: float) -> dict:
-        """The metrics.jsonl line of a finished step; ValueError when its loss is not finite."""
+    def _train_step(self, step: int, batch: list[EncodedInteraction]) -> dict:
+        """One optimizer step over `batch` (step `step`, 0-based); its metrics.jsonl line. ValueError when the
+        loss is not finite."""
+        t0, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
+        stats = train_step(self.runner, batch, self.objective, self.optimizer, self.scheduler, self.step_options,
+                           teacher=self.teacher, world=self.world)
+        self.step, seconds = step + 1, time.perf_counter() - t0
         if not math.isfinite(stats.loss):
             raise ValueError(f"the loss is {stats.loss} at step {self.step} (non-finite weights, activations or "
                              "data); lower --lr, or resume from an earlier checkpoint")
@@ -197,52 +203,61 @@ class Trainer:
             line["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return line
 
+    @contextlib.contextmanager
+    def _metric_sinks(self, progress: bool):
+        """`log(line)`: a step's metrics to metrics.jsonl, the reporters and the progress bar (rank 0 only); a
+        full disk or another OS error of the block becomes one line (`disk_error`)."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"sdpo-fast train ({self.config.loss})",
+                   unit="step", disable=not (progress and self.main), dynamic_ncols=True)
+        reporters = Reporters(self.config.report_to if self.main else [], self.output_dir, self.config.to_dict())
+        try:
+            with open(self.output_dir / "metrics.jsonl", "a") if self.main else open(os.devnull, "w") as metrics:
+                def log(line: dict) -> None:
+                    metrics.write(json.dumps(line) + "\n")
+                    metrics.flush()
+                    reporters.log(line, self.step)
+                    if self.step % self.config.logging_steps == 0:
+                        bar.set_postfix(_postfix(line), refresh=False)
+                    bar.update()
+
+                yield log
+        except OSError as exc:
+            mapped = disk_error(exc, getattr(exc, "filename", None) or self.output_dir)
+            raise (mapped or exc) from None
+        finally:
+            bar.close()
+            reporters.close()
+
     def fit(self, *, progress: bool = True, stop_after: int | None = None) -> dict:
         """Train to total_steps (or stop after step `stop_after`, as a crash would); returns a summary.
         SIGINT/SIGTERM: the current step finishes, a checkpoint is saved, and `Interrupted` is raised."""
-        from tqdm import tqdm
-
+        lines = []
         with deferred_signals() as signals:
             self._start()
-            start, first, last, tokens = time.perf_counter(), None, None, 0
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"sdpo-fast train ({self.config.loss})",
-                       unit="step", disable=not (progress and self.main), dynamic_ncols=True)
-            reporters = Reporters(self.config.report_to if self.main else [], self.output_dir, self.config.to_dict())
-            try:
-                with open(self.output_dir / "metrics.jsonl", "a") if self.main else open(os.devnull, "w") as metrics:
-                    stop = self._agreed(signals.received is not None, False)[0]
-                    for step, batch in self.batches():
-                        if stop:
-                            raise self._interrupt(signals.received or signal.SIGTERM)
-                        t0, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
-                        stats = train_step(self.runner, batch, self.objective, self.optimizer, self.scheduler,
-                                           self.step_options, teacher=self.teacher, world=self.world)
-                        self.step = step + 1
-                        last = self._metrics(step, batch, stats, lr, time.perf_counter() - t0)
-                        first, tokens = first or last, tokens + stats.tokens
-                        metrics.write(json.dumps(last) + "\n")
-                        metrics.flush()
-                        reporters.log(last, self.step)
-                        if self.step % self.config.logging_steps == 0:
-                            bar.set_postfix(_postfix(last), refresh=False)
-                        bar.update()
-                        stop, due = self._agreed(signals.received is not None, self._due())
-                        if due:
-                            self.save()
-                        if stop_after is not None and self.step >= stop_after:
-                            break
-            except OSError as exc:
-                mapped = disk_error(exc, getattr(exc, "filename", None) or self.output_dir)
-                raise (mapped or exc) from None
-            finally:
-                bar.close()
-                reporters.close()
-        elapsed = time.perf_counter() - start
+            start = time.perf_counter()
+            with self._metric_sinks(progress) as log:
+                stop = self._agreed(signals.received is not None, False)[0]
+                for step, batch in self.batches():
+                    if stop:
+                        raise self._interrupt(signals.received or signal.SIGTERM)
+                    lines.append(self._train_step(step, batch))
+                    log(lines[-1])
+                    stop, due = self._agreed(signals.received is not None, self._due())
+                    if due:
+                        self.save()
+                    if stop_after is not None and self.step >= stop_after:
+                        break
+        return self._summary(lines, time.perf_counter() - start)
+
+    def _summary(self, lines: list[dict], elapsed: float) -> dict:
+        tokens = sum(line["tokens"] for line in lines)
         return {"steps": self.step, "total_steps": self.total_steps, "interactions": len(self.encoded),
                 "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
-                "first": first, "last": last, "output_dir": str(self.output_dir),
-                "checkpoint": str(latest_checkpoint(self.output_dir) or ""), "data": self.data_counts,
-                "changed": self.changes}
+                "first": lines[0] if lines else None, "last": lines[-1] if lines else None,
+                "output_dir": str(self.output_dir), "checkpoint": str(latest_checkpoint(self.output_dir) or ""),
+                "data": self.data_counts, "changed": self.changes}
 
 
 def _postfix(metrics: dict) -> dict:

@@ -56,6 +56,12 @@ class Objective(ABC):
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
         ...
 
+    @classmethod
+    def from_options(cls, **options) -> "Objective":
+        """A registered mode's objective from the distillation options (temperature, alpha, topk, add_tail,
+        signal_clip, center_advantages, importance_clip, backend), taking those it uses."""
+        raise NotImplementedError(f"{cls.__name__} serves no distillation mode")
+
 
 DISTILLATION_MODES: dict[str, type[Objective]] = {}
 """distillation_mode -> its objective class, filled by `register_mode`: the one list every layer asks."""
