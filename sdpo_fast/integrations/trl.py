@@ -32,6 +32,7 @@ import torch
 from ..constants import IGNORE_INDEX
 from ..loss import sdpo_loss
 from ..loss.divergence import importance_ratio
+from ..loss.objectives import DISTILLATION_MODES
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -65,7 +66,7 @@ def _check_args(trainer) -> None:
                          "then come from the vLLM server, not from hidden states)")
     if getattr(args, "use_liger_kernel", False):
         raise ValueError("sdpo_fast's TRL integration replaces the distillation loss; set use_liger_kernel=False")
-    if args.distillation_mode not in ("sampled_token", "full_logits", "topk_logits"):
+    if args.distillation_mode not in DISTILLATION_MODES:
         raise ValueError(f"distillation_mode {args.distillation_mode!r} is not served by sdpo_fast's TRL integration")
     if args.distillation_mode == "topk_logits" and args.distillation_topk is None:
         raise ValueError("`distillation_mode='topk_logits'` requires `distillation_topk` to be set.")
