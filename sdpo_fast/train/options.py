@@ -94,7 +94,8 @@ class ObjectiveOptions:
                              f"got {self.temperature!r}")
         check_number("importance_clip", self.importance_clip, positive=True, optional=True)
         if self.signal_clip != "auto":
-            check_number("signal_clip", self.signal_clip, positive=True, optional=True)
+            check_number("signal_clip", self.signal_clip, positive=True, optional=True,
+                         what="'auto', None (off) or a finite number > 0")
         check_distillation_options(self.distillation_mode, self.distillation_alpha,
                                    None if self.signal_clip == "auto" else self.signal_clip,
                                    getattr(self, "center_advantages", None))
