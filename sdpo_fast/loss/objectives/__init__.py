@@ -37,7 +37,7 @@ def check_distillation_options(mode: str, alpha: float, signal_clip=None, center
 
 def uses_advantages(mode: str) -> bool:
     """Whether `mode`'s objective is the policy gradient on advantages (signal_clip and center_advantages apply)."""
-    return DISTILLATION_MODES[mode] is SDPOObjective
+    return DISTILLATION_MODES[mode].uses_advantages
 
 
 def distillation_objective(mode: str = "sampled_token", *, temperature: float = 1.0, alpha: float = 1.0,

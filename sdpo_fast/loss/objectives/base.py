@@ -51,6 +51,8 @@ class Objective(ABC):
     signal_name: str = "mean_signal"
     mode: str = ""
     """The distillation_mode this objective serves ("" for none: SFT); see `register_mode`."""
+    uses_advantages: bool = False
+    """Its loss is the policy gradient on per-token advantages (signal_clip and center_advantages apply)."""
 
     @abstractmethod
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:

@@ -17,6 +17,7 @@ class SDPOObjective(Objective):
     needs_teacher = True
     signal_name = "mean_advantage"
     mode = POLICY_GRADIENT_MODE
+    uses_advantages = True
 
     @classmethod
     def from_options(cls, *, temperature, signal_clip, center_advantages, importance_clip, backend, **logit_options):
