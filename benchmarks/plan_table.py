@@ -1,6 +1,8 @@
-"""The README/BENCHMARKS table of simulated peak memory (`sdpo-fast plan`): configurations x micro-batch budgets.
+"""BENCHMARKS.md's table of simulated peak memory (`sdpo-fast plan`): configurations x micro-batch budgets.
 
 Usage: python benchmarks/plan_table.py [--model qwen3-8b] [--budget-gib 24] [--tokens 4160,8192] [--json]
+writes the table into BENCHMARKS.md between its two markers (the docs link there, never copy it); --json prints
+the rows instead.
 
 Each row is `simulate` on fake tensors (no GPU), bf16, the default 2048 + 2048-token limits, the worst-case batch:
 two micro-batches of the budget on each GPU (gradients accumulate), except `--offload-optimizer`, where one
@@ -12,9 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from sdpo_fast.train.config import TrainConfig
 from sdpo_fast.train.plan import GIB, interaction, load_config, simulate
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+BEGIN = "<!-- plan_table.py: begin -->"
+END = "<!-- plan_table.py: end -->"
 
 CONFIGURATIONS = [
     # (name, TrainConfig options, GPUs, micro-batches per GPU in the step)
@@ -62,6 +69,15 @@ def markdown(table: list[dict], budget_gib: float) -> str:
     return "\n".join(lines)
 
 
+def write_between_markers(path: Path, table: str) -> None:
+    """Replace what lies between BEGIN and END in the file at path (each on a line of its own) by table."""
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{path} needs one {BEGIN!r} line followed by one {END!r} line (the table's markers)")
+    before, rest = text.split(BEGIN)
+    path.write_text(f"{before}{BEGIN}\n{table}\n{END}{rest.split(END)[1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-8b")
@@ -70,7 +86,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     table = rows(args.model, int(args.budget_gib * GIB), [int(t) for t in args.tokens.split(",")])
-    print(json.dumps(table, indent=1) if args.json else markdown(table, args.budget_gib))
+    if args.json:
+        print(json.dumps(table, indent=1))
+    else:
+        write_between_markers(BENCHMARKS, markdown(table, args.budget_gib))
+        print(f"{len(table)} rows written into {BENCHMARKS}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
 Run: pytest benchmarks/test_train_bench.py --benchmark-only
 - CPU (anywhere): a tiny random Qwen3 (hidden 256, 4 layers) on 8 generated interactions.
-- CUDA only: a Qwen3-8B-shaped LoRA step (random bf16 weights: memory and speed do not depend on them) with
-  2048-token prompts and completions, the process capped at 24 GiB; the reference may run out of memory,
-  which is reported, not failed.
+- CUDA only: a Qwen3-8B-shaped LoRA r16 step at the planner's settings (`sdpo-fast plan --model qwen3-8b
+  --lora-r 16`: TrainConfig defaults, its worst-case batch of 2048 + 2048-token interactions, two micro-batches
+  of 8192 tokens), random weights built directly in bf16 (memory and speed do not depend on them), the process
+  capped at 24 GiB; the reference may run out of memory, which is reported, not failed.
 One step = forward and backward over every micro-batch plus the optimizer step. Peak memory: growth during
-the step (CUDA allocator, or process RSS in a fresh process on CPU).
+the step over the model, optimizer and batch (CUDA allocator, measured around the timed steps; process RSS in a
+fresh process on CPU).
 """
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch
 from bench_memory import cpu_peak_growth, cuda_peak_growth, subprocess_env
 from sdpo_fast.data import EncodedInteraction
 from sdpo_fast.train.config import TrainConfig
+from sdpo_fast.train.plan import worst_case_batch
 from sdpo_fast.train.reference_step import reference_step
 from sdpo_fast.train.setup import apply_lora, build_optimizer, build_scheduler, lora_config
 from sdpo_fast.train.step import train_step
@@ -39,7 +41,7 @@ class Size(NamedTuple):
     kv_heads: int
     intermediate: int
     vocab: int
-    interactions: int
+    interactions: int  # 0: the planner's worst-case batch (train/plan.py) at TrainConfig's limits
     prompt: int
     completion: int
     lora_r: int
@@ -48,7 +50,7 @@ class Size(NamedTuple):
 
 SIZES = [
     Size("tiny-cpu", 256, 4, 4, 2, 512, 4096, 8, 96, 64, 0),
-    Size("qwen3-8b-lora", 4096, 36, 32, 8, 12288, 151936, 2, 2048, 2048, 16, cuda_only=True),
+    Size("qwen3-8b-lora", 4096, 36, 32, 8, 12288, 151936, 0, 2048, 2048, 16, cuda_only=True),
 ]
 
 
@@ -61,10 +63,19 @@ def build(size: Size, device: str):
     config = Qwen3Config(hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
                          num_key_value_heads=size.kv_heads, head_dim=size.hidden // size.heads,
                          intermediate_size=size.intermediate, vocab_size=size.vocab, tie_word_embeddings=False)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(dtype)
-    train_config = TrainConfig(lora_r=size.lora_r, lr=1e-5, gradient_checkpointing=device == "cuda",
-                               micro_batch_tokens=2 * (size.prompt + size.completion + 64)).validate()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16: an fp32 Qwen3-8B (30.5 GiB) would not fit the 24 GiB cap
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if size.interactions:
+        train_config = TrainConfig(lora_r=size.lora_r, lr=1e-5, gradient_checkpointing=device == "cuda",
+                                   micro_batch_tokens=2 * (size.prompt + size.completion + 64)).validate()
+    else:
+        train_config = TrainConfig(lora_r=size.lora_r, max_prompt_tokens=size.prompt,
+                                   max_completion_tokens=size.completion).validate()
     if size.lora_r:
         model = apply_lora(model, lora_config(train_config.lora_r, train_config.lora_alpha, train_config.lora_dropout,
                                               train_config.lora_target_modules))
@@ -74,6 +85,8 @@ def build(size: Size, device: str):
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train_config.optimizer,
                                 train_config.lr, train_config.weight_decay)
     scheduler = build_scheduler(optimizer, train_config.schedule, train_config.warmup_ratio, total_steps=100)
+    if not size.interactions:
+        return model, optimizer, scheduler, worst_case_batch(train_config, size.vocab), train_config
     g = torch.Generator().manual_seed(1)
     batch = []
     for _ in range(size.interactions):
@@ -87,6 +100,7 @@ def build(size: Size, device: str):
 
 
 def make_step(kind: str, size: Size, device: str):
+    """One step of `kind` ("trainer" or "reference") as a callable; its `tokens`: student + teacher tokens."""
     model, optimizer, scheduler, batch, config = build(size, device)
 
     def step():
@@ -97,19 +111,12 @@ def make_step(kind: str, size: Size, device: str):
         if device == "cuda":
             torch.cuda.synchronize()
 
+    step.tokens = sum(len(e.student_input_ids) + len(e.teacher_input_ids) for e in batch)
     return step
 
 
-@functools.cache
-def peak_growth(kind: str, size: Size) -> int | None:
-    """Peak memory growth of one step in bytes; None when CUDA runs out of memory."""
-    if DEVICE == "cuda":
-        try:
-            return cuda_peak_growth(make_step(kind, size, DEVICE))
-        except torch.cuda.OutOfMemoryError:
-            return None
-        finally:
-            torch.cuda.empty_cache()
+def cpu_peak_growth_of_step(kind: str, size: Size) -> int:
+    """Peak RSS growth of one CPU step, in a fresh process."""
     out = subprocess.run([sys.executable, __file__, json.dumps([kind, size._asdict()])], env=subprocess_env(),
                          check=True, capture_output=True, text=True)
     return int(out.stdout.split()[-1])
@@ -123,15 +130,21 @@ def test_train_step(benchmark, size, kind):
     if DEVICE == "cuda":
         torch.cuda.set_per_process_memory_fraction(min(1.0, 24 * GIB / torch.cuda.get_device_properties(0).total_memory))
     benchmark.group = f"train step {DEVICE} {size.name}"
+    step = None
     try:
         step = make_step(kind, size, DEVICE)
-        benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+        tokens = step.tokens
+        if DEVICE == "cuda":  # the peak of the timed steps (the first creates the optimizer state), no second model
+            peak = cuda_peak_growth(lambda: benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1))
+        else:
+            benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+            peak = cpu_peak_growth_of_step(kind, size)
     except torch.cuda.OutOfMemoryError as exc:
         pytest.skip(f"{kind} step ran out of the 24 GiB cap: {str(exc).splitlines()[0]}")
     finally:
         step = None
-    tokens = size.interactions * (2 * size.prompt + 32 + 2 * size.completion)
-    peak = peak_growth(kind, size)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     benchmark.extra_info.update(kind=kind, size=size.name, device=DEVICE, tokens=tokens, peak_bytes=peak,
                                 tokens_per_s=tokens / benchmark.stats.stats.median)
 

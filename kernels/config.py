@@ -1,4 +1,5 @@
 """Tile sizes and launch options, chosen per input dtype and GPU architecture; the backward's chunk size."""
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -50,6 +51,13 @@ def sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def l2_bytes(device: torch.device) -> int:
+    """L2 cache bytes of a CUDA device (0 elsewhere, or where torch does not report it)."""
+    if device.type != "cuda":
+        return 0
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+
+
 def tile_meta(cfg: KernelConfig) -> dict:
     """Compile-time arguments shared by the kernels that sweep (BLOCK_N, BLOCK_V) logits tiles."""
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, INPUT_PRECISION=cfg.input_precision,
@@ -59,14 +67,24 @@ def tile_meta(cfg: KernelConfig) -> dict:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as the launcher issues it: jit function, grid, positional arguments, keyword options
-    (constexprs, num_warps, num_stages). `sdpo_fast.kernels.check` compiles the same object ahead of time."""
+    (constexprs, num_warps, num_stages). `sdpo_fast.kernels.check` compiles the same object ahead of time.
+
+    Called, it launches on its tensors' device (Triton launches on the current device: tensors on cuda:1, e.g.
+    under device_map="auto", would otherwise be read by a kernel running on cuda:0)."""
     kernel: object = field(repr=False)
     grid: tuple
     args: tuple = field(repr=False)
     options: dict
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the first tensor argument (every tensor argument is on it)."""
+        return next(a.device for a in self.args if isinstance(a, torch.Tensor))
+
     def __call__(self):
-        return self.kernel[self.grid](*self.args, **self.options)
+        device = self.device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return self.kernel[self.grid](*self.args, **self.options)
 
 
 DIVERGENCE_BUFFERS = 8

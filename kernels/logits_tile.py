@@ -1,4 +1,5 @@
-"""A (BLOCK_N, BLOCK_V) tile of hidden @ weight.T, accumulated in fp32 over the hidden dimension."""
+"""A (BLOCK_N, BLOCK_V) tile of hidden @ weight.T, accumulated in fp32 over the hidden dimension, and the logits the
+head makes of it."""
 import triton
 import triton.language as tl
 
@@ -30,3 +31,12 @@ def logits_tile(
         h_ptrs += BLOCK_D * stride_hd
         w_ptrs += BLOCK_D * stride_wd
     return acc
+
+
+@triton.jit
+def head_logits(raw, softcap, inv_temperature, HAS_CAP: tl.constexpr):
+    """softcap * tanh(raw / softcap) * inv_temperature with HAS_CAP, else raw * inv_temperature (`loss.head`);
+    tanh(x) = 1 - 2 / (exp(2x) + 1), which saturates to +-1 without overflow."""
+    if HAS_CAP:
+        return (1.0 - 2.0 / (tl.exp(2.0 * raw / softcap) + 1.0)) * (softcap * inv_temperature)
+    return raw * inv_temperature

@@ -4,9 +4,10 @@ For each launch of the step (`sdpo_fast.kernels.fused`), the programs run in lau
 waves of `programs_per_sm * SMs` resident programs that advance in lockstep through their steps (one vocabulary
 tile per step for lse_gather; one whole tile for grad_logits and grad_weight). Every operand block a program reads
 goes through an LRU cache of L2_EFFECTIVE x the L2 size: a miss reads the block from HBM; stores go to HBM once.
-The L2 starts empty at each launch. Predicted time of a launch = max(FLOPs / peak x wave quantization, bytes /
-bandwidth), with the GPU's datasheet peaks (`sdpo_fast.kernels.gpus`); it is a bound (no latency, no epilogue
-cost: exp per logit is < 4 % of the 2·d multiply-adds at d = 4096), not a measurement.
+The L2 starts empty at each launch. Predicted time of a launch = max(FLOPs / (peak x efficiency) x wave
+quantization, bytes / (bandwidth x efficiency)), with the GPU's datasheet peaks (`sdpo_fast.kernels.gpus`) scaled
+by the stated `EFFICIENCY` factors; no latency, no epilogue cost (exp per logit is < 4 % of the 2·d multiply-adds
+at d = 4096). A prediction, not a measurement: `benchmarks/gpu_check.sh` measures the same step.
 """
 from __future__ import annotations
 
@@ -20,6 +21,32 @@ from .gpus import GPU, GPUS
 
 # H100/A100 L2s are two partitions that can each hold a copy of a line, and stores and prefetches share it.
 L2_EFFECTIVE = 0.5
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of the datasheet peaks the kernels reach (the roofline's calibration)."""
+    triton_tensor: float  # the Triton kernels' 16-bit tensor-core products
+    triton_fp32: float  # their fp32 ("ieee") products on CUDA cores
+    cublas: float  # grad_h, a cuBLAS GEMM
+    hbm: float  # bandwidth any kernel streams at
+    source: str
+
+    def describe(self) -> str:
+        return (f"Assumptions: Triton 16-bit products at {self.triton_tensor:.0%} of the datasheet tensor peak, fp32 "
+                f"products at {self.triton_fp32:.0%} of the fp32 peak, cuBLAS at {self.cublas:.0%}, HBM at "
+                f"{self.hbm:.0%} of its bandwidth; L2 holds {L2_EFFECTIVE:.0%} of its size. {self.source}")
+
+
+EFFICIENCY = Efficiency(
+    triton_tensor=0.6, triton_fp32=0.6, cublas=0.75, hbm=0.9,
+    source="Anchors: the fastest public H100 bf16 GEMM measurement, 780 TFLOP/s for (4224 x 8192) @ (8192 x 2048) "
+           "with torch.compile max-autotune's CUTLASS kernels and vboost (Horace He, gist 'H100 peak matmul FLOPS', "
+           "gist.github.com/Chillee/2ec89696db8b7ed1c24461159e325405), is 79 % of the 989 TFLOP/s datasheet peak: "
+           "cuBLAS is taken just below it. Triton's matmul tutorial (03-matrix-multiplication) reaches cuBLAS only "
+           "autotuned; these kernels run one untuned 128 x 128 x 32 tile (8 warps, 3 stages, no TMA, no warp "
+           "specialization) with a softmax epilogue per tile, taken at 60 %. HBM: 90 % of the datasheet rate, "
+           "what streaming copies sustain. All four are assumptions until benchmarks/gpu_check.sh measures them.")
 
 
 def _elem(tensor) -> int:
@@ -146,19 +173,20 @@ class StepPrediction:
 
     def as_dict(self) -> dict:
         return {"gpu": self.gpu, "dtype": self.dtype, "shape": list(self.shape), "seconds": self.seconds,
-                "tflops": self.tflops,
+                "tflops": self.tflops, "assumptions": EFFICIENCY.describe(),
                 "kernels": [{**asdict(k), "tflops": k.tflops} for k in self.kernels]}
 
 
-def predict_launch(launch, gpu: GPU, occupancy: int) -> KernelPrediction:
-    """One launch on `gpu` with `occupancy` resident programs per SM."""
+def predict_launch(launch, gpu: GPU, occupancy: int, calibration: Efficiency = EFFICIENCY) -> KernelPrediction:
+    """One launch on `gpu` with `occupancy` resident programs per SM, at `calibration`'s fractions of its peaks."""
     resident = max(1, occupancy) * gpu.sms
     programs = math.prod(launch.grid)
     efficiency = programs / (math.ceil(programs / resident) * resident)
     flops = launch_flops(launch)
-    peak = gpu.fp32_flops if launch.options["INPUT_PRECISION"] == "ieee" else gpu.tensor_16bit_flops
+    fp32 = launch.options["INPUT_PRECISION"] == "ieee"
+    peak = gpu.fp32_flops * calibration.triton_fp32 if fp32 else gpu.tensor_16bit_flops * calibration.triton_tensor
     moved = hbm_bytes(launch, resident, int(L2_EFFECTIVE * gpu.l2_bytes))
-    compute_s, memory_s = flops / peak / efficiency, moved / gpu.hbm_bytes_per_s
+    compute_s, memory_s = flops / peak / efficiency, moved / (gpu.hbm_bytes_per_s * calibration.hbm)
     return KernelPrediction(launch.kernel.__name__.removesuffix("_kernel"), 1, flops, moved, occupancy, efficiency,
                             max(compute_s, memory_s), "compute" if compute_s >= memory_s else "memory")
 
@@ -172,12 +200,14 @@ def _merge(preds: list[KernelPrediction]) -> KernelPrediction:
                             "memory" if memory_s > seconds / 2 else "compute")
 
 
-def _gemm(name: str, m: int, n: int, k: int, elem: int, gpu: GPU, count: int, fp32: bool) -> KernelPrediction:
-    """An ideal cuBLAS GEMM (m, k) @ (k, n): each operand read once, the output written once."""
+def _gemm(name: str, m: int, n: int, k: int, elem: int, gpu: GPU, count: int, fp32: bool,
+          calibration: Efficiency = EFFICIENCY) -> KernelPrediction:
+    """A cuBLAS GEMM (m, k) @ (k, n): each operand read once, the output written once, at calibration.cublas of the
+    peak."""
     flops = 2 * m * n * k * count
     moved = (m * k + k * n + m * n) * elem * count
-    peak = gpu.fp32_flops if fp32 else gpu.tensor_16bit_flops
-    compute_s, memory_s = flops / peak, moved / gpu.hbm_bytes_per_s
+    peak = (gpu.fp32_flops if fp32 else gpu.tensor_16bit_flops) * calibration.cublas
+    compute_s, memory_s = flops / peak, moved / (gpu.hbm_bytes_per_s * calibration.hbm)
     return KernelPrediction(name, count, flops, moved, 0, 1.0, max(compute_s, memory_s),
                             "compute" if compute_s >= memory_s else "memory")
 
@@ -201,7 +231,8 @@ def model_step(shape: tuple[int, int, int], dtype: torch.dtype, gpu: str | GPU, 
         key_occ = (name, DTYPE_NAMES[dtype], gpu.arch)
         if key_occ not in occupancy:
             occupancy[key_occ] = compile_launch(launch, gpu.arch).programs_per_sm
-        key = (name, launch.grid, tuple(a if isinstance(a, (int, float)) else tuple(a.shape) for a in launch.args))
+        key = (name, launch.grid, tuple(a if isinstance(a, (int, float)) else tuple(a.shape) for a in launch.args),
+               tuple(sorted(launch.options.items())))  # the options too: ACCUMULATE reads grad_weight's tiles
         if key not in memo:
             memo[key] = predict_launch(launch, gpu, occupancy[key_occ])
         by_kernel.setdefault(name, []).append(memo[key])
@@ -215,7 +246,7 @@ def model_step(shape: tuple[int, int, int], dtype: torch.dtype, gpu: str | GPU, 
 
 
 def format_model(step: StepPrediction) -> str:
-    """A markdown table of the predicted kernels, then the whole step."""
+    """A markdown table of the predicted kernels, then the whole step, then the assumptions it rests on."""
     lines = [f"Model: {step.gpu}, {step.dtype}, N, d, V = {step.shape}",
              "", "| kernel | launches | TFLOP | HBM GB | programs/SM | wave eff. | bound | predicted ms | TFLOP/s |",
              "|---|--:|--:|--:|--:|--:|---|--:|--:|"]
@@ -226,4 +257,5 @@ def format_model(step: StepPrediction) -> str:
     lines.append(f"| **whole step** (10·N·d·V) | | {10 * math.prod(step.shape) / 1e12:.1f} "
                  f"| {sum(k.hbm_bytes for k in step.kernels) / 1e9:.1f} | | | | {step.seconds * 1e3:.1f} "
                  f"| {step.tflops:.0f} |")
+    lines += ["", EFFICIENCY.describe()]
     return "\n".join(lines)

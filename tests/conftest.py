@@ -11,12 +11,77 @@ try:
 except ImportError:
     pass
 
+import contextlib  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+import sdpo_fast  # noqa: E402
+import sdpo_fast.kernels.config  # noqa: E402
 
 # Property tests draw the same examples on every run (reproducible CI); explore with --hypothesis-seed=N.
 settings.register_profile("deterministic", derandomize=True)
 settings.load_profile("deterministic")
+
+
+# Our code: the package and the kernels folder it links to.
+OWN_CODE = tuple({str(Path(m.__file__).resolve().parent) for m in (sdpo_fast, sdpo_fast.kernels.config)})
+# A deprecated API warns in its own frame or in a thin wrapper around it (a property, a deprecate_kwarg decorator):
+# the call is ours when one of the frames that close to `warnings.warn` is in our code.
+CALLER_DEPTH = 3
+
+
+def _raised_from_own_code() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(str(Path(warnings.__file__).parent)):
+        frame = frame.f_back  # the warnings module and this hook
+    for _ in range(CALLER_DEPTH + 1):
+        if frame is None:
+            return False
+        if str(Path(frame.f_code.co_filename).resolve()).startswith(OWN_CODE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def _fail_on_own_deprecations():
+    """Fail when sdpo_fast's own calls raise a DeprecationWarning or FutureWarning (the API we call is going away:
+    use its replacement, feature-detected so that the oldest supported releases keep working)."""
+    raised = []
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (DeprecationWarning, FutureWarning)) and _raised_from_own_code():
+            raised.append(f"{category.__name__} at {filename}:{lineno}: {message}")
+        impl = getattr(warnings, "_showwarnmsg_impl", None)
+        if shown is getattr(warnings, "_showwarning_orig", None) and impl is not None:
+            impl(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+    if raised:
+        pytest.fail("sdpo_fast calls a deprecated API:\n" + "\n".join(raised), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _fail_on_own_deprecations():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _fail_on_own_deprecations():
+        return (yield)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..utils.checks import check_int, check_number
 from .online import _backend
 
 
@@ -43,6 +44,19 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_numbers(args) -> None:
+    """Every number flag finite and in range, before anything loads."""
+    check_number("--limit", args.limit, positive=True, optional=True)
+    if args.limit is not None and args.limit > 1 and args.limit != int(args.limit):
+        raise ValueError(f"--limit must be a fraction < 1 or a whole number of documents, got {args.limit}")
+    check_number("--temperature", args.temperature)
+    check_number("--timeout", args.timeout, positive=True)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--n-prompts", args.n_prompts, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1), ("--retries", args.retries, 0),
+                             ("--max-length", args.max_length, 1), ("--seed", args.seed, 0)):
+        check_int(flag, value, low, optional=flag == "--max-length")
+
+
 def run(args) -> int:
     from ..demo.report import demo_prompts
     from ..eval import evaluate_checkpoint, load_eval_prompts
@@ -53,9 +67,8 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks and not args.prompts:
         raise ValueError("nothing to evaluate: pass --tasks and/or --prompts")
+    _check_numbers(args)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    if limit is not None and limit <= 0:
-        raise ValueError(f"--limit must be > 0, got {args.limit}")
     prompts = judge = persona = None
     if args.prompts:
         prompts = (demo_prompts(args.seed, args.n_prompts)[1] if args.prompts == "demo"

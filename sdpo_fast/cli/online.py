@@ -11,6 +11,8 @@ from ..demo.report import demo_prompts
 from ..loss.objectives import DISTILLATION_MODES
 from ..online.config import OnlineConfig, resolve_online_config
 from ..train.teachers import TEACHERS
+from ..utils import write_text_atomic
+from ..utils.checks import check_number
 from .flags import add_dataclass_flags, given_fields
 
 _EXPERIMENTS = ("curve", "flip", "sequential")
@@ -19,6 +21,8 @@ _EXPERIMENTS = ("curve", "flip", "sequential")
 def _common(parser, demo: bool) -> None:
     parser.add_argument("--output-dir", default="runs/online" if not demo else "runs/online-demo",
                         help="where the CSV, PNG and adapter go (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --output-dir that already holds results (replacing them)")
     parser.add_argument("--personas-file", help="persona YAML (default: the bundled personas)")
     parser.add_argument("--interactions", type=int, default=200, help="interactions per phase (default 200)")
     parser.add_argument("--eval-every", type=int, default=20,
@@ -53,8 +57,6 @@ def add_parser(subparsers) -> None:
                        ("flip", "train on a persona, then on its opposite; judged under both"),
                        ("sequential", "train on several personas in turn; judged under each")):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--overwrite", action="store_true",
-                       help="write into an --output-dir that already holds results (replacing them)")
         _common(p, demo=False)
         p.add_argument("--model", help="Hugging Face id or local path (default: the bundled tiny model)")
         p.add_argument("--persona", default="no-emojis",
@@ -114,6 +116,15 @@ def _load(model_name: str | None, device: str, seed: int):
     return load_model_and_tokenizer(config)
 
 
+def _check_attn_backend(attn_backend: str, device_name: str) -> None:
+    """Before weights load: the policy runs in `_load`'s dtype ("auto") on `device_name`."""
+    from ..model.attention import check_backend
+    from ..train.setup import resolve_device, resolve_dtype
+
+    device = resolve_device(device_name)
+    check_backend(attn_backend, device, resolve_dtype("auto", device))
+
+
 def _backend(args, role: str):
     from ..online.users import HFChat, OpenAIChat
 
@@ -133,6 +144,11 @@ def _checks(args) -> None:
     for key, low in (("interactions", 1), ("eval_every", 1), ("eval_prompts", 1), ("flip_after", 1)):
         if getattr(args, key, None) is not None and getattr(args, key) < low:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(args, key)}")
+    utilization = getattr(args, "vllm_gpu_memory_utilization", None)
+    if utilization is not None:
+        check_number("--vllm-gpu-memory-utilization", utilization, positive=True, what="a number in (0, 1]")
+        if utilization > 1:
+            raise ValueError(f"--vllm-gpu-memory-utilization must be a number in (0, 1], got {utilization}")
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
@@ -142,6 +158,25 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--output-dir {str(out)!r} already holds results; pass --overwrite to replace them or "
                          "choose another --output-dir")
+
+
+_RUN_OPTIONS = ("experiment", "model", "persona", "personas_file", "interactions", "flip_after", "eval_every",
+                "eval_prompts", "device", "user", "user_model", "judge", "judge_model", "generation")
+
+
+def _save_config(args, config, personas: list[str]) -> None:
+    """--output-dir/config.yaml: the resolved OnlineConfig (loads back with --config), under comment lines
+    holding the run's other options."""
+    import yaml
+
+    out = Path(args.output_dir)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run = {key: getattr(args, key) for key in _RUN_OPTIONS if getattr(args, key, None) is not None}
+    run["persona"] = ",".join(personas)
+    header = "".join(f"# {line}\n" for line in yaml.safe_dump(run, sort_keys=False).splitlines())
+    write_text_atomic(out / "config.yaml", "# sdpo-fast online: the run's options (comments) and its resolved "
+                      "OnlineConfig (loads back with --config)\n" + header
+                      + yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _policy(model, tokenizer, config, generator=None):
@@ -158,7 +193,8 @@ def _run_experiment(args, policy, personas_by_name, names, make_user, judge, tra
 
     personas = [personas_by_name[n] for n in names]
     options = dict(eval_every=args.eval_every, train_prompts=train_prompts, eval_prompts=eval_prompts,
-                   log=print, overwrite=getattr(args, "overwrite", True))
+                   log=print, overwrite=args.overwrite)
+    _save_config(args, policy.config, names)
     if args.experiment == "flip" and personas[0].opposite is None:
         raise ValueError(f"persona {personas[0].name!r} has no opposite; set `opposite` in the persona file")
     start = time.perf_counter()
@@ -201,6 +237,7 @@ def run(args) -> int:
             raise ValueError(f"--persona {n!r} is not defined; available: {sorted(personas)}")
     config = _config(args)
     args.seed = config.seed
+    _check_attn_backend(config.attn_backend, args.device)
     generator = None
     if args.generation == "vllm":  # first: vLLM sizes its share of the GPU before training takes memory
         from ..online.vllm_generator import VLLMGenerator
@@ -235,6 +272,7 @@ def run_demo(args) -> int:
     from ..demo import online_demo_settings, single_thread
 
     _checks(args)
+    _check_output_dir(Path(args.output_dir), args.overwrite)
     personas = load_personas(args.personas_file)
     config = _config(args, **online_demo_settings(args.flip))
     args.seed = config.seed

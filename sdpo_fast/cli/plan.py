@@ -16,17 +16,20 @@ def add_parser(subparsers) -> None:
     add_config_flags(parser)
     parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory to compare with (default 24)")
     parser.add_argument("--world-size", type=int, default=1,
-                        help="GPUs of a torchrun job (FSDP2): memory of one of them (default 1)")
+                        help="GPUs of a torchrun job (FSDP2), at most 1024: memory of one of them (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..demo.assets import tiny_model_path
-    from ..train.plan import GIB, format_plan, load_config, simulate
+    from ..train.plan import GIB, MAX_WORLD_SIZE, format_plan, load_config, simulate
+    from ..utils.checks import check_number
 
-    if not args.budget_gib > 0:
-        raise ValueError(f"--budget-gib must be > 0, got {args.budget_gib}")
+    check_number("--budget-gib", args.budget_gib, positive=True)
+    if not 1 <= args.world_size <= MAX_WORLD_SIZE:
+        raise ValueError(f"--world-size must be in [1, {MAX_WORLD_SIZE}], got {args.world_size} (the simulated step "
+                         "holds a batch world-size times as large, so its time grows with it)")
     config = config_from_args(args)
     plan = simulate(config, load_config(config.model or str(tiny_model_path())), world_size=args.world_size)
     budget = int(args.budget_gib * GIB)

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
     from ..train import train
+    from ..train.trainer import objective_of
 
     summary = train(config, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
@@ -66,7 +67,7 @@ def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
           f"interactions, {summary['tokens']} tokens in {summary['seconds']:.1f}s "
           f"({summary['tokens_per_s']:.0f} tokens/s)")
     if first is not None:
-        key = "mean_advantage" if config.loss == "sdpo" else "mean_nll"
+        key = objective_of(config).signal_name
         print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}; {key.replace('_', ' ')} "
               f"{first[key]:+.4f} -> {last[key]:+.4f}")
     if summary.get("data"):

@@ -69,11 +69,11 @@ class Preprocessing:
 
     languages: the row's `language` (stripped, lower-cased) must be one of these; None: no language filter.
     strip: message text is stripped. Empty/whitespace-only and system messages are dropped from every history
-    (before the window is cut). measure_raw: min_messages and the character limits count the row's raw messages
-    (system and empty ones included, unstripped) instead of the cleaned ones. limited_roles: the roles
-    max_message_chars applies to. pair_raw: completion/follow-up pairs are adjacent in the raw messages (empty
-    ones included) instead of the cleaned ones. History = the last `max_history` cleaned messages before the
-    completion, leading assistant messages dropped, then each run of same-role messages cut to its first;
+    before pairing and windowing, as both scripts do, so no completion or follow-up is empty. measure_raw:
+    min_messages and the character limits count the row's raw messages (system and empty ones included,
+    unstripped) instead of the cleaned ones. limited_roles: the roles max_message_chars applies to. Pairs are
+    adjacent in the cleaned messages. History = the last `max_history` cleaned messages before the completion,
+    leading assistant messages dropped, then each run of same-role messages cut to its first;
     history_ends_with_user: a history ending with an assistant message is skipped."""
 
     name: str
@@ -84,7 +84,6 @@ class Preprocessing:
     max_conversation_chars: int
     max_message_chars: int
     limited_roles: frozenset[str]
-    pair_raw: bool
     history_ends_with_user: bool
 
     def rejection(self, messages: list[dict], meta: dict) -> str | None:
@@ -114,14 +113,14 @@ class Preprocessing:
 PAPER_WILDCHAT = Preprocessing(
     "wildchat", languages=frozenset({"english", "en"}), strip=True, measure_raw=False, min_messages=3,
     max_conversation_chars=100_000, max_message_chars=4096, limited_roles=frozenset({"user", "assistant"}),
-    pair_raw=False, history_ends_with_user=True,
+    history_ends_with_user=True,
 )
 """auxiliary/preprocess_wildchat.py (also used for OpenAI `messages` rows, which have the same shape)."""
 
 PAPER_WILDFEEDBACK = Preprocessing(
     "wildfeedback", languages=None, strip=False, measure_raw=True, min_messages=3,
     max_conversation_chars=100_000, max_message_chars=4096, limited_roles=frozenset({"assistant"}),
-    pair_raw=True, history_ends_with_user=False,
+    history_ends_with_user=False,
 )
 """auxiliary/preprocess_wildfeedback.py."""
 

@@ -87,15 +87,14 @@ def extract_preprocessed(
 ) -> list[Interaction]:
     """Interactions as the authors' script for `recipe`'s format cuts them (filters.Preprocessing; the
     conversation already passed `recipe.rejection`). Skips: "no_user_message_in_history",
-    "history_ends_with_assistant". meta gets "assistant_index": the completion's index in the messages the
-    pairs are taken from (their `turn_id`)."""
+    "history_ends_with_assistant". Pairs and windows come from the cleaned messages (no empty ones); meta gets
+    "assistant_index": the completion's index in them (the scripts' `turn_id`)."""
     cleaned = recipe.cleaned(messages)
-    paired = messages if recipe.pair_raw else cleaned
     interactions = []
-    for i in range(len(paired) - 1):
-        if paired[i]["role"] != "assistant" or paired[i + 1]["role"] != "user":
+    for i in range(len(cleaned) - 1):
+        if cleaned[i]["role"] != "assistant" or cleaned[i + 1]["role"] != "user":
             continue
-        window = recipe.cleaned(paired[:i])[-max_history:]
+        window = cleaned[max(0, i - max_history):i]
         while window and window[0]["role"] != "user":
             window = window[1:]
         if not window:
@@ -108,8 +107,8 @@ def extract_preprocessed(
         if recipe.history_ends_with_user and history[-1]["role"] != "user":
             skipped["history_ends_with_assistant"] += 1
             continue
-        interactions.append(Interaction(history, paired[i]["content"], paired[i + 1]["content"],
-                                        {**meta, "assistant_index": i}, *_sampled(paired[i])))
+        interactions.append(Interaction(history, cleaned[i]["content"], cleaned[i + 1]["content"],
+                                        {**meta, "assistant_index": i}, *_sampled(cleaned[i])))
     return interactions
 
 

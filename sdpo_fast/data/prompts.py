@@ -132,6 +132,12 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
+def same_text(decoded: str, content: str) -> bool:
+    """Whether token ids decoded (special tokens skipped) give the message's content, up to surrounding
+    whitespace."""
+    return decoded.strip() == content.strip()
+
+
 class InteractionEncoder:
     """encode_interaction's options checked once (end-of-turn id resolved); `.encode(interaction)`
     returns an EncodedInteraction or raises SkipInteraction. Same keyword options as encode_interaction."""
@@ -184,7 +190,8 @@ class InteractionEncoder:
         log-prob of each of those ids (same length, finite, <= 0; cut with them), kept as the encoded
         interaction's behavior_logprobs; default: the interaction's completion_logprobs when its ids are used.
         Bad explicit arguments raise ValueError; bad ids from the data skip the interaction
-        ("token_ids_out_of_vocab", "logprobs_length_mismatch")."""
+        ("token_ids_out_of_vocab", "logprobs_length_mismatch", and "token_ids_text_mismatch" for ids that do not
+        decode to the message's content: the text the teacher's hindsight and the follow-up were about)."""
         if not interaction.completion.strip():
             raise SkipInteraction("empty_completion")
         if not interaction.followup.strip():
@@ -200,6 +207,8 @@ class InteractionEncoder:
             completion_ids = list(interaction.completion_ids)
             if not all(isinstance(i, int) and 0 <= i < len(self.tokenizer) for i in completion_ids):
                 raise SkipInteraction("token_ids_out_of_vocab")
+            if not same_text(self.tokenizer.decode(completion_ids, skip_special_tokens=True), interaction.completion):
+                raise SkipInteraction("token_ids_text_mismatch")
             if interaction.completion_logprobs is not None:
                 if len(interaction.completion_logprobs) != len(completion_ids):
                     raise SkipInteraction("logprobs_length_mismatch")

@@ -1,9 +1,11 @@
 """lm-evaluation-harness on an already-loaded model (its HFLM wrapper; no Hub access needed for the model)."""
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import math
+from pathlib import Path
 
 from ..data import default_template_kwargs
 
@@ -28,6 +30,24 @@ def require_lm_eval():
     return lm_eval
 
 
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm-eval's TaskManager (built-in tasks plus the YAMLs under include_path), after checking that it knows
+    every name in `tasks`; ValueError naming the unknown ones (before any model loads)."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include-path {include_path!r} is not a directory")
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        close = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
+        hints = "; ".join(f"{t!r}: did you mean {m}?" for t, m in close.items() if m)
+        raise ValueError(f"unknown lm-eval task(s) {unknown}" + (f" ({hints})" if hints else "")
+                         + "; `lm-eval ls tasks` lists them, --include-path adds a folder of task YAMLs")
+    return manager
+
+
 def primary_metric(task: str, metrics: dict[str, float]) -> str:
     """The key of `metrics` (lm-eval's "name,filter" keys) the table shows for `task`."""
     family = max((k for k in PRIMARY_METRICS if task == k or task.startswith(k + "_")), key=len, default=None)
@@ -43,14 +63,15 @@ def primary_metric(task: str, metrics: dict[str, float]) -> str:
 
 def run_lm_eval(model, tokenizer, task: str, *, limit: int | float | None = None, seed: int = 0,
                 include_path: str | None = None, batch_size: int = 1, max_length: int | None = None,
-                chat_template: bool = True, log_samples: bool = False) -> dict:
+                chat_template: bool = True, log_samples: bool = False, manager=None) -> dict:
     """One lm-eval task on `model` (a transformers causal LM, eval mode) with the tokenizer's chat template
     (Qwen3-style templates without thinking, as in training, where lm-eval takes chat_template_args).
 
     Returns {"task", "metrics": {key: float}, "primary": key, "n": documents scored, "lm_eval_version",
     "samples": [{"doc_id", "target", "arguments", "filtered_resps"}] when log_samples:
     lm-eval's per-document requests and filtered responses). limit: documents (int) or a fraction;
-    seed: lm-eval's python/numpy/torch/few-shot seeds; include_path: a folder of local task YAMLs."""
+    seed: lm-eval's python/numpy/torch/few-shot seeds; include_path: a folder of local task YAMLs; manager: the
+    `task_manager` to reuse (default: a new one)."""
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -63,7 +84,7 @@ def run_lm_eval(model, tokenizer, task: str, *, limit: int | float | None = None
     out = lm_eval.simple_evaluate(
         model=lm, tasks=[task], limit=limit, apply_chat_template=chat_template, log_samples=log_samples,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        task_manager=TaskManager(include_path=include_path), bootstrap_iters=0,
+        task_manager=manager or TaskManager(include_path=include_path), bootstrap_iters=0,
     )
     if out is None or task not in out["results"]:
         raise ValueError(f"lm-eval returned no results for task {task!r}")

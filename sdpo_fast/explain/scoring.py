@@ -63,7 +63,7 @@ def score_interactions(model, tokenizer, interactions: Sequence[Interaction | En
     """
     check_int("micro_batch_tokens", micro_batch_tokens, 1)
     check_number("temperature", temperature, positive=True)
-    check_pass_options(prefix_reuse, teacher_model, attn_backend)
+    check_pass_options(prefix_reuse, teacher_model, attn_backend, model)
     hf_model = unwrap_model(model)
     teacher_hf = hf_model if teacher_model is None else unwrap_model(teacher_model)
     encoded = check_encoded(_encode_all(tokenizer, interactions, encode_options), shared_vocab_size(hf_model, teacher_hf),
@@ -80,9 +80,8 @@ def score_interactions(model, tokenizer, interactions: Sequence[Interaction | En
             batch = forward_micro_batch(model, [encoded[i] for i in group], prefix_reuse=prefix_reuse,
                                         teacher_model=teacher_model, attn_backend=attn_backend)
             _, stats = sdpo_loss(batch.student_hidden, batch.lm_head_weight, batch.target_ids,
-                                 teacher_hidden=batch.teacher_hidden,
-                                 teacher_lm_head_weight=batch.teacher_lm_head_weight, temperature=temperature,
-                                 return_stats=True)
+                                 teacher_hidden=batch.teacher_hidden, temperature=temperature, return_stats=True,
+                                 **batch.loss_kwargs())
             counts = [len(encoded[i].completion_ids) for i in group]
             per_sequence = zip(*(s.float().cpu().split(counts) for s in stats))
             for i, (student_lp, teacher_lp, advantages) in zip(group, per_sequence):

@@ -16,11 +16,15 @@ per-sequence-mean aggregation and gradient-accumulation scaling. TRL's trainer r
 forwards; the lm_head is bypassed during them, so the "logits" TRL slices and divides by the temperature are the
 final hidden states, which `sdpo_loss` multiplies by the lm_head weight chunk by chunk (in the weight's dtype:
 under autocast, as with TRL's default `bf16=True`, TRL's lm_head product runs in bf16 and ours does not).
+The model's logit head is reproduced (`sdpo_fast.model.logit_head`): a logit scale (Cohere, Granite) is applied
+by the model's own forward to the hidden states the bypassed lm_head returns (it is linear); a bias and a soft cap
+(Gemma-2/3, switched off in the config during the forward) are passed to `sdpo_loss`, with the hidden states
+multiplied back by the temperature TRL divided them by, so that the cap and the bias act before it.
 
 Not served, with a ValueError at `use_sdpo_loss` (or at the step, when the arguments changed since): a
 `distillation_weight` other than 1 (the policy-loss blend needs full logits), the teacher server
-(`use_teacher_server`), `use_liger_kernel`, an lm_head that is not a bias-free `torch.nn.Linear` (an adapter on
-it, for example), and models whose logits are not the lm_head output (logit soft-capping or scaling).
+(`use_teacher_server`), `use_liger_kernel`, an lm_head that is not a `torch.nn.Linear` (an adapter on it, for
+example), and models whose logits sdpo_fast does not reproduce (`sdpo_fast.model.check_model_support`).
 """
 from __future__ import annotations
 
@@ -32,28 +36,45 @@ import torch
 from ..constants import IGNORE_INDEX
 from ..loss import sdpo_loss
 from ..loss.divergence import importance_ratio
+from ..loss.head import LogitHead, head_kwargs
+from ..model.support import logit_transform
 from ..loss.objectives import DISTILLATION_MODES
-
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
 
 def _unwrap(trainer, model):
     model = trainer.accelerator.unwrap_model(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _lm_head(trainer, model, role: str) -> torch.nn.Linear:
+def _lm_head(trainer, model, role: str) -> tuple[torch.nn.Linear, LogitHead]:
+    """The model's lm_head and the head `sdpo_loss` applies to the hidden states TRL returns (its scale already
+    applied by the model's forward)."""
     base = _unwrap(trainer, model)
     head = base.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        raise ValueError(f"sdpo_fast's TRL integration needs the {role} model's lm_head to be a bias-free "
-                         f"torch.nn.Linear, got {type(head).__name__}; train without an adapter on the lm_head")
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(base.config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"sdpo_fast's TRL integration cannot serve {role} models whose logits are transformed "
-                             f"after the lm_head ({name}={value!r})")
-    return head
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(f"sdpo_fast's TRL integration needs the {role} model's lm_head to be a torch.nn.Linear, "
+                         f"got {type(head).__name__}; train without an adapter on the lm_head")
+    try:
+        scale, softcap = logit_transform(base.config, type(base))
+    except ValueError as exc:
+        raise ValueError(f"sdpo_fast's TRL integration cannot serve the {role} model: {exc}") from None
+    if head.bias is not None and scale != 1.0:
+        raise ValueError(f"sdpo_fast's TRL integration cannot serve a {role} model with both an lm_head bias and a "
+                         "logit scale (the scale reaches the hidden states, not the bias)")
+    return head, LogitHead(head.weight, head.bias, 1.0, softcap)
+
+
+@contextlib.contextmanager
+def _uncapped(models):
+    """Within the block the models' configs have no final_logit_softcapping (their forwards read it there)."""
+    configs = {id(c): c for m in models for c in (m.config, m.config.get_text_config())}.values()
+    saved = [(c, c.final_logit_softcapping) for c in configs if getattr(c, "final_logit_softcapping", None) is not None]
+    for config, _ in saved:
+        config.final_logit_softcapping = None
+    try:
+        yield
+    finally:
+        for config, value in saved:
+            config.final_logit_softcapping = value
 
 
 def _check_args(trainer) -> None:
@@ -91,13 +112,17 @@ def _hidden_state_heads(heads):
 def _distillation_loss(trainer, model, inputs, backend: str) -> torch.Tensor:
     _check_args(trainer)
     args = trainer.args
-    student_head = _lm_head(trainer, model, "student")
-    teacher_head = _lm_head(trainer, trainer.teacher_model, "teacher")
+    student_head, student_logit_head = _lm_head(trainer, model, "student")
+    teacher_head, teacher_logit_head = _lm_head(trainer, trainer.teacher_model, "teacher")
     heads = [student_head] if teacher_head is student_head else [student_head, teacher_head]
-    with _hidden_state_heads(heads):
+    with _hidden_state_heads(heads), _uncapped([_unwrap(trainer, model), _unwrap(trainer, trainer.teacher_model)]):
         hidden = trainer._compute_teacher_student_logits(model, trainer.teacher_model, inputs)
     student_hidden = hidden.student_logits.to(student_head.weight.dtype)
     teacher_hidden = hidden.teacher_logits.to(teacher_head.weight.dtype)
+    nonlinear = any(h.bias is not None or h.softcap is not None for h in (student_logit_head, teacher_logit_head))
+    temperature = args.temperature if nonlinear else 1.0
+    if nonlinear and temperature != 1.0:  # TRL divided by the temperature, which must act after the bias and cap
+        student_hidden, teacher_hidden = student_hidden * temperature, teacher_hidden * temperature
     if student_hidden.shape[-1] != student_head.in_features or teacher_hidden.shape[-1] != teacher_head.in_features:
         raise ValueError("the model's forward did not return its lm_head's input; sdpo_fast's TRL integration cannot "
                          "serve this model")
@@ -108,13 +133,16 @@ def _distillation_loss(trainer, model, inputs, backend: str) -> torch.Tensor:
     target_ids = hidden.completion_ids.masked_fill(mask == 0, IGNORE_INDEX)
     behavior = inputs.get("old_per_token_logps")
     clip = args.distillation_is_clip if behavior is not None else None
-    teacher_weight = None if teacher_head is student_head else teacher_head.weight.detach()
-    options = dict(distillation_mode=args.distillation_mode, distillation_alpha=args.distillation_alpha)
+    own_teacher = None if teacher_head is student_head else LogitHead(
+        teacher_head.weight.detach(), None if teacher_head.bias is None else teacher_head.bias.detach(), 1.0,
+        teacher_logit_head.softcap)
+    options = dict(distillation_mode=args.distillation_mode, distillation_alpha=args.distillation_alpha,
+                   temperature=temperature, **head_kwargs(student_logit_head, own_teacher))
     if args.distillation_mode == "topk_logits":
         options.update(distillation_topk=args.distillation_topk, distillation_add_tail=args.distillation_add_tail)
     loss, stats = sdpo_loss(
         student_hidden, student_head.weight, target_ids, teacher_hidden=teacher_hidden.detach(),
-        teacher_lm_head_weight=teacher_weight, token_weights=token_weights.to(torch.float32),
+        token_weights=token_weights.to(torch.float32),
         behavior_logprobs=None if clip is None else behavior.float(), importance_clip=clip, backend=backend,
         return_stats=True, **options)
 

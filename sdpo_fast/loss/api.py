@@ -9,9 +9,10 @@ from ..utils.checks import check_bool
 from .backends import get_backend, resolve_backend
 from .divergence import DivergenceSpec
 from .function import DivergenceFunction, LossParams, SDPOFunction
+from .head import head_hidden, head_inv_temperature, head_softcap, head_weight
 from .reference import reference_sdpo_loss
 from .stats import SDPOStats
-from .validation import validate, validate_distillation, validate_values
+from .validation import validate, validate_distillation, validate_head, validate_values
 
 
 def autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -28,7 +29,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
               signal_clip=None, center_advantages=False, sequence_index=None, distillation_mode="sampled_token",
               distillation_alpha=1.0, distillation_topk=100, distillation_add_tail=True, behavior_logprobs=None,
               importance_clip=None, backend="auto", return_stats=False, check_values=True, compact=True,
-              check_finite=True):
+              check_finite=True, lm_head_bias=None, logit_scale=1.0, logit_softcap=None, teacher_lm_head_bias=None,
+              teacher_logit_scale=1.0, teacher_logit_softcap=None):
     """SDPO loss  sum_t w_t * c_t * D_t  over the loss tokens.
 
     D_t by distillation_mode: "sampled_token" -A_t * log pi(y_t) with A_t = clip(log q(y_t) - log pi(y_t)) held
@@ -50,6 +52,11 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     backend: "auto" (Triton on CUDA, chunked torch elsewhere), "triton", "torch", or "reference". The full and
     top-k modes run over token chunks whose fp32 (chunk, V) workspace (8 buffers) stays within
     SDPO_FAST_TORCH_CHUNK_MB (64) or SDPO_FAST_TRITON_WORKSPACE_MB (256); only "reference" forms (N, V) logits.
+    The logits are softcap(logit_scale * (h @ lm_head_weight.T + lm_head_bias)) / temperature with softcap(z) =
+    logit_softcap * tanh(z / logit_softcap) (lm_head_bias (V,) in the weight's dtype, or None; logit_softcap None:
+    no cap), as the model forms them; gradients flow through all of it (lm_head_bias gets one when it requires
+    grad). A teacher with its own head (teacher_lm_head_weight) has its own teacher_lm_head_bias,
+    teacher_logit_scale and teacher_logit_softcap; otherwise it uses the student's head.
     Values (check_values=True): target and sequence ids in range, token_weights >= 0 and teacher_logprobs <= 0
     at loss positions, and with check_finite every float input finite (ValueError naming the tensor). compact:
     drop ignored positions before the vocabulary sweep. Value checks and compaction read device values (one host
@@ -62,19 +69,22 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     validate_distillation(target_ids, lm_head_weight.shape[0], teacher_hidden, teacher_logprobs, signal_clip,
                           center_advantages, distillation_mode, distillation_alpha, distillation_topk,
                           distillation_add_tail, behavior_logprobs, importance_clip)
+    validate_head(lm_head_weight, lm_head_bias, logit_scale, logit_softcap, teacher_lm_head_weight,
+                  teacher_lm_head_bias, teacher_logit_scale, teacher_logit_softcap)
     check_bool("check_values", check_values)
     check_bool("compact", compact)
     check_bool("check_finite", check_finite)
     if check_values:
         validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
-                        teacher_lm_head_weight, token_weights, ignore_index, sequence_index, check_finite)
+                        teacher_lm_head_weight, token_weights, ignore_index, sequence_index, check_finite,
+                        behavior_logprobs, lm_head_bias=lm_head_bias, teacher_lm_head_bias=teacher_lm_head_bias)
     backend = resolve_backend(backend, student_hidden.device)
     targets = target_ids.reshape(-1)
     loss_mask = targets != ignore_index
     if compact:  # one read of the loss positions serves both the empty case and the compaction
         rows = loss_mask.nonzero().squeeze(1)
         if rows.numel() == 0:
-            return _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats)
+            return _no_loss_tokens(student_hidden, lm_head_weight, lm_head_bias, target_ids, return_stats)
         every_row = rows.numel() == targets.numel()
     else:
         rows, every_row = None, True
@@ -86,15 +96,26 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
             center_advantages=center_advantages, sequence_index=sequence_index, distillation_mode=distillation_mode,
             distillation_alpha=distillation_alpha, distillation_topk=distillation_topk,
             distillation_add_tail=distillation_add_tail, behavior_logprobs=behavior_logprobs,
-            importance_clip=importance_clip)
+            importance_clip=importance_clip, lm_head_bias=lm_head_bias, logit_scale=logit_scale,
+            logit_softcap=logit_softcap, teacher_lm_head_bias=teacher_lm_head_bias,
+            teacher_logit_scale=teacher_logit_scale, teacher_logit_softcap=teacher_logit_softcap)
         return (loss, stats) if return_stats else loss
 
     ops = get_backend(backend)
     spec = None if distillation_mode == "sampled_token" else DivergenceSpec(
         distillation_mode, float(distillation_alpha), distillation_topk, distillation_add_tail)
     compute_dtype = autocast_dtype(student_hidden, lm_head_weight) if spec is None else None
-    params = LossParams(ops, 1.0 / float(temperature), signal_clip=signal_clip, center=center_advantages,
-                        compute_dtype=compute_dtype, importance_clip=importance_clip, divergence=spec)
+    own_head = teacher_lm_head_weight is not None
+    if own_head:
+        teacher_bias, teacher_scale, teacher_softcap = teacher_lm_head_bias, teacher_logit_scale, teacher_logit_softcap
+    else:
+        teacher_bias, teacher_scale, teacher_softcap = lm_head_bias, logit_scale, logit_softcap
+    params = LossParams(ops, head_inv_temperature(1.0 / float(temperature), logit_scale),
+                        signal_clip=signal_clip, center=center_advantages, compute_dtype=compute_dtype,
+                        importance_clip=importance_clip, divergence=spec,
+                        softcap=head_softcap(logit_scale, logit_softcap),
+                        teacher_inv_temperature=head_inv_temperature(1.0 / float(temperature), teacher_scale),
+                        teacher_softcap=head_softcap(teacher_scale, teacher_softcap))
 
     def loss_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if every_row else tensor.index_select(0, rows)
@@ -106,7 +127,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         out[rows] = values.detach()
         return out.reshape(target_ids.shape)
 
-    hidden = loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1]))
+    hidden = head_hidden(loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1])), lm_head_bias is not None)
+    weight = head_weight(lm_head_weight, lm_head_bias)
     loss_targets = loss_rows(targets).long()
     if not compact:
         loss_targets = loss_targets.masked_fill(~loss_mask, 0)
@@ -119,12 +141,15 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         if not compact:
             weights = weights.masked_fill(~loss_mask, 0.0)
     behavior_lp = None if behavior_logprobs is None else loss_rows(behavior_logprobs.reshape(-1)).float()
-    teacher_weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
+    teacher_weight = head_weight(teacher_lm_head_weight, teacher_bias) if own_head else weight
+
+    def teacher_head_rows() -> torch.Tensor:
+        rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+        return head_hidden(rows, teacher_bias is not None)
 
     if spec is not None:
-        teacher_rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
         loss, divergence, student_lp, teacher_lp = DivergenceFunction.apply(
-            hidden, lm_head_weight, teacher_rows, teacher_weight, loss_targets, weights, behavior_lp, params)
+            hidden, weight, teacher_head_rows(), teacher_weight, loss_targets, weights, behavior_lp, params)
         if not return_stats:
             return loss
         return loss, SDPOStats(full(student_lp), full(teacher_lp), full(teacher_lp - student_lp), full(divergence))
@@ -133,10 +158,11 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
         teacher_lp = loss_rows(teacher_logprobs.reshape(-1)).float()
     else:
         with torch.no_grad():
-            teacher_rows = loss_rows(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+            teacher_rows, teacher_weight = teacher_head_rows(), teacher_weight.detach()
             if compute_dtype is not None:
                 teacher_rows, teacher_weight = teacher_rows.to(compute_dtype), teacher_weight.to(compute_dtype)
-            teacher_lp, _ = ops.token_logprobs(teacher_rows, teacher_weight, loss_targets, params.inv_temperature)
+            teacher_lp, _ = ops.token_logprobs(teacher_rows, teacher_weight, loss_targets,
+                                               params.teacher_inv_temperature, params.teacher_softcap)
     sequences = None
     if center_advantages:  # uncompacted ignored positions are centred in a slot of their own, left unused
         sequences = loss_rows(sequence_index.reshape(-1)).long()
@@ -144,16 +170,18 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
             sequences = sequences.masked_fill(~loss_mask, targets.numel())
 
     loss, student_lp, advantages = SDPOFunction.apply(
-        hidden, lm_head_weight, loss_targets, teacher_lp, weights, sequences, behavior_lp, params,
+        hidden, weight, loss_targets, teacher_lp, weights, sequences, behavior_lp, params,
         targets.numel() + 1)
     if not return_stats:
         return loss
     return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages), full(-advantages * student_lp))
 
 
-def _no_loss_tokens(student_hidden, lm_head_weight, target_ids, return_stats):
-    """Loss +0.0 (fp32, in the graph of both inputs, so their gradients are zeros) and zero stats."""
+def _no_loss_tokens(student_hidden, lm_head_weight, lm_head_bias, target_ids, return_stats):
+    """Loss +0.0 (fp32, in the graph of the inputs, so their gradients are zeros) and zero stats."""
     loss = (student_hidden.reshape(-1)[:0].float().sum() + lm_head_weight.reshape(-1)[:0].float().sum())
+    if lm_head_bias is not None:
+        loss = loss + lm_head_bias[:0].float().sum()
     if not return_stats:
         return loss
     zeros = torch.zeros(target_ids.shape, dtype=torch.float32, device=target_ids.device)
@@ -166,8 +194,11 @@ class SDPOLoss(torch.nn.Module):
     def __init__(self, *, ignore_index=IGNORE_INDEX, temperature=1.0, signal_clip=None, center_advantages=False,
                  distillation_mode="sampled_token", distillation_alpha=1.0, distillation_topk=100,
                  distillation_add_tail=True, importance_clip=None, backend="auto", return_stats=False,
-                 check_finite=True):
+                 check_finite=True, logit_scale=1.0, logit_softcap=None, teacher_logit_scale=1.0,
+                 teacher_logit_softcap=None):
         super().__init__()
+        self.logit_scale, self.logit_softcap = logit_scale, logit_softcap
+        self.teacher_logit_scale, self.teacher_logit_softcap = teacher_logit_scale, teacher_logit_softcap
         self.ignore_index, self.temperature, self.signal_clip = ignore_index, temperature, signal_clip
         self.center_advantages, self.backend, self.return_stats = center_advantages, backend, return_stats
         self.distillation_mode, self.distillation_alpha = distillation_mode, distillation_alpha
@@ -175,7 +206,8 @@ class SDPOLoss(torch.nn.Module):
         self.importance_clip, self.check_finite = importance_clip, check_finite
 
     def forward(self, student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None, teacher_logprobs=None,
-                teacher_lm_head_weight=None, token_weights=None, sequence_index=None, behavior_logprobs=None):
+                teacher_lm_head_weight=None, token_weights=None, sequence_index=None, behavior_logprobs=None,
+                lm_head_bias=None, teacher_lm_head_bias=None):
         return sdpo_loss(student_hidden, lm_head_weight, target_ids, teacher_hidden=teacher_hidden,
                          teacher_logprobs=teacher_logprobs, teacher_lm_head_weight=teacher_lm_head_weight,
                          token_weights=token_weights, ignore_index=self.ignore_index, temperature=self.temperature,
@@ -184,11 +216,15 @@ class SDPOLoss(torch.nn.Module):
                          distillation_alpha=self.distillation_alpha, distillation_topk=self.distillation_topk,
                          distillation_add_tail=self.distillation_add_tail, behavior_logprobs=behavior_logprobs,
                          importance_clip=self.importance_clip, backend=self.backend, return_stats=self.return_stats,
-                         check_finite=self.check_finite)
+                         check_finite=self.check_finite, lm_head_bias=lm_head_bias, logit_scale=self.logit_scale,
+                         logit_softcap=self.logit_softcap, teacher_lm_head_bias=teacher_lm_head_bias,
+                         teacher_logit_scale=self.teacher_logit_scale,
+                         teacher_logit_softcap=self.teacher_logit_softcap)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, temperature={self.temperature}, "
                 f"signal_clip={self.signal_clip}, center_advantages={self.center_advantages}, "
                 f"distillation_mode={self.distillation_mode!r}, distillation_alpha={self.distillation_alpha}, "
                 f"distillation_topk={self.distillation_topk}, distillation_add_tail={self.distillation_add_tail}, "
-                f"importance_clip={self.importance_clip}, backend={self.backend!r}")
+                f"importance_clip={self.importance_clip}, backend={self.backend!r}, logit_scale={self.logit_scale}, "
+                f"logit_softcap={self.logit_softcap}")

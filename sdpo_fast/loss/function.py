@@ -13,7 +13,10 @@ from .divergence import DivergenceSpec, importance_ratio
 class LossParams:
     """Everything `SDPOFunction` needs besides tensors.
 
-    inv_temperature: 1/T of the log-probs. signal_clip: advantages clamped to +-signal_clip (None: off).
+    inv_temperature: 1/T of the log-probs (times the logit scale, `loss.head`). softcap: the student
+    logits are softcap * tanh(hidden @ weight.T / softcap) * inv_temperature (None: no cap; `loss.head`); the
+    teacher's, with teacher_softcap and teacher_inv_temperature (None: inv_temperature).
+    signal_clip: advantages clamped to +-signal_clip (None: off).
     center: advantages mean-centred over each sequence's loss tokens before the clip.
     compute_dtype: the dtype hidden and weight are cast to for the products (an autocast dtype), or None to keep
     theirs; gradients come back in the inputs' own dtypes, grad_weight accumulated in fp32.
@@ -28,6 +31,9 @@ class LossParams:
     compute_dtype: torch.dtype | None = None
     importance_clip: float | None = None
     divergence: DivergenceSpec | None = None
+    softcap: float | None = None
+    teacher_inv_temperature: float | None = None
+    teacher_softcap: float | None = None
 
 
 def _importance(params: LossParams, behavior_logprobs, rows, student_logprobs):
@@ -91,9 +97,11 @@ class SDPOFunction(torch.autograd.Function):
                 return coef if ratio is None else coef * ratio
 
             student_logprobs, grad_hidden, grad_weight = backend.logprobs_and_grad(
-                hidden, weight, targets, params.inv_temperature, coef_of, need_hidden, need_weight)
+                hidden, weight, targets, params.inv_temperature, coef_of, need_hidden, need_weight,
+                softcap=params.softcap)
         else:
-            student_logprobs, lse = backend.token_logprobs(hidden, weight, targets, params.inv_temperature)
+            student_logprobs, lse = backend.token_logprobs(hidden, weight, targets, params.inv_temperature,
+                                                           params.softcap)
         if params.center:
             teacher_logprobs = centered_teacher_logprobs(teacher_logprobs, student_logprobs, sequence_index, n_slots)
         advantage = advantages(teacher_logprobs, student_logprobs, params.signal_clip)
@@ -122,7 +130,7 @@ class SDPOFunction(torch.autograd.Function):
             hidden, weight, targets, lse, coef = ctx.saved_tensors
             grad_hidden, grad_weight = ctx.params.backend.grad(
                 hidden, weight, targets, lse, coef * grad_loss.float(), ctx.params.inv_temperature, need_hidden,
-                need_weight, grad_weight_dtype=ctx.weight_dtype)
+                need_weight, grad_weight_dtype=ctx.weight_dtype, softcap=ctx.params.softcap)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(ctx.hidden_dtype)
         if grad_weight is not None:
@@ -152,7 +160,8 @@ class DivergenceFunction(torch.autograd.Function):
 
         divergence, student_lp, teacher_lp, grad_hidden, grad_weight = params.backend.divergence(
             hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), targets, coef_of, params.divergence,
-            params.inv_temperature, need_hidden, need_weight)
+            params.inv_temperature, need_hidden, need_weight, softcap=params.softcap,
+            teacher_inv_temperature=params.teacher_inv_temperature, teacher_softcap=params.teacher_softcap)
         loss = (coef_of(slice(None), student_lp) * divergence).sum()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(divergence, student_lp, teacher_lp)

@@ -7,14 +7,36 @@ from ..constants import IGNORE_INDEX
 from .stats import SDPOStats
 
 
-def reference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             temperature: float = 1.0) -> torch.Tensor:
-    """hidden (N, d), weight (V, d), targets (N,) in [0, V) -> log_softmax(hidden @ weight.T / T)[targets], fp32 (N,).
+def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float = 1.0, bias=None,
+                     scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """softcap(scale * (hidden @ weight.T + bias)) / T with softcap(z) = c * tanh(z / c) (c None: identity).
 
-    The (N, V) logits are formed in the input dtype (as a plain model forward does) and upcast to at least fp32.
+    hidden (N, d), weight (V, d), bias (V,) or None. The product and bias are formed in the input dtype (as a plain
+    model forward does) and upcast to at least fp32 for the rest. Returns (N, V).
     """
-    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
+    logits = hidden @ weight.T if bias is None else torch.nn.functional.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(hidden.dtype, torch.float32)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits / temperature
+
+
+def reference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             temperature: float = 1.0, bias=None, scale: float = 1.0,
+                             softcap: float | None = None) -> torch.Tensor:
+    """hidden (N, d), weight (V, d), targets (N,) in [0, V) -> log_softmax(`reference_logits`)[targets], fp32 (N,)."""
+    logits = reference_logits(hidden, weight, temperature, bias, scale, softcap)
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _heads(lm_head_weight, lm_head_bias, logit_scale, logit_softcap, teacher_lm_head_weight, teacher_lm_head_bias,
+           teacher_logit_scale, teacher_logit_softcap):
+    """The student's and the teacher's (weight, bias, scale, softcap): the teacher's own with its own weight, else
+    the student's."""
+    student = (lm_head_weight, lm_head_bias, logit_scale, logit_softcap)
+    if teacher_lm_head_weight is None:
+        return student, student
+    return student, (teacher_lm_head_weight, teacher_lm_head_bias, teacher_logit_scale, teacher_logit_softcap)
 
 
 def _alpha_divergence(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -53,24 +75,30 @@ def reference_sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_h
                         teacher_lm_head_weight=None, token_weights=None, ignore_index=IGNORE_INDEX, temperature=1.0,
                         signal_clip=None, center_advantages=False, sequence_index=None,
                         distillation_mode="sampled_token", distillation_alpha=1.0, distillation_topk=100,
-                        distillation_add_tail=True, behavior_logprobs=None, importance_clip=None):
+                        distillation_add_tail=True, behavior_logprobs=None, importance_clip=None, lm_head_bias=None,
+                        logit_scale=1.0, logit_softcap=None, teacher_lm_head_bias=None, teacher_logit_scale=1.0,
+                        teacher_logit_softcap=None):
     """Same arguments and result as `sdpo_loss(..., return_stats=True)`: (loss, SDPOStats), the stats unpacking
     as (logp, logq, adv) with `.divergence` besides. Full (N, V) logits are materialized."""
     d = student_hidden.shape[-1]
     targets = target_ids.reshape(-1)
     mask = targets != ignore_index
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets)).long()
+    student_head, teacher_head = _heads(lm_head_weight, lm_head_bias, logit_scale, logit_softcap,
+                                        teacher_lm_head_weight, teacher_lm_head_bias, teacher_logit_scale,
+                                        teacher_logit_softcap)
     if distillation_mode != "sampled_token":
-        return _reference_distillation(student_hidden.reshape(-1, d), lm_head_weight, target_ids, mask, safe_targets,
-                                       teacher_hidden, teacher_lm_head_weight, token_weights, temperature,
+        return _reference_distillation(student_hidden.reshape(-1, d), student_head, target_ids, mask, safe_targets,
+                                       teacher_hidden, teacher_head, token_weights, temperature,
                                        distillation_mode, distillation_alpha, distillation_topk,
                                        distillation_add_tail, behavior_logprobs, importance_clip)
-    student_lp = reference_token_logprobs(student_hidden.reshape(-1, d), lm_head_weight, safe_targets, temperature)
+    weight, bias, scale, softcap = student_head
+    student_lp = reference_token_logprobs(student_hidden.reshape(-1, d), weight, safe_targets, temperature, bias,
+                                          scale, softcap)
     with torch.no_grad():
         if teacher_logprobs is None:
-            weight = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight
             th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-            teacher_lp = reference_token_logprobs(th, weight, safe_targets, temperature)
+            teacher_lp = reference_token_logprobs(th, teacher_head[0], safe_targets, temperature, *teacher_head[1:])
         else:
             teacher_lp = teacher_logprobs.reshape(-1).float()
     advantages = (teacher_lp - student_lp).detach()
@@ -103,15 +131,14 @@ def _ratio(student_lp, behavior_logprobs, importance_clip):
     return torch.exp(log_ratio).clamp(max=importance_clip)
 
 
-def _reference_distillation(hidden, weight, target_ids, mask, safe_targets, teacher_hidden, teacher_weight,
+def _reference_distillation(hidden, student_head, target_ids, mask, safe_targets, teacher_hidden, teacher_head,
                             token_weights, temperature, mode, alpha, topk, add_tail, behavior_logprobs,
                             importance_clip):
     compute = torch.promote_types(hidden.dtype, torch.float32)
-    student_logits = (hidden @ weight.T).to(compute) / temperature
+    student_logits = reference_logits(hidden, student_head[0], temperature, *student_head[1:])
     with torch.no_grad():
-        teacher_weight = weight if teacher_weight is None else teacher_weight
-        teacher_logits = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) @ teacher_weight.T).to(compute)
-        teacher_logits = teacher_logits / temperature
+        teacher_logits = reference_logits(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_head[0],
+                                          temperature, *teacher_head[1:])
     divergence = reference_divergence(student_logits, teacher_logits, mode=mode, alpha=alpha, topk=topk,
                                       add_tail=add_tail)
     student_lp = torch.log_softmax(student_logits, -1).gather(-1, safe_targets[:, None]).squeeze(-1)

@@ -102,6 +102,9 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
         _check_per_token("teacher_logprobs", teacher_logprobs, target_ids)
     if token_weights is not None:
         _check_per_token("token_weights", token_weights, target_ids)
+        if token_weights.requires_grad and torch.is_grad_enabled():
+            raise ValueError("token_weights requires grad, but sdpo_loss treats the token weights as constants (the "
+                             "fused backends give them no gradient): pass token_weights.detach()")
     check_number("temperature", temperature, positive=True)
     if temperature < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (smaller values overflow the logits), "
@@ -117,10 +120,12 @@ def validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher
 
 def validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
                     teacher_lm_head_weight, token_weights, ignore_index, sequence_index=None,
-                    check_finite: bool = True) -> None:
+                    check_finite: bool = True, behavior_logprobs=None, *, lm_head_bias=None,
+                    teacher_lm_head_bias=None) -> None:
     """The checks that read tensor values, gathered into one device->host read: target ids in [0, V) or
     ignore_index, sequence ids in [0, number of positions), token_weights >= 0 and teacher_logprobs <= 0 at loss
-    positions, and with `check_finite` every float input finite. ValueError naming the tensor."""
+    positions, and with `check_finite` every float input (behavior_logprobs included) finite. ValueError naming the
+    tensor."""
     vocab_size = lm_head_weight.shape[0]
     loss = target_ids != ignore_index
     out_of_range = loss & ((target_ids < 0) | (target_ids >= vocab_size))
@@ -135,12 +140,14 @@ def validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, 
                        "not q or a logit)", (teacher_logprobs[loss].float() > LOGPROB_SLACK).any()))
     if check_finite:
         tensors = {"student_hidden": student_hidden, "lm_head_weight": lm_head_weight,
-                   "teacher_hidden": teacher_hidden, "teacher_lm_head_weight": teacher_lm_head_weight}
+                   "teacher_hidden": teacher_hidden, "teacher_lm_head_weight": teacher_lm_head_weight,
+                   "lm_head_bias": lm_head_bias, "teacher_lm_head_bias": teacher_lm_head_bias}
         for name, tensor in tensors.items():
             if tensor is not None:
                 checks.append((f"{name} has non-finite values (NaN or inf); pass check_finite=False to skip this "
                                "check", ~torch.isfinite(tensor).all()))
-        for name, tensor in (("teacher_logprobs", teacher_logprobs), ("token_weights", token_weights)):
+        for name, tensor in (("teacher_logprobs", teacher_logprobs), ("token_weights", token_weights),
+                             ("behavior_logprobs", behavior_logprobs)):
             if tensor is not None:
                 checks.append((f"{name} has non-finite values (NaN or inf) at loss positions",
                                ~torch.isfinite(tensor[loss]).all()))
@@ -168,6 +175,10 @@ def validate_distillation(target_ids, vocab_size, teacher_hidden, teacher_logpro
     check_number("importance_clip", importance_clip, positive=True, optional=True, what="None or a number > 0")
     if behavior_logprobs is not None:
         _check_per_token("behavior_logprobs", behavior_logprobs, target_ids)
+    elif importance_clip is not None:
+        raise ValueError(f"importance_clip={importance_clip!r} needs behavior_logprobs (the sampler's log mu of each "
+                         "target); pass them, or importance_clip=None")
+    check_topk_support(distillation_mode, distillation_topk, distillation_add_tail)
     check_mode_options(distillation_mode, distillation_alpha, signal_clip, center_advantages)
     if distillation_mode == POLICY_GRADIENT_MODE:
         return
@@ -176,6 +187,11 @@ def validate_distillation(target_ids, vocab_size, teacher_hidden, teacher_logpro
                          f"distillation_mode={distillation_mode!r} needs teacher_hidden")
     if teacher_hidden is None:
         raise ValueError(f"distillation_mode={distillation_mode!r} needs teacher_hidden")
+    check_topk_vocabulary(distillation_mode, distillation_topk, vocab_size)
+
+
+def check_topk_vocabulary(distillation_mode: str, distillation_topk: int, vocab_size: int) -> None:
+    """ValueError when topk_logits asks for more tokens than the model's vocabulary has."""
     if distillation_mode == "topk_logits" and distillation_topk > vocab_size:
         raise ValueError(f"distillation_topk must be at most the vocabulary size {vocab_size}, "
                          f"got {distillation_topk}")
@@ -195,3 +211,48 @@ def check_mode_options(mode: str, alpha: float, signal_clip, center_advantages) 
     if center_advantages:
         raise ValueError(f"center_advantages applies to distillation_mode {POLICY_GRADIENT_MODE} only; unset it "
                          f"for {mode}")
+
+
+def check_topk_support(distillation_mode: str, distillation_topk: int, distillation_add_tail: bool) -> None:
+    """ValueError for topk_logits over one token without the tail bucket: renormalized, that token has probability
+    1 for student and teacher alike, so the loss and its gradient are 0 (nothing trains)."""
+    if distillation_mode == "topk_logits" and distillation_topk == 1 and not distillation_add_tail:
+        raise ValueError("distillation_topk=1 with distillation_add_tail=False trains nothing (one token renormalized "
+                         "has probability 1 for student and teacher: loss 0, gradient 0); use distillation_topk >= 2 "
+                         "or keep the tail bucket (distillation_add_tail=True)")
+
+
+def _check_bias(name: str, bias, weight_name: str, weight: torch.Tensor) -> None:
+    _check_float(name, bias, ndim=1)
+    if hasattr(bias, "placements"):
+        raise ValueError(f"{name} is a sharded DTensor; pass it where {weight_name} is gathered, or unshard it first")
+    if bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"{name} must have shape ({weight.shape[0]},) (the vocabulary of {weight_name}), "
+                         f"got {tuple(bias.shape)}")
+    _check_same(name, bias, weight_name, weight, dtype=True)
+
+
+def _check_scale_and_cap(scale_name: str, scale, cap_name: str, cap) -> None:
+    check_number(scale_name, scale, positive=True, what="a finite number > 0")
+    check_number(cap_name, cap, positive=True, optional=True, what="None or a finite number > 0")
+
+
+def validate_head(lm_head_weight, lm_head_bias, logit_scale, logit_softcap, teacher_lm_head_weight,
+                  teacher_lm_head_bias, teacher_logit_scale, teacher_logit_softcap) -> None:
+    """The logit-head arguments of `sdpo_loss` (ValueError/TypeError naming them): biases (V,) in their weight's
+    dtype and device, scales finite and > 0, soft caps None or finite and > 0; the teacher's only with its own
+    teacher_lm_head_weight."""
+    if lm_head_bias is not None:
+        _check_bias("lm_head_bias", lm_head_bias, "lm_head_weight", lm_head_weight)
+    _check_scale_and_cap("logit_scale", logit_scale, "logit_softcap", logit_softcap)
+    _check_scale_and_cap("teacher_logit_scale", teacher_logit_scale, "teacher_logit_softcap", teacher_logit_softcap)
+    if teacher_lm_head_weight is None:
+        given = [name for name, is_set in (("teacher_lm_head_bias", teacher_lm_head_bias is not None),
+                                           ("teacher_logit_scale", teacher_logit_scale != 1.0),
+                                           ("teacher_logit_softcap", teacher_logit_softcap is not None)) if is_set]
+        if given:
+            raise ValueError(f"{given[0]} describes the teacher's own head: pass it with teacher_lm_head_weight "
+                             "(without one the teacher uses the student's lm_head_bias, logit_scale and "
+                             "logit_softcap)")
+    elif teacher_lm_head_bias is not None:
+        _check_bias("teacher_lm_head_bias", teacher_lm_head_bias, "teacher_lm_head_weight", teacher_lm_head_weight)

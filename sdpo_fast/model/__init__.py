@@ -2,7 +2,7 @@
 AttentionInterface, and Hugging Face helpers."""
 from .attention import ATTN_IMPLEMENTATION, enable_sdpo_attention, sdpo_attention, varlen_attention
 from .generation import Sample, chat_prompt_ids, generate_batch, sample_batch
-from .hf import apply_liger_kernels, eval_mode, unwrap_model
+from .hf import apply_liger_kernels, enable_checkpointing, eval_mode, unwrap_model
 from .inputs import EncodedInteraction
 from .packing import pack, plan_micro_batches
 from .passes import (
@@ -17,6 +17,7 @@ from .passes import (
     teacher_hidden_states,
 )
 from .prefix_cache import PrefixKVCache
+from .support import check_model_name, check_model_support, logit_head
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -27,11 +28,15 @@ __all__ = [
     "apply_liger_kernels",
     "chat_prompt_ids",
     "check_encoded",
+    "check_model_name",
+    "check_model_support",
     "check_pass_options",
+    "enable_checkpointing",
     "enable_sdpo_attention",
     "eval_mode",
     "forward_micro_batch",
     "generate_batch",
+    "logit_head",
     "micro_batch_indices",
     "new_prefix_cache",
     "pack",

@@ -33,6 +33,9 @@ ATTN_IMPLEMENTATION = "sdpo_varlen"
 BACKENDS = ("auto", "flash", "torch", "sdpa")
 MODES = ("plain", "student", "teacher")
 _HALF = (torch.float16, torch.bfloat16)
+UNSERVED_KEYWORDS = ("s_aux", "indices", "block_indices", "cu_seq_lens_q", "cu_seq_lens_k")
+"""Attention arguments some models pass (sinks, sparse indices, their own packing) that `sdpo_varlen` does not
+serve: a call with one of them set is an error, not a silently different attention."""
 
 _packed_forward: contextvars.ContextVar[bool] = contextvars.ContextVar("sdpo_packed_forward", default=False)
 
@@ -114,21 +117,49 @@ def _torch_varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
-def check_backend(backend: str) -> None:
-    """Raise ValueError if `backend` is unknown or its library is missing."""
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def varlen_refusal(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why the flash and torch varlen kernels cannot run on `device` with `dtype` inputs (None: they can, or the
+    dtype is not known yet). Both are FlashAttention-2 kernels: fp16/bf16 only, on CUDA GPUs of compute
+    capability >= 8.0."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"they run on CUDA GPUs only, not {device.type}"
+    if dtype is not None and dtype not in _HALF:
+        return f"they take fp16/bf16 inputs only, not {str(dtype).removeprefix('torch.')}"
+    major, minor = _capability(device)
+    if major < 8:
+        return f"they need a GPU of compute capability >= 8.0, {device} has {major}.{minor}"
+    return None
+
+
+def check_backend(backend: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    """Raise ValueError if `backend` is unknown or its library is missing; given the device (and the dtype the
+    attention runs in, e.g. the configured compute dtype), also if an explicit flash/torch backend cannot run
+    there. One line, naming the backend that can."""
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "flash" and _flash_varlen() is None:
         raise ValueError("attn_backend='flash' needs the flash-attn package")
     if backend == "torch" and _torch_varlen() is None:
-        raise ValueError("attn_backend='torch' needs torch.nn.attention.varlen (torch >= 2.9)")
+        raise ValueError("attn_backend='torch' needs torch.nn.attention.varlen (torch >= 2.10)")
+    if backend in ("flash", "torch") and device is not None:
+        why = varlen_refusal(device, dtype)
+        if why is not None:
+            raise ValueError(f"attn_backend={backend!r} cannot run here: {why}; use attn_backend='sdpa' "
+                             "(or 'auto', which picks it)")
 
 
 def resolve_backend(backend: str, query: torch.Tensor, dropout: float) -> str:
-    """The backend that runs: "auto" picks flash, then torch varlen (CUDA, fp16/bf16), else sdpa."""
+    """The backend that runs: "auto" picks flash, then torch varlen (fp16/bf16 on CUDA with compute capability
+    >= 8.0), else sdpa."""
     if backend != "auto":
         return backend
-    if query.is_cuda and query.dtype in _HALF:
+    if varlen_refusal(query.device, query.dtype) is None:
         if _flash_varlen() is not None:
             return "flash"
         if _torch_varlen() is not None and dropout == 0.0:
@@ -149,10 +180,33 @@ _NO_FAST_SDPA = ("no fused SDPA kernel takes these inputs ({why}); the math kern
                  "per layer. Install flash-attn (attn_backend 'flash') or use torch >= 2.10 (attn_backend 'torch')")
 
 
-def _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout):
+def _window_mask(n_q: int, n_k: int, window: int | None, device) -> torch.Tensor:
+    """(n_q, n_k) bool: causal, aligned bottom-right, and with a window only the last `window` keys up to each query
+    (key position > query position - window, as transformers' sliding-window mask)."""
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
+    if window is not None:
+        allowed &= ~torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q - window)
+    return allowed
+
+
+def _capped_attention(q, k, v, mask, scale, softcap, dropout):
+    """Attention of q (1, H, n_q, D) over k/v (1, Hkv, n_k, D) with scores c * tanh(s / c) (Gemma-2's), in the
+    inputs' dtype as transformers' eager attention computes them."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # a fully masked (padding) row stays finite
+    return F.dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), p=dropout) @ v
+
+
+def _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout, window=None, softcap=None):
     """Per-sequence SDPA. On CUDA the math kernel is never used: K/V heads are repeated per sequence for GQA
-    (fused kernels with masks do not all take `enable_gqa`) and a missing fused kernel is an error."""
+    (fused kernels with masks do not all take `enable_gqa`) and a missing fused kernel is an error. A sliding
+    window is a mask; soft-capped scores are computed explicitly, on the CPU only."""
     on_cuda = q.is_cuda
+    if softcap is not None and on_cuda:
+        raise ValueError("soft-capped attention on CUDA needs flash-attn (attn_backend 'flash')")
     groups = q.shape[1] // k.shape[1]
     outs, start_q, start_k = [], 0, 0
     for n_q, n_k in zip(lengths_q, lengths_k):
@@ -161,10 +215,15 @@ def _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout):
         start_q, start_k = start_q + n_q, start_k + n_k
         if n_q == 0:
             continue
-        skip = n_k - n_q if 2 * n_q > n_k else 0
+        if softcap is not None:
+            outs.append(_capped_attention(qi, ki, vi, _window_mask(n_q, n_k, window, q.device), scale, softcap,
+                                          dropout)[0].transpose(0, 1))
+            continue
+        windowed = window is not None and window < n_k
+        skip = n_k - n_q if 2 * n_q > n_k and not windowed else 0
         if skip:  # cheaper as the causal square (blocks above the diagonal skipped) minus its first `skip` rows
             qi = F.pad(qi, (0, 0, skip, 0))
-        mask = None if n_q + skip == n_k else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+        mask = None if n_q + skip == n_k and not windowed else _window_mask(n_q, n_k, window, q.device)
         gqa = groups > 1 and not on_cuda
         if on_cuda and groups > 1:
             ki, vi = ki.repeat_interleave(groups, dim=1), vi.repeat_interleave(groups, dim=1)
@@ -191,47 +250,68 @@ def _sdpa_kernels(on_cuda: bool) -> Iterator[None]:
         raise ValueError(_NO_FAST_SDPA.format(why=str(exc).splitlines()[0])) from None
 
 
-def _torch_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """torch.nn.attention.varlen, feature-detected: `scale` (absent in 2.9) folded into q when missing; GQA by
-    `enable_gqa` where offered, else one call per query group sharing the same K/V (no repeated K/V kept for
-    backward)."""
+def _torch_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, window=None):
+    """torch.nn.attention.varlen.varlen_attn, one call for every head, GQA included: in torch 2.10 and 2.11 it runs
+    aten's FlashAttention-2 varlen kernel, which takes fewer K/V heads than query heads (mha_varlen_fwd/_bwd check
+    num_heads % num_heads_k == 0 and sum dK/dV over each group). Feature-detected: causal as window_size=(-1, 0)
+    (2.11) or is_causal=True (2.10); `scale` (absent in 2.10) folded into q when missing; a sliding window by
+    `window_size` (ValueError where the version has none)."""
     params = _torch_varlen_params()
-    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if window is not None and "window_size" not in params:
+        raise ValueError("sliding-window attention: this torch's varlen_attn has no window_size; use attn_backend "
+                         "'flash' or 'sdpa'")
+    left = -1 if window is None else window - 1
+    kwargs = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
     default_scale = q.shape[-1] ** -0.5
     if "scale" in params:
         kwargs["scale"] = scale
     elif scale is not None and scale != default_scale:
         q = q * (scale / default_scale)
-    groups = q.shape[1] // k.shape[1]
-    if groups == 1:
-        return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-    if "enable_gqa" in params:
-        return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, enable_gqa=True, **kwargs)
-    # query head h reads K/V head h // groups: heads g, g + groups, ... form one group over all K/V heads
-    grouped = q.unflatten(1, (k.shape[1], groups))
-    outs = [_torch_varlen()(grouped[:, :, g].contiguous(), k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-            for g in range(groups)]
-    return torch.stack(outs, dim=2).flatten(1, 2)
+    return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, lengths_q: Sequence[int], lengths_k: Sequence[int], *,
-                     scale: float | None = None, dropout: float = 0.0, backend: str = "auto") -> torch.Tensor:
+                     scale: float | None = None, dropout: float = 0.0, backend: str = "auto",
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention per packed sequence, aligned bottom-right when a sequence has more keys than queries.
 
     q (Tq, H, D), k/v (Tk, Hkv, D) with H % Hkv == 0; cu_seqlens_* (n + 1,) int32 on q's device and
-    lengths_* the per-sequence lengths as ints. Returns (Tq, H, D) in q's dtype.
+    lengths_* the per-sequence lengths as ints. window: each query attends to its last `window` keys only (itself
+    included; transformers' `sliding_window`); softcap: scores c * tanh(s / c). Returns (Tq, H, D) in q's dtype.
     """
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"varlen_attention needs q, k and v in one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     backend = resolve_backend(backend, q, dropout)
+    check_backend(backend, q.device, q.dtype)
     if backend == "sdpa":
-        return _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout)
+        return _sdpa_varlen(q, k, v, lengths_q, lengths_k, scale, dropout, window, softcap)
     max_q, max_k = max(lengths_q), max(lengths_k)
     if backend == "flash":
         return _flash_varlen()(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p=dropout,
-                               softmax_scale=scale, causal=True)
+                               softmax_scale=scale, causal=True,
+                               **({} if window is None else {"window_size": (window - 1, 0)}),
+                               **({} if softcap is None else {"softcap": softcap}))
     if dropout != 0.0:
         raise ValueError("attn_backend='torch' does not support attention dropout")
-    return _torch_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale)
+    if softcap is not None:
+        raise ValueError("soft-capped attention is not served by attn_backend 'torch'; use 'flash'")
+    return _torch_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, window)
+
+
+def flash_available() -> bool:
+    return _flash_varlen() is not None
+
+
+def torch_varlen_available() -> bool:
+    return _torch_varlen() is not None
+
+
+def window_backends() -> tuple[str, ...]:
+    """The attention backends that serve sliding windows here: sdpa, flash, and torch varlen where it has
+    `window_size`."""
+    served = ("sdpa", "flash")
+    return served + ("torch",) if _torch_varlen() is not None and "window_size" in _torch_varlen_params() else served
 
 
 def sdpo_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -239,13 +319,22 @@ def sdpo_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           sliding_window: int | None = None, sdpo_call: VarlenCall | None = None, **kwargs):
     """transformers attention function: query (1, H, T, D), key/value (1, Hkv, T, D) after RoPE.
 
-    Returns (attn_output (1, T, H, D), None). Without `sdpo_call` it is transformers' sdpa attention.
+    Returns (attn_output (1, T, H, D), None). Without `sdpo_call` it is transformers' sdpa attention, or for
+    soft-capped scores (which SDPA cannot apply) their explicit computation under the same mask.
     """
+    if sdpo_call is None and kwargs.get("softcap") is not None:
+        n_q, n_k = query.shape[2], key.shape[2]
+        mask = _window_mask(n_q, n_k, sliding_window, query.device) if attention_mask is None else attention_mask
+        if mask.dtype != torch.bool:
+            mask = mask == 0
+        out = _capped_attention(query, key, value, mask, scaling, kwargs["softcap"], dropout)
+        return out.transpose(1, 2).contiguous(), None
     if sdpo_call is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    if sliding_window is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("sdpo_varlen does not support sliding-window or soft-capped attention layers")
+    unserved = [name for name in UNSERVED_KEYWORDS if kwargs.get(name) is not None]
+    if unserved:
+        raise ValueError(f"sdpo_varlen does not serve the attention argument(s) {unserved} of {type(module).__name__}")
     if query.shape[0] != 1 or query.shape[2] != sum(sdpo_call.lengths_q):
         raise ValueError(f"a packed call expects query (1, H, {sum(sdpo_call.lengths_q)}, D), "
                          f"got {tuple(query.shape)}")
@@ -258,7 +347,8 @@ def sdpo_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         k, v = sdpo_call.prefix_cache.join(module, k, v, sdpo_call.join_index)
         cu_k, lengths_k = sdpo_call.cu_seqlens_k, sdpo_call.lengths_k
     out = varlen_attention(q, k, v, sdpo_call.cu_seqlens_q, cu_k, sdpo_call.lengths_q, lengths_k, scale=scaling,
-                           dropout=dropout, backend=sdpo_call.backend)
+                           dropout=dropout, backend=sdpo_call.backend, window=sliding_window,
+                           softcap=kwargs.get("softcap"))
     return out.unsqueeze(0), None
 
 

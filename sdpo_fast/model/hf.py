@@ -1,4 +1,5 @@
-"""Hugging Face helpers: the causal LM inside a wrapper, Liger patches, eval mode for a block."""
+"""Hugging Face helpers: the causal LM inside a wrapper, activation checkpointing, Liger patches, eval mode for a
+block."""
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +20,18 @@ def unwrap_model(model) -> PreTrainedModel:
     if base.get_output_embeddings() is None:
         raise TypeError(f"model {type(base).__name__} has no output embeddings (lm_head); pass a causal LM")
     return base
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Checkpoint every decoder layer of `model` (non-reentrant), with the name the installed transformers offers.
+
+    transformers >= 5.25 calls it `activation_checkpointing_enable` and warns on `gradient_checkpointing_enable`,
+    its deprecated alias (to be removed in v6); older releases have only the latter.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_liger_kernels(model) -> bool:

@@ -20,12 +20,13 @@ from .hf import unwrap_model
 from .inputs import EncodedInteraction
 from .packing import PackedRow, gather_index, pack, plan_micro_batches
 from .prefix_cache import PrefixKVCache
+from .support import logit_head
 
 
 SDPOBatch = LossInputs
 """What the passes return for one micro-batch: `LossInputs` (loss/objectives/base.py) with position_in_completion
-set and token_weights None (the training step weighs the tokens); teacher_hidden None without a teacher pass,
-teacher_lm_head_weight None when the teacher is the model itself."""
+set and token_weights None (the training step weighs the tokens); teacher_hidden None without a teacher pass;
+teacher_lm_head_weight and teacher_head None when the teacher is the model itself."""
 
 
 def reuse_lengths(encoded: Sequence[EncodedInteraction]) -> list[int]:
@@ -34,10 +35,13 @@ def reuse_lengths(encoded: Sequence[EncodedInteraction]) -> list[int]:
     return [min(e.shared_prefix_len, e.teacher_prompt_len - 1) for e in encoded]
 
 
-def check_pass_options(prefix_reuse: bool, teacher_model, attn_backend: str) -> None:
+def check_pass_options(prefix_reuse: bool, teacher_model, attn_backend: str, model=None) -> None:
+    """ValueError for options that cannot run; with `model`, also an attention backend its device refuses
+    (before any forward; the dtype is checked on the first layer's q, the compute dtype under autocast or
+    FSDP2 mixed precision)."""
     if prefix_reuse and teacher_model is not None:
         raise ValueError("prefix_reuse=True needs the live teacher: pass teacher_model=None or prefix_reuse=False")
-    check_backend(attn_backend)
+    check_backend(attn_backend, None if model is None else unwrap_model(model).get_input_embeddings().weight.device)
 
 
 def check_encoded(encoded, vocab_size: int, prefix_reuse: bool) -> list[EncodedInteraction]:
@@ -68,7 +72,7 @@ def check_encoded(encoded, vocab_size: int, prefix_reuse: bool) -> list[EncodedI
 
 
 def shared_vocab_size(*models: PreTrainedModel) -> int:
-    return min(m.get_input_embeddings().num_embeddings for m in models)
+    return min(m.get_input_embeddings().weight.shape[0] for m in models)  # a peft adapter has no num_embeddings
 
 
 def _trunk_hidden(hf_model: PreTrainedModel, row: PackedRow, call) -> torch.Tensor:
@@ -137,7 +141,7 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
     full teacher pass. Leaves `model` (and `teacher_model`) switched to the `sdpo_varlen` attention, which
     gradient-checkpoint recomputation during backward relies on; outside these passes it attends like sdpa.
     """
-    check_pass_options(prefix_reuse, teacher_model, attn_backend)
+    check_pass_options(prefix_reuse, teacher_model, attn_backend, model)
     hf_model = unwrap_model(model)
     teacher_hf = hf_model if teacher_model is None else unwrap_model(teacher_model)
     encoded = check_encoded(encoded, shared_vocab_size(hf_model, teacher_hf), prefix_reuse)
@@ -148,6 +152,8 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
 
     device = student_hidden.device
     lengths = [len(e.completion_ids) for e in encoded]
+    head = logit_head(hf_model)
+    teacher_head = None if teacher_model is None else logit_head(teacher_hf)
     return LossInputs(
         student_hidden=student_hidden,
         token_weights=None,
@@ -155,10 +161,12 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
         target_ids=upload([t for e in encoded for t in e.completion_ids], torch.long, device),
         sequence_index=upload([i for i, n in enumerate(lengths) for _ in range(n)], torch.long, device),
         position_in_completion=upload([k for n in lengths for k in range(n)], torch.long, device),
-        lm_head_weight=hf_model.get_output_embeddings().weight,
-        teacher_lm_head_weight=None if teacher_model is None else teacher_hf.get_output_embeddings().weight,
+        lm_head_weight=head.weight,
+        teacher_lm_head_weight=None if teacher_head is None else teacher_head.weight,
         behavior_logprobs=None if encoded[0].behavior_logprobs is None else
         upload([x for e in encoded for x in e.behavior_logprobs], torch.float32, device),
+        head=head,
+        teacher_head=teacher_head,
     )
 
 

@@ -2,10 +2,11 @@
 train/options.py, with the online defaults), merged from defaults < preset < YAML file < flags, then validated."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..train.config import check_keys, coerce_floats
+from ..train.config import check_keys, coerce_floats, field_names
 from ..loss.objectives import uses_advantages
 from ..train.options import LoRAOptions, ObjectiveOptions, StepSettings
 from ..utils.checks import check_bool, check_choice, check_int
@@ -74,11 +75,19 @@ class OnlineConfig(StepSettings, ObjectiveOptions, LoRAOptions):
         for key in ("update_every", "max_new_tokens"):
             check_int(key, getattr(self, key), 1)
         self.validate_step()
+        if self.ignore_first_k > self.max_new_tokens:
+            raise ValueError(f"ignore_first_k {self.ignore_first_k} > max_new_tokens {self.max_new_tokens} trains "
+                             "nothing (a completion has at most max_new_tokens + 1 tokens, the end of turn included, "
+                             "and all are left out of the loss); lower ignore_first_k")
         self.validate_lora()
         if self.center_advantages is not None:
             check_bool("center_advantages", self.center_advantages)
         self.validate_objective()
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {name: values[name] for name in field_names(OnlineConfig)}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "OnlineConfig":

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from ..data import Interaction, InteractionEncoder, SkipInteraction
+from ..loss.validation import check_topk_vocabulary
 from ..model import sdpo_attention, unwrap_model
 from ..model.generation import Sample, chat_prompt_ids, generate, generate_batch, make_sample, sample_batch
 from ..train.build import make_optimizer, make_scheduler, objective_of, step_options
@@ -86,6 +87,8 @@ class OnlinePolicy:
                 raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
         if not params:
             raise ValueError("the model has no trainable parameters")
+        check_topk_vocabulary(config.distillation_mode, config.distillation_topk,
+                              model.get_output_embeddings().weight.shape[0])
         self.parameters = params
         self.optimizer = make_optimizer(params, config)
         self.scheduler = make_scheduler(self.optimizer, config, total=1)

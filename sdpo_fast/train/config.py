@@ -131,6 +131,10 @@ class TrainConfig(StepSettings, ObjectiveOptions, LoRAOptions):
         check_int("max_steps", self.max_steps, 1, optional=True)
         self.validate_step()
         self.validate_lora()
+        if self.ignore_first_k >= self.max_completion_tokens:
+            raise ValueError(f"ignore_first_k {self.ignore_first_k} >= max_completion_tokens "
+                             f"{self.max_completion_tokens} trains nothing (every completion token is left out of "
+                             "the loss); lower ignore_first_k")
         check_number("warmup_ratio", self.warmup_ratio)
         if self.warmup_ratio >= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1.0), got {self.warmup_ratio!r}")
@@ -232,22 +236,48 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     return coerce_floats(TrainConfig, out)
 
 
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping in a YAML config file, its keys' dashes read as underscores (TrainConfig's or OnlineConfig's
-    field names)."""
+    field names); an option given twice, in one spelling or both, is a ValueError."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except UnicodeDecodeError as exc:
         raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
+    spellings: dict[str, list[str]] = {}
+    for key in values:
+        spellings.setdefault(str(key).replace("-", "_"), []).append(str(key))
+    twice = {name: keys for name, keys in spellings.items() if len(keys) > 1}
+    if twice:
+        listed = "; ".join(f"{name} as {' and '.join(repr(k) for k in keys)}" for name, keys in twice.items())
+        raise ValueError(f"config file {str(path)!r} sets an option twice ({listed}); keep one")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 

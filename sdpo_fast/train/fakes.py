@@ -32,16 +32,18 @@ def patched(attributes: dict):
 def triton_launches_as_workspace():
     """The Triton loss backend's Python path on CPU tensors, its kernel launches replaced by what they allocate
     (README: lse_gather writes 2 floats per token; grad_logits, grad_weight and the logit modes' chunk_logits
-    write into buffers the Python path allocated)."""
+    write into buffers the Python path allocated). A 16-bit trainable lm_head's gradient is counted as formed
+    slice by slice (no fp32 (V, d) accumulator: the least memory; on a GPU the one-sweep fp32 accumulation runs
+    only when it fits in free memory as well)."""
     from ..loss import api
     from ..loss.backends import triton_fused
 
-    def lse_gather(hidden, weight, targets, inv_temperature):
+    def lse_gather(hidden, weight, targets, inv_temperature, softcap=None):
         n = hidden.shape[0]
         return (torch.zeros(n, dtype=torch.float32, device=hidden.device),
                 torch.zeros(n, dtype=torch.float32, device=hidden.device))
 
-    def grad_logits(hidden, weight, targets, lse, coef, inv_temperature, out):
+    def grad_logits(hidden, weight, targets, lse, coef, inv_temperature, out, softcap=None):
         return out
 
     def accumulate_grad_weight(grad_logits_chunk, hidden, grad_weight, accumulate=True):
@@ -53,6 +55,7 @@ def triton_launches_as_workspace():
     with patched({(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,
                    (triton_fused, "accumulate_grad_weight"): accumulate_grad_weight,
                    (triton_fused, "chunk_logits"): chunk_logits,
+                   (triton_fused, "_fp32_grad_weight_fits"): lambda weight, workspace_bytes: False,
                    (api, "resolve_backend"): lambda backend, device: backend}):
         yield
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..loss.objectives import DISTILLATION_MODES, check_distillation_options, uses_advantages
-from ..loss.validation import MIN_TEMPERATURE
+from ..loss.validation import MIN_TEMPERATURE, check_topk_support
 from ..utils.checks import check_bool, check_choice, check_int, check_number
 from .setup import lora_config
 from .teachers import TEACHERS
@@ -32,7 +32,9 @@ class StepSettings:
     prefix_reuse: bool = True
     """The teacher pass reuses the student's K/V of the shared prompt prefix."""
     attn_backend: str = "auto"
-    """auto, flash, torch or sdpa (packed varlen attention)."""
+    """auto, flash, torch or sdpa (packed varlen attention). flash (flash-attn) and torch (torch >= 2.10 varlen)
+    need bf16/fp16 on a GPU of compute capability >= 8.0, refused otherwise before weights load; auto picks flash,
+    then torch there, else sdpa."""
     loss_backend: str = "auto"
     """sdpo_loss backend: auto, triton, torch or reference."""
 
@@ -84,6 +86,7 @@ class ObjectiveOptions:
         check_choice("teacher", self.teacher, TEACHERS)
         check_int("distillation_topk", self.distillation_topk, 1)
         check_bool("distillation_add_tail", self.distillation_add_tail)
+        check_topk_support(self.distillation_mode, self.distillation_topk, self.distillation_add_tail)
         for key in ("teacher_ema_rate", "distillation_alpha"):
             check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
             if getattr(self, key) > 1:

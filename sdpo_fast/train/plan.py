@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import gc
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,8 @@ SHAPES = {
                          tie_word_embeddings=False),
 }
 GIB = 2**30
+MAX_WORLD_SIZE = 1024
+"""Largest simulated torchrun job: the worst-case batch grows with the world size, and so does the time."""
 HINDSIGHT_TOKENS = 64
 """Teacher prompt tokens beyond the student's in the planned worst case (the hindsight block and follow-up)."""
 ALLOWANCES = {"cuda_context": 512 << 20, "cublas_workspace": 64 << 20}
@@ -53,17 +56,48 @@ _PHASE_CATEGORY = {"student forward": "checkpointed_inputs", "teacher forward": 
 
 
 def load_config(model: str):
-    """A transformers config: a name in SHAPES, a local directory / config.json, or a Hub id."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    """A transformers config: a name in SHAPES, a local directory / config.json, or a Hub id (refused at once
+    when the Hub cannot be reached). The shape fields must be in the file itself (`check_shape_fields`)."""
+    from transformers import AutoConfig, CONFIG_MAPPING, PretrainedConfig
+
+    from .setup import check_model_source
 
     if model.lower() in SHAPES:
         fields = dict(SHAPES[model.lower()])
         return CONFIG_MAPPING[fields.pop("model_type")](**fields)
     try:
+        path = Path(model).expanduser()
+        if not path.exists():
+            check_model_source(model, weights=False)
+        elif path.is_dir() and not (path / "config.json").is_file():
+            raise ValueError(f"{model!r} is a directory without a config.json")
+        check_shape_fields(PretrainedConfig.get_config_dict(model)[0], model)
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as exc:
         raise ValueError(f"no model config at {model!r} (known shapes: {sorted(SHAPES)}): "
                          f"{str(exc).splitlines()[0]}") from None
+
+
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+"""The config.json fields the plan's model is built from; without them transformers would fill in its defaults
+(another model's shape)."""
+
+
+def check_shape_fields(values: dict, model: str) -> None:
+    """ValueError unless each of SHAPE_FIELDS is a positive integer in `values` (a raw config.json mapping, or its
+    text_config for a multimodal model), and num_key_value_heads and head_dim too where given."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{model!r}: config.json must hold a JSON object, got {type(values).__name__}")
+    text = values.get("text_config") if isinstance(values.get("text_config"), dict) else values
+    for key in SHAPE_FIELDS + ("num_key_value_heads", "head_dim"):
+        if key not in text:
+            if key in SHAPE_FIELDS:
+                raise ValueError(f"{model!r}: config.json has no {key} (planning would use the defaults of "
+                                 f"model_type {values.get('model_type')!r}, not this model's)")
+            continue
+        value = text[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{model!r}: config.json's {key} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -95,9 +129,10 @@ class SimulatedPlan:
                 "world_size": self.world_size}
 
 
-def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int):
+def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int, behavior: bool = False):
     """An interaction at these limits: student prompt prompt_tokens - HINDSIGHT_TOKENS, teacher prompt
-    prompt_tokens (the encoder fits both prompts into max_prompt_tokens), completion completion_tokens."""
+    prompt_tokens (the encoder fits both prompts into max_prompt_tokens), completion completion_tokens; with
+    `behavior`, the sampler's log-probs of the completion (importance clipping)."""
     from ..model import EncodedInteraction
 
     student_prompt = max(prompt_tokens - HINDSIGHT_TOKENS, 1)
@@ -105,13 +140,15 @@ def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int):
     completion = [(7 + i) % vocab_size for i in range(completion_tokens)]
     student = [(3 + i) % vocab_size for i in range(student_prompt)] + completion
     teacher = student[:shared] + [(5 + i) % vocab_size for i in range(prompt_tokens - shared)] + completion
-    return EncodedInteraction(student, teacher, completion, shared)
+    return EncodedInteraction(student, teacher, completion, shared,
+                              [-1.0] * completion_tokens if behavior else None)
 
 
 def worst_case_batch(config, vocab_size: int, world_size: int = 1):
     """The step's interactions at the configured limits, as many as fill two micro-batches on each of
     `world_size` ranks (so gradients accumulate), at most batch_size."""
-    e = interaction(config.max_prompt_tokens, config.max_completion_tokens, vocab_size)
+    e = interaction(config.max_prompt_tokens, config.max_completion_tokens, vocab_size,
+                    config.importance_clip is not None)
     per_micro_batch = max(1, config.micro_batch_tokens // max(len(e.student_input_ids), len(e.teacher_input_ids)))
     return [e] * min(config.batch_size, 2 * per_micro_batch * world_size)
 
@@ -131,8 +168,9 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
     from .memory import StorageCounter, local_shard
     from .step import train_step
 
-    if not (isinstance(world_size, int) and world_size >= 1):
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if isinstance(world_size, bool) or not (isinstance(world_size, int) and 1 <= world_size <= MAX_WORLD_SIZE):
+        raise ValueError(f"world_size must be an integer in [1, {MAX_WORLD_SIZE}], got {world_size!r} (the "
+                         "simulated step holds a batch world_size times as large: 4096 already takes a minute)")
     if world_size > 1:
         from .distributed import check_distributed
 
@@ -176,7 +214,8 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
         options = step_options(config)
         vocab_size = hf_config.get_text_config().vocab_size
         batch = worst_case_batch(config, vocab_size, world_size)
-        first = [interaction(config.ignore_first_k + 2, config.ignore_first_k + 1, vocab_size)]
+        first = [interaction(config.ignore_first_k + 2, config.ignore_first_k + 1, vocab_size,
+                             config.importance_clip is not None)]
         collecting = gc.isenabled()
         gc.disable()
         try:

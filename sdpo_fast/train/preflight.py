@@ -1,6 +1,7 @@
 """Everything `train` checks before the weights load, each check run once: the config (`TrainConfig.validate`),
 what a torchrun job cannot run, the run directory and resume (train/rundir.py), the optimizer's package, the
-loss and attention backends, the reporters, the model source, the tokenizer (loaded once, and handed on), the
+loss and attention backends, the reporters, the model source, whether sdpo_fast serves the model (its family,
+head and attention) and the options its config bounds (top-k within the vocabulary), the tokenizer (loaded once, and handed on), the
 data (encoded once) with the sampler's log-probs importance clipping needs, and on CUDA the memory plan. Nothing
 is written to the output directory before they pass."""
 from __future__ import annotations
@@ -15,13 +16,15 @@ from ..data import EncodedInteraction
 from ..demo.assets import tiny_model_path
 from ..loss import resolve_backend
 from ..model.attention import check_backend as check_attn_backend
+from ..model.support import check_model_name
 from .build import load_encoded_data
 from .config import TrainConfig
 from .distributed import World, check_distributed, launched_world
 from .plan import check_fits
 from .reporting import check_reporters
 from .rundir import RunDirectory, open_run_directory
-from .setup import NO_BNB, check_model_source, importable, load_tokenizer, resolve_device
+from .setup import (NO_BNB, check_model_options, check_model_source, importable, load_tokenizer, resolve_device,
+                    resolve_dtype)
 
 _PROBE = "Hello, world"
 
@@ -57,6 +60,8 @@ def preflight(config: TrainConfig, world: World | None, log) -> Checked:
     check_reporters(config.report_to)
     name = config.model or str(tiny_model_path())
     check_model_source(name)
+    check_model_name(name, **model_check_options(config))
+    check_model_options(config, name)
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code, check_source=False)
     check_tokenizer(tokenizer, name)
     encoded, counts = load_encoded_data(config, tokenizer)
@@ -66,14 +71,22 @@ def preflight(config: TrainConfig, world: World | None, log) -> Checked:
 
 
 def check_backends(config: TrainConfig) -> None:
-    """ValueError naming loss_backend/attn_backend when it cannot run on the configured device."""
+    """ValueError naming loss_backend/attn_backend when it cannot run on the configured device (attention: in the
+    configured dtype, on that GPU's compute capability), before weights load."""
     device = resolve_device(config.device)
     if config.loss == "sdpo":
         try:
             resolve_backend(config.loss_backend, device)
         except ValueError as exc:
             raise ValueError(f"loss_backend {config.loss_backend!r} cannot run on {device.type}: {exc}") from None
-    check_attn_backend(config.attn_backend)
+    check_attn_backend(config.attn_backend, device, resolve_dtype(config.dtype, device))
+
+
+def model_check_options(config: TrainConfig) -> dict:
+    """`check_model_name`'s options for the model of `config`: its attention backend, device and dtype."""
+    device = resolve_device(config.device)
+    return dict(attn_backend=config.attn_backend, device=device, dtype=resolve_dtype(config.dtype, device),
+                trust_remote_code=config.trust_remote_code)
 
 
 def check_tokenizer(tokenizer, name: str) -> None:

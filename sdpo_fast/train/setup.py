@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..demo.assets import tiny_model_path
-from ..model import apply_liger_kernels, unwrap_model
+from ..loss.validation import check_topk_vocabulary
+from ..model import apply_liger_kernels, check_model_name, enable_checkpointing, unwrap_model
 from ..utils.hub import hub_endpoint, hub_unreachable
 from .precision import needs_master_weights, with_master_weights
 
@@ -86,6 +87,17 @@ def check_model_source(name: str, *, weights: bool = True, argument: str = "--mo
                                 "cannot be reached to download it; pass a local model directory")
 
 
+def check_model_options(config, name: str) -> None:
+    """The options that depend on the model, checked from its config before any weights load or anything is
+    written: distillation_topk at most the vocabulary (ValueError naming it)."""
+    if config.loss != "sdpo" or config.distillation_mode != "topk_logits":
+        return
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+    check_topk_vocabulary(config.distillation_mode, config.distillation_topk, hf_config.get_text_config().vocab_size)
+
+
 def _not_local(name: str) -> str:
     return "" if Path(name).expanduser().exists() else " (no such local directory; tried the Hub)"
 
@@ -107,11 +119,13 @@ def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, tru
                load_in_4bit: bool = False, check_source: bool = True):
     """A causal LM from a local dir or Hub id on `device` (safetensors only). dtype "auto": the checkpoint's.
     load_in_4bit: NF4 base weights (bitsandbytes), placed on `device` by transformers. check_source False: the
-    caller has run `check_model_source`."""
+    caller has run `check_model_source` and `check_model_name` (train's preflight)."""
     from transformers import AutoModelForCausalLM
 
     if check_source:
         check_model_source(name)
+        check_model_name(name, device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None,
+                         trust_remote_code=trust_remote_code)
     quantization = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -227,7 +241,7 @@ def prepare_model(model, config, device_type: str, dtype: torch.dtype, checkpoin
     if config.use_liger:
         apply_liger_kernels(model)
     if config.checkpointing_on(device_type):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if config.lora_r:
         if checkpoint is not None:
             from peft import PeftModel

@@ -86,7 +86,8 @@ def micro_batch_output(model, encoded: list[EncodedInteraction], weights: list[f
                              attn_backend=options.attn_backend,
                              teacher=objective.needs_teacher and own_teacher is None)
     if own is not None:
-        mb = dataclasses.replace(mb, teacher_hidden=own[0], teacher_lm_head_weight=own[1])
+        mb = dataclasses.replace(mb, teacher_hidden=own[0], teacher_lm_head_weight=None if own[1] is None else
+                                 own[1].weight, teacher_head=own[1])
     seq = mb.sequence_index
     targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
     token_weights = upload(weights, torch.float32, seq.device)[seq]

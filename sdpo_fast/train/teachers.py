@@ -19,7 +19,7 @@ import copy
 
 import torch
 
-from ..model import teacher_hidden_states, unwrap_model
+from ..model import logit_head, teacher_hidden_states, unwrap_model
 from ..utils import check_choice, check_number
 
 TEACHERS = ("live", "ema", "base")
@@ -74,11 +74,11 @@ class Teacher:
                         params[name].copy_(value)
 
     def hidden_states(self, encoded, attn_backend: str = "auto"):
-        """Full teacher pass over `encoded`: (hidden (N, d_t) detached, its lm_head weight, or None when it is the
+        """Full teacher pass over `encoded`: (hidden (N, d_t) detached, its `LogitHead`, or None when it is the
         student's). Run it before the student pass: the ema swap writes the adapter's tensors in place."""
         with self._weights() as teacher:
             hidden = teacher_hidden_states(teacher, encoded, attn_backend=attn_backend)
-            head = None if self.copy is None else unwrap_model(teacher).get_output_embeddings().weight
+            head = None if self.copy is None else logit_head(teacher)
         return hidden, head
 
     @torch.no_grad()

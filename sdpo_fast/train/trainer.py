@@ -124,6 +124,9 @@ class Trainer:
             listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differ.items())
             raise ValueError(f"resume: checkpoint {str(ckpt)!r} belongs to another run ({listed}); the data or its "
                              "settings changed: use the same data, or start a new run in another --output-dir")
+        world_sizes = [state.get("world_size", 1), 1 if self.world is None else self.world.size]
+        if world_sizes[0] != world_sizes[1]:
+            self.changes["world_size"] = world_sizes
         if is_sharded(ckpt):
             load_sharded_state(ckpt, self.model, self.optimizer, self.world,
                                self.teacher.ema if self.teacher is not None else None)

@@ -102,11 +102,27 @@ def test_openai_rows_follow_the_wildchat_rules(tmp_path):
     assert out == [([("user", "hi")], "Hello!", "thanks", 1, 2)]
 
 
-def test_wildfeedback_rows_have_no_language_filter_and_pair_on_raw_messages(tmp_path):
-    # Pairs come from the raw list (gpt at i, human at i+1); only the history is cleaned of empty messages.
+def test_wildfeedback_rows_have_no_language_filter_and_drop_empty_messages_before_pairing(tmp_path):
+    # The empty gpt message is dropped first -> [hi, hello?, Hello!, thanks]: one pair, at index 2, and no
+    # interaction with an empty completion; history [hi, hello?] collapses to its first user message.
     out, skipped = run(tmp_path, [wildfeedback(ISSUE_EXAMPLE)], preset="paper")
-    assert out == [([("user", "hi")], "   ", "hello?", 1, 1), ([("user", "hi")], "Hello!", "thanks", 1, 3)]
+    assert out == [([("user", "hi")], "Hello!", "thanks", 1, 2)]
     assert skipped == {}
+    # an empty human message between two gpt messages: [q, a, b, f] -> (b, f) only, never an empty follow-up
+    out, _ = run(tmp_path, [wildfeedback([("user", "q"), ("assistant", "a"), ("user", " \n "), ("assistant", "b"),
+                                          ("user", "f")])], preset="paper")
+    assert out == [([("user", "q"), ("assistant", "a")], "b", "f", 1, 2)]
+
+
+@pytest.mark.parametrize("preset", [None, "paper", "strict"])
+def test_no_preset_yields_an_empty_completion_or_followup(tmp_path, preset):
+    """Fuzzed rows of both formats (empty, whitespace-only and system messages in any order): every interaction's
+    completion and follow-up has text after stripping, and the rows do yield interactions."""
+    rows = [wildchat(c) if k % 2 else {**wildfeedback(c), "language": "English"}
+            for k, c in enumerate(_fuzzed_convos(3, 600))]
+    out, _ = run(tmp_path, rows, preset=preset)
+    assert len(out) >= 5
+    assert all(completion.strip() and followup.strip() for _, completion, followup, _, _ in out)
 
 
 def test_wildfeedback_limits_and_text_as_is(tmp_path):
@@ -114,7 +130,7 @@ def test_wildfeedback_limits_and_text_as_is(tmp_path):
         wildfeedback([("user", " q "), ("assistant", " a "), ("user", " f ")]),                      # 1 unstripped
         wildfeedback([("user", "y" * 5000), ("assistant", "a"), ("user", "f")]),                     # 2 users unlimited
         wildfeedback([("user", "q"), ("assistant", "x" * 4096 + " "), ("user", "f")]),               # 3 raw 4097
-        wildfeedback([("user", "q"), ("assistant", "  "), ("user", "f")]),                           # 4 raw count 3
+        wildfeedback([("user", "q"), ("assistant", "  "), ("user", "f")]),                           # 4 no pair
         wildfeedback([("user", "q"), ("assistant", "a")]),                                           # 5 too short
         wildfeedback([("user", "q"), ("assistant", "a1"), ("assistant", "a2"), ("user", "f")]),      # 6 ends with gpt
         wildfeedback([("system", "s"), ("user", "q"), ("assistant", "a"), ("user", "f")]),           # 7 system
@@ -125,9 +141,8 @@ def test_wildfeedback_limits_and_text_as_is(tmp_path):
     assert out == [
         ([("user", " q ")], " a ", " f ", 1, 1),
         ([("user", "y" * 5000)], "a", "f", 2, 1),
-        ([("user", "q")], "  ", "f", 4, 1),
         ([("user", "q"), ("assistant", "a1")], "a2", "f", 6, 2),
-        ([("user", "q")], "a", "f", 7, 2),
+        ([("user", "q")], "a", "f", 7, 1),
     ]
     assert skipped == {"filtered_message_chars": 1, "filtered_min_messages": 1, "filtered_conversation_chars": 1}
 
@@ -235,7 +250,7 @@ def test_wildfeedback_rows_give_usable_interactions_under_the_paper_preset(tmp_p
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     encoded, skipped = encode_interactions(tiny_tokenizer("qwen3"), load_interactions(path, preset="paper"),
                                            hindsight_template="authors-offline")
-    assert len(encoded) == 2 and skipped == {"empty_completion": 1}
+    assert len(encoded) == 2 and skipped == {}
 
 
 def test_train_config_takes_the_authors_encoding_options():

@@ -90,7 +90,7 @@ def test_lm_eval_scores_match_direct_checks_and_resume(tiny_checkpoint, tmp_path
         assert mc["metrics"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
     assert by_task["ifeval_local"]["base"]["samples"] != by_task["ifeval_local"]["sdpo"]["samples"]
     table = (out / "results.md").read_text()
-    assert "ifeval_local (prompt_level_loose_acc)" in table and "mc_local (acc)" in table
+    assert "ifeval_local (prompt_level_loose_acc, n=8)" in table and "mc_local (acc, n=6)" in table
 
     monkeypatch.setattr(EvalModels, "get", lambda self, side: pytest.fail("a finished benchmark was rerun"))
     assert evaluate_checkpoint(tiny_checkpoint, out, **kwargs) == records

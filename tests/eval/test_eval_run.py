@@ -113,5 +113,5 @@ def test_cli(tiny_checkpoint, tmp_path, capsys):
     assert main(args) == 2 and "needs --persona" in capsys.readouterr().err
     assert main(args + ["--persona", "brief", "--length-control"]) == 0
     out = capsys.readouterr().out
-    assert "| model | win rate vs base (LC) |" in out and (tmp_path / "o" / "pairwise.json").is_file()
+    assert "| model | win rate vs base (LC; " in out and (tmp_path / "o" / "pairwise.json").is_file()
     assert main(["eval", str(tiny_checkpoint), "--out", str(tmp_path / "o")]) == 2

@@ -94,7 +94,10 @@ def _loss_sensitivity(model, inputs) -> float:
 def test_one_step_same_loss_and_gradients(config, tmp_path):
     """Same completions, and our loss and gradients as close to the fp64 truth as TRL's own fp32 ones (x2, plus
     a few fp32 eps of the loss's sensitivity, or 1e-6 of the gradient's scale)."""
-    model = tiny_causal_lm(hidden_size=32, num_layers=1, seed=3)
+    _assert_same_step(tiny_causal_lm(hidden_size=32, num_layers=1, seed=3), config, tmp_path)
+
+
+def _assert_same_step(model, config, tmp_path):
     results = []
     for integrate in (False, True):
         trainer, capture, losses, batches = _trainer(copy.deepcopy(model), tmp_path / str(integrate),
@@ -113,6 +116,34 @@ def test_one_step_same_loss_and_gradients(config, tmp_path):
     for name, truth in truth_grads.items():
         bound = 2 * _error(want_grads[name], truth) + 1e-6 * truth.abs().max().item()
         assert _error(grads[name], truth) <= bound, name
+
+
+def _headed_model(model_type: str, **overrides):
+    """A tiny random model of a family whose logits are transformed after the lm_head (or whose head has a bias)."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING[model_type](
+        vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None, initializer_range=0.2, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        if getattr(model.get_output_embeddings(), "bias", None) is not None:
+            torch.nn.init.normal_(model.get_output_embeddings().bias)
+    return model.float()
+
+
+HEADED = {"cohere-scale": ("cohere", dict(logit_scale=0.25)), "granite-scaling": ("granite", dict(logits_scaling=4.0)),
+          "phi-bias": ("phi", {}), "gemma2-softcap": ("gemma2", dict(final_logit_softcapping=2.0))}
+
+
+@pytest.mark.parametrize("head", HEADED)
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]], ids=["sampled", "full"])
+def test_logit_heads_same_loss_and_gradients(head, config, tmp_path):
+    """Models with a logit scale, a head bias or a logit soft cap: the same step as TRL's own."""
+    model_type, overrides = HEADED[head]
+    _assert_same_step(_headed_model(model_type, **overrides), config, tmp_path)
 
 
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2], CONFIGS[4]], ids=["sampled", "full", "topk"])

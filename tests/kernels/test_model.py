@@ -1,4 +1,6 @@
 """The traffic/roofline model against hand-computed small cases (no GPU, no compilation)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -52,17 +54,40 @@ def test_lse_gather_bytes_reuse_within_a_wave():
     assert model.hbm_bytes(launch, resident=1, l2_bytes=0) == 2 * weight + 4 * hidden + 32 * 2 * 4
 
 
-def test_predicted_time_is_the_roofline_with_wave_quantization():
+def test_predicted_time_is_the_calibrated_roofline_with_wave_quantization():
     gpu = GPU("toy", 90, sms=2, l2_bytes=1 << 30, hbm_bytes_per_s=1e9, tensor_16bit_flops=1e12, fp32_flops=1e11,
               source="made up")
+    calibration = model.Efficiency(triton_tensor=0.5, triton_fp32=0.25, cublas=0.8, hbm=0.8, source="test")
     launch = grad_weight_case()
-    p = model.predict_launch(launch, gpu, occupancy=1)  # 4 programs on 2 SMs: 2 full waves
+    p = model.predict_launch(launch, gpu, occupancy=1, calibration=calibration)  # 4 programs on 2 SMs: 2 waves
     flops = 2 * 32 * 256 * 128
     moved = model.hbm_bytes(launch, 2, int(model.L2_EFFECTIVE * gpu.l2_bytes))
     assert p.flops == flops and p.hbm_bytes == moved and p.wave_efficiency == 1.0
-    assert p.seconds == pytest.approx(max(flops / 1e12, moved / 1e9)) and p.bound == "memory"
-    p3 = model.predict_launch(launch, GPU(**{**gpu.__dict__, "sms": 3, "hbm_bytes_per_s": 1e15}), occupancy=1)
-    assert p3.wave_efficiency == pytest.approx(4 / 6) and p3.seconds == pytest.approx(flops / 1e12 * 6 / 4)
+    assert p.seconds == pytest.approx(max(flops / 0.5e12, moved / 0.8e9)) and p.bound == "memory"
+    p3 = model.predict_launch(launch, GPU(**{**gpu.__dict__, "sms": 3, "hbm_bytes_per_s": 1e15}), occupancy=1,
+                              calibration=calibration)
+    assert p3.wave_efficiency == pytest.approx(4 / 6) and p3.seconds == pytest.approx(flops / 0.5e12 * 6 / 4)
+
+
+def test_qwen3_8b_step_costs_each_grad_weight_launch_by_its_own_options(monkeypatch):
+    """N=16384, d=4096, V=151936, bf16 on H100: the backward's chunks hold (50 MiB / 4) // (4096 x 2 bytes) = 1600
+    -> 1536 rows (10 chunks and one of 1024). By hand, grad_weight reads grad_logits (N x V x 2) and hidden (N x d x
+    2) once and writes the fp32 (V, d) tile set per chunk (11 x 4Vd) and reads it back in the 10 accumulating ones:
+    57.39 GB, not the 11 first-chunk copies (write only) a memo keyed without ACCUMULATE gave (35.0 GB). The table
+    prints the efficiency assumptions, and the step runs between the Triton and the cuBLAS factors' rates."""
+    from sdpo_fast.kernels import check
+
+    monkeypatch.setattr(check, "compile_launch", lambda launch, arch, *a, **k: SimpleNamespace(programs_per_sm=1))
+    n, d, vocab = 16384, 4096, 151936
+    step = model.model_step((n, d, vocab), torch.bfloat16, "h100")
+    grad_weight = next(k for k in step.kernels if k.kernel == "grad_weight")
+    assert grad_weight.launches == 11
+    assert grad_weight.hbm_bytes == n * vocab * 2 + n * d * 2 + (11 + 10) * vocab * d * 4
+    assert round(grad_weight.hbm_bytes / 1e9, 1) == 57.4
+    table = model.format_model(step)
+    assert "Assumptions: Triton 16-bit products at 60% of the datasheet tensor peak" in table
+    peak = model.GPUS["h100"].tensor_16bit_flops / 1e12  # Triton kernels at 60 % of it, grad_h (cuBLAS) at 75 %
+    assert 0.6 * peak < step.tflops < 0.75 * peak
 
 
 @pytest.mark.parametrize("regs,smem,warps,arch,want", [

@@ -62,12 +62,21 @@ def test_autocast_runs_the_16_bit_path_with_fp32_grads(backend, monkeypatch):
     assert torch.equal(got["grad_weight"].to(torch.bfloat16), low["grad_weight"])
 
 
-def test_triton_16_bit_grad_weight_is_the_fp32_accumulation_rounded_once(monkeypatch):
-    """A bf16 grad_W formed vocabulary slice by slice (no fp32 (V, d) beside it; here 4 slices of 128 rows and
-    3 token chunks) equals the whole fp32 accumulation rounded to bf16; grad_hidden is unchanged."""
+@pytest.mark.parametrize("fp32_fits", [True, False], ids=["one-sweep", "slice-by-slice"])
+def test_triton_16_bit_grad_weight_is_the_fp32_accumulation_rounded_once(monkeypatch, fp32_fits):
+    """A bf16 grad_W equals the whole fp32 accumulation rounded to bf16 once, whether accumulated in fp32 in the
+    sweep that forms grad_hidden (3 grad_logits launches: one per token chunk) or, when the fp32 (V, d) tensor
+    does not fit, formed vocabulary slice by slice (4 slices of 128 rows x 3 chunks more); grad_hidden is
+    unchanged."""
+    from sdpo_fast.loss.backends import triton_fused
     from sdpo_fast.loss.backends.triton_fused import TritonBackend, _vocab_slices
 
     monkeypatch.setenv("SDPO_FAST_TRITON_WORKSPACE_MB", "0")
+    monkeypatch.setattr(triton_fused, "_fp32_grad_weight_fits", lambda weight, workspace_bytes: fp32_fits)
+    launches = []
+    real_grad_logits = triton_fused.grad_logits
+    monkeypatch.setattr(triton_fused, "grad_logits", lambda *args: launches.append(args[1].shape[0]) or
+                        real_grad_logits(*args))
     device = backend_device("triton")
     case = make_case(300, 32, 500, dtype=torch.bfloat16, device=device, seed=5)
     hidden, weight, targets = case["student_hidden"], case["lm_head_weight"], case["target_ids"]
@@ -76,8 +85,10 @@ def test_triton_16_bit_grad_weight_is_the_fp32_accumulation_rounded_once(monkeyp
     logprobs, lse = backend.token_logprobs(hidden, weight, targets, 1.0)
     coef = torch.randn(300, generator=torch.Generator().manual_seed(1)).to(device)
     fp32_hidden, fp32_weight = backend.grad(hidden, weight, targets, lse, coef, 1.0, True, True)
+    launches.clear()
     bf16_hidden, bf16_weight = backend.grad(hidden, weight, targets, lse, coef, 1.0, True, True,
                                             grad_weight_dtype=torch.bfloat16)
+    assert launches == [500] * 3 if fp32_fits else [500] * 3 + [128, 128, 128] * 3 + [116] * 3
     assert fp32_weight.dtype == torch.float32 and bf16_weight.dtype == torch.bfloat16
     assert torch.equal(bf16_weight, fp32_weight.to(torch.bfloat16))
     assert torch.equal(bf16_hidden, fp32_hidden)

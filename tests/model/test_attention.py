@@ -3,6 +3,8 @@ cache, and the transformers registration (fallback to sdpa, switching and restor
 from __future__ import annotations
 
 import copy
+import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -188,46 +190,173 @@ def test_cuda_backends_match_sdpa_in_bf16(backend, lengths_q, lengths_k):
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
 
 
-def _fake_varlen(with_scale: bool, with_gqa: bool, calls: list):
-    """A stand-in for torch.nn.attention.varlen.varlen_attn with the signature of a given torch version, computed
-    with the explicit attention (equal head counts unless enable_gqa, default scale unless given)."""
-    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False, is_causal=True):
-        assert is_causal and (enable_gqa or q.shape[1] == k.shape[1])
-        calls.append(q.shape[1])
-        lengths_q = (cu_q[1:] - cu_q[:-1]).tolist()
-        lengths_k = (cu_k[1:] - cu_k[:-1]).tolist()
-        return explicit_attention(q, k, v, lengths_q, lengths_k, q.shape[-1] ** -0.5 if scale is None else scale)
+def _stand_in(version: str, calls: list):
+    """torch.nn.attention.varlen.varlen_attn with the signature of torch `version` ("2.10": positional `is_causal`,
+    no `scale`; "2.11": keyword-only `scale` and `window_size`), computed with the explicit attention. Like the
+    FlashAttention-2 kernel behind both, it takes fewer K/V heads than query heads when they divide them; each call
+    records (query heads, K/V heads)."""
+    def run(q, k, v, cu_q, cu_k, scale, causal):
+        assert causal and q.shape[1] % k.shape[1] == 0
+        calls.append((q.shape[1], k.shape[1]))
+        lengths_q, lengths_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
+        out = explicit_attention(q, k, v, lengths_q, lengths_k, q.shape[-1] ** -0.5 if scale is None else scale)
+        return out.to(q.dtype)
 
-    if with_scale and with_gqa:
-        return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, enable_gqa=False, is_causal=True: \
-            run(q, k, v, cu_q, cu_k, max_q, max_k, scale, enable_gqa, is_causal)
-    if with_scale:
-        return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=True: \
-            run(q, k, v, cu_q, cu_k, max_q, max_k, scale, False, is_causal)
-    return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=True: \
-        run(q, k, v, cu_q, cu_k, max_q, max_k, None, False, is_causal)
+    if version == "2.10":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return run(query, key, value, cu_seq_q, cu_seq_k, None, is_causal)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+            return run(query, key, value, cu_seq_q, cu_seq_k, scale, tuple(window_size) == (-1, 0))
+    return varlen_attn
 
 
-@pytest.mark.parametrize("with_scale, with_gqa", [(False, False), (True, False), (True, True)],
-                         ids=["torch-2.9-signature", "no-enable_gqa", "scale-and-gqa"])
-def test_torch_varlen_signatures_give_the_same_attention(monkeypatch, with_scale, with_gqa):
-    """Without a `scale` argument the scale is folded into q; without `enable_gqa` each query group runs over the
-    shared K/V (never a repeated copy of K/V)."""
+def _use_stand_in(monkeypatch, version: str) -> list:
+    """Route attn_backend 'torch' to the stand-in on this CPU (whose device check would refuse it)."""
     calls = []
-    fake = _fake_varlen(with_scale, with_gqa, calls)
+    fake = _stand_in(version, calls)
     monkeypatch.setattr(attention, "_torch_varlen", lambda: fake)
-    monkeypatch.setattr(attention, "_torch_varlen_params", lambda: frozenset(
-        __import__("inspect").signature(fake).parameters))
+    monkeypatch.setattr(attention, "_torch_varlen_params", lambda: frozenset(inspect.signature(fake).parameters))
+    monkeypatch.setattr(attention, "varlen_refusal", lambda device, dtype=None: None)
+    return calls
+
+
+@pytest.mark.parametrize("version", ["2.10", "2.11"])
+def test_torch_varlen_signatures_give_the_same_attention_in_one_gqa_call(monkeypatch, version):
+    """Without a `scale` argument (2.10) the scale is folded into q; GQA runs as one call on the un-repeated
+    K/V heads."""
+    calls = _use_stand_in(monkeypatch, version)
     lengths_q, lengths_k = [3, 1, 6], [10, 1, 6]
     q, k, v = random_qkv(lengths_q, lengths_k, heads=6, kv_heads=2)
     out = varlen_attention(q, k, v, cu(lengths_q), cu(lengths_k), lengths_q, lengths_k, scale=0.3, backend="torch")
-    torch.testing.assert_close(out.double(), explicit_attention(q, k, v, lengths_q, lengths_k, 0.3), atol=1e-5,
-                               rtol=0)
-    assert calls == ([6] if with_gqa else [2, 2, 2])
+    expected = explicit_attention(q, k, v, lengths_q, lengths_k, 0.3)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    assert calls == [(6, 2)]
     grads = torch.autograd.grad(out.sum(), (q, k, v))
-    expected = torch.autograd.grad(explicit_attention(q, k, v, lengths_q, lengths_k, 0.3).sum(), (q, k, v))
-    for got, want in zip(grads, expected):
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_backend_runs_one_gqa_call_per_layer_of_a_model(monkeypatch):
+    """A packed forward of a 3-layer GQA model (4 query, 2 K/V heads) on attn_backend 'torch': one kernel call per
+    layer with the model's own K/V head count, and the same hidden states as the sdpa backend."""
+    calls = _use_stand_in(monkeypatch, "2.11")
+    model = tiny_causal_lm("qwen3", num_layers=3, initializer_range=0.2)
+    lengths = [5, 9, 2]
+    ids = torch.randint(0, model.config.vocab_size, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    hidden = {}
+    with sdpo_attention(model), attention.packed_forward(), torch.no_grad():
+        for backend in ("torch", "sdpa"):
+            call = make_call("plain", lengths, torch.device("cpu"), backend=backend)
+            hidden[backend] = model.model(ids, position_ids=positions, sdpo_call=call).last_hidden_state
+            assert call.attention_calls == 3
+    assert calls == [(4, 2)] * 3
+    torch.testing.assert_close(hidden["torch"], hidden["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_varlen_backends_are_refused_where_their_kernel_cannot_run(monkeypatch):
+    """flash/torch need fp16/bf16 on a CUDA GPU of compute capability >= 8.0: refused when chosen (device and
+    dtype known, before weights load) in one line naming sdpa; auto picks sdpa there."""
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: _stand_in("2.11", []))
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: object())
+    capability = {"cuda:0": (7, 5), "cuda:1": (8, 0)}
+    monkeypatch.setattr(attention, "_capability", lambda device: capability[str(device)])
+    cases = [("cpu", torch.bfloat16, "CUDA GPUs only"), ("cuda:1", torch.float32, "fp16/bf16 inputs only, not float32"),
+             ("cuda:0", torch.bfloat16, "compute capability >= 8.0, cuda:0 has 7.5")]
+    for backend in ("flash", "torch"):
+        for device, dtype, why in cases:
+            with pytest.raises(ValueError, match=f"attn_backend='{backend}' cannot run here: .*{why}.*'sdpa'") as exc:
+                attention.check_backend(backend, torch.device(device), dtype)
+            assert "\n" not in str(exc.value)
+        attention.check_backend(backend, torch.device("cuda:1"), torch.bfloat16)
+        attention.check_backend(backend, torch.device("cuda:1"))
+        with pytest.raises(ValueError, match="compute capability"):
+            attention.check_backend(backend, torch.device("cuda:0"))
+    for device, dtype, _ in cases:
+        assert attention.resolve_backend("auto", SimpleNamespace(device=torch.device(device), dtype=dtype), 0.0) \
+            == "sdpa"
+    query = SimpleNamespace(device=torch.device("cuda:1"), dtype=torch.bfloat16)
+    assert attention.resolve_backend("auto", query, 0.0) == "flash"
+
+
+def test_varlen_attention_refuses_mixed_dtypes_and_cpu_varlen_backends():
+    q, k, v = random_qkv([3], [3])
+    args = (cu([3]), cu([3]), [3], [3])
+    with pytest.raises(ValueError, match="one dtype"):
+        varlen_attention(q, k.double(), v, *args, backend="sdpa")
+    if attention._torch_varlen() is not None:
+        with pytest.raises(ValueError, match="attn_backend='torch' cannot run here: they run on CUDA GPUs only"):
+            varlen_attention(q, k, v, *args, backend="torch")
+
+
+def test_train_config_refuses_a_varlen_backend_before_loading_weights(monkeypatch):
+    """The trainer's choice-time check: dtype float32 with attn_backend 'torch' names sdpa."""
+    from sdpo_fast.train.config import TrainConfig
+    from sdpo_fast.train.preflight import check_backends
+
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: _stand_in("2.11", []))
+    with pytest.raises(ValueError, match="attn_backend='torch' cannot run here: they run on CUDA GPUs only, not "
+                                         "cpu; use attn_backend='sdpa'"):
+        check_backends(TrainConfig(device="cpu", dtype="float32", attn_backend="torch"))
+    check_backends(TrainConfig(device="cpu", dtype="float32", attn_backend="sdpa"))
+    from sdpo_fast.cli.online import _check_attn_backend
+
+    with pytest.raises(ValueError, match="attn_backend='torch' cannot run here"):
+        _check_attn_backend("torch", "cpu")
+
+
+def test_a_pass_refuses_a_varlen_backend_before_any_forward(monkeypatch):
+    """forward_micro_batch on a CPU model with attn_backend 'torch': refused from the model's device before a layer
+    runs."""
+    from sdpo_fast.data import EncodedInteraction
+    from sdpo_fast.model import forward_micro_batch
+
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: _stand_in("2.11", []))
+    model = tiny_causal_lm("qwen3")
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    encoded = [EncodedInteraction([5, 6, 7, 40, 41], [5, 6, 9, 40, 41], [40, 41], 2)]
+    with pytest.raises(ValueError, match="attn_backend='torch' cannot run here: they run on CUDA GPUs only"):
+        forward_micro_batch(model, encoded, attn_backend="torch")
+    assert calls == []
+    forward_micro_batch(model, encoded, attn_backend="sdpa")
+    assert calls == [1, 1]
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_torch_varlen_gqa_is_one_call_matching_sdpa(monkeypatch):
+    """On a GPU with torch >= 2.10: the real kernel takes 8 query over 2 K/V heads in one call, forward and
+    backward agree with the sdpa fallback (bf16, teacher layout), and a float32 call is refused before the kernel."""
+    if attention._torch_varlen() is None:
+        pytest.skip("torch.nn.attention.varlen needs torch >= 2.10")
+    if attention.varlen_refusal(torch.device("cuda"), torch.bfloat16) is not None:
+        pytest.skip(attention.varlen_refusal(torch.device("cuda"), torch.bfloat16))
+    real, calls = attention._torch_varlen(), []
+
+    def counted(q, k, *args, **kwargs):
+        calls.append((q.shape[1], k.shape[1]))
+        return real(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: counted)
+    lengths_q, lengths_k = [100, 37], [300, 37]
+    q, k, v = random_qkv(lengths_q, lengths_k, heads=8, kv_heads=2, dim=128, dtype=torch.bfloat16, device="cuda")
+    args = (cu(lengths_q, "cuda"), cu(lengths_k, "cuda"), lengths_q, lengths_k)
+    out = varlen_attention(q, k, v, *args, scale=0.1, backend="torch")
+    ref = varlen_attention(q, k, v, *args, scale=0.1, backend="sdpa")
+    assert calls == [(8, 2)]
+    exact = explicit_attention(q.float(), k.float(), v.float(), lengths_q, lengths_k, 0.1)
+    assert (out.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + 1e-2
+    weights = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref.float() * weights).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+    with pytest.raises(ValueError, match="fp16/bf16 inputs only"):
+        varlen_attention(q.float(), k.float(), v.float(), *args, backend="torch")
 
 
 @pytest.mark.cuda

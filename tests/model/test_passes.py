@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from sdpo_fast.data import EncodedInteraction, Interaction, encode_interactions
 from sdpo_fast.model import (
     ATTN_IMPLEMENTATION,
     apply_liger_kernels,
+    enable_checkpointing,
     forward_micro_batch,
     micro_batch_indices,
 )
@@ -88,12 +88,6 @@ def _hf_logprobs(model, input_ids, completion_ids, temperature=1.0):
     n = len(completion_ids)
     start = len(input_ids) - n - 1
     return logits[start:start + n].log_softmax(-1).gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
-
-
-def _enable_checkpointing(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def test_test_models_are_sensitive(encoded):
@@ -210,7 +204,7 @@ def _check_student_gradients(model, encoded):
 def test_student_gradients_match_unpacked(arch, checkpointing, encoded):
     model = _model(arch, tie_word_embeddings=arch == "qwen3").train()
     if checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     _check_student_gradients(model, encoded)
 
 
@@ -221,7 +215,7 @@ def test_lora_student_gradients_match_unpacked(checkpointing, encoded):
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
     model = peft.get_peft_model(_model("qwen3"), config).train()
     if checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     _check_student_gradients(model, encoded)
 
 
@@ -298,7 +292,7 @@ def test_cuda_bf16_backends_agree(arch, encoded):
 @cuda
 def test_cuda_fp32_checkpointed_student_pass_and_liger(encoded):
     model = _model("llama").to("cuda").train()
-    _enable_checkpointing(model)
+    enable_checkpointing(model)
     batch = forward_micro_batch(model, encoded, attn_backend="sdpa")
     ref = _model("llama")
     with torch.no_grad():

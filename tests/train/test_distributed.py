@@ -249,6 +249,6 @@ def test_one_failing_rank_ends_the_job_with_its_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL, one per process)")
 def test_two_gpus_equal_one_gpu_in_fp32(tmp_path):
-    values = dict(max_steps=3, save_steps=0, device="cuda", dtype="float32", attn_backend="torch")
+    values = dict(max_steps=3, save_steps=0, device="cuda", dtype="float32", attn_backend="sdpa")
     single, two = run_single(tmp_path / "one", **values), run_two(tmp_path / "two", **values)
     assert max_rel(weights(two / "checkpoint-3"), weights(single / "checkpoint-3")) <= 1e-5

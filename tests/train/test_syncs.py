@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sdpo_fast.data import encode_interactions, load_interactions, sample_path
+from sdpo_fast.model import enable_checkpointing
 from sdpo_fast.online import loop
 from sdpo_fast.online.loop import OnlineConfig, OnlinePolicy, PendingInteraction
 from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
@@ -38,7 +39,7 @@ def test_offline_step_synchronizes_once(batch, monkeypatch, loss, lora, checkpoi
         batch = [dataclasses.replace(e, behavior_logprobs=[-1.0] * len(e.completion_ids)) for e in batch]
     model = tiny_causal_lm("qwen3").train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if lora:
         model = apply_lora(model, lora_config(4, 8.0, 0.0, "all-linear"))
     config = TrainConfig(loss=loss, micro_batch_tokens=300, ignore_first_k=2, max_grad_norm=1.0,

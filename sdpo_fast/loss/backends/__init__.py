@@ -13,6 +13,9 @@ with z = hidden @ weight.T * inv_temperature:
   (logprobs, grad_hidden, grad_weight)`: both at once, coef_of(rows, logprobs[rows]) -> coef[rows] computed
   as the log-probs become known (per-token coefficients only).
 
+Each op also takes `softcap` (None: none): the logits are then c * tanh(hidden @ weight.T / c) * inv_temperature
+(`loss.head`); `divergence` takes the teacher's `teacher_softcap` and `teacher_inv_temperature` besides.
+
 `grad_in_forward`: True when `logprobs_and_grad` costs less than `token_logprobs` + `grad` (the torch backend
 forms gradients in its forward sweep, 8·N·d·V instead of 10·N·d·V); the autograd function then uses it for
 per-token advantages.
@@ -31,13 +34,13 @@ class LossBackend(Protocol):
     name: str
     grad_in_forward: bool
 
-    def token_logprobs(self, hidden, weight, targets, inv_temperature: float): ...
+    def token_logprobs(self, hidden, weight, targets, inv_temperature: float, softcap: float | None = None): ...
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
-             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32): ...
+             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32, softcap: float | None = None): ...
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
-                          need_weight: bool): ...
+                          need_weight: bool, softcap: float | None = None): ...
 
 
 def triton_available() -> bool:

@@ -3,7 +3,8 @@
 Tokens are processed in chunks whose fp32 logits fit one reused buffer of `SDPO_FAST_TORCH_CHUNK_MB` (default
 64 MiB; larger chunks make fewer passes over the fp32 grad_weight). `logprobs_and_grad` forms the gradient in
 the same sweep as the student's log-probs; `grad` recomputes the chunk's softmax exactly as that sweep does, so
-both give bit-identical gradients for the same coefficients.
+both give bit-identical gradients for the same coefficients. A soft cap (`softcap`, see `loss.head`) keeps one more
+(rows, V) fp32 buffer, its slope, within the same budget.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 
 import torch
 
+from ..head import cap_slope, soft_cap_
 from .chunked_divergence import divergence_sweep
 
 
@@ -18,28 +20,32 @@ def _budget_bytes() -> int:
     return int(os.environ.get("SDPO_FAST_TORCH_CHUNK_MB", "64")) << 20
 
 
-def _chunks(n_tokens: int, vocab_size: int, device: torch.device):
-    """Row slices whose fp32 logits fit the budget, and one reusable (rows, V) fp32 buffer for them."""
-    rows = min(max(1, _budget_bytes() // (4 * vocab_size)), max(n_tokens, 1))
-    buffer = torch.empty((rows, vocab_size), dtype=torch.float32, device=device)
+def _chunks(n_tokens: int, vocab_size: int, device: torch.device, buffers: int = 1):
+    """Row slices whose `buffers` fp32 (rows, V) buffers fit the budget together, and those reusable buffers."""
+    rows = min(max(1, _budget_bytes() // (4 * vocab_size * buffers)), max(n_tokens, 1))
+    whole = [torch.empty((rows, vocab_size), dtype=torch.float32, device=device) for _ in range(buffers)]
     for start in range(0, n_tokens, rows):
         stop = min(start + rows, n_tokens)
-        yield slice(start, stop), buffer[: stop - start]
+        yield slice(start, stop), [buffer[: stop - start] for buffer in whole]
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float, out: torch.Tensor) -> torch.Tensor:
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float, out: torch.Tensor,
+            softcap: float | None = None) -> torch.Tensor:
     if hidden.dtype == torch.float32:
         torch.mm(hidden, weight.T, out=out)
     else:
         out.copy_(hidden @ weight.T)
-    return out.mul_(inv_temperature)
+    return soft_cap_(out, softcap, inv_temperature)
 
 
-def _softmax_parts(hidden, weight, targets, inv_temperature: float, buffer: torch.Tensor):
+def _softmax_parts(hidden, weight, targets, inv_temperature: float, buffer: torch.Tensor, softcap=None, slope=None):
     """One chunk: exp(z - max) (n, V) fp32 (in `buffer`), its row sums (n,) fp64, and the target log-probs
     (n,) fp32. Row sums are fp64: an fp32 sum over a 10^5-word vocabulary loses ~1e-5 of relative precision.
+    With `slope` (n, V) fp32 given, the soft cap's slope is written there first.
     """
-    logits = _logits(hidden, weight, inv_temperature, buffer)
+    logits = _logits(hidden, weight, inv_temperature, buffer, softcap)
+    if slope is not None:
+        cap_slope(logits, softcap, inv_temperature, slope)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     row_max = logits.max(dim=1, keepdim=True).values.squeeze(1)
     exp = logits.sub_(row_max[:, None]).exp_()
@@ -53,30 +59,35 @@ class TorchBackend:
     name = "torch"
     grad_in_forward = True
 
-    def token_logprobs(self, hidden, weight, targets, inv_temperature: float):
+    def token_logprobs(self, hidden, weight, targets, inv_temperature: float, softcap: float | None = None):
         n_tokens = hidden.shape[0]
         logprobs = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        for rows, buffer in _chunks(n_tokens, weight.shape[0], hidden.device):
-            _, _, logprobs[rows] = _softmax_parts(hidden[rows], weight, targets[rows], inv_temperature, buffer)
+        for rows, (buffer,) in _chunks(n_tokens, weight.shape[0], hidden.device):
+            _, _, logprobs[rows] = _softmax_parts(hidden[rows], weight, targets[rows], inv_temperature, buffer,
+                                                  softcap)
         return logprobs, None
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
-             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32):
+             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32, softcap: float | None = None):
         _, grad_hidden, grad_weight = self.logprobs_and_grad(
-            hidden, weight, targets, inv_temperature, lambda rows, _: coef[rows], need_hidden, need_weight)
+            hidden, weight, targets, inv_temperature, lambda rows, _: coef[rows], need_hidden, need_weight, softcap)
         return grad_hidden, None if grad_weight is None else grad_weight.to(grad_weight_dtype)
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
-                          need_weight: bool):
+                          need_weight: bool, softcap: float | None = None):
         n_tokens = hidden.shape[0]
         logprobs = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for rows, buffer in _chunks(n_tokens, weight.shape[0], hidden.device):
-            exp, sums, logprobs[rows] = _softmax_parts(hidden[rows], weight, targets[rows], inv_temperature, buffer)
+        for rows, (buffer, *slope) in _chunks(n_tokens, weight.shape[0], hidden.device, 1 + (softcap is not None)):
+            slope = slope[0] if slope else None
+            exp, sums, logprobs[rows] = _softmax_parts(hidden[rows], weight, targets[rows], inv_temperature, buffer,
+                                                       softcap, slope)
             probs = exp.div_(sums.float()[:, None])
             probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
             grad_logits = probs.mul_((coef_of(rows, logprobs[rows]) * inv_temperature)[:, None])
+            if slope is not None:
+                grad_logits.mul_(slope)
             if need_hidden:
                 grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight
             if need_weight:
@@ -84,9 +95,11 @@ class TorchBackend:
         return logprobs, grad_hidden, grad_weight
 
     def divergence(self, hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec,
-                   inv_temperature: float, need_hidden: bool, need_weight: bool):
+                   inv_temperature: float, need_hidden: bool, need_weight: bool, softcap: float | None = None,
+                   teacher_inv_temperature: float | None = None, teacher_softcap: float | None = None):
         """See `chunked_divergence.divergence_sweep`; workspace within SDPO_FAST_TORCH_CHUNK_MB."""
         return divergence_sweep(
             hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
             need_weight, budget_bytes=_budget_bytes(), logits_into=_logits,
-            add_grad_weight=lambda grad, rows_hidden, out: out.addmm_(grad.T, rows_hidden.float()))
+            add_grad_weight=lambda grad, rows_hidden, out: out.addmm_(grad.T, rows_hidden.float()), softcap=softcap,
+            teacher_inv_temperature=teacher_inv_temperature, teacher_softcap=teacher_softcap)

@@ -1,13 +1,14 @@
 """Triton backend: fused forward (logits never written), chunked fused backward.
 
 The backward writes one chunk's gradient w.r.t. the logits into one reused (chunk, V) workspace (its size:
-`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer.
+`sdpo_fast.kernels.config.backward_chunk_rows`), never an (N, V) buffer. A soft cap (`softcap`, see `loss.head`) is
+applied inside the forward and backward kernels' tiles, and to each `chunk_logits` chunk in the logit modes.
 """
 from __future__ import annotations
 
 import torch
 
-from ...kernels.config import triton_workspace_bytes
+from ...kernels.config import l2_bytes, triton_workspace_bytes
 from ...kernels.divergence import chunk_logits
 from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
@@ -22,6 +23,18 @@ def _vocab_slices(vocab_size: int, hidden_dim: int) -> list[slice]:
     return [slice(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
 
 
+def _fp32_grad_weight_fits(weight: torch.Tensor, workspace_bytes: int) -> bool:
+    """Whether a 16-bit grad_W can be accumulated in fp32 in the sweep that forms grad_hidden: the fp32 (V, d)
+    tensor, the 16-bit result and the (chunk, V) workspace fit in the device's free memory (the caching
+    allocator's unused blocks included). Always on CPU. `sdpo-fast plan` counts the slice-by-slice path instead
+    (train/plan.py): the least memory the step needs."""
+    if not weight.is_cuda:
+        return True
+    free, _ = torch.cuda.mem_get_info(weight.device)
+    free += torch.cuda.memory_reserved(weight.device) - torch.cuda.memory_allocated(weight.device)
+    return (4 + weight.element_size()) * weight.numel() + workspace_bytes <= free
+
+
 def _inner_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     """The kernels are specialized for a unit stride along the hidden dimension."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
@@ -33,36 +46,37 @@ class TritonBackend:
     name = "triton"
     grad_in_forward = False
 
-    def token_logprobs(self, hidden, weight, targets, inv_temperature: float):
+    def token_logprobs(self, hidden, weight, targets, inv_temperature: float, softcap: float | None = None):
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         if hidden.shape[0] == 0:
             empty = torch.empty(0, dtype=torch.float32, device=hidden.device)
             return empty, empty
-        lse, target_logit = lse_gather(hidden, weight, targets, inv_temperature)
+        lse, target_logit = lse_gather(hidden, weight, targets, inv_temperature, softcap)
         return target_logit - lse, lse
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
-             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32):
-        """grad_weight accumulated in fp32 and returned in grad_weight_dtype. A 16-bit one is formed in a second
-        sweep, vocabulary slice by slice (`_vocab_slices`), so no fp32 (V, d) tensor exists beside it."""
+             need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32, softcap: float | None = None):
+        """grad_weight accumulated in fp32 and returned in grad_weight_dtype, in the sweep that forms grad_hidden
+        (10·N·d·V FLOPs with the forward). A 16-bit one whose fp32 accumulator does not fit in free memory
+        (`_fp32_grad_weight_fits`) is formed in a second sweep instead, vocabulary slice by slice
+        (`_vocab_slices`; the logits gradient formed again: 12·N·d·V), so no fp32 (V, d) tensor exists beside it."""
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
         (n_tokens, hidden_dim), vocab_size = hidden.shape, weight.shape[0]
         device = hidden.device
         grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-        in_one_sweep = need_weight and grad_weight_dtype == torch.float32
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device) if in_one_sweep else None
         if n_tokens == 0:
-            if need_weight:
-                grad_weight = torch.zeros(weight.shape, dtype=grad_weight_dtype, device=device)
+            grad_weight = torch.zeros(weight.shape, dtype=grad_weight_dtype, device=device) if need_weight else None
             return grad_hidden, grad_weight
-        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) if hidden.is_cuda else 0
-        chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, hidden.dtype, need_weight, l2_bytes)
+        chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, hidden.dtype, need_weight, l2_bytes(device))
+        in_one_sweep = need_weight and (grad_weight_dtype == torch.float32 or _fp32_grad_weight_fits(
+            weight, chunks[0].stop * vocab_size * hidden.element_size()))
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device) if in_one_sweep else None
         if need_hidden or in_one_sweep:
             workspace = torch.empty((chunks[0].stop, vocab_size), dtype=hidden.dtype, device=device)
             for rows in chunks:
                 grad_logits_chunk = workspace[: rows.stop - rows.start]
                 grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows], inv_temperature,
-                            grad_logits_chunk)
+                            grad_logits_chunk, softcap)
                 if need_hidden:
                     torch.mm(grad_logits_chunk, weight, out=grad_hidden[rows])
                 if in_one_sweep:
@@ -79,19 +93,23 @@ class TritonBackend:
                 for rows in chunks:
                     chunk = workspace[: (rows.stop - rows.start) * width].view(rows.stop - rows.start, width)
                     grad_logits(hidden[rows], weight[vocab], slice_targets[rows], lse[rows], coef[rows],
-                                inv_temperature, chunk)
+                                inv_temperature, chunk, softcap)
                     accumulate_grad_weight(chunk, hidden[rows], accumulator[:width], accumulate=rows.start > 0)
                 grad_weight[vocab].copy_(accumulator[:width])
+        elif need_weight:
+            grad_weight = grad_weight.to(grad_weight_dtype)
         return grad_hidden, grad_weight
 
     def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
-                          need_weight: bool):
-        logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature)
+                          need_weight: bool, softcap: float | None = None):
+        logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature, softcap)
         coef = coef_of(slice(None), logprobs)
-        return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight))
+        return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight,
+                                     softcap=softcap))
 
     def divergence(self, hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec,
-                   inv_temperature: float, need_hidden: bool, need_weight: bool):
+                   inv_temperature: float, need_hidden: bool, need_weight: bool, softcap: float | None = None,
+                   teacher_inv_temperature: float | None = None, teacher_softcap: float | None = None):
         """See `chunked_divergence.divergence_sweep`: logits chunks from the `chunk_logits` kernel, grad_weight
         from `accumulate_grad_weight`; workspace within SDPO_FAST_TRITON_WORKSPACE_MB."""
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
@@ -102,4 +120,5 @@ class TritonBackend:
 
         return divergence_sweep(
             hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
-            need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight)
+            need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight,
+            softcap=softcap, teacher_inv_temperature=teacher_inv_temperature, teacher_softcap=teacher_softcap)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..head import LogitHead, head_kwargs
+
 
 @dataclass(frozen=True)
 class LossInputs:
@@ -16,7 +18,9 @@ class LossInputs:
     token_weights (N,) fp32, or None until the training step weighs the tokens; sequence_index (N,) int64 (the
     sequence each token belongs to); teacher_hidden (N, d_t) detached or None; teacher_lm_head_weight (V, d_t) or
     None (the teacher uses lm_head_weight); behavior_logprobs (N,) fp32 or None: the sampler's log mu(y_t), for
-    importance clipping; position_in_completion (N,) int64 or None: each token's index in its completion.
+    importance clipping. head: the student model's logit head (its bias, scale and soft cap; None: none),
+    teacher_head the teacher's own (None: the student's head, or teacher_lm_head_weight alone);
+    position_in_completion (N,) int64 or None: each token's index in its completion.
     """
 
     student_hidden: torch.Tensor
@@ -27,7 +31,15 @@ class LossInputs:
     teacher_hidden: torch.Tensor | None = None
     teacher_lm_head_weight: torch.Tensor | None = None
     behavior_logprobs: torch.Tensor | None = None
+    head: LogitHead | None = None
+    teacher_head: LogitHead | None = None
     position_in_completion: torch.Tensor | None = None
+
+    def head_kwargs(self) -> dict:
+        """The `sdpo_loss` keyword arguments of the student's and the teacher's heads."""
+        return head_kwargs(self.head, self.teacher_head, self.teacher_lm_head_weight)
+
+    loss_kwargs = head_kwargs  # the name SDPOBatch (model/passes.py) gave it
 
 
 @dataclass(frozen=True)

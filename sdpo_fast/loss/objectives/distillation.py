@@ -21,8 +21,7 @@ class DistillationObjective(Objective):
 
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
         loss, stats = sdpo_loss(inputs.student_hidden, inputs.lm_head_weight, inputs.target_ids,
-                                teacher_hidden=inputs.teacher_hidden,
-                                teacher_lm_head_weight=inputs.teacher_lm_head_weight,
+                                teacher_hidden=inputs.teacher_hidden, **inputs.head_kwargs(),
                                 token_weights=inputs.token_weights, temperature=self.temperature,
                                 distillation_mode=self.mode, distillation_alpha=self.alpha,
                                 behavior_logprobs=inputs.behavior_logprobs, importance_clip=self.importance_clip,

@@ -33,8 +33,7 @@ class SDPOObjective(Objective):
 
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
         loss, stats = sdpo_loss(inputs.student_hidden, inputs.lm_head_weight, inputs.target_ids,
-                                teacher_hidden=inputs.teacher_hidden,
-                                teacher_lm_head_weight=inputs.teacher_lm_head_weight,
+                                teacher_hidden=inputs.teacher_hidden, **inputs.head_kwargs(),
                                 token_weights=inputs.token_weights, temperature=self.temperature,
                                 signal_clip=self.signal_clip, center_advantages=self.center_advantages,
                                 sequence_index=inputs.sequence_index if self.center_advantages else None,

@@ -13,5 +13,8 @@ class SFTObjective(Objective):
     signal_name = "mean_nll"
 
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
-        loss, nll = sft_loss(inputs.student_hidden, inputs.lm_head_weight, inputs.target_ids, inputs.token_weights)
+        head = inputs.head
+        options = {} if head is None else dict(bias=head.bias, scale=head.scale, softcap=head.softcap)
+        loss, nll = sft_loss(inputs.student_hidden, inputs.lm_head_weight, inputs.target_ids, inputs.token_weights,
+                             **options)
         return ObjectiveOutput(loss, nll, inputs.target_ids != IGNORE_INDEX)
