@@ -28,7 +28,7 @@ from sdpo_fast.train.plan import worst_case_batch
 from sdpo_fast.train.reference_step import reference_step
 from sdpo_fast.train.setup import apply_lora, build_optimizer, build_scheduler, lora_config
 from sdpo_fast.train.step import train_step
-from sdpo_fast.train.trainer import objective_of, step_options
+from sdpo_fast.train.build import objective_of, step_options
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GIB = 2**30

@@ -8,8 +8,12 @@ from pathlib import Path
 
 from ..demo.assets import tiny_model_path
 from ..demo.report import demo_prompts
+from ..loss.objectives import DISTILLATION_MODES
+from ..online.config import OnlineConfig, resolve_online_config
+from ..train.teachers import TEACHERS
 from ..utils import write_text_atomic
 from ..utils.checks import check_number
+from .flags import add_dataclass_flags, given_fields
 
 _EXPERIMENTS = ("curve", "flip", "sequential")
 
@@ -25,28 +29,14 @@ def _common(parser, demo: bool) -> None:
                         help="evaluate every N interactions (default %(default)s)")
     parser.add_argument("--eval-prompts", type=int, default=64 if demo else 16,
                         help="held-out prompts judged (default %(default)s)")
-    parser.add_argument("--update-every", type=int, help="interactions per SDPO update")
-    parser.add_argument("--lr", type=float, help="learning rate (constant)")
-    parser.add_argument("--lora-r", type=int, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha")
-    parser.add_argument("--signal-clip", type=float, help="clip of the per-token signal (0: off)")
-    parser.add_argument("--ignore-first-k", type=int, help="completion tokens left out of the loss")
-    parser.add_argument("--no-center", action="store_true", help="do not mean-centre advantages per sequence")
-    parser.add_argument("--max-new-tokens", type=int, help="reply length limit")
-    parser.add_argument("--teacher", choices=["live", "ema", "base"],
-                        help="hindsight teacher: live (current weights, default), ema (an EMA of the adapter) or "
-                             "base (the adapter disabled)")
-    parser.add_argument("--teacher-ema-rate", type=float, help="EMA teacher's rate per update (default 0.05)")
-    parser.add_argument("--distillation-mode", choices=["sampled_token", "full_logits", "topk_logits"],
-                        help="sampled_token (the SDPO policy gradient, default), full_logits or topk_logits")
-    parser.add_argument("--distillation-alpha", type=float,
-                        help="alpha-divergence of the logit modes: 0 forward KL, 1 reverse KL (default), 0.5 JSD")
-    parser.add_argument("--distillation-topk", type=int, help="support size of topk_logits (default 100)")
-    parser.add_argument("--distillation-add-tail", action=argparse.BooleanOptionalAction, default=None,
-                        help="topk_logits: a tail bucket for the remaining mass (default), or renormalize")
-    parser.add_argument("--seed", type=int, help="seed of LoRA initialization, sampling and prompts (default 0)")
+    add_dataclass_flags(parser, OnlineConfig, skip=("signal_clip",),
+                        choices={"teacher": TEACHERS, "distillation_mode": tuple(DISTILLATION_MODES)})
+    parser.add_argument("--signal-clip", type=float, default=argparse.SUPPRESS,
+                        help="clip of the per-token signal (0: off; default: auto, 2 for sampled_token)")
+    parser.add_argument("--no-center", dest="center_advantages", action="store_false", default=argparse.SUPPRESS,
+                        help="do not mean-centre advantages per sequence (--no-center-advantages)")
     parser.add_argument("--config", metavar="YAML",
-                        help="YAML mapping of OnlineConfig options (sdpo_fast/online/loop.py; dashes or "
+                        help="YAML mapping of OnlineConfig options (sdpo_fast/online/config.py; dashes or "
                              "underscores); precedence: defaults < --preset < file < flags")
     if demo:
         _flip_after(parser, "100 with --flip")
@@ -87,9 +77,6 @@ def add_parser(subparsers) -> None:
                             "and a CUDA GPU; evaluation replies still use Hugging Face generate)")
         p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
                        help="vLLM's share of GPU memory with --generation vllm (default %(default)s)")
-        p.add_argument("--importance-clip", type=float, metavar="X",
-                       help="weight each token's loss by min(pi/mu, X), mu the sampler's recorded probability of "
-                            "the token (default: off)")
         if name == "flip":
             _flip_after(p, "--interactions")
         p.set_defaults(func=run, experiment=name)
@@ -108,23 +95,13 @@ def add_demo_parser(subparsers) -> None:
     demo.set_defaults(func=run_demo)
 
 
-_FLAG_FIELDS = ("update_every", "lr", "lora_r", "lora_alpha", "ignore_first_k", "max_new_tokens", "teacher",
-                "teacher_ema_rate", "distillation_mode", "distillation_alpha", "distillation_topk",
-                "distillation_add_tail", "seed")
-
-
 def _config(args, **defaults):
     """The OnlineConfig of the command: `defaults` < --preset < --config file < the flags given."""
-    from ..online.loop import resolve_online_config
     from ..train.config import load_yaml
 
-    values = {key: getattr(args, key) for key in _FLAG_FIELDS if getattr(args, key) is not None}
-    if args.signal_clip is not None:
-        values["signal_clip"] = args.signal_clip or None
-    if args.no_center:
-        values["center_advantages"] = False
-    if getattr(args, "importance_clip", None) is not None:
-        values["importance_clip"] = args.importance_clip
+    values = given_fields(args, OnlineConfig)
+    if "signal_clip" in values:
+        values["signal_clip"] = values["signal_clip"] or None
     file_values = load_yaml(args.config) if args.config else {}
     return resolve_online_config(file_values, values, preset=getattr(args, "preset", None), defaults=defaults)
 
@@ -190,8 +167,6 @@ _RUN_OPTIONS = ("experiment", "model", "persona", "personas_file", "interactions
 def _save_config(args, config, personas: list[str]) -> None:
     """--output-dir/config.yaml: the resolved OnlineConfig (loads back with --config), under comment lines
     holding the run's other options."""
-    import dataclasses
-
     import yaml
 
     out = Path(args.output_dir)
@@ -201,16 +176,16 @@ def _save_config(args, config, personas: list[str]) -> None:
     header = "".join(f"# {line}\n" for line in yaml.safe_dump(run, sort_keys=False).splitlines())
     write_text_atomic(out / "config.yaml", "# sdpo-fast online: the run's options (comments) and its resolved "
                       "OnlineConfig (loads back with --config)\n" + header
-                      + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+                      + yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _policy(model, tokenizer, config, generator=None):
-    from ..online.loop import OnlinePolicy, lora_config
+    from ..online.loop import OnlinePolicy
     from ..train.setup import apply_lora
 
     if config.lora_r < 1:
         raise ValueError("--lora-r must be >= 1: experiments compare the adapter against the base model")
-    return OnlinePolicy(apply_lora(model, lora_config(config)), tokenizer, config, generator=generator)
+    return OnlinePolicy(apply_lora(model, config.lora_config()), tokenizer, config, generator=generator)
 
 
 def _run_experiment(args, policy, personas_by_name, names, make_user, judge, train_prompts, eval_prompts):

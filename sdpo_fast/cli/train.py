@@ -3,29 +3,11 @@ on its bundled sample (CPU, about a minute), ending with a before/after style re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from pathlib import Path
 
-from ..train.config import PRESETS, TrainConfig, field_docs, field_names, load_yaml, resolve_config
-
-_METAVARS = {"int": "N", "int | None": "N", "float": "X", "float | None": "X", "str": "S", "str | None": "S",
-             "list[str]": "A,B"}
-_PARSERS = {"int": int, "float": float, "str": str, "str | None": str, "list[str]": str}
-
-
-def _optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "off") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _flag_type(annotation: str):
-    if annotation in ("int | None", "float | None"):
-        return _optional(int if annotation.startswith("int") else float)
-    return _PARSERS[annotation]
+from ..train.config import PRESETS, TrainConfig, load_yaml, resolve_config
+from .flags import add_dataclass_flags, given_fields
 
 
 def add_parser(subparsers) -> None:
@@ -41,32 +23,21 @@ def add_parser(subparsers) -> None:
 def add_config_flags(parser) -> None:
     """--config and one flag per TrainConfig field (shared by `train` and `plan`)."""
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (same names as the flags, with _)")
-    docs = field_docs()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        help_text = f"{docs[f.name]} (default {default})" if f.name in docs else f"(default {default})"
-        if f.name == "preset":
-            parser.add_argument(flag, choices=sorted(PRESETS), default=argparse.SUPPRESS, help=help_text)
-        elif f.type in ("bool", "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, type=_flag_type(f.type), default=argparse.SUPPRESS, help=help_text,
-                                metavar=_METAVARS[f.type])
+    add_dataclass_flags(parser, TrainConfig, choices={"preset": sorted(PRESETS)})
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, *, validate: bool = True) -> TrainConfig:
     """The resolved config: the --config file's values under the flags actually given. With --resume, the
-    config saved in the output directory comes first, so `--output-dir DIR --resume` alone continues a run."""
+    config saved in the output directory comes first, so `--output-dir DIR --resume` alone continues a run.
+    validate False: left to `train`, which validates once."""
     file_values = load_yaml(args.config) if args.config else {}
-    overrides = {name: getattr(args, name) for name in field_names() if hasattr(args, name)}
+    overrides = given_fields(args, TrainConfig)
     output_dir = overrides.get("output_dir", file_values.get("output_dir"))
     if overrides.get("resume", file_values.get("resume")) and output_dir:
         saved = Path(output_dir) / "config.yaml"
         if saved.is_file():
             file_values = {**load_yaml(saved), **file_values}
-    return resolve_config(file_values, overrides)
+    return resolve_config(file_values, overrides, validate=validate)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..demo import single_thread
 
-    config = config_from_args(args)
+    config = config_from_args(args, validate=False)
     try:
         with single_thread(enabled=config.model is None):
             return _train_and_report(config, args)

@@ -10,6 +10,7 @@ import collections
 import math
 from typing import Iterable
 
+from ..model.generation import default_template_kwargs
 from ..model.inputs import EncodedInteraction
 from ..utils.checks import check_choice, check_int
 from .interactions import Interaction
@@ -300,10 +301,3 @@ class InteractionEncoder:
         if self.tokenizer.eos_token_id is not None:
             return self.tokenizer.eos_token_id
         raise ValueError("could not detect the end-of-turn token: pass end_of_turn_token='<token>' (or None)")
-
-
-def default_template_kwargs(template) -> dict:
-    """{"enable_thinking": False} for a chat template (str, or dict of named templates) with that switch
-    (Qwen3: no thinking block before the reply), else {}."""
-    text = " ".join(template.values()) if isinstance(template, dict) else (template or "")
-    return {"enable_thinking": False} if "enable_thinking" in text else {}

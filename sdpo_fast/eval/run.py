@@ -14,7 +14,7 @@ import yaml
 
 from .. import __version__ as sdpo_fast_version
 from ..demo.assets import tiny_model_path
-from ..online.loop import generate_batch
+from ..model.generation import generate_batch
 from ..train.setup import check_model_source, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .harness import require_lm_eval, run_lm_eval, task_manager
 from .pairwise import alpaca_eval_lc_win_rate, pairwise_win_rate

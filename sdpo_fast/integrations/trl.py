@@ -38,6 +38,7 @@ from ..loss import sdpo_loss
 from ..loss.divergence import importance_ratio
 from ..loss.head import LogitHead, head_kwargs
 from ..model.support import logit_transform
+from ..loss.objectives import DISTILLATION_MODES
 
 def _unwrap(trainer, model):
     model = trainer.accelerator.unwrap_model(model)
@@ -86,7 +87,7 @@ def _check_args(trainer) -> None:
                          "then come from the vLLM server, not from hidden states)")
     if getattr(args, "use_liger_kernel", False):
         raise ValueError("sdpo_fast's TRL integration replaces the distillation loss; set use_liger_kernel=False")
-    if args.distillation_mode not in ("sampled_token", "full_logits", "topk_logits"):
+    if args.distillation_mode not in DISTILLATION_MODES:
         raise ValueError(f"distillation_mode {args.distillation_mode!r} is not served by sdpo_fast's TRL integration")
     if args.distillation_mode == "topk_logits" and args.distillation_topk is None:
         raise ValueError("`distillation_mode='topk_logits'` requires `distillation_topk` to be set.")

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("sampled_token", "full_logits", "topk_logits")
+POLICY_GRADIENT_MODE = "sampled_token"
+"""The distillation mode whose loss is the SDPO policy gradient on the sampled token (the others: logit modes)."""
+MODES = (POLICY_GRADIENT_MODE, "full_logits", "topk_logits")
+"""What `sdpo_loss` computes; the training objectives register one class per mode (loss/objectives)."""
 TAIL_LOG_MASS_MAX = -1e-7
 LOG_RATIO_BOUND = 20.0
 

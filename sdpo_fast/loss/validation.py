@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..utils.checks import check_bool, check_choice, check_int, check_number
-from .divergence import MODES
+from .divergence import MODES, POLICY_GRADIENT_MODE
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_TEMPERATURE = 1e-3
@@ -179,22 +179,14 @@ def validate_distillation(target_ids, vocab_size, teacher_hidden, teacher_logpro
         raise ValueError(f"importance_clip={importance_clip!r} needs behavior_logprobs (the sampler's log mu of each "
                          "target); pass them, or importance_clip=None")
     check_topk_support(distillation_mode, distillation_topk, distillation_add_tail)
-    if distillation_mode == "sampled_token":
-        if distillation_alpha != 1:
-            raise ValueError("distillation_alpha must be 1 (reverse KL) with distillation_mode='sampled_token', "
-                             f"got {distillation_alpha!r}")
+    check_mode_options(distillation_mode, distillation_alpha, signal_clip, center_advantages)
+    if distillation_mode == POLICY_GRADIENT_MODE:
         return
     if teacher_logprobs is not None:
-        raise ValueError(f"teacher_logprobs is only valid with distillation_mode='sampled_token'; "
+        raise ValueError(f"teacher_logprobs is only valid with distillation_mode={POLICY_GRADIENT_MODE!r}; "
                          f"distillation_mode={distillation_mode!r} needs teacher_hidden")
     if teacher_hidden is None:
         raise ValueError(f"distillation_mode={distillation_mode!r} needs teacher_hidden")
-    if signal_clip is not None:
-        raise ValueError(f"signal_clip applies to distillation_mode='sampled_token' only, got signal_clip="
-                         f"{signal_clip!r} with distillation_mode={distillation_mode!r}")
-    if center_advantages:
-        raise ValueError(f"center_advantages applies to distillation_mode='sampled_token' only, not "
-                         f"distillation_mode={distillation_mode!r}")
     check_topk_vocabulary(distillation_mode, distillation_topk, vocab_size)
 
 
@@ -203,6 +195,22 @@ def check_topk_vocabulary(distillation_mode: str, distillation_topk: int, vocab_
     if distillation_mode == "topk_logits" and distillation_topk > vocab_size:
         raise ValueError(f"distillation_topk must be at most the vocabulary size {vocab_size}, "
                          f"got {distillation_topk}")
+
+
+def check_mode_options(mode: str, alpha: float, signal_clip, center_advantages) -> None:
+    """The alpha/mode rule: the policy gradient (sampled_token) needs alpha 1 (reverse KL); signal_clip and
+    center_advantages shape its advantages, so the logit modes refuse them. ValueError naming the option."""
+    if mode == POLICY_GRADIENT_MODE:
+        if alpha != 1:
+            raise ValueError(f"distillation_alpha must be 1 with distillation_mode {mode} (reverse KL), "
+                             f"got {alpha!r}")
+        return
+    if signal_clip is not None:
+        raise ValueError(f"signal_clip applies to distillation_mode {POLICY_GRADIENT_MODE} only; unset it for "
+                         f"{mode} (got {signal_clip!r})")
+    if center_advantages:
+        raise ValueError(f"center_advantages applies to distillation_mode {POLICY_GRADIENT_MODE} only; unset it "
+                         f"for {mode}")
 
 
 def check_topk_support(distillation_mode: str, distillation_topk: int, distillation_add_tail: bool) -> None:

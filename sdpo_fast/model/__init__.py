@@ -1,6 +1,7 @@
 """Model integration: packed student/teacher passes with prefix K/V reuse on any transformers decoder that uses
 AttentionInterface, and Hugging Face helpers."""
 from .attention import ATTN_IMPLEMENTATION, enable_sdpo_attention, sdpo_attention, varlen_attention
+from .generation import Sample, chat_prompt_ids, generate_batch, sample_batch
 from .hf import apply_liger_kernels, enable_checkpointing, eval_mode, unwrap_model
 from .inputs import EncodedInteraction
 from .packing import pack, plan_micro_batches
@@ -23,7 +24,9 @@ __all__ = [
     "EncodedInteraction",
     "PrefixKVCache",
     "SDPOBatch",
+    "Sample",
     "apply_liger_kernels",
+    "chat_prompt_ids",
     "check_encoded",
     "check_model_name",
     "check_model_support",
@@ -32,11 +35,13 @@ __all__ = [
     "enable_sdpo_attention",
     "eval_mode",
     "forward_micro_batch",
+    "generate_batch",
     "logit_head",
     "micro_batch_indices",
     "new_prefix_cache",
     "pack",
     "plan_micro_batches",
+    "sample_batch",
     "sdpo_attention",
     "shared_vocab_size",
     "student_hidden_states",

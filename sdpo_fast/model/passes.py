@@ -9,12 +9,11 @@ returned for `sdpo_loss`, never full logits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from ..loss.head import LogitHead, head_kwargs
+from ..loss.objectives.base import LossInputs
 from ..utils.device import upload
 from .attention import check_backend, enable_sdpo_attention, make_call, packed_forward
 from .hf import unwrap_model
@@ -24,32 +23,10 @@ from .prefix_cache import PrefixKVCache
 from .support import logit_head
 
 
-@dataclass(frozen=True)
-class SDPOBatch:
-    """What `sdpo_loss` needs for one micro-batch; N = total completion tokens, d = hidden size.
-
-    student_hidden (N, d) with grad; teacher_hidden (N, d_t) detached, or None without a teacher pass;
-    target_ids, sequence_index (which interaction of the micro-batch) and position_in_completion (N,) int64;
-    lm_head_weight (V, d); teacher_lm_head_weight (V, d_t), or None when the teacher is the model itself;
-    behavior_logprobs (N,) fp32, the sampler's log mu of each target, or None when the interactions carry none.
-    head: the model's logit head (lm_head weight and bias, logit scale and soft cap); teacher_head the teacher
-    model's, or None when the teacher is the model itself.
-    """
-
-    student_hidden: torch.Tensor
-    teacher_hidden: torch.Tensor | None
-    target_ids: torch.Tensor
-    sequence_index: torch.Tensor
-    position_in_completion: torch.Tensor
-    lm_head_weight: torch.Tensor
-    teacher_lm_head_weight: torch.Tensor | None
-    behavior_logprobs: torch.Tensor | None = None
-    head: LogitHead | None = None
-    teacher_head: LogitHead | None = None
-
-    def loss_kwargs(self) -> dict:
-        """The `sdpo_loss` keyword arguments of the student's and the teacher's heads."""
-        return head_kwargs(self.head, self.teacher_head, self.teacher_lm_head_weight)
+SDPOBatch = LossInputs
+"""What the passes return for one micro-batch: `LossInputs` (loss/objectives/base.py) with position_in_completion
+set and token_weights None (the training step weighs the tokens); teacher_hidden None without a teacher pass;
+teacher_lm_head_weight and teacher_head None when the teacher is the model itself."""
 
 
 def reuse_lengths(encoded: Sequence[EncodedInteraction]) -> list[int]:
@@ -154,7 +131,7 @@ def teacher_hidden_states(model, encoded: Sequence[EncodedInteraction], *,
 
 
 def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_reuse: bool = True,
-                        teacher_model=None, attn_backend: str = "auto", teacher: bool = True) -> SDPOBatch:
+                        teacher_model=None, attn_backend: str = "auto", teacher: bool = True) -> LossInputs:
     """Student pass (grad as the caller's mode allows), then teacher pass (no grad), over one micro-batch.
 
     teacher False: the student pass only (teacher_hidden None), e.g. for an SFT loss.
@@ -179,8 +156,9 @@ def forward_micro_batch(model, encoded: Sequence[EncodedInteraction], *, prefix_
     lengths = [len(e.completion_ids) for e in encoded]
     head = logit_head(hf_model)
     teacher_head = None if teacher_model is None else logit_head(teacher_hf)
-    return SDPOBatch(
+    return LossInputs(
         student_hidden=student_hidden,
+        token_weights=None,
         teacher_hidden=teacher_hidden,
         target_ids=upload([t for e in encoded for t in e.completion_ids], torch.long, device),
         sequence_index=upload([i for i, n in enumerate(lengths) for _ in range(n)], torch.long, device),

@@ -2,8 +2,9 @@
 per-user LoRA adapters, simulated users, pairwise judges and the personalization experiments."""
 from .adapters import UserAdapters, check_user_id
 from .judge import LLMJudge, RuleJudge, WinRate, bootstrap_se, judge_all, judge_pair, summarize, win_rate
-from .loop import (PRESETS, EmptyGenerationError, OnlineConfig, OnlinePolicy, Sample,
-                   generate, run_online, sample_batch)
+from ..model.generation import Sample, generate, sample_batch
+from .config import PRESETS, OnlineConfig
+from .loop import EmptyGenerationError, OnlinePolicy, run_online
 from .personas import RULES, Persona, get_persona, load_personas, parse_personas
 from .users import EndpointError, HFChat, LLMUser, OpenAIChat, RuleUser
 from .vllm_generator import VLLMGenerator

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 from ..data.interactions import Interaction
+from ..model.generation import Sample
 from ..utils.files import fsync_file, replace_dir
 from ..utils.checks import check_int
-from .loop import OnlineConfig, OnlinePolicy, PendingInteraction, Sample, check_messages, lora_config
+from .config import OnlineConfig
+from .loop import OnlinePolicy, PendingInteraction, check_messages
 
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _FORMAT = 2
@@ -69,9 +71,9 @@ class UserAdapters:
         if self.model is None:
             from peft import get_peft_model
 
-            self.model = get_peft_model(self.base, lora_config(self.config), adapter_name=user_id)
+            self.model = get_peft_model(self.base, self.config.lora_config(), adapter_name=user_id)
         else:
-            self.model.add_adapter(user_id, lora_config(self.config))
+            self.model.add_adapter(user_id, self.config.lora_config())
 
     def policy(self, user_id: str) -> OnlinePolicy:
         """The user's policy, loaded from disk or created fresh (a new adapter starts equal to the base model)."""

@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..model.generation import generate_batch
 from ..utils.checks import check_int
 from .judge import Judge, judge_all, summarize
-from .loop import OnlinePolicy, generate_batch, prompt_messages
+from .loop import OnlinePolicy, prompt_messages
 from .personas import Persona
 from .users import EndpointError
 

@@ -10,163 +10,24 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from ..data import Interaction, InteractionEncoder, SkipInteraction, default_template_kwargs
-from ..loss import distillation_objective
-from ..loss.objectives import DISTILLATION_OBJECTIVES
-from ..loss.validation import MIN_TEMPERATURE, check_topk_support, check_topk_vocabulary
-from ..model import eval_mode, sdpo_attention, unwrap_model
-from ..train.config import check_keys, coerce_floats
-from ..train.setup import build_optimizer
-from ..train.setup import lora_config as make_lora_config
-from ..train.step import StepOptions, train_step
-from ..train.teachers import TEACHERS, Teacher
-from ..utils.checks import check_bool, check_choice, check_int, check_number
+from ..data import Interaction, InteractionEncoder, SkipInteraction
+from ..loss.validation import check_topk_vocabulary
+from ..model import sdpo_attention, unwrap_model
+from ..model.generation import Sample, chat_prompt_ids, generate, generate_batch, make_sample, sample_batch
+from ..train.build import make_optimizer, make_scheduler, objective_of, step_options
+from ..train.options import AUTO_SIGNAL_CLIP
+from ..train.step import train_step
+from ..train.teachers import Teacher
+from ..utils.checks import check_int
+from .config import PRESETS, OnlineConfig, resolve_online_config
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Paper Table 5 (personalization) and the authors' online trainers (see shared/ANCHORS.md).
-    # center_advantages / signal_clip: their defaults resolve to the authors' (on, 2.0) in sampled_token mode.
-    "paper-personalization": dict(update_every=16, lr=5e-6, max_new_tokens=258, temperature=1.0, lora_r=64,
-                                  lora_alpha=128.0),
-}
-AUTO_SIGNAL_CLIP = 2.0
-"""signal_clip "auto" in sampled_token mode: the authors' single-user live trainer's clamp."""
-
-
-@dataclass
-class OnlineConfig:
-    """Options of the online loop; `validate()` names the offending field."""
-
-    update_every: int = 16
-    """k: interactions per SDPO update (the batch)."""
-    lr: float = 5e-6
-    """Constant learning rate (AdamW)."""
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    center_advantages: bool | None = None
-    """Per-sequence mean-centred advantages (sampled_token only). None: on for sampled_token (the authors' online
-    trainer), off for the logit modes."""
-    signal_clip: float | str | None = "auto"
-    """Clamp each token's advantage to +-this (sampled_token only; None: off). "auto": 2.0 for sampled_token,
-    off for the logit modes."""
-    ignore_first_k: int = 0
-    temperature: float = 1.0
-    """Sampling temperature of the policy, and the temperature of the loss's log-probs."""
-    max_new_tokens: int = 258
-    max_prompt_tokens: int = 2048
-    lora_r: int = 64
-    """0: update all weights (single-user policies only)."""
-    lora_alpha: float = 128.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str | list[str] = "all-linear"
-    micro_batch_tokens: int = 8192
-    prefix_reuse: bool = True
-    attn_backend: str = "auto"
-    loss_backend: str = "auto"
-    teacher: str = "live"
-    """live (current weights, prefix K/V reused), ema or base (own teacher pass; see train/teachers.py). With LoRA
-    the teacher is the policy's own adapter: base = adapter disabled, ema = an EMA of that adapter's tensors."""
-    teacher_ema_rate: float = 0.05
-    """EMA teacher: theta_T <- (1 - rate) theta_T + rate theta_S after each update."""
-    distillation_mode: str = "sampled_token"
-    """sampled_token (the SDPO policy gradient), full_logits or topk_logits (see sdpo_loss)."""
-    distillation_alpha: float = 1.0
-    """alpha-divergence of the logit modes: 0 forward KL, 1 reverse KL, 0.5 JSD (sampled_token needs 1)."""
-    distillation_topk: int = 100
-    distillation_add_tail: bool = True
-    seed: int = 0
-    importance_clip: float | None = None
-    """Weight each token's loss by min(pi(y_t) / mu(y_t), this), mu the probability the sampler drew y_t with
-    (recorded at sampling; None: off)."""
-
-    @property
-    def resolved_signal_clip(self) -> float | None:
-        """signal_clip with "auto" resolved (2.0 for sampled_token, None for the logit modes)."""
-        if self.signal_clip == "auto":
-            return AUTO_SIGNAL_CLIP if self.distillation_mode == "sampled_token" else None
-        return self.signal_clip
-
-    @property
-    def resolved_center_advantages(self) -> bool:
-        """center_advantages with None resolved (True for sampled_token, False for the logit modes)."""
-        if self.center_advantages is None:
-            return self.distillation_mode == "sampled_token"
-        return self.center_advantages
-
-    def validate(self) -> "OnlineConfig":
-        for key, low in (("update_every", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
-                         ("micro_batch_tokens", 1), ("ignore_first_k", 0), ("lora_r", 0), ("seed", 0)):
-            check_int(key, getattr(self, key), low)
-        for key in ("lr", "temperature", "lora_alpha", "weight_decay", "lora_dropout", "max_grad_norm",
-                    "importance_clip"):
-            check_number(key, getattr(self, key), positive=key not in ("weight_decay", "lora_dropout"),
-                         optional=key in ("max_grad_norm", "importance_clip"))
-        if self.signal_clip != "auto":
-            check_number("signal_clip", self.signal_clip, positive=True, optional=True,
-                         what="'auto', None (off) or a finite number > 0")
-        if self.lora_dropout >= 1:
-            raise ValueError(f"lora_dropout must be < 1, got {self.lora_dropout!r}")
-        if self.temperature < MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (it is also the loss's temperature), "
-                             f"got {self.temperature!r}")
-        if self.center_advantages is not None:
-            check_bool("center_advantages", self.center_advantages)
-        for key in ("prefix_reuse", "distillation_add_tail"):
-            check_bool(key, getattr(self, key))
-        check_choice("teacher", self.teacher, TEACHERS)
-        check_choice("distillation_mode", self.distillation_mode, tuple(DISTILLATION_OBJECTIVES))
-        check_int("distillation_topk", self.distillation_topk, 1)
-        check_topk_support(self.distillation_mode, self.distillation_topk, self.distillation_add_tail)
-        if self.ignore_first_k > self.max_new_tokens:
-            raise ValueError(f"ignore_first_k {self.ignore_first_k} > max_new_tokens {self.max_new_tokens} trains "
-                             "nothing (a completion has at most max_new_tokens + 1 tokens, the end of turn included, "
-                             "and all are left out of the loss); lower ignore_first_k")
-        for key in ("teacher_ema_rate", "distillation_alpha"):
-            check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
-            if getattr(self, key) > 1:
-                raise ValueError(f"{key} must be at most 1, got {getattr(self, key)!r}")
-        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1:
-            raise ValueError("distillation_alpha must be 1 with distillation_mode sampled_token, got "
-                             f"{self.distillation_alpha!r}")
-        if self.distillation_mode != "sampled_token":
-            if self.signal_clip not in ("auto", None):
-                raise ValueError(f"signal_clip applies to distillation_mode sampled_token only; unset it for "
-                                 f"{self.distillation_mode} (got {self.signal_clip!r})")
-            if self.center_advantages:
-                raise ValueError(f"center_advantages applies to distillation_mode sampled_token only; unset it for "
-                                 f"{self.distillation_mode}")
-        targets = self.lora_target_modules
-        if not (targets == "all-linear" or (isinstance(targets, list) and targets
-                                            and all(isinstance(t, str) and t for t in targets))):
-            raise ValueError(f"lora_target_modules must be 'all-linear' or a list of module names, got {targets!r}")
-        return self
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "OnlineConfig":
-        """A config from PRESETS[name], with `overrides` on top."""
-        return resolve_online_config(overrides=overrides, preset=name)
-
-
-def resolve_online_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, *,
-                          preset: str | None = None, defaults: dict[str, Any] | None = None) -> OnlineConfig:
-    """OnlineConfig defaults < `defaults` (e.g. the demo's settings) < PRESETS[preset] < file values (a YAML
-    mapping of field names, see `train.config.load_yaml`) < `overrides` (the flags given); validated. Unknown keys
-    are rejected with the list of valid ones."""
-    file_values, overrides = dict(file_values or {}), dict(overrides or {})
-    check_keys(OnlineConfig, file_values, "config file")
-    check_keys(OnlineConfig, overrides, "OnlineConfig")
-    merged = dict(defaults or {})
-    if preset is not None:
-        check_choice("preset", preset, tuple(PRESETS))
-        merged.update(PRESETS[preset])
-    merged.update(file_values)
-    merged.update(overrides)
-    return OnlineConfig(**coerce_floats(OnlineConfig, merged)).validate()
-
+__all__ = ["AUTO_SIGNAL_CLIP", "EmptyGenerationError", "OnlineConfig", "OnlinePolicy", "PRESETS", "PendingInteraction",
+           "Sample", "adapter_parameters", "chat_prompt_ids", "check_messages", "generate", "generate_batch",
+           "lora_config", "make_sample", "prompt_messages", "resolve_online_config", "run_online", "sample_batch"]
 
 RECENT_SAMPLES = 256
 """Replies whose sampled ids (and log-probs) a policy remembers for `observe` calls that pass only the text."""
@@ -187,85 +48,7 @@ class EmptyGenerationError(ValueError):
 
 def lora_config(config: OnlineConfig):
     """The peft LoraConfig of `config`."""
-    return make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One sampled reply: its decoded text (special tokens skipped, stripped) and the sampled token ids, up to
-    and including the stop token when one was sampled (a reply cut at max_new_tokens has none); logprobs: the
-    log of the probability the sampler drew each of those ids with (its distribution at the sampling
-    temperature), or None when not recorded."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...] | None = None
-
-
-@torch.no_grad()
-def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-                 temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None,
-                 logprobs: bool = False) -> list[Sample]:
-    """One reply per chat in `conversations`, generated together (left padding; HF generate; full-distribution
-    sampling at `temperature`, greedy at 0).
-
-    The global RNG is left untouched: sampling uses its own seed. stop_token_ids default: the tokenizer's eos.
-    logprobs: record each Sample's log-probs, log_softmax of generate's processed scores (logits / temperature)
-    at the sampled id; needs temperature > 0 (greedy decoding draws from no distribution).
-    """
-    if logprobs and not temperature > 0:
-        raise ValueError("logprobs need temperature > 0: greedy decoding has no sampling distribution to record "
-                         "(importance clipping needs a sampled policy)")
-    prompts = chat_prompt_ids(tokenizer, conversations)
-    device = unwrap_model(model).get_input_embeddings().weight.device
-    stops = stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    width = max(map(len, prompts))
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
-        else dict(do_sample=False)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
-        torch.manual_seed(seed)
-        recorded = dict(output_scores=True, return_dict_in_generate=True) if logprobs else {}
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad, **sampling, **recorded)
-    if not logprobs:
-        return [make_sample(tokenizer, row, stops) for row in out[:, width:].tolist()]
-    generated = out.sequences[:, width:]
-    # one (batch, V) step at a time: the scores of a whole reply would be (batch, steps, V)
-    sampled = torch.stack([torch.log_softmax(scores.float(), -1).gather(1, generated[:, t, None])[:, 0]
-                           for t, scores in enumerate(out.scores)], 1)
-    return [make_sample(tokenizer, row, stops, lps) for row, lps in zip(generated.tolist(), sampled.tolist())]
-
-
-def chat_prompt_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    """The chat-template prompt ids (generation prompt added, thinking off where the template has the switch)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template")
-    kwargs = default_template_kwargs(tokenizer.chat_template)
-    return [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kwargs),
-                      add_special_tokens=False)["input_ids"] for m in conversations]
-
-
-def make_sample(tokenizer, generated: list[int], stop_token_ids: list[int],
-                logprobs: list[float] | None = None) -> Sample:
-    """A Sample of the generated ids (and their log-probs, same length), cut after the first stop token (what
-    follows is padding)."""
-    end = next((i + 1 for i, t in enumerate(generated) if t in stop_token_ids), len(generated))
-    ids = tuple(generated[:end])
-    return Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids,
-                  None if logprobs is None else tuple(logprobs[:end]))
-
-
-def generate_batch(model, tokenizer, conversations: list[list[dict]], **options) -> list[str]:
-    """The texts of `sample_batch` (same options)."""
-    return [s.text for s in sample_batch(model, tokenizer, conversations, **options)]
-
-
-def generate(model, tokenizer, messages: list[dict], **options) -> str:
-    """`generate_batch` for one chat."""
-    return generate_batch(model, tokenizer, [messages], **options)[0]
+    return config.lora_config()
 
 
 def adapter_parameters(model, adapter_name: str) -> list[torch.nn.Parameter]:
@@ -307,18 +90,10 @@ class OnlinePolicy:
         check_topk_vocabulary(config.distillation_mode, config.distillation_topk,
                               model.get_output_embeddings().weight.shape[0])
         self.parameters = params
-        self.optimizer = build_optimizer(params, "adamw", config.lr, config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        self.objective = distillation_objective(
-            config.distillation_mode, temperature=config.temperature, alpha=config.distillation_alpha,
-            topk=config.distillation_topk, add_tail=config.distillation_add_tail,
-            signal_clip=config.resolved_signal_clip, center_advantages=config.resolved_center_advantages,
-            importance_clip=config.importance_clip, backend=config.loss_backend)
+        self.optimizer = make_optimizer(params, config)
+        self.scheduler = make_scheduler(self.optimizer, config, total=1)
+        self.objective, self.step_options = objective_of(config), step_options(config)
         self.teacher = self.new_teacher()
-        self.step_options = StepOptions(micro_batch_tokens=config.micro_batch_tokens,
-                                        ignore_first_k=config.ignore_first_k, aggregation="sequence",
-                                        max_grad_norm=config.max_grad_norm, prefix_reuse=config.prefix_reuse,
-                                        attn_backend=config.attn_backend)
         self.encoder = InteractionEncoder(tokenizer, max_prompt_tokens=config.max_prompt_tokens,
                                           max_completion_tokens=config.max_new_tokens + 1)
         self.stop_token_ids = sorted({self.encoder.end_of_turn_id, tokenizer.eos_token_id} - {None})

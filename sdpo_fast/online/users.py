@@ -94,7 +94,7 @@ class HFChat:
         self.max_new_tokens, self.temperature, self.seed, self.calls = max_new_tokens, temperature, seed, 0
 
     def complete(self, messages: list[dict]) -> str:
-        from .loop import generate
+        from ..model.generation import generate
 
         self.calls += 1
         return generate(self.model, self.tokenizer, messages, max_new_tokens=self.max_new_tokens,

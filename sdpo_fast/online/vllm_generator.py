@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..model.generation import Sample, chat_prompt_ids, make_sample
 from .adapters import write_adapter
-from .loop import Sample, chat_prompt_ids, make_sample
 
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)

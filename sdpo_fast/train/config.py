@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data.prompts import HINDSIGHT_TEMPLATES, PROMPT_TRUNCATIONS
-from ..loss.validation import MIN_TEMPERATURE, check_topk_support
 from ..demo.settings import TINY_DEMO_PRESET, TINY_DEMO_TRAIN
 from ..utils.checks import check_bool, check_choice, check_int, check_number
 from ..utils.files import write_text_atomic
+from .options import LoRAOptions, ObjectiveOptions, StepSettings
 
 LOSSES = ("sdpo", "sft")
 AGGREGATIONS = ("sequence", "token")
@@ -38,8 +38,9 @@ BUNDLED_PRESET = TINY_DEMO_PRESET
 
 
 @dataclass
-class TrainConfig:
-    """Options of `sdpo-fast train`; `validate()` checks them and names the offending key."""
+class TrainConfig(StepSettings, ObjectiveOptions, LoRAOptions):
+    """Options of `sdpo-fast train`; `validate()` checks them and names the offending key. The step, objective
+    and LoRA options come from train/options.py (shared with `OnlineConfig`)."""
 
     model: str | None = None
     """Hub id or local path; None: the bundled tiny Qwen3 (assets/tiny_model), with preset tiny-demo unless another
@@ -55,45 +56,15 @@ class TrainConfig:
     all loss tokens of the step."""
     batch_size: int = 32
     """Interactions per optimizer step."""
-    micro_batch_tokens: int = 8192
-    """Token budget of one packed forward (bounds activation memory)."""
     epochs: int = 2
     max_steps: int | None = None
     """Overrides epochs when set."""
-    lr: float = 2e-6
-    """Peak learning rate."""
     warmup_ratio: float = 0.05
     schedule: str = "cosine"
     """cosine or constant, after the warm-up."""
     optimizer: str = "adamw"
     """adamw (fused on CUDA), adamw8bit (bitsandbytes) or sgd."""
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 10.0
-    ignore_first_k: int = 2
-    """Reply tokens at the start left out of the loss."""
-    signal_clip: float | None = None
-    """Clamp each token's advantage to +-this (None: off)."""
-    temperature: float = 1.0
-    importance_clip: float | None = None
-    """Weight each token's loss by min(pi(y_t) / mu(y_t), this), mu the sampler's probability from the data's
-    assistant "logprobs" (every interaction needs them; None: off)."""
-    teacher: str = "live"
-    """live (current weights, prefix K/V reused), ema or base (own teacher pass; see train/teachers.py)."""
-    teacher_ema_rate: float = 0.05
-    """EMA teacher: theta_T <- (1 - rate) theta_T + rate theta_S after each optimizer step."""
-    distillation_mode: str = "sampled_token"
-    """sampled_token (the SDPO policy gradient), full_logits or topk_logits (see sdpo_loss)."""
-    distillation_alpha: float = 1.0
-    """alpha-divergence of the logit modes: 0 forward KL, 1 reverse KL, 0.5 JSD (sampled_token needs 1)."""
-    distillation_topk: int = 100
-    distillation_add_tail: bool = True
-    seed: int = 0
     shuffle: bool = True
-    lora_r: int = 0
-    """0: full fine-tuning."""
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     gradient_checkpointing: bool | None = None
     """None: on for LoRA on CUDA (where 8B needs it), else off."""
     dtype: str = "auto"
@@ -101,15 +72,6 @@ class TrainConfig:
     is refused (no loss scaling)."""
     device: str = "auto"
     trust_remote_code: bool = False
-    prefix_reuse: bool = True
-    """The teacher pass reuses the student's K/V of the shared prompt prefix."""
-    attn_backend: str = "auto"
-    """auto, flash, torch or sdpa (packed varlen attention). flash (flash-attn) and torch (torch >= 2.10 varlen)
-    need bf16/fp16 on a GPU of compute capability >= 8.0, refused otherwise before weights load; auto picks flash,
-    then torch there, else sdpa."""
-    loss_backend: str = "auto"
-    """sdpo_loss backend: auto, triton, torch or reference."""
-    max_prompt_tokens: int = 2048
     max_completion_tokens: int = 2048
     max_history: int = 5
     data_preset: str | None = None
@@ -159,47 +121,27 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
-        check_choice("teacher", self.teacher, ("live", "ema", "base"))
-        check_choice("distillation_mode", self.distillation_mode, ("sampled_token", "full_logits", "topk_logits"))
-        check_int("distillation_topk", self.distillation_topk, 1)
-        check_topk_support(self.distillation_mode, self.distillation_topk, self.distillation_add_tail)
-        for key in ("teacher_ema_rate", "distillation_alpha"):
-            check_number(key, getattr(self, key), positive=key == "teacher_ema_rate")
-            if getattr(self, key) > 1:
-                raise ValueError(f"{key} must be at most 1, got {getattr(self, key)!r}")
-        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1:
-            raise ValueError("distillation_alpha must be 1 with distillation_mode sampled_token, got "
-                             f"{self.distillation_alpha!r}")
-        if self.distillation_mode != "sampled_token" and self.signal_clip is not None:
-            raise ValueError("signal_clip applies to distillation_mode sampled_token only")
+        self.validate_objective()
         check_choice("lora_dtype", self.lora_dtype, ("float32", "base"))
         if self.preset is not None:
             check_choice("preset", self.preset, tuple(PRESETS))
-        for key in ("batch_size", "micro_batch_tokens", "epochs", "max_prompt_tokens", "max_completion_tokens",
-                    "max_history", "logging_steps"):
+        for key in ("batch_size", "epochs", "max_completion_tokens", "max_history", "logging_steps"):
             check_int(key, getattr(self, key), 1)
-        for key in ("ignore_first_k", "lora_r", "save_steps", "seed"):
-            check_int(key, getattr(self, key), 0)
+        check_int("save_steps", self.save_steps, 0)
         check_int("max_steps", self.max_steps, 1, optional=True)
+        self.validate_step()
+        self.validate_lora()
         if self.ignore_first_k >= self.max_completion_tokens:
             raise ValueError(f"ignore_first_k {self.ignore_first_k} >= max_completion_tokens "
                              f"{self.max_completion_tokens} trains nothing (every completion token is left out of "
                              "the loss); lower ignore_first_k")
-        for key in ("lr", "temperature", "lora_alpha"):
-            check_number(key, getattr(self, key), positive=True)
-        check_number("weight_decay", self.weight_decay)
-        if self.temperature < MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be >= {MIN_TEMPERATURE}, got {self.temperature!r}")
-        for key in ("max_grad_norm", "signal_clip", "importance_clip"):
-            check_number(key, getattr(self, key), positive=True, optional=True)
-        for key, high in (("warmup_ratio", 1.0), ("lora_dropout", 1.0)):
-            check_number(key, getattr(self, key))
-            if getattr(self, key) >= high:
-                raise ValueError(f"{key} must be in [0, {high}), got {getattr(self, key)!r}")
+        check_number("warmup_ratio", self.warmup_ratio)
+        if self.warmup_ratio >= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1.0), got {self.warmup_ratio!r}")
         if self.gradient_checkpointing is not None:
             check_bool("gradient_checkpointing", self.gradient_checkpointing)
-        for key in ("shuffle", "trust_remote_code", "prefix_reuse", "resume", "load_in_4bit", "use_liger",
-                    "distillation_add_tail", "check_memory", "optimizer_in_backward", "offload_optimizer"):
+        for key in ("shuffle", "trust_remote_code", "resume", "load_in_4bit", "use_liger", "check_memory",
+                    "optimizer_in_backward", "offload_optimizer"):
             check_bool(key, getattr(self, key))
         check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATIONS)
         if not isinstance(self.hindsight_template, str) or (
@@ -209,10 +151,6 @@ class TrainConfig:
         for key in ("model", "data", "output_dir", "data_preset"):
             if getattr(self, key) is not None and not (isinstance(getattr(self, key), str) and getattr(self, key)):
                 raise ValueError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
-        if not (isinstance(self.lora_target_modules, list) and self.lora_target_modules
-                and all(isinstance(m, str) and m for m in self.lora_target_modules)):
-            raise ValueError(f"lora_target_modules must be a non-empty list of module names, "
-                             f"got {self.lora_target_modules!r}")
         if not (isinstance(self.report_to, list) and all(r in REPORTERS for r in self.report_to)):
             raise ValueError(f"report_to must be a list among {list(REPORTERS)}, got {self.report_to!r}")
         if self.dtype == "float16":
@@ -237,25 +175,36 @@ class TrainConfig:
         return self.gradient_checkpointing
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        return {name: values[name] for name in field_names()}
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+def field_names(config_class=TrainConfig) -> list[str]:
+    """The fields of a config dataclass in the order they are shown (flags, valid keys, config.yaml): its own
+    first, as declared, then those of the option classes it subclasses (train/options.py)."""
+    names = [f.name for f in dataclasses.fields(config_class)]
+    own = [name for name in config_class.__dict__.get("__annotations__", {}) if name in names]
+    return own + [name for name in names if name not in own]
 
 
-def field_docs() -> dict[str, str]:
-    """The docstring under each TrainConfig field (for the CLI's help), whitespace folded."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig))).body[0].body
-    return {node.target.id: " ".join(doc.value.value.split())
-            for node, doc in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
-            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+def field_docs(config_class=TrainConfig) -> dict[str, str]:
+    """The docstring under each field of the dataclass `config_class` or of the dataclasses it subclasses (for
+    the CLI's help), whitespace folded; a subclass's docstring wins."""
+    docs: dict[str, str] = {}
+    for cls in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        docs.update({node.target.id: " ".join(doc.value.value.split())
+                     for node, doc in zip(body, body[1:])
+                     if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
+                     and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)})
+    return docs
 
 
 def check_keys(config_class, values: dict, where: str) -> None:
     """ValueError listing the keys of `values` that are not fields of the dataclass `config_class`."""
-    names = [f.name for f in dataclasses.fields(config_class)]
+    names = field_names(config_class)
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown {where} key(s) {unknown}; valid keys: {', '.join(names)}")
@@ -332,9 +281,10 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-def resolve_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def resolve_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, *,
+                   validate: bool = True) -> TrainConfig:
     """Defaults < preset (named by the flags, else the file; tiny-demo when neither names a preset nor a model)
-    < file values < flag overrides; validated."""
+    < file values < flag overrides; validated (validate False: the caller validates, e.g. `train`)."""
     file_values, overrides = dict(file_values or {}), dict(overrides or {})
     check_keys(TrainConfig, file_values, "config file")
     check_keys(TrainConfig, overrides, "option")
@@ -347,7 +297,8 @@ def resolve_config(file_values: dict[str, Any] | None = None, overrides: dict[st
         merged.update(PRESETS[preset])
     merged.update(file_values)
     merged.update(overrides)
-    return TrainConfig(**_coerce(merged)).validate()
+    config = TrainConfig(**_coerce(merged))
+    return config.validate() if validate else config
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

@@ -18,7 +18,7 @@ class Reporters:
     """Sends each step's numeric metrics to the sinks in `report_to`; `close()` flushes them."""
 
     def __init__(self, report_to: list[str], output_dir: Path, config: dict):
-        check_reporters(report_to)
+        """report_to: checked by `check_reporters` before (train's preflight, or the Trainer's start)."""
         self._sinks = []
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter

@@ -102,10 +102,12 @@ def _not_local(name: str) -> str:
     return "" if Path(name).expanduser().exists() else " (no such local directory; tried the Hub)"
 
 
-def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+def load_tokenizer(name: str, *, trust_remote_code: bool = False, check_source: bool = True):
+    """The tokenizer of a local dir or Hub id; check_source False: the caller has run `check_model_source`."""
     from transformers import AutoTokenizer
 
-    check_model_source(name, weights=False)
+    if check_source:
+        check_model_source(name, weights=False)
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -114,14 +116,16 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 
 def load_model(name: str, *, dtype: torch.dtype | str, device: torch.device, trust_remote_code: bool = False,
-               load_in_4bit: bool = False):
+               load_in_4bit: bool = False, check_source: bool = True):
     """A causal LM from a local dir or Hub id on `device` (safetensors only). dtype "auto": the checkpoint's.
-    load_in_4bit: NF4 base weights (bitsandbytes), placed on `device` by transformers."""
+    load_in_4bit: NF4 base weights (bitsandbytes), placed on `device` by transformers. check_source False: the
+    caller has run `check_model_source` and `check_model_name` (train's preflight)."""
     from transformers import AutoModelForCausalLM
 
-    check_model_source(name)
-    check_model_name(name, device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None,
-                     trust_remote_code=trust_remote_code)
+    if check_source:
+        check_model_source(name)
+        check_model_name(name, device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None,
+                         trust_remote_code=trust_remote_code)
     quantization = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -171,16 +175,17 @@ def apply_lora(model, config, adapter_name: str = "default", *, fp32_adapters: b
         raise ValueError(f"lora_target_modules {config.target_modules}: {exc}") from None
 
 
-def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float, *,
+                    construct=None) -> torch.optim.Optimizer:
     """"adamw" (fused on CUDA), "adamw8bit" (bitsandbytes) or "sgd" over `params`; 16-bit parameters are
-    stepped through fp32 master copies (train/precision.py)."""
+    stepped through fp32 master copies (train/precision.py). construct: `group -> optimizer` in place of the
+    named one (the memory planner's stand-ins)."""
     if not params:
         raise ValueError("the model has no trainable parameters")
     if any(p.dtype == torch.float16 for p in params):
         raise ValueError(FP16_REFUSED)
 
-    def build(group: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def named(group: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if name == "sgd":
             return torch.optim.SGD(group, lr=lr, weight_decay=weight_decay)
         if name == "adamw8bit":
@@ -192,6 +197,7 @@ def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float,
         fused = all(p.device.type == "cuda" and not hasattr(p, "placements") for p in group)  # DTensors: foreach
         return torch.optim.AdamW(group, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
+    build = construct or named
     return with_master_weights(params, build) if needs_master_weights(params) else build(params)
 
 
@@ -206,12 +212,14 @@ def build_scheduler(optimizer, schedule: str, warmup_ratio: float, total_steps: 
 
 
 def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: torch.device | None = None,
-                             dtype: torch.dtype | None = None, training: bool = True):
+                             dtype: torch.dtype | None = None, tokenizer=None, training: bool = True):
     """The model a `TrainConfig` trains (LoRA-wrapped if lora_r > 0, weights from `checkpoint` when resuming)
     and its tokenizer. model None: the bundled tiny Qwen3. device / dtype: where and in what the weights load
-    (default: config.device's device and config.dtype). training, full fine-tuning in bf16: the weights load in
-    fp32, and each keeps its fp32 tensor as the start of its master weight (train/precision.py; no more memory
-    than the masters take anyway); False (evaluation) loads them in bf16 directly."""
+    (default: config.device's device and config.dtype). tokenizer: the model's, loaded by train's preflight
+    after `check_model_source` (and the checkpoint verified against its manifest), so none of it is repeated.
+    training, full fine-tuning in bf16: the weights load in fp32, and each keeps its fp32 tensor as the start of
+    its master weight (train/precision.py; no more memory than the masters take anyway); False (evaluation) loads
+    them in bf16 directly."""
     if config.lora_r and not importable("peft"):
         raise ValueError(NO_PEFT)
     compute_device = resolve_device(config.device)
@@ -225,15 +233,27 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
     torch.manual_seed(config.seed)  # LoRA adapters are initialized from the global RNG
     name = config.model or str(tiny_model_path())
     full_weights = str(checkpoint) if checkpoint is not None and not config.lora_r else name
-    tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
+    checked = tokenizer is not None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     exact_masters = training and not config.lora_r and dtype == torch.bfloat16
     model = load_model(full_weights, dtype=torch.float32 if exact_masters else dtype, device=device,
-                       trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit)
+                       trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit,
+                       check_source=not checked)
     if exact_masters:
         to_compute_dtype(model, dtype)
+    model = prepare_model(model, config, compute_device.type, dtype, checkpoint)
+    unwrap_model(model)
+    return model.train(), tokenizer
+
+
+def prepare_model(model, config, device_type: str, dtype: torch.dtype, checkpoint: Path | None = None):
+    """`model` as `config` trains it on `device_type`: Liger kernels, gradient checkpointing, LoRA adapters
+    (fresh from the global RNG, or `checkpoint`'s) in lora_dtype. The trainer applies it to loaded weights, the
+    memory planner to a model built from its config on fake tensors."""
     if config.use_liger:
         apply_liger_kernels(model)
-    if config.checkpointing_on(compute_device.type):
+    if config.checkpointing_on(device_type):
         enable_checkpointing(model)
     if config.lora_r:
         if checkpoint is not None:
@@ -249,5 +269,4 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.to(dtype)
-    unwrap_model(model)
-    return model.train(), tokenizer
+    return model

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..constants import IGNORE_INDEX
-from ..loss import LossInputs, Objective
+from ..loss import Objective
 from ..model import EncodedInteraction, forward_micro_batch
 from ..utils.device import upload
 from .distributed import ShardedRoot, World, all_reduce_sum, full_tensor, rank_micro_batches
@@ -90,9 +90,7 @@ def micro_batch_output(model, encoded: list[EncodedInteraction], weights: list[f
     seq = mb.sequence_index
     targets = mb.target_ids.masked_fill(mb.position_in_completion < options.ignore_first_k, IGNORE_INDEX)
     token_weights = upload(weights, torch.float32, seq.device)[seq]
-    return objective(LossInputs(mb.student_hidden, mb.lm_head_weight, targets, token_weights, seq,
-                                mb.teacher_hidden, mb.teacher_lm_head_weight, mb.behavior_logprobs, mb.head,
-                                mb.teacher_head))
+    return objective(dataclasses.replace(mb, target_ids=targets, token_weights=token_weights))
 
 
 def check_behavior_logprobs(objective: Objective, batch: list[EncodedInteraction]) -> None:

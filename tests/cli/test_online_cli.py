@@ -183,3 +183,26 @@ def test_unreachable_user_endpoint_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "127.0.0.1:9" in err and "failed after 1 attempts" in err and "stopped after 0 interactions" in err
     assert (tmp_path / "win_rate_curve.csv").is_file()
+
+
+def test_online_flags_come_from_online_config_and_keep_their_old_spellings():
+    """Every OnlineConfig field has a flag; a flag not given leaves the config's value (signal_clip "auto"),
+    --signal-clip 0 turns the clip off and --no-center is --no-center-advantages."""
+    import dataclasses
+
+    from sdpo_fast.cli import build_parser
+    from sdpo_fast.online.config import OnlineConfig
+
+    parser = build_parser()
+    for name in ("demo", "curve"):
+        given = parser.parse_args(["online", name] + [f"--{f.name.replace('_', '-')}=1" for f in
+                                                      dataclasses.fields(OnlineConfig)
+                                                      if f.type in ("int", "float")])
+        assert {f.name for f in dataclasses.fields(OnlineConfig) if f.type in ("int", "float")} <= vars(given).keys()
+    assert _parsed_config(["online", "demo"]).signal_clip == "auto"
+    assert _parsed_config(["online", "demo", "--signal-clip", "0"]).signal_clip is None
+    assert _parsed_config(["online", "demo", "--signal-clip", "1.5"]).signal_clip == 1.5
+    assert _parsed_config(["online", "demo", "--no-center"]).center_advantages is False
+    assert _parsed_config(["online", "demo", "--no-center-advantages"]).center_advantages is False
+    assert _parsed_config(["online", "curve", "--lora-target-modules", "q_proj,v_proj"]).lora_target_modules == \
+        ["q_proj", "v_proj"]

@@ -14,7 +14,7 @@ DEMO = ["demo", "--interactions", "2", "--eval-every", "2", "--eval-prompts", "2
 def test_demo_keeps_an_earlier_run_and_saves_its_resolved_config(tmp_path, capsys):
     from sdpo_fast.cli.online import _config
     from sdpo_fast.demo import online_demo_settings
-    from sdpo_fast.online.loop import resolve_online_config
+    from sdpo_fast.online.config import resolve_online_config
 
     out = tmp_path / "demo"
     argv = DEMO + ["--output-dir", str(out), "--lr", "0.003"]

@@ -255,7 +255,7 @@ def test_wildfeedback_rows_give_usable_interactions_under_the_paper_preset(tmp_p
 
 def test_train_config_takes_the_authors_encoding_options():
     from sdpo_fast.train import TrainConfig
-    from sdpo_fast.train.trainer import load_encoded_data
+    from sdpo_fast.train.build import load_encoded_data
 
     config = TrainConfig(hindsight_template="authors-offline", prompt_truncation="left").validate()
     encoded, _ = load_encoded_data(config, tiny_tokenizer("qwen3"))

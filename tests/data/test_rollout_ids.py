@@ -8,7 +8,7 @@ import pytest
 
 from sdpo_fast.data import encode_interactions, load_interactions
 from sdpo_fast.train import TrainConfig
-from sdpo_fast.train.trainer import describe_counts, load_encoded_data
+from sdpo_fast.train.build import describe_counts, load_encoded_data
 
 REPLY, OTHER = "Put it in boiling water for nine minutes.", "It is Sydney, the largest city."
 

@@ -9,7 +9,7 @@ from sdpo_fast.demo.assets import tiny_model_path
 from sdpo_fast.eval import EvalModels, evaluate_checkpoint, load_eval_prompts, markdown_table
 from sdpo_fast.eval import run as eval_run
 from sdpo_fast.online.judge import RuleJudge, judge_pair
-from sdpo_fast.online.loop import generate_batch
+from sdpo_fast.model.generation import generate_batch
 from sdpo_fast.online.personas import get_persona
 from sdpo_fast.train.setup import load_model, load_tokenizer
 

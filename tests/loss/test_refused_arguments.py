@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdpo_fast import sdpo_loss
-from sdpo_fast.online.loop import OnlineConfig
+from sdpo_fast.online.config import OnlineConfig
 from sdpo_fast.train import resolve_config
 
 

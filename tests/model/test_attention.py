@@ -295,7 +295,7 @@ def test_varlen_attention_refuses_mixed_dtypes_and_cpu_varlen_backends():
 def test_train_config_refuses_a_varlen_backend_before_loading_weights(monkeypatch):
     """The trainer's choice-time check: dtype float32 with attn_backend 'torch' names sdpa."""
     from sdpo_fast.train.config import TrainConfig
-    from sdpo_fast.train.trainer import check_backends
+    from sdpo_fast.train.preflight import check_backends
 
     monkeypatch.setattr(attention, "_torch_varlen", lambda: _stand_in("2.11", []))
     with pytest.raises(ValueError, match="attn_backend='torch' cannot run here: they run on CUDA GPUs only, not "

@@ -169,7 +169,7 @@ def test_rank_shares_cover_the_step_once_with_equal_micro_batch_counts():
 
 
 def test_one_process_refuses_a_sharded_checkpoint_and_torchrun_a_single_one(tmp_path):
-    from sdpo_fast.train.trainer import check_resumable
+    from sdpo_fast.train.rundir import check_resumable
 
     sharded = tmp_path / "checkpoint-2"
     (sharded / "distributed").mkdir(parents=True)

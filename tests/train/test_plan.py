@@ -135,7 +135,7 @@ def test_lora_turns_checkpointing_on_only_on_cuda_unless_told():
 
 
 def test_train_sets_expandable_segments_when_unset(monkeypatch):
-    from sdpo_fast.train.trainer import check_memory
+    from sdpo_fast.train.preflight import check_memory
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     check_memory(TrainConfig(device="cpu"))
@@ -170,7 +170,7 @@ def test_4bit_stand_in_holds_what_bitsandbytes_stores():
     BitsAndBytesConfig of `load_model` sets it): the same tensors, shapes and dtypes (the double quantization's
     256-entry code, shared by all layers, aside)."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (QLoRA's optional dependency) not installed")
-    from sdpo_fast.train.plan import _Linear4bitStandIn
+    from sdpo_fast.train.fakes import Linear4bitStandIn as _Linear4bitStandIn
 
     linear = torch.nn.Linear(256, 192, bias=False, dtype=torch.bfloat16)
     packed = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",

@@ -157,7 +157,7 @@ def test_bf16_lora_adapters_step_through_fp32_masters():
     """The default lora_dtype: bf16 adapters on a bf16 base, each AdamW step applied to fp32 masters (a plain
     fp32 AdamW on the same gradients), the adapters set to the masters' rounding."""
     from sdpo_fast.train.setup import load_model_and_tokenizer
-    from sdpo_fast.train.trainer import make_optimizer
+    from sdpo_fast.train.build import make_optimizer
 
     config = TrainConfig(lora_r=4, lora_dropout=0.0, dtype="bfloat16", device="cpu", lr=1e-3, weight_decay=0.01,
                          optimizer="adamw").validate()

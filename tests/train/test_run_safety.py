@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from sdpo_fast import cli
 from sdpo_fast.train import TrainConfig, train
 from sdpo_fast.train import checkpoint as checkpoint_module
-from sdpo_fast.train import setup, trainer as trainer_module
+from sdpo_fast.train import rundir, setup, trainer as trainer_module
 from sdpo_fast.train.checkpoint import checkpoint_dirs, checkpoint_problem, rotate_checkpoints
 from sdpo_fast.utils import files
 
@@ -212,7 +212,7 @@ def test_resume_refuses_fixed_options_listing_them(tmp_path, model_dir, data_pat
 
 
 def test_every_option_is_classified_for_resume():
-    documented = set(trainer_module.CHANGEABLE_ON_RESUME) | set(trainer_module.NOT_COMPARED_ON_RESUME)
+    documented = set(rundir.CHANGEABLE_ON_RESUME) | set(rundir.NOT_COMPARED_ON_RESUME)
     assert documented <= {f for f in TrainConfig().to_dict()}
 
 
@@ -255,7 +255,7 @@ def test_output_dir_and_backend_problems_fail_before_weights_load(tmp_path, mode
         def read_only(*args, **kwargs):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-        monkeypatch.setattr(trainer_module.tempfile, "TemporaryFile", read_only)
+        monkeypatch.setattr(rundir.tempfile, "TemporaryFile", read_only)
     elif case == "not-empty":
         out.mkdir()
         (out / "x").write_text("x")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ...constants import IGNORE_INDEX
 from ..api import sdpo_loss
-from .base import LossInputs, Objective, ObjectiveOutput
+from .base import LossInputs, Objective, ObjectiveOutput, register_mode
 
 
 class DistillationObjective(Objective):
@@ -30,20 +30,33 @@ class DistillationObjective(Objective):
         return ObjectiveOutput(loss, stats.divergence, inputs.target_ids != IGNORE_INDEX)
 
 
+@register_mode
 class FullLogitObjective(DistillationObjective):
     """Over the whole vocabulary (distillation_mode="full_logits")."""
 
     mode = "full_logits"
+
+    @classmethod
+    def from_options(cls, *, temperature, alpha, importance_clip, backend, **other_options):
+        """The objective of the distillation options (signal_clip/center_advantages: None/False here)."""
+        return cls(alpha=alpha, temperature=temperature, importance_clip=importance_clip, backend=backend)
 
     def __init__(self, *, alpha: float = 1.0, temperature: float = 1.0, importance_clip: float | None = None,
                  backend: str = "auto"):
         super().__init__(alpha=alpha, temperature=temperature, importance_clip=importance_clip, backend=backend)
 
 
+@register_mode
 class TopKLogitObjective(DistillationObjective):
     """Over the student's top-k tokens, with a tail bucket or renormalized (distillation_mode="topk_logits")."""
 
     mode = "topk_logits"
+
+    @classmethod
+    def from_options(cls, *, temperature, alpha, topk, add_tail, importance_clip, backend, **other_options):
+        """The objective of the distillation options (signal_clip/center_advantages: None/False here)."""
+        return cls(alpha=alpha, topk=topk, add_tail=add_tail, temperature=temperature,
+                   importance_clip=importance_clip, backend=backend)
 
     def __init__(self, *, alpha: float = 1.0, topk: int = 100, add_tail: bool = True, temperature: float = 1.0,
                  importance_clip: float | None = None, backend: str = "auto"):

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from ...constants import IGNORE_INDEX
 from ..api import sdpo_loss
-from .base import LossInputs, Objective, ObjectiveOutput
+from ..divergence import POLICY_GRADIENT_MODE
+from .base import LossInputs, Objective, ObjectiveOutput, register_mode
 
 
+@register_mode
 class SDPOObjective(Objective):
     """`sdpo_loss` over a micro-batch. center_advantages: per-sequence mean-centred advantages (the online loop's
     choice), computed inside the same `sdpo_loss` call. importance_clip: each token's term times
@@ -14,6 +16,14 @@ class SDPOObjective(Objective):
 
     needs_teacher = True
     signal_name = "mean_advantage"
+    mode = POLICY_GRADIENT_MODE
+    uses_advantages = True
+
+    @classmethod
+    def from_options(cls, *, temperature, signal_clip, center_advantages, importance_clip, backend, **logit_options):
+        """The objective of the distillation options (alpha, topk, add_tail serve the logit modes)."""
+        return cls(temperature=temperature, signal_clip=signal_clip, center_advantages=center_advantages,
+                   importance_clip=importance_clip, backend=backend)
 
     def __init__(self, *, temperature: float = 1.0, signal_clip: float | None = None,
                  center_advantages: bool = False, importance_clip: float | None = None, backend: str = "auto"):
