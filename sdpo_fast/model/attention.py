@@ -278,8 +278,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     q (Tq, H, D), k/v (Tk, Hkv, D) with H % Hkv == 0; cu_seqlens_* (n + 1,) int32 on q's device and
     lengths_* the per-sequence lengths as ints. window: each query attends to its last `window` keys only (itself
-    included; transformers' `sliding_window`); softcap: scores c * tanh(s / c). Returns (Tq, H, D) in q's dtype.
+    included; transformers' `sliding_window`); softcap: scores c * tanh(s / c). Returns (Tq, H, D) in q's dtype
+    (under `torch.autocast`, in its dtype: q, k and v are cast to it first, as autocast casts SDPA's inputs).
     """
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"varlen_attention needs q, k and v in one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     backend = resolve_backend(backend, q, dropout)

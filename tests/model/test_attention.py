@@ -292,6 +292,19 @@ def test_varlen_attention_refuses_mixed_dtypes_and_cpu_varlen_backends():
             varlen_attention(q, k, v, *args, backend="torch")
 
 
+def test_mixed_dtypes_under_autocast_are_cast_as_autocast_casts_sdpa():
+    """Under torch.autocast(bf16), Qwen3's normed q and k arrive in fp32 beside a bf16 v: the packed call equals
+    torch's own SDPA under the same autocast (which casts its inputs to bf16)."""
+    q, k, v = random_qkv([5], [5], heads=2, kv_heads=2)
+    v = v.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = varlen_attention(q, k, v, cu([5]), cu([5]), [5], [5], backend="sdpa")
+        plain = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True)
+    assert packed.dtype == torch.bfloat16
+    torch.testing.assert_close(packed, plain[0].transpose(0, 1), atol=0, rtol=0)
+
+
 def test_train_config_refuses_a_varlen_backend_before_loading_weights(monkeypatch):
     """The trainer's choice-time check: dtype float32 with attn_backend 'torch' names sdpa."""
     from sdpo_fast.train.config import TrainConfig
