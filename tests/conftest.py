@@ -29,15 +29,17 @@ settings.load_profile("deterministic")
 
 # Our code: the package and the kernels folder it links to.
 OWN_CODE = tuple({str(Path(m.__file__).resolve().parent) for m in (sdpo_fast, sdpo_fast.kernels.config)})
-# A deprecated API warns in its own frame or in a thin wrapper around it (a property, a deprecate_kwarg decorator):
-# the call is ours when one of the frames that close to `warnings.warn` is in our code.
-CALLER_DEPTH = 3
+# A deprecated API warns in its own frame (or in a thin wrapper: a property, a deprecate_kwarg decorator): the call
+# is ours when that frame or its caller is in our code.
+CALLER_DEPTH = 1
 
 
 def _raised_from_own_code() -> bool:
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(str(Path(warnings.__file__).parent)):
-        frame = frame.f_back  # the warnings module and this hook
+    frame = sys._getframe(2)  # past this function and the showwarning hook
+    while frame is not None and frame.f_code.co_filename == warnings.__file__:
+        frame = frame.f_back
+    if frame is None or "/triton/" in frame.f_code.co_filename:
+        return False  # Triton's interpreter running our kernels: its own calls (numpy's deprecations), not ours
     for _ in range(CALLER_DEPTH + 1):
         if frame is None:
             return False
