@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
                             help="vLLM's share of GPU memory with --generator vllm (default %(default)s)")
     run_parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                             help="largest request body accepted (default %(default)s)")
-    run_parser.add_argument("--rate-limit", type=int, default=120,
+    run_parser.add_argument("--rate-limit", type=int, default=1200,
                             help="chat completions per user per minute (0: no limit; default %(default)s)")
     run_parser.add_argument("--max-loaded-users", type=int, default=16,
                             help="adapters kept in memory at once (default %(default)s)")

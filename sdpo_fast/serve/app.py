@@ -33,7 +33,7 @@ from .page import page_html
 from .store import Store, StoredReply
 
 MAX_BODY_BYTES = 1 << 20
-RATE_LIMIT = 120
+RATE_LIMIT = 1200
 """Default chat completions per user per minute."""
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 _PIECES = re.compile(r"\s*\S+|\s+")

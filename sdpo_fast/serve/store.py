@@ -185,10 +185,13 @@ class Store:
     # turns
 
     def find_reply(self, user: str, prompt: list[dict], reply: str) -> StoredReply | None:
-        """The reply `reply` this server gave `user` after exactly `prompt`, else None."""
+        """The reply `reply` this server gave `user` after exactly `prompt`, else None. When it gave the same
+        reply to the same prompt several times: the newest one not yet followed up, else the newest."""
         row = self._connection().execute(
-            "SELECT id, conversation, prompt, reply, token_ids, logprobs FROM replies WHERE user = ? AND turn_key = ? "
-            "ORDER BY id LIMIT 1", (user, turn_key(prompt, reply))).fetchone()
+            "SELECT r.id, r.conversation, r.prompt, r.reply, r.token_ids, r.logprobs FROM replies r "
+            "WHERE r.user = ? AND r.turn_key = ? "
+            "ORDER BY EXISTS (SELECT 1 FROM interactions i WHERE i.reply = r.id), r.id DESC LIMIT 1",
+            (user, turn_key(prompt, reply))).fetchone()
         if row is None:
             return None
         stored = StoredReply(row[0], row[1], json.loads(row[2]), row[3], _loads(row[4]), _loads(row[5]))

@@ -27,6 +27,7 @@ from sdpo_fast.serve.store import Store  # noqa: E402
 pytestmark = pytest.mark.slow
 
 MODEL = "sdpo-fast-tiny"
+INTERACTIONS = 64
 ROOT = Path(sdpo_fast.__file__).resolve().parent.parent
 
 
@@ -131,3 +132,46 @@ def test_kill9_mid_request_and_mid_update_then_restart(tmp_path, capsys):
     for turns in acknowledged.values():
         for prompt, reply in turns:
             assert prompt[-1]["content"] not in output and (len(reply) < 12 or reply not in output)
+
+
+def test_openai_client_user_who_dislikes_emojis_gets_fewer_and_another_user_is_unchanged(tmp_path, capsys):
+    """As `sdpo-fast demo` (same model, settings, prompts and rule-based user), through the API
+    with stateless follow-ups: alice's replies to held-out requests lose their emojis; bob's stay the base
+    model's, sample for sample."""
+    from sdpo_fast.demo import demo_prompts, emoji_rate, preferred_style_rate
+    from sdpo_fast.online.personas import get_persona
+    from sdpo_fast.online.users import RuleUser
+
+    from serving import reference_reply
+
+    state = tmp_path / "state"
+    keys = {name: add_user(state, name, capsys) for name in ("alice", "bob")}
+    server = ServerProcess(state, "--rate-limit", "0", log_dir=tmp_path)
+    alice, bob = server.client(keys["alice"]), server.client(keys["bob"])
+    train, held_out = demo_prompts(0, 24)
+
+    def replies(client) -> list[str]:
+        return [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}])
+                .choices[0].message.content for p in held_out]
+
+    before = replies(alice)
+    user = RuleUser(get_persona("no-emojis"))
+    for i in range(INTERACTIONS):
+        x = [{"role": "user", "content": train[i % len(train)]}]
+        y = alice.chat.completions.create(model=MODEL, messages=x).choices[0].message.content
+        history = x + [{"role": "assistant", "content": y}, {"role": "user", "content": user.reply(x, y)}]
+        alice.chat.completions.create(model=MODEL, messages=history, max_tokens=1)
+    deadline = time.monotonic() + 300
+    while me(server, keys["alice"])["learned"] < INTERACTIONS and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert me(server, keys["alice"]) == {"user": "alice", "interactions": INTERACTIONS, "learned": INTERACTIONS,
+                                         "adapter_version": INTERACTIONS // 4}
+    after, other = replies(alice), replies(bob)
+    assert server.stop() == 0
+
+    base = [reference_reply([{"role": "user", "content": p}], i)[0] for i, p in enumerate(held_out)]
+    assert before == base and other == base  # bob's replies: the base model's, unchanged by alice's learning
+    print(f"emoji share {emoji_rate(before):.2f} -> {emoji_rate(after):.2f}, preferred style "
+          f"{preferred_style_rate(before):.2f} -> {preferred_style_rate(after):.2f}")
+    assert emoji_rate(before) >= 0.3
+    assert emoji_rate(after) <= 0.1 and preferred_style_rate(after) >= 0.8

@@ -62,7 +62,13 @@ def test_turns_are_matched_per_user_by_exact_prompt_and_reply(tmp_path):
     assert store.counts("alice") == {"conversations": 1, "replies": 3, "interactions": 1, "learned": 0,
                                      "adapter_version": 0}
     assert store.counts("bob")["interactions"] == 0
-    (conversation,) = store.conversations("alice")
+    again = store.record_turn("alice", X, "Tea is a drink. 🍵", [5, 6, 2], None, 0, previous=None)
+    assert store.find_reply("alice", X, "Tea is a drink. 🍵").id == again  # the same reply, not yet followed up
+    store.record_turn("alice", followup, "Tea.", [7], None, 0,
+                      previous=store.find_reply("alice", X, followup[-2]["content"]))
+    assert [p.reply for p in store.pending("alice", 10)] == ["Tea is a drink. 🍵"] * 2
+    assert store.find_reply("alice", X, "Tea is a drink. 🍵").id == again  # all followed up: the newest
+    (conversation,) = [c for c in store.conversations("alice") if c["conversation"] == found.conversation]
     assert conversation["messages"] == followup + [{"role": "assistant", "content": "Tea is a drink."}]
     assert list(store.conversations("bob")) == []
 
