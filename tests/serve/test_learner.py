@@ -3,6 +3,8 @@ policy observing the same (x, y, u) with the same sampled ids, the next reply co
 crash before or after the adapter is saved neither loses nor repeats the update."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from sdpo_fast.online.adapters import ADAPTER_FILE, STATE_FILE, UserAdapters  # 
 from sdpo_fast.online.config import resolve_online_config  # noqa: E402
 from sdpo_fast.serve.app import ChatRequest  # noqa: E402
 
-from serving import make_service  # noqa: E402
+from serving import make_service, reference_reply  # noqa: E402
 
 PROMPTS = ["Tell me about volcanoes.", "Give me tips for saving money.", "Explain chess to me.",
            "Any advice on cooking rice?"]
@@ -110,3 +112,32 @@ def test_a_crash_before_the_save_learns_the_batch_on_restart(tmp_path):
         expected = load_file(reference.save("alice") / ADAPTER_FILE)
         for name in saved:
             torch.testing.assert_close(saved[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_replies_are_served_while_an_update_runs(tmp_path):
+    with single_thread():
+        service = make_service(tmp_path / "state", learn=True)
+        service.store.add_user("alice")
+        followups(service)
+        policy = service.learner.adapters.policy("alice")
+        entered, release = threading.Event(), threading.Event()
+        update = policy.update
+
+        def held_update():
+            entered.set()
+            assert release.wait(60)
+            return update()
+
+        policy.update = held_update
+        learning = threading.Thread(target=service.learner.run_pending)
+        learning.start()
+        try:
+            assert entered.wait(60)
+            x = [{"role": "user", "content": "Tell me about glaciers."}]
+            served = service.complete("alice", ChatRequest(x, None, False, False))  # the update is still running
+            assert served.text == reference_reply(x, 8)[0]  # from the adapter before the update: the base model's
+            assert service.store.adapter_version("alice") == 0
+        finally:
+            release.set()
+            learning.join()
+        assert service.store.adapter_version("alice") == 1

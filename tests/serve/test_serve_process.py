@@ -161,13 +161,14 @@ def test_openai_client_user_who_dislikes_emojis_gets_fewer_and_another_user_is_u
         y = alice.chat.completions.create(model=MODEL, messages=x).choices[0].message.content
         history = x + [{"role": "assistant", "content": y}, {"role": "user", "content": user.reply(x, y)}]
         alice.chat.completions.create(model=MODEL, messages=history, max_tokens=1)
-    deadline = time.monotonic() + 300
-    while me(server, keys["alice"])["learned"] < INTERACTIONS and time.monotonic() < deadline:
-        time.sleep(0.2)
+        if (i + 1) % 4 == 0:  # as the demo: the next replies come from the adapter updated on these 4
+            deadline = time.monotonic() + 60
+            while me(server, keys["alice"])["learned"] < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
     assert me(server, keys["alice"]) == {"user": "alice", "interactions": INTERACTIONS, "learned": INTERACTIONS,
                                          "adapter_version": INTERACTIONS // 4}
     after, other = replies(alice), replies(bob)
-    assert server.stop() == 0
+    assert server.stop(signal.SIGINT) == 0
 
     base = [reference_reply([{"role": "user", "content": p}], i)[0] for i, p in enumerate(held_out)]
     assert before == base and other == base  # bob's replies: the base model's, unchanged by alice's learning
