@@ -325,11 +325,6 @@ def create_app(service: Service):
     async def validation_error(request, exc):
         return error(ApiError(400, "malformed request"))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):
-        service.log(f"serve: internal error ({type(exc).__name__})")
-        return error(ApiError(500, "internal server error", "internal_error"))
-
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         too_large = ApiError(413, f"the body is larger than the limit of {service.max_body_bytes} bytes",
@@ -349,7 +344,14 @@ def create_app(service: Service):
         user = await run_in_threadpool(service.authenticate, request.headers.get("authorization"))
         service.check_rate(user)
         parsed = service.parse(await read_body(request))
-        turn = await run_in_threadpool(service.complete, user, parsed)
+        try:
+            turn = await run_in_threadpool(service.complete, user, parsed)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - logged by type only: its message may quote the conversation
+            service.log(f"serve: a reply failed ({type(exc).__name__})")
+            raise ApiError(500, "internal server error: the reply failed and was not stored",
+                           "internal_error") from None
         if parsed.stream:
             return StreamingResponse(_events(turn, service.model_name, parsed.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -147,3 +147,21 @@ def test_unknown_keys_and_rate_limit(tmp_path):
             assert chat(client, key, X).json()["error"]["code"] == "rate_limit_exceeded"
             assert client.get("/nowhere").status_code == 404 and "error" in client.get("/nowhere").json()
             assert client.get("/").headers["content-type"].startswith("text/html")
+
+
+def test_a_failed_reply_is_a_500_that_quotes_nothing_and_stores_nothing(served, monkeypatch):
+    service, client, keys = served
+    lines = []
+    monkeypatch.setattr(service, "log", lines.append)
+    record = service.store.record_turn
+
+    def fail(*args, **kwargs):
+        raise ValueError(f"cannot store {args[1]}")
+
+    monkeypatch.setattr(service.store, "record_turn", fail)
+    response = chat(client, keys["alice"], X)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert "volcanoes" not in response.text and lines == ["serve: a reply failed (ValueError)"]
+    assert service.store.counts("alice")["replies"] == 0
+    monkeypatch.setattr(service.store, "record_turn", record)
+    assert chat(client, keys["alice"], X).status_code == 200
