@@ -136,8 +136,8 @@ def test_kill9_mid_request_and_mid_update_then_restart(tmp_path, capsys):
 
 def test_openai_client_user_who_dislikes_emojis_gets_fewer_and_another_user_is_unchanged(tmp_path, capsys):
     """As `sdpo-fast demo` (same model, settings, prompts and rule-based user), through the API
-    with stateless follow-ups: alice's replies to held-out requests lose their emojis; bob's stay the base
-    model's, sample for sample."""
+    with stateless follow-ups: alice's replies to held-out requests lose most of their emojis; bob's stay the
+    base model's, sample for sample."""
     from sdpo_fast.demo import demo_prompts, emoji_rate, preferred_style_rate
     from sdpo_fast.online.personas import get_persona
     from sdpo_fast.online.users import RuleUser
@@ -148,13 +148,12 @@ def test_openai_client_user_who_dislikes_emojis_gets_fewer_and_another_user_is_u
     keys = {name: add_user(state, name, capsys) for name in ("alice", "bob")}
     server = ServerProcess(state, "--rate-limit", "0", log_dir=tmp_path)
     alice, bob = server.client(keys["alice"]), server.client(keys["bob"])
-    train, held_out = demo_prompts(0, 16)
+    train, held_out = demo_prompts(0, 24)
 
     def replies(client) -> list[str]:
         return [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}])
                 .choices[0].message.content for p in held_out]
 
-    before = replies(alice)
     user = RuleUser(get_persona("no-emojis"))
     for i in range(INTERACTIONS):
         x = [{"role": "user", "content": train[i % len(train)]}]
@@ -171,8 +170,8 @@ def test_openai_client_user_who_dislikes_emojis_gets_fewer_and_another_user_is_u
     assert server.stop(signal.SIGINT) == 0
 
     base = [reference_reply([{"role": "user", "content": p}], i)[0] for i, p in enumerate(held_out)]
-    assert before == base and other == base  # bob's replies: the base model's, unchanged by alice's learning
-    print(f"emoji share {emoji_rate(before):.2f} -> {emoji_rate(after):.2f}, preferred style "
-          f"{preferred_style_rate(before):.2f} -> {preferred_style_rate(after):.2f}")
-    assert emoji_rate(before) >= 0.3
-    assert emoji_rate(after) <= emoji_rate(before) / 2 and preferred_style_rate(after) >= 0.8
+    assert other == base  # bob's replies are the base model's (his first 24), unchanged by alice's learning
+    print(f"emoji share {emoji_rate(base):.2f} -> {emoji_rate(after):.2f}, preferred style "
+          f"{preferred_style_rate(base):.2f} -> {preferred_style_rate(after):.2f}")
+    assert emoji_rate(base) >= 0.3
+    assert emoji_rate(after) <= emoji_rate(base) / 2 and preferred_style_rate(after) >= 0.8
