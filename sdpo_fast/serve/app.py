@@ -93,11 +93,12 @@ class Service:
         self.max_body_bytes, self.rate_limit = max_body_bytes, rate_limit
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.context = getattr(model.config, "max_position_embeddings", None)
-        learning_model = copy.deepcopy(model)
         self.files_lock, self.generate_lock, self.rate_lock = threading.Lock(), threading.Lock(), threading.Lock()
-        self.learner = Learner(self.store, UserAdapters(learning_model, tokenizer, self.store.adapters_dir, config,
-                                                        max_loaded_users=max_loaded_users),
-                               self.files_lock, log=self.log) if learn else None
+        self.learner = None
+        if learn:  # its own copy of the base weights, so that replies never wait for an update
+            self.learner = Learner(self.store, UserAdapters(copy.deepcopy(model), tokenizer, self.store.adapters_dir,
+                                                            config, max_loaded_users=max_loaded_users),
+                                   self.files_lock, log=self.log)
         self.adapters = UserAdapters(model, tokenizer, self.store.adapters_dir, config,
                                      max_loaded_users=max_loaded_users, generator=generator, read_only=True)
         self.loaded_versions: dict[str, int] = {}
