@@ -11,7 +11,8 @@ A history may only contain assistant messages this server gave the same user aft
 them; when it ends with such a reply and a new user message, that message is the follow-up u of the interaction
 (x = the reply's prompt, y = the reply). The reply is returned only after its turn (and interaction) is
 committed. Replies are sampled at the configured temperature (the one the updates assume); a request's
-`temperature` is checked but not applied, its `max_tokens` caps the reply.
+`temperature` is checked but not applied, its `max_tokens` caps the reply (Hugging Face generate; the vLLM
+sampler stops at the configured max_new_tokens).
 """
 
 import collections
