@@ -1,5 +1,5 @@
 """The package's layers import only downward: kernels -> loss -> model -> data -> demo -> train -> online /
-explain -> cli (constants, utils and testing serve every layer)."""
+explain / eval / serve -> cli (constants, utils and testing serve every layer)."""
 from __future__ import annotations
 
 import ast
@@ -10,7 +10,7 @@ import sdpo_fast
 PACKAGE = Path(sdpo_fast.__file__).parent
 KERNELS = PACKAGE.parent / "kernels"
 RANK = {"constants": 0, "utils": 0, "testing": 0, "kernels": 1, "loss": 2, "model": 3, "data": 4, "demo": 5,
-        "train": 6, "online": 7, "explain": 7, "eval": 7, "integrations": 7, "cli": 8}
+        "train": 6, "online": 7, "explain": 7, "eval": 7, "integrations": 7, "serve": 7, "cli": 8}
 
 
 def _modules():

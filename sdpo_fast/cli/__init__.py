@@ -18,6 +18,7 @@ _COMMANDS = [
     "sdpo_fast.cli.plan",
     "sdpo_fast.cli.online",
     "sdpo_fast.cli.eval",
+    "sdpo_fast.cli.serve",
 ]
 
 

@@ -29,6 +29,16 @@ def _common(parser, demo: bool) -> None:
                         help="evaluate every N interactions (default %(default)s)")
     parser.add_argument("--eval-prompts", type=int, default=64 if demo else 16,
                         help="held-out prompts judged (default %(default)s)")
+    add_online_config_flags(parser)
+    if demo:
+        _flip_after(parser, "100 with --flip")
+        parser.add_argument("--flip", action="store_true",
+                            help="run the preference flip instead: a user who wants brief answers (--flip-after "
+                                 "interactions), then one who wants fuller ones (--interactions)")
+
+
+def add_online_config_flags(parser) -> None:
+    """One flag per OnlineConfig field (the step, objective, LoRA and teacher options) and --config YAML."""
     add_dataclass_flags(parser, OnlineConfig, skip=("signal_clip",),
                         choices={"teacher": TEACHERS, "distillation_mode": tuple(DISTILLATION_MODES)})
     parser.add_argument("--signal-clip", type=float, default=argparse.SUPPRESS,
@@ -38,11 +48,6 @@ def _common(parser, demo: bool) -> None:
     parser.add_argument("--config", metavar="YAML",
                         help="YAML mapping of OnlineConfig options (sdpo_fast/online/config.py; dashes or "
                              "underscores); precedence: defaults < --preset < file < flags")
-    if demo:
-        _flip_after(parser, "100 with --flip")
-        parser.add_argument("--flip", action="store_true",
-                            help="run the preference flip instead: a user who wants brief answers (--flip-after "
-                                 "interactions), then one who wants fuller ones (--interactions)")
 
 
 def _flip_after(parser, default: str) -> None:
@@ -95,7 +100,7 @@ def add_demo_parser(subparsers) -> None:
     demo.set_defaults(func=run_demo)
 
 
-def _config(args, **defaults):
+def online_config(args, **defaults):
     """The OnlineConfig of the command: `defaults` < --preset < --config file < the flags given."""
     from ..train.config import load_yaml
 
@@ -235,7 +240,7 @@ def run(args) -> int:
     for n in names:
         if n not in personas:
             raise ValueError(f"--persona {n!r} is not defined; available: {sorted(personas)}")
-    config = _config(args)
+    config = online_config(args)
     args.seed = config.seed
     _check_attn_backend(config.attn_backend, args.device)
     generator = None
@@ -274,7 +279,7 @@ def run_demo(args) -> int:
     _checks(args)
     _check_output_dir(Path(args.output_dir), args.overwrite)
     personas = load_personas(args.personas_file)
-    config = _config(args, **online_demo_settings(args.flip))
+    config = online_config(args, **online_demo_settings(args.flip))
     args.seed = config.seed
     model, tokenizer = _load(None, "cpu", args.seed)
     policy = _policy(model, tokenizer, config)

@@ -7,6 +7,7 @@ parameters (base weights are frozen). A user's files live in `root/<user_id>/`: 
 and `online_state.pt` (optimizer state, counters, not-yet-learned interactions, an ema teacher's tensors; tensors
 and plain data only, read with `weights_only=True`). The directory is written under a temporary name, then renamed into place.
 At most `max_loaded_users` adapters stay in memory; the least recently used one is saved and unloaded.
+A `read_only` instance (a server's replying copy beside a learning one) never writes: unloading just frees.
 """
 from __future__ import annotations
 
@@ -45,19 +46,21 @@ class UserAdapters:
 
     model: a transformers causal LM (not yet peft-wrapped); its weights are frozen. config.lora_r must be > 0.
     max_loaded_users: adapters (with their optimizers) kept in memory at once.
+    read_only: never write the adapters (`save` and `learn` refuse; `unload` only frees memory).
     """
 
     def __init__(self, model, tokenizer, root: str | os.PathLike, config: OnlineConfig | None = None, *,
-                 max_loaded_users: int = 16, generator=None):
+                 max_loaded_users: int = 16, generator=None, read_only: bool = False):
         self.config = (config or OnlineConfig()).validate()
         if self.config.lora_r < 1:
             raise ValueError("per-user adapters need lora_r >= 1")
         check_int("max_loaded_users", max_loaded_users, 1)
         self.base, self.tokenizer, self.generator = model, tokenizer, generator
-        self.max_loaded_users = max_loaded_users
+        self.max_loaded_users, self.read_only = max_loaded_users, read_only
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _recover(self.root)
+        if not read_only:
+            _recover(self.root)
         self.model = None
         self.policies: collections.OrderedDict[str, OnlinePolicy] = collections.OrderedDict()
         for p in model.parameters():
@@ -108,10 +111,12 @@ class UserAdapters:
         return policy
 
     def unload(self, user_id: str) -> None:
-        """Save the user's adapter and free it (and its optimizer) from memory; a later call loads it again."""
+        """Save the user's adapter (unless read_only) and free it (and its optimizer) from memory; a later call
+        loads it again."""
         if user_id not in self.policies:
             return
-        self.save(user_id)
+        if not self.read_only:
+            self.save(user_id)
         del self.policies[user_id]
         self.model.delete_adapter(user_id)
 
@@ -124,6 +129,8 @@ class UserAdapters:
         `update_every` such interactions are collected, then saves it. Returns the update's stats or None.
 
         When y is one of this user's recent `respond` replies, the update uses its sampled token ids."""
+        if self.read_only:
+            raise ValueError("these adapters are read-only; learn through the instance that saves them")
         check_messages(messages_with_followup, "messages_with_followup", last_role="user")
         if len(messages_with_followup) < 3 or messages_with_followup[-2]["role"] != "assistant" \
                 or messages_with_followup[-3]["role"] != "user":
@@ -136,6 +143,8 @@ class UserAdapters:
 
     def save(self, user_id: str) -> Path:
         """Write the user's adapter directory (adapter, optimizer state, counters, pending interactions)."""
+        if self.read_only:
+            raise ValueError("these adapters are read-only; save them through the instance that learns")
         policy = self.policy(user_id)
         state = {"format": _FORMAT, "optimizer": policy.optimizer.state_dict(),
                  "generations": policy.generations, "updates": policy.updates,

@@ -83,9 +83,9 @@ def test_bad_arguments_are_reported(argv, message, tmp_path, capsys):
 
 def _parsed_config(argv, **defaults):
     from sdpo_fast.cli import build_parser
-    from sdpo_fast.cli.online import _config
+    from sdpo_fast.cli.online import online_config
 
-    return _config(build_parser().parse_args(argv), **defaults)
+    return online_config(build_parser().parse_args(argv), **defaults)
 
 
 def test_config_file_precedence_and_unknown_keys(tmp_path, capsys):
