@@ -5,8 +5,6 @@ conversation's newest reply always gets a row; an older reply gets one only when
 written so far holds (a client that edited an earlier message and resent it branched the conversation). So every
 stored interaction (x = the messages before a reply, y = the reply, u = the user message after it) is in the file, a
 regenerated reply adds no duplicate, and only a true branch repeats the interactions before its branch point.
-Assistant messages a client brought from elsewhere (the start of a conversation this server did not serve) are
-written as they are, so the data loader reads their follow-ups as interactions too; the store does not count them.
 
 Rows carry text only (no sampled token ids: `train` may tokenize with another model) and are read from one SQLite
 snapshot; the file is written atomically (temporary file, then rename), owner-only (0600).

@@ -94,18 +94,6 @@ def test_branch_keeps_every_interaction(store, tmp_path):
     assert loaded - expected == collections.Counter({next(k for k in expected if k[2] == "no emojis"): 1})
 
 
-def test_replayed_history_is_written_as_sent(store, tmp_path):
-    """A history bob brings from elsewhere (here alice's) creates no interaction in the store; the row holds the
-    messages as sent, so the loader reads their follow-up."""
-    before = stored_interactions(store, "bob")
-    serve(store, "bob", [u("hi"), a("Hello 😊"), u("no emojis")], "ok")
-    assert stored_interactions(store, "bob") == before
-    out = tmp_path / "bob.jsonl"
-    export(store.root, out, user="bob")
-    extra = loaded_interactions(out) - stored_interactions(store, "bob")
-    assert extra == collections.Counter({(json.dumps([u("hi")]), "Hello 😊", "no emojis"): 1})
-
-
 def test_errors_name_the_argument_and_leave_the_old_file(store, tmp_path):
     out = tmp_path / "chats.jsonl"
     out.write_text("old\n")
@@ -115,3 +103,36 @@ def test_errors_name_the_argument_and_leave_the_old_file(store, tmp_path):
         export(tmp_path / "nowhere", out)
     assert out.read_text() == "old\n"
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_export_command_after_chatting_through_the_api(tmp_path):
+    """Conversations held through the real app (a follow-up, a regenerated reply, two users), exported by the
+    command: the loader yields the interactions the store recorded, each once."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from sdpo_fast.cli import main
+    from sdpo_fast.demo import single_thread
+    from sdpo_fast.serve.app import create_app
+    from serving import MODEL, make_service
+
+    with single_thread():
+        service = make_service(tmp_path / "state")
+        keys = {name: service.store.add_user(name) for name in ("alice", "bob")}
+        with TestClient(create_app(service)) as client:
+            def chat(user, messages):
+                response = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {keys[user]}"},
+                                       json={"model": MODEL, "messages": messages, "max_tokens": 6})
+                assert response.status_code == 200, response.text
+                return messages + [response.json()["choices"][0]["message"]]
+
+            alice = chat("alice", [u("Tell me about coffee.")]) + [u("No emojis, please.")]
+            chat("alice", alice)  # regenerated below: same follow-up, one interaction
+            alice = chat("alice", alice) + [u("Shorter.")]
+            chat("alice", alice)
+            chat("bob", chat("bob", [u("Hi")]) + [u("Plain text.")])
+    out = tmp_path / "all.jsonl"
+    assert main(["serve", "export", "--state-dir", str(tmp_path / "state"), "--out", str(out)]) == 0
+    expected = stored_interactions(Store(tmp_path / "state"))
+    assert sum(expected.values()) == 3
+    assert loaded_interactions(out) == expected
