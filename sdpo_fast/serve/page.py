@@ -152,9 +152,12 @@ _SCRIPT = """
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
 CSP = (f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{_SCRIPT_HASH}'; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'")
-"""The page's Content-Security-Policy (also in its <meta>): only its own inline script runs, it talks only to the
-server that served it, no other resource loads. Send it as a header too, with frame-ancestors 'none' (a <meta> CSP
-cannot carry frame-ancestors)."""
+"""The page's Content-Security-Policy (in its <meta>, and in PAGE_HEADERS): only its own inline script runs, it talks
+only to the server that served it, no other resource loads."""
+PAGE_HEADERS = {"Content-Security-Policy": f"{CSP}; frame-ancestors 'none'", "X-Frame-Options": "DENY",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+"""Headers to serve the page with: the CSP again with frame-ancestors 'none' (a <meta> CSP cannot forbid framing, and
+a framed page could be overlaid to trick a person pasting their key), no MIME sniffing, no referrer, no caching."""
 
 _BODY = """
 <header><h1>SDPO chat</h1><span class="status" id="signed-in" hidden>signed in as <b id="user"></b> ·

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from browser import CHROMIUM, Browser
-from sdpo_fast.serve.page import CSP, page_html
+from sdpo_fast.serve.page import CSP, PAGE_HEADERS, page_html
 from sdpo_fast.serve.store import Store
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
@@ -56,6 +56,9 @@ def dom(browser, tab, expression):
 @pytest.mark.slow
 def test_paste_key_chat_and_see_learned(service, browser):
     url, state_dir, keys = service
+    served = httpx.get(url + "/")
+    assert served.text == page_html()
+    assert {k: served.headers.get(k) for k in PAGE_HEADERS} == PAGE_HEADERS
     tab = browser.open(url + "/")
     assert dom(browser, tab, "!$('key-form').hidden && $('chat-form').hidden")
 
