@@ -82,15 +82,15 @@ _SCRIPT = """
   function useKey(candidate, remember) {
     key = candidate;
     showError("");
-    return call("GET", "/v1/me").then(function (me) {
-      showMe(me);
+    return Promise.all([call("GET", "/v1/me"), call("GET", "/v1/models")]).then(function (answers) {
+      model = answers[1].data[0].id;
+      showMe(answers[0]);
       if (remember) { sessionStorage.setItem(STORE, key); }
       $("key").value = "";
       $("key-form").hidden = true;
       $("signed-in").hidden = false;
       $("chat-form").hidden = false;
-      poll = setInterval(refresh, POLL_MS);
-      return call("GET", "/v1/models").then(function (models) { model = models.data[0].id; });
+      if (poll === null) { poll = setInterval(refresh, POLL_MS); }
     }).catch(function (error) {
       forget();
       showError(error.message);
