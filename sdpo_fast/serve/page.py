@@ -168,7 +168,8 @@ spellcheck="false"></label> <label><input id="remember" type="checkbox"> keep fo
 <div class="error" id="error" role="alert" hidden></div></header>
 <main id="log" aria-live="polite"></main>
 <footer><form id="chat-form" hidden>
-<textarea id="input" placeholder="Message (Enter sends, Shift+Enter: new line)"></textarea><button type="submit" id="send">Send</button><button type="button" id="new">New conversation</button>
+<textarea id="input" placeholder="Message (Enter sends, Shift+Enter: new line)"></textarea>
+<button type="submit" id="send">Send</button><button type="button" id="new">New conversation</button>
 </form></footer>
 """
 

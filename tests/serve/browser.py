@@ -21,8 +21,8 @@ class Browser:
         to_chrome, from_us = os.pipe()
         to_us, from_chrome = os.pipe()
         self.process = subprocess.Popen(
-            ["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome} 4>&{from_chrome}', str(CHROMIUM), "--headless", "--no-sandbox",
-             "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            ["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome} 4>&{from_chrome}', str(CHROMIUM), "--headless",
+             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--remote-debugging-pipe",
              "about:blank"],
             pass_fds=(to_chrome, from_chrome), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,7 +91,8 @@ class Browser:
 
     def type_into(self, session: str, element_id: str, text: str) -> None:
         """Empty the field, focus it and insert `text` as a paste does."""
-        self.evaluate(session, f"(e => {{ e.value = ''; e.focus(); }})(document.getElementById({json.dumps(element_id)}))")
+        element = f"document.getElementById({json.dumps(element_id)})"
+        self.evaluate(session, f"(e => {{ e.value = ''; e.focus(); }})({element})")
         self.send("Input.insertText", session, text=text)
 
     def click(self, session: str, element_id: str) -> None:

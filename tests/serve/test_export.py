@@ -55,7 +55,8 @@ def store(tmp_path):
     serve(store, "alice", [sys, u("hi")], "Hello 😊")
     serve(store, "alice", [sys, u("hi"), a("Hello 😊"), u("no emojis")], "Hello.")
     serve(store, "alice", [sys, u("hi"), a("Hello 😊"), u("no emojis")], "Hi.")  # regenerate: same follow-up
-    serve(store, "alice", [sys, u("hi"), a("Hello 😊"), u("no emojis"), a("Hi."), u("thanks\x00\n")], "You're welcome")
+    serve(store, "alice", [sys, u("hi"), a("Hello 😊"), u("no emojis"), a("Hi."), u("thanks\x00\n")],
+          "You're welcome")
     serve(store, "alice", [u("2+2?")], "4")
     # bob: one follow-up, and a single turn never followed up
     serve(store, "bob", [u("tea?")], "Tea is a drink 🍵")

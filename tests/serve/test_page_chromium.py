@@ -33,8 +33,9 @@ def service(tmp_path_factory):
     store = Store(state_dir)
     keys = {name: store.add_user(name) for name in ("alice", "bob")}
     store.close()
-    process = subprocess.Popen([sys.executable, "-m", "sdpo_fast.cli", "serve", "run", "--state-dir", str(state_dir), "--port", "0", "--update-every", "1",
-                                      "--max-new-tokens", "12"], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "sdpo_fast.cli", "serve", "run", "--state-dir", str(state_dir),
+                                "--port", "0", "--update-every", "1", "--max-new-tokens", "12"],
+                               stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     assert line.startswith("listening on http://127.0.0.1:"), line
     yield line.split()[-1], state_dir, keys
@@ -73,13 +74,15 @@ def test_paste_key_chat_and_see_learned(service, browser):
     assert dom(browser, tab, "$('user').textContent") == "alice"
     assert dom(browser, tab, "$('key').value") == ""
 
-    for turn, text in enumerate(["Tell me about coffee.", "No emojis, please."], start=1):
+    for turn, text in enumerate(["Tell me about coffee. <img src=x>", "No emojis, please."], start=1):
         browser.type_into(tab, "input", text)
         browser.click(tab, "send")
         browser.wait_for(tab, f"document.querySelectorAll('.msg[data-role=assistant]').length === {turn} && "
                               "!document.getElementById('send').disabled")
     shown = dom(browser, tab, "Array.from(document.querySelectorAll('.msg')).map(m => [m.dataset.role, m.textContent])")
 
+    assert shown[0] == ["user", "Tell me about coffee. <img src=x>"]
+    assert dom(browser, tab, "document.images.length") == 0, "a message's text was parsed as HTML"
     store = Store(state_dir)
     (conversation,) = store.conversations("alice")
     assert [list(m) for m in shown] == [[m["role"], m["content"]] for m in conversation["messages"]]
@@ -118,5 +121,12 @@ def test_key_kept_for_the_tab_only_when_asked(service, browser):
                           "document.getElementById('user').textContent")
     assert dom(browser, tab, "$('user').textContent") == "bob"
     assert dom(browser, tab, "$('learned').dataset.interactions") == "0"
+
+    browser.evaluate(tab, "document.getElementById('input').value = 'a bell \\u0007'")
+    browser.click(tab, "send")
+    error = browser.wait_for(tab, "!document.getElementById('send').disabled && "
+                                  "document.getElementById('error').textContent")
+    assert "control characters" in error
+    assert dom(browser, tab, "[$('log').children.length, $('input').value]") == [0, "a bell \u0007"]
     browser.click(tab, "forget")
     assert dom(browser, tab, "sessionStorage.length") == 0
