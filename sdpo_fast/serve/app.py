@@ -30,7 +30,7 @@ from ..model.generation import chat_prompt_ids, sample_batch
 from ..online.adapters import UserAdapters
 from ..online.config import OnlineConfig
 from .learner import Learner
-from .page import page_html
+from .page import PAGE_HEADERS, page_html
 from .store import Store, StoredReply
 
 MAX_BODY_BYTES = 1 << 20
@@ -376,6 +376,6 @@ def create_app(service: Service):
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return HTMLResponse(page_html())
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
 
     return app
