@@ -13,18 +13,9 @@ import triton
 import triton.language as tl
 
 from .config import Launch
-from .logits_tile import head_logits
-from .row_lse import row_head_lse, row_meta
+from .row_lse import expm1_nonpositive, head_logits, row_head_lse, row_meta
 
 TAIL_LOG_MASS_MAX = -1e-7
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1 for x <= 0 without the cancellation near 0 (Taylor to x^7 above -0.25)."""
-    series = x * (1.0 + x / 2.0 * (1.0 + x / 3.0 * (1.0 + x / 4.0 * (1.0 + x / 5.0 * (1.0 + x / 6.0 * (
-        1.0 + x / 7.0))))))
-    return tl.where(x > -0.25, series, tl.exp(x) - 1.0)
 
 
 @triton.jit
@@ -38,8 +29,10 @@ def _terms(s, t, alpha, log_alpha, log_rest, ALPHA_KIND: tl.constexpr):
         return p * (s - t), p * (s - t + 1.0)
     else:
         a, b = s + log_rest, t + log_alpha
-        top = tl.maximum(a, b)
-        mixture = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+        small = tl.exp(-tl.abs(a - b))
+        one_plus = 1.0 + small  # log1p(small) = log(1 + small) * small / ((1 + small) - 1), exact to rounding
+        log1p = tl.where(one_plus == 1.0, small, tl.log(one_plus) * small / (one_plus - 1.0))
+        mixture = tl.maximum(a, b) + log1p
         student_part = tl.exp(s) * (s - mixture)
         return (1.0 - alpha) * student_part + alpha * tl.exp(t) * (t - mixture), (1.0 - alpha) * student_part
 
@@ -54,7 +47,7 @@ def _masked_lse(x, mask):
 def _log_one_minus(log_mass):
     """log(1 - exp(min(log_mass, TAIL_LOG_MASS_MAX))) and d/d(log_mass) (0 where the clamp holds)."""
     clamped = tl.minimum(log_mass, -1e-7)
-    rest = -_expm1(clamped)
+    rest = -expm1_nonpositive(clamped)
     return tl.log(rest), tl.where(log_mass <= -1e-7, -tl.exp(clamped) / rest, 0.0)
 
 

@@ -11,8 +11,7 @@ import triton
 import triton.language as tl
 
 from .config import Launch
-from .logits_tile import head_logits
-from .row_lse import row_head_lse, row_meta
+from .row_lse import expm1_nonpositive, head_logits, row_head_lse, row_meta
 
 
 @triton.jit
