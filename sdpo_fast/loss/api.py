@@ -148,6 +148,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
 
     hidden = head_hidden(loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1])), lm_head_bias is not None)
     weight = head_weight(lm_head_weight, lm_head_bias)
+    if not need_grad:  # the autograd functions then see no input needing a gradient, and form none
+        hidden, weight = hidden.detach(), weight.detach()
     loss_targets = loss_rows(targets).long()
     if not compact:
         loss_targets = loss_targets.masked_fill(~loss_mask, 0)

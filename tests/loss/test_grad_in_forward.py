@@ -135,7 +135,9 @@ def test_bf16_no_worse_than_plain_pytorch(backend, mode):
         assert err <= base_err + 1e-2 * scale, f"{name}: {err:.3e} vs plain bf16 {base_err:.3e}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("triton", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=(
+        "needs CUDA: Triton's interpreter copies every tensor a kernel is given, which the counter sees")))])
 @pytest.mark.parametrize("mode,alpha", [("sampled_token", 1.0), ("full_logits", 0.5), ("topk_logits", 0.0)])
 def test_workspace_stays_within_workspace_bytes(backend, mode, alpha):
     """Peak bytes of every storage made during the loss and its gradients (StorageCounter): the gradients' own
