@@ -69,10 +69,11 @@ def row_lse_kernel(logits_ptr, target_ptr, lse_ptr, target_logit_ptr, vocab_size
 
 def row_meta(device: torch.device) -> dict:
     """BLOCK_V and warps of the row kernels: 2048-wide blocks over 8 warps on a GPU (8 fp32 values a thread per
-    vector); 128 under the interpreter, so that small test vocabularies span several blocks."""
-    if device.type == "cuda":
-        return dict(BLOCK_V=2048, num_warps=8)
-    return dict(BLOCK_V=128, num_warps=4)
+    vector; the `meta` tensors of `kernels.check` too); 128 under the interpreter (CPU tensors), so that small test
+    vocabularies span several blocks."""
+    if device.type == "cpu":
+        return dict(BLOCK_V=128, num_warps=4, num_stages=1)
+    return dict(BLOCK_V=2048, num_warps=8, num_stages=1)
 
 
 def row_lse_launch(logits, targets, inv_temperature: float, lse, target_logit, *,

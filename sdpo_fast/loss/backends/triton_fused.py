@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels.config import l2_bytes, triton_workspace_bytes
+from ...kernels.config import gemm_sweep_bytes_per_row, l2_bytes, triton_workspace_bytes
 from ...kernels.divergence import chunk_logits
 from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
@@ -135,11 +135,8 @@ class TritonRowOps:
 
     def bytes_per_row(self, mode: str, dtype: torch.dtype, vocab_size: int, topk: int, need_grad: bool,
                       softcap: bool) -> int:
-        """One (rows, V) chunk in `dtype` for sampled_token, two for the logit modes, plus torch.topk's values and
-        indices."""
-        if mode == "sampled_token":
-            return vocab_size * dtype.itemsize
-        return 2 * vocab_size * dtype.itemsize + topk * (8 + dtype.itemsize)
+        """`kernels.config.gemm_sweep_bytes_per_row`: the row kernels need nothing beside the chunks."""
+        return gemm_sweep_bytes_per_row(mode, dtype.itemsize, vocab_size, topk)
 
     def teacher_rows(self, chunk, targets, inv_temperature: float, softcap):
         return row_lse(chunk, targets, inv_temperature, softcap)
