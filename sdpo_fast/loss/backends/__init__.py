@@ -72,3 +72,13 @@ def get_backend(name: str) -> LossBackend:
         return TritonBackend()
     from .torch_chunked import TorchBackend
     return TorchBackend()
+
+
+def default_workspace_bytes(backend: str, cuda: bool) -> int | None:
+    """The workspace budget `sdpo_loss(workspace_bytes=None)` takes on `backend` ("auto" resolved as on a machine
+    with (cuda) or without a GPU): SDPO_FAST_TRITON_WORKSPACE_MB or SDPO_FAST_TORCH_CHUNK_MB; None for "reference"."""
+    if backend == "reference":
+        return None
+    if backend == "auto":
+        backend = "triton" if cuda and triton_available() else "torch"
+    return get_backend(backend).default_workspace_bytes()
