@@ -84,7 +84,7 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     check_bool("check_finite", check_finite)
     if grad_in_forward is not None:
         check_bool("grad_in_forward", grad_in_forward)
-    check_int("workspace_bytes", workspace_bytes, 1, optional=True)
+    check_int("workspace_bytes", workspace_bytes, 0, optional=True)
     if check_values:
         validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
                         teacher_lm_head_weight, token_weights, ignore_index, sequence_index, check_finite,

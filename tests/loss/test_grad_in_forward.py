@@ -69,12 +69,16 @@ LOGIT = [dict(distillation_mode="full_logits", distillation_alpha=alpha) for alp
     dict(distillation_mode="full_logits", distillation_alpha=0.75, importance_clip=0.9, logit_softcap=4.0)]
 
 
+PATHS = [(options, True) for options in SAMPLED + LOGIT] + [(options, False) for options in (
+    SAMPLED[3], SAMPLED[5], LOGIT[1], LOGIT[4])]  # the recompute path's own tests cover the rest
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("grad_in_forward", [True, False])
-@pytest.mark.parametrize("options", SAMPLED + LOGIT, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options,grad_in_forward", PATHS,
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) if isinstance(o, dict) else str(o))
 def test_both_paths_match_reference(backend, grad_in_forward, options):
-    """Every mode x alpha x tail x importance clip x centring, several chunks (a 3-row budget), V = 203 (not a
-    multiple of any block)."""
+    """Every mode x alpha x tail x importance clip x centring on the grad-in-forward path, some on the recompute
+    path; several chunks (a 3-row budget), V = 203 (not a multiple of any block)."""
     case = make_case(29, 20, 203, device=backend_device(backend), seed=len(options), ignore_frac=0.2)
     options = dict(options)
     if options.get("center_advantages"):
@@ -196,8 +200,9 @@ def test_forward_only_forms_no_gradients(backend, mode, monkeypatch):
 
 @pytest.mark.parametrize("options,match", [
     (dict(grad_in_forward="yes"), "grad_in_forward"), (dict(grad_in_forward=1), "grad_in_forward"),
-    (dict(workspace_bytes=0), "workspace_bytes"), (dict(workspace_bytes=1.5e9), "workspace_bytes"),
+    (dict(workspace_bytes=-1), "workspace_bytes"), (dict(workspace_bytes=1.5e9), "workspace_bytes"),
     (dict(grad_in_forward=True, workspace_bytes=100), "workspace_bytes"),
+    (dict(grad_in_forward=True, workspace_bytes=0), "workspace_bytes"),
 ])
 def test_bad_arguments_name_themselves(options, match):
     case = make_case(6, 4, 50, seed=0)

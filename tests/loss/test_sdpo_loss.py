@@ -92,11 +92,11 @@ def test_frozen_weight_does_no_weight_gradient_work(backend, grad_in_forward, mo
     from sdpo_fast.loss.backends.triton_fused import TritonBackend, TritonRowOps
     device = backend_device(backend)
     calls = []
-    ops, name = (TritonBackend, "grad") if backend == "triton" else (TorchBackend, "logprobs_and_grad")
+    ops = TritonBackend if backend == "triton" else TorchBackend
     row_ops = TritonRowOps if backend == "triton" else TorchRowOps
     monkeypatch.setattr(row_ops, "add_grad_weight", lambda *a: calls.append("dW in the forward"))
-    original = getattr(ops, name)
-    monkeypatch.setattr(ops, name, lambda self, *a, **k: calls.append(a[-1]) or original(self, *a, **k))
+    original = ops.grad
+    monkeypatch.setattr(ops, "grad", lambda self, *a, **k: calls.append(a[-1]) or original(self, *a, **k))
     case = make_case(20, 24, 90, device=device, seed=1)
     student = case["student_hidden"].clone().requires_grad_()
     loss = sdpo_loss(student, case["lm_head_weight"], case["target_ids"], teacher_hidden=case["teacher_hidden"],
@@ -156,12 +156,14 @@ def test_module_wrapper_matches_function():
     assert "signal_clip=1.0" in repr(module)
 
 
-def test_auto_uses_torch_on_cpu(monkeypatch):
-    from sdpo_fast.loss.backends.torch_chunked import TorchBackend
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_auto_uses_torch_on_cpu(monkeypatch, grad_in_forward):
+    from sdpo_fast.loss.backends.torch_chunked import TorchBackend, TorchRowOps
     calls = []
-    original = TorchBackend.token_logprobs
-    monkeypatch.setattr(TorchBackend, "token_logprobs", lambda self, *a: calls.append(1) or original(self, *a))
-    sdpo_loss(**make_case(4, 8, 10))
+    owner, name = (TorchRowOps, "token_rows") if grad_in_forward else (TorchBackend, "token_logprobs")
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    sdpo_loss(**make_case(4, 8, 10), grad_in_forward=grad_in_forward)
     assert calls
 
 
