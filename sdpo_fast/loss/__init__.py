@@ -10,5 +10,5 @@ from .sft import sft_loss
 
 __all__ = ["BACKENDS", "FullLogitObjective", "LossBackend", "LossInputs", "LossParams", "Objective",
            "ObjectiveOutput", "SDPOFunction", "SDPOLoss", "SDPOObjective", "SDPOStats", "SFTObjective",
-           "TopKLogitObjective", "default_workspace_bytes", "distillation_objective", "get_backend", "make_objective", "reference_sdpo_loss",
-           "reference_token_logprobs", "resolve_backend", "sdpo_loss", "sft_loss"]
+           "TopKLogitObjective", "default_workspace_bytes", "distillation_objective", "get_backend", "make_objective",
+           "reference_sdpo_loss", "reference_token_logprobs", "resolve_backend", "sdpo_loss", "sft_loss"]

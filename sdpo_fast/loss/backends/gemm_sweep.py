@@ -3,7 +3,8 @@ loss terms and d(loss)/d(logits) in place, then dX = G @ W and dW += G.T @ h; no
 
 A backend supplies its `RowOps`: the row passes over a chunk of raw products h @ W.T (input dtype; the head, see
 `loss.head`, is applied inside them) and the fp32 accumulation of dW. The Triton backend's are kernels
-(`kernels.row_lse`, `kernels.row_token_grad`, `kernels.row_divergence_grad`), the torch backend's PyTorch.
+(`kernels.row_lse`, `kernels.row_token_grad`, `kernels.row_divergence_grad`), the torch backend's are
+PyTorch.
 FLOPs: 2·N·d·V per logits GEMM, 4·N·d·V for dX and dW: 8·N·d·V for sampled_token with a teacher head and for the
 logit modes, 6 with a frozen head (no dW); centring adds one more student GEMM (10), see `token_grad_sweep`.
 Workspace: (rows, V) buffers in the input dtype (one for sampled_token, whose teacher pass runs before the
