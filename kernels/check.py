@@ -4,9 +4,9 @@ Needs no GPU. For a shape (N, d, V), a dtype and an architecture, the launches o
 a logit mode's chunk_logits / grad_weight, and the grad-in-forward path's row kernels) are built on the `meta`
 device (`sdpo_fast.kernels.fused`), bound by Triton's own JIT binder for that target (so pointer alignment,
 integers divisible by 16 and integers equal to 1 are specialized as `kernel[grid](...)` would), and compiled to a
-cubin. The cuobjdump shipped in Triton's wheel reads registers, stack and local memory (spills) and the SASS; the SASS tells the matrix instructions (HGMMA =
-wgmma, HMMA = mma.sync, else FFMA) and async copies (LDGSTS = cp.async, UTMALDG = TMA); the TTGIR tells the
-software-pipeline depth.
+cubin. The cuobjdump shipped in Triton's wheel reads registers, stack and local memory (spills) and the SASS; the
+SASS tells the matrix instructions (HGMMA = wgmma, HMMA = mma.sync, else FFMA) and async copies (LDGSTS = cp.async,
+UTMALDG = TMA); the TTGIR tells the software-pipeline depth.
 """
 from __future__ import annotations
 
