@@ -15,6 +15,11 @@ Every case runs on CUDA when a GPU is present, else on CPU (the Qwen3-8B shapes 
 - test_kernels_vs_model (CUDA, bf16 Qwen3-8B shapes): each fused-path kernel timed alone with CUDA events in the
   order the Triton backend launches them, its TFLOP/s next to the traffic/roofline model's prediction for this
   GPU (`sdpo_fast.kernels.model`) and the same-run cuBLAS time of the same GEMM.
+- test_paths_fwd_bwd: the grad-in-forward path (grad_in_forward=True, gradients formed in the forward from
+  GEMM-computed logits chunks) beside the recompute path (False) at equal shapes, with and without a frozen head
+  (LoRA), on the torch backend (CPU or CUDA) and the Triton backend (CUDA): time, peak memory, TFLOP/s counting
+  8·N·d·V (6 with a frozen head) for both, and on CUDA x_cublas over torch.mm GEMMs of the same shapes (two logits
+  products, dX and, unless frozen, dW) and the model's prediction for the path.
 - The issue's target is asserted: the default path (backend="auto") at N=4096, d=256, V=65536 fp32 grows peak
   memory by at most 25% of what the reference needs.
 """
@@ -371,9 +376,90 @@ def test_mode_fwd_bwd(benchmark, shape, mode, alpha, backend):
     benchmark.extra_info.update(info)
 
 
-if __name__ == "__main__":  # CPU worker: argv[1] = JSON [shape fields, backend] or [shape fields, backend, mode, alpha]
-    spec = json.loads(sys.argv[1])
-    if len(spec) == 4:
+# Both paths of sdpo_loss (grad_in_forward True / False) at equal shapes.
+PATH_SHAPES = [
+    Shape("paths-small", 1024, 128, 16384, "fp32", rounds=3, warmup_rounds=1),
+    Shape("qwen3-8b", 4096, 4096, 151936, "bf16", rounds=5, warmup_rounds=1, cuda_only=True),
+    Shape("qwen3-8b", 16384, 4096, 151936, "bf16", rounds=5, warmup_rounds=1, cuda_only=True),
+]
+PATH_WORKSPACE_BYTES = 2 << 30
+"""The grad-in-forward path's budget here: 2 GiB holds 7000 bf16 rows of V = 151936 (the default 256 MiB: 883)."""
+
+
+def make_path_step(backend: str, grad_in_forward: bool, frozen: bool, inputs: dict):
+    """One forward+backward of sampled_token on one path; frozen: lm_head_weight needs no grad (LoRA)."""
+    student = inputs["student_hidden"]
+    weight = inputs["lm_head_weight"].detach() if frozen else inputs["lm_head_weight"]
+    inputs = dict(inputs, lm_head_weight=weight)
+
+    def step():
+        student.grad = weight.grad = None
+        sdpo_loss(**inputs, backend=backend, grad_in_forward=grad_in_forward,
+                  workspace_bytes=PATH_WORKSPACE_BYTES).backward()
+        if student.is_cuda:
+            torch.cuda.synchronize()
+
+    return step
+
+
+def _cpu_path_peak_growth_here(shape: Shape, backend: str, grad_in_forward: bool, frozen: bool) -> int:
+    make_path_step(backend, grad_in_forward, frozen, make_inputs(shape, "cpu", n=8, vocab=512))()
+    return cpu_peak_growth(make_path_step(backend, grad_in_forward, frozen, make_inputs(shape, "cpu")))
+
+
+def path_peak_growth(shape: Shape, backend: str, grad_in_forward: bool, frozen: bool) -> int | None:
+    if DEVICE == "cuda":
+        try:
+            return cuda_peak_growth(make_path_step(backend, grad_in_forward, frozen, make_inputs(shape, DEVICE)))
+        except torch.cuda.OutOfMemoryError:
+            return None
+    spec = json.dumps({"shape": shape._asdict(), "backend": backend, "grad_in_forward": grad_in_forward,
+                       "frozen": frozen})
+    out = subprocess.run([sys.executable, __file__, spec], env=subprocess_env(), check=True, capture_output=True,
+                         text=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["full", "frozen-head"])
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["grad-in-forward", "recompute"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=lambda s: f"{DEVICE}-{s}")
+def test_paths_fwd_bwd(benchmark, shape, backend, grad_in_forward, frozen):
+    _skip_unsupported(shape, backend)
+    benchmark.group = f"paths fwd+bwd {DEVICE} {shape} {backend}"
+    step = make_path_step(backend, grad_in_forward, frozen, make_inputs(shape, DEVICE))
+    try:
+        benchmark.pedantic(step, rounds=shape.rounds, warmup_rounds=shape.warmup_rounds, iterations=1)
+    except torch.cuda.OutOfMemoryError as exc:
+        pytest.skip(f"{backend} ran out of GPU memory: {str(exc).splitlines()[0]}")
+    del step
+    gc.collect()
+    seconds = benchmark.stats.stats.median
+    flops = (6 if frozen else 8) * shape.n * shape.d * shape.vocab
+    info = dict(backend=backend, grad_in_forward=grad_in_forward, frozen_head=frozen, device=DEVICE,
+                dtype=shape.dtype, n=shape.n, d=shape.d, vocab=shape.vocab, flops=flops,
+                tflops=flops / seconds / 1e12, workspace_bytes=PATH_WORKSPACE_BYTES,
+                peak_bytes=path_peak_growth(shape, backend, grad_in_forward, frozen))
+    if DEVICE == "cuda":
+        gemm = cublas_seconds(shape)
+        info["cublas_seconds"] = 2 * gemm["logits"] + gemm["grad_h"] + (0 if frozen else gemm["grad_w"])
+        info["x_cublas"] = seconds / info["cublas_seconds"]
+        gpu = model_gpu()
+        if gpu is not None and backend == "triton":
+            from sdpo_fast.kernels.model import model_grad_in_forward_step, model_step
+            dims = (shape.n, shape.d, shape.vocab)
+            model = model_grad_in_forward_step(dims, _DTYPES[shape.dtype], gpu, PATH_WORKSPACE_BYTES, not frozen) \
+                if grad_in_forward else model_step(dims, _DTYPES[shape.dtype], gpu, need_weight=not frozen)
+            info["predicted_s"] = model.seconds
+    benchmark.extra_info.update(info)
+
+
+if __name__ == "__main__":  # CPU worker: argv[1] = JSON [shape fields, backend], [shape fields, backend, mode, alpha]
+    spec = json.loads(sys.argv[1])  # or {shape, backend, grad_in_forward, frozen}
+    if isinstance(spec, dict):
+        print(_cpu_path_peak_growth_here(Shape(**spec["shape"]), spec["backend"], spec["grad_in_forward"],
+                                         spec["frozen"]))
+    elif len(spec) == 4:
         print(_cpu_mode_peak_growth_here(Shape(**spec[0]), *spec[1:]))
     else:
         print(_cpu_peak_growth_here(Shape(**spec[0]), spec[1]))

@@ -1,12 +1,12 @@
 """Ahead-of-time compilation of the fused path's kernels, exactly as the run-time launches specialize them.
 
 Needs no GPU. For a shape (N, d, V), a dtype and an architecture, the launches of one loss step (sampled_token,
-and a logit mode's chunk_logits / grad_weight) are built on the `meta` device (`sdpo_fast.kernels.fused`), bound
-by Triton's own JIT binder for that target (so pointer alignment, integers divisible by 16 and integers equal to 1
-are specialized as `kernel[grid](...)` would), and compiled to a cubin. The cuobjdump shipped in Triton's wheel
-reads registers, stack and local memory (spills) and the SASS; the SASS tells the matrix instructions (HGMMA =
-wgmma, HMMA = mma.sync, else FFMA) and async copies (LDGSTS = cp.async, UTMALDG = TMA); the TTGIR tells the
-software-pipeline depth.
+a logit mode's chunk_logits / grad_weight, and the grad-in-forward path's row kernels) are built on the `meta`
+device (`sdpo_fast.kernels.fused`), bound by Triton's own JIT binder for that target (so pointer alignment,
+integers divisible by 16 and integers equal to 1 are specialized as `kernel[grid](...)` would), and compiled to a
+cubin. The cuobjdump shipped in Triton's wheel reads registers, stack and local memory (spills) and the SASS; the
+SASS tells the matrix instructions (HGMMA = wgmma, HMMA = mma.sync, else FFMA) and async copies (LDGSTS = cp.async,
+UTMALDG = TMA); the TTGIR tells the software-pipeline depth.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import kernel_config, triton_workspace_bytes
-from .fused import divergence_step_launches, fused_step_launches
+from .fused import divergence_step_launches, fused_step_launches, grad_in_forward_launches
 from .gpus import GPU, arch_limits, gpu_for_arch, programs_per_sm
 from .lse_gather import lse_gather_launch
 
@@ -193,9 +193,10 @@ def logit_mode_launches(shape: tuple[int, int, int], dtype: torch.dtype, arch: i
 
 def distinct_launches(shape: tuple[int, int, int], dtype: torch.dtype, arch: int, need_weight: bool = True):
     """The launches of one loss step at `shape` on the reference GPU of `arch`, sampled_token (the fused path) and
-    the logit modes, one per distinct specialization."""
+    the logit modes, and the grad-in-forward path's row kernels, one per distinct specialization."""
     launches = step_launches(shape, dtype, gpu_for_arch(arch), need_weight) + \
-        logit_mode_launches(shape, dtype, arch, need_weight)
+        logit_mode_launches(shape, dtype, arch, need_weight) + \
+        [launch for _, launch in grad_in_forward_launches(shape[0], shape[2], dtype, triton_workspace_bytes())]
     import triton
     from triton.backends.compiler import GPUTarget
 

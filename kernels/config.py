@@ -122,3 +122,12 @@ def backward_chunk_rows(n_tokens: int, vocab_size: int, hidden_dim: int, dtype: 
             budget = max(DEFAULT_WORKSPACE_BYTES, min(budget, l2_bytes // 4 // (hidden_dim * elem) * vocab_size * elem))
     rows = budget // (vocab_size * elem)
     return min(n_tokens, max(MIN_CHUNK_ROWS, rows // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS))
+
+
+def gemm_sweep_bytes_per_row(mode: str, elem_bytes: int, vocab_size: int, topk: int = 0) -> int:
+    """Workspace bytes per row of the grad-in-forward path on the Triton backend: one (rows, V) chunk in the input
+    dtype for sampled_token (the teacher's pass runs first in the same buffer), two for the logit modes (student and
+    teacher) plus torch.topk's values and int64 indices."""
+    if mode == "sampled_token":
+        return vocab_size * elem_bytes
+    return 2 * vocab_size * elem_bytes + topk * (8 + elem_bytes)

@@ -1,5 +1,6 @@
 """Every kernel launch of one fused-path loss step (forward of student and teacher, chunked backward), in order;
-and of one distillation-mode (full_logits / topk_logits) step on the Triton backend.
+and of one distillation-mode (full_logits / topk_logits) step on the Triton backend; and the row kernels of the
+grad-in-forward path (`loss.backends.gemm_sweep`), whose products are cuBLAS GEMMs.
 
 The Triton backend launches exactly these (`backward_chunks` and the `*_launch` builders); the ahead-of-time check
 and the traffic model build them on the `meta` device for a shape and a GPU, without a GPU.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .config import KernelConfig, backward_chunk_rows, divergence_chunk_rows
+from .config import KernelConfig, backward_chunk_rows, divergence_chunk_rows, gemm_sweep_bytes_per_row
 from .divergence import chunk_logits_launch
 from .grad_logits import grad_logits_launch
 from .grad_weight import grad_weight_launch
 from .lse_gather import lse_gather_launch
+from .row_divergence_grad import row_divergence_grad_launch
+from .row_lse import row_lse_launch
+from .row_token_grad import row_token_grad_launch
 
 
 def backward_chunks(n_tokens: int, vocab_size: int, hidden_dim: int, dtype: torch.dtype,
@@ -69,4 +73,32 @@ def divergence_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dt
         if need_weight:
             grad = torch.empty(n, vocab_size, dtype=dtype, **meta)
             launches.append(("backward", grad_weight_launch(grad, hidden[rows], grad_weight, cfg, True)))
+    return launches
+
+
+def grad_in_forward_launches(n_tokens: int, vocab_size: int, dtype: torch.dtype, budget_bytes: int,
+                             topk: int = 100) -> list[tuple[str, object]]:
+    """(mode, Launch) of the grad-in-forward path's row kernels on one chunk (rows: as many as budget_bytes holds),
+    on meta tensors: the teacher's row_lse, sampled_token's row_token_grad (with importance clipping), and
+    row_divergence_grad for full_logits (alpha 0.5) and topk_logits (alpha 1, the tail bucket). The chunk's GEMMs
+    (logits, dX, dW) are cuBLAS."""
+    from types import SimpleNamespace
+
+    meta = dict(device="meta")
+    launches = []
+    for mode in ("sampled_token", "full_logits", "topk_logits"):
+        k = topk if mode == "topk_logits" else 0
+        rows = max(1, min(n_tokens, budget_bytes // gemm_sweep_bytes_per_row(mode, dtype.itemsize, vocab_size, k)))
+        chunk = torch.empty(rows, vocab_size, dtype=dtype, **meta)
+        targets = torch.empty(rows, dtype=torch.int64, **meta)
+        vectors = [torch.empty(rows, dtype=torch.float32, **meta) for _ in range(5)]
+        if mode == "sampled_token":
+            launches.append((mode, row_lse_launch(chunk, targets, 1.0, *vectors[:2])))
+            launches.append((mode, row_token_grad_launch(chunk, targets, *vectors[:5], 1.0, importance_clip=2.0)))
+            continue
+        spec = SimpleNamespace(mode=mode, alpha=0.5 if mode == "full_logits" else 1.0, add_tail=True)
+        index = torch.empty(rows, k, dtype=torch.int64, **meta) if k else None
+        launches.append((mode, row_divergence_grad_launch(chunk, torch.empty_like(chunk), vectors[0], targets,
+                                                          vectors[1], vectors[2], index, *vectors[2:5], spec, 1.0,
+                                                          1.0, importance_clip=2.0)))
     return launches

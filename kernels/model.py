@@ -1,4 +1,5 @@
-"""A traffic and roofline model of one fused-path loss step: bytes through HBM, FLOPs, predicted time per GPU.
+"""A traffic and roofline model of one fused-path loss step: bytes through HBM, FLOPs, predicted time per GPU; and of
+one grad-in-forward step (`model_grad_in_forward_step`: cuBLAS GEMMs and memory-bound row kernels).
 
 For each launch of the step (`sdpo_fast.kernels.fused`), the programs run in launch order (axis 0 fastest), in
 waves of `programs_per_sm * SMs` resident programs that advance in lockstep through their steps (one vocabulary
@@ -160,6 +161,10 @@ class StepPrediction:
     dtype: str
     shape: tuple
     kernels: list = field(default_factory=list)
+    counted: int = 10
+    """The useful FLOPs are counted·N·d·V: 10 for the recompute path, 8 for the grad-in-forward path (6 with a
+    frozen head)."""
+    path: str = "recompute"
 
     @property
     def seconds(self) -> float:
@@ -167,12 +172,13 @@ class StepPrediction:
 
     @property
     def tflops(self) -> float:
-        """Counting 10·N·d·V, as the benchmarks do."""
+        """Counting `counted`·N·d·V, as the benchmarks do."""
         n, d, v = self.shape
-        return 10 * n * d * v / self.seconds / 1e12
+        return self.counted * n * d * v / self.seconds / 1e12
 
     def as_dict(self) -> dict:
-        return {"gpu": self.gpu, "dtype": self.dtype, "shape": list(self.shape), "seconds": self.seconds,
+        return {"gpu": self.gpu, "dtype": self.dtype, "shape": list(self.shape), "path": self.path,
+                "counted": self.counted, "seconds": self.seconds,
                 "tflops": self.tflops, "assumptions": EFFICIENCY.describe(),
                 "kernels": [{**asdict(k), "tflops": k.tflops} for k in self.kernels]}
 
@@ -201,11 +207,11 @@ def _merge(preds: list[KernelPrediction]) -> KernelPrediction:
 
 
 def _gemm(name: str, m: int, n: int, k: int, elem: int, gpu: GPU, count: int, fp32: bool,
-          calibration: Efficiency = EFFICIENCY) -> KernelPrediction:
-    """A cuBLAS GEMM (m, k) @ (k, n): each operand read once, the output written once, at calibration.cublas of the
-    peak."""
+          calibration: Efficiency = EFFICIENCY, fp32_accumulate: bool = False) -> KernelPrediction:
+    """A cuBLAS GEMM (m, k) @ (k, n): each operand read once, the output written once (fp32_accumulate: an fp32
+    output read and written, C += A @ B), at calibration.cublas of the peak."""
     flops = 2 * m * n * k * count
-    moved = (m * k + k * n + m * n) * elem * count
+    moved = ((m * k + k * n) * elem + m * n * (8 if fp32_accumulate else elem)) * count
     peak = (gpu.fp32_flops if fp32 else gpu.tensor_16bit_flops) * calibration.cublas
     compute_s, memory_s = flops / peak, moved / (gpu.hbm_bytes_per_s * calibration.hbm)
     return KernelPrediction(name, count, flops, moved, 0, 1.0, max(compute_s, memory_s),
@@ -245,16 +251,63 @@ def model_step(shape: tuple[int, int, int], dtype: torch.dtype, gpu: str | GPU, 
     return StepPrediction(gpu.name, DTYPE_NAMES[dtype], tuple(shape), kernels)
 
 
+def _row_pass(name: str, moved: int, gpu: GPU, calibration: Efficiency = EFFICIENCY) -> KernelPrediction:
+    """A memory-bound row kernel moving `moved` bytes at calibration.hbm of the bandwidth (its exp per element is
+    far below the FLOP roof)."""
+    return KernelPrediction(name, 1, 0.0, moved, 0, 1.0, moved / (gpu.hbm_bytes_per_s * calibration.hbm), "memory")
+
+
+ROW_PASSES = {"sampled_token": (("row_lse", 1, 0), ("row_token_grad", 2, 1)),
+              "full_logits": (("row_lse", 1, 0), ("row_divergence_grad", 5, 1))}
+"""mode -> (row kernel, chunk reads, chunk writes) per row: the teacher's row_lse reads its chunk once;
+row_token_grad reads the student's twice (log-sum-exp, gradient) and writes it once; row_divergence_grad (full)
+reads the student's three times and the teacher's twice and writes the student's once."""
+
+
+def model_grad_in_forward_step(shape: tuple[int, int, int], dtype: torch.dtype, gpu: str | GPU,
+                               budget_bytes: int, need_weight: bool = True, mode: str = "sampled_token",
+                               calibration: Efficiency = EFFICIENCY) -> StepPrediction:
+    """Predicted kernels of one grad-in-forward step (`loss.backends.gemm_sweep`) at shape (N, d, V) on `gpu`: per
+    chunk (rows from budget_bytes, `config.gemm_sweep_bytes_per_row`) the teacher's and the student's logits GEMMs,
+    the row kernels (`ROW_PASSES`), dX = G @ W and, with need_weight, dW += G.T @ h with an fp32 output; every
+    GEMM at calibration.cublas, every row pass at calibration.hbm. Counted FLOPs: 8·N·d·V (6 without dW)."""
+    from .check import DTYPE_NAMES
+    from .config import gemm_sweep_bytes_per_row
+
+    gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
+    n_tokens, hidden_dim, vocab_size = shape
+    elem = torch.finfo(dtype).bits // 8
+    fp32 = dtype == torch.float32
+    rows = max(1, min(n_tokens, budget_bytes // gemm_sweep_bytes_per_row(mode, elem, vocab_size)))
+    sizes = [min(rows, n_tokens - start) for start in range(0, n_tokens, rows)]
+    parts: dict[str, list[KernelPrediction]] = {}
+
+    def add(prediction: KernelPrediction) -> None:
+        parts.setdefault(prediction.kernel, []).append(prediction)
+
+    for m in sizes:
+        add(_gemm("teacher logits (cuBLAS)", m, vocab_size, hidden_dim, elem, gpu, 1, fp32, calibration))
+        add(_gemm("student logits (cuBLAS)", m, vocab_size, hidden_dim, elem, gpu, 1, fp32, calibration))
+        for name, reads, writes in ROW_PASSES[mode]:
+            add(_row_pass(name, (reads + writes) * m * vocab_size * elem, gpu, calibration))
+        add(_gemm("dX = G @ W (cuBLAS)", m, hidden_dim, vocab_size, elem, gpu, 1, fp32, calibration))
+        if need_weight:
+            add(_gemm("dW += G.T @ h (cuBLAS)", vocab_size, hidden_dim, m, elem, gpu, 1, fp32, calibration,
+                      fp32_accumulate=True))
+    return StepPrediction(gpu.name, DTYPE_NAMES[dtype], tuple(shape), [_merge(p) for p in parts.values()],
+                          counted=8 if need_weight else 6, path="grad_in_forward")
+
+
 def format_model(step: StepPrediction) -> str:
     """A markdown table of the predicted kernels, then the whole step, then the assumptions it rests on."""
-    lines = [f"Model: {step.gpu}, {step.dtype}, N, d, V = {step.shape}",
+    lines = [f"Model: {step.gpu}, {step.dtype}, N, d, V = {step.shape}, {step.path} path",
              "", "| kernel | launches | TFLOP | HBM GB | programs/SM | wave eff. | bound | predicted ms | TFLOP/s |",
              "|---|--:|--:|--:|--:|--:|---|--:|--:|"]
     for k in step.kernels:
         lines.append(f"| {k.kernel} | {k.launches} | {k.flops / 1e12:.2f} | {k.hbm_bytes / 1e9:.1f} "
                      f"| {k.programs_per_sm or '–'} | {k.wave_efficiency:.2f} | {k.bound} | {k.seconds * 1e3:.2f} "
                      f"| {k.tflops:.0f} |")
-    lines.append(f"| **whole step** (10·N·d·V) | | {10 * math.prod(step.shape) / 1e12:.1f} "
+    lines.append(f"| **whole step** ({step.counted}·N·d·V) | | {step.counted * math.prod(step.shape) / 1e12:.1f} "
                  f"| {sum(k.hbm_bytes for k in step.kernels) / 1e9:.1f} | | | | {step.seconds * 1e3:.1f} "
                  f"| {step.tflops:.0f} |")
     lines += ["", EFFICIENCY.describe()]

@@ -72,10 +72,13 @@ def run(args) -> int:
     models = []
     if args.model:
         from ..kernels.gpus import GPUS
-        from ..kernels.model import format_model, model_step
+        from ..kernels.config import triton_workspace_bytes
+        from ..kernels.model import format_model, model_grad_in_forward_step, model_step
 
-        models = [model_step(args.shape, dtype, gpu, usages=rows) for dtype in dtypes
-                  for gpu in ("h100", "h200", "a100", "rtx4090", "l40s") if GPUS[gpu].arch in args.arch]
+        gpus = [gpu for gpu in ("h100", "h200", "a100", "rtx4090", "l40s") if GPUS[gpu].arch in args.arch]
+        models = [model for dtype in dtypes for gpu in gpus
+                  for model in (model_step(args.shape, dtype, gpu, usages=rows),
+                                model_grad_in_forward_step(args.shape, dtype, gpu, triton_workspace_bytes()))]
     if args.json:
         out = {"shape": list(args.shape), "kernels": [row.as_dict() for row in rows]}
         if args.model:

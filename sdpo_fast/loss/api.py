@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..constants import IGNORE_INDEX
-from ..utils.checks import check_bool
+from ..utils.checks import check_bool, check_int
 from .backends import get_backend, resolve_backend
+from .backends.gemm_sweep import logprobs_sweep
 from .divergence import DivergenceSpec
 from .function import DivergenceFunction, LossParams, SDPOFunction
 from .head import head_hidden, head_inv_temperature, head_softcap, head_weight
@@ -30,7 +31,7 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
               distillation_alpha=1.0, distillation_topk=100, distillation_add_tail=True, behavior_logprobs=None,
               importance_clip=None, backend="auto", return_stats=False, check_values=True, compact=True,
               check_finite=True, lm_head_bias=None, logit_scale=1.0, logit_softcap=None, teacher_lm_head_bias=None,
-              teacher_logit_scale=1.0, teacher_logit_softcap=None):
+              teacher_logit_scale=1.0, teacher_logit_softcap=None, grad_in_forward=None, workspace_bytes=None):
     """SDPO loss  sum_t w_t * c_t * D_t  over the loss tokens.
 
     D_t by distillation_mode: "sampled_token" -A_t * log pi(y_t) with A_t = clip(log q(y_t) - log pi(y_t)) held
@@ -63,6 +64,13 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     sync each on a GPU); with check_values=False and compact=False the call queues its work without waiting
     (inputs must then be valid; ignored positions are computed with weight 0). No loss tokens: loss 0.0 and zero
     gradients on every backend.
+    grad_in_forward: True forms the gradients in the forward (`backends.gemm_sweep`: per chunk of rows, logits by
+    GEMMs into a workspace, one row pass (Triton kernels on the Triton backend) writing d(loss)/d(logits) in place,
+    then dX and dW by GEMMs; 8·N·d·V FLOPs with a teacher head, 10 with center_advantages); False the recompute
+    path (sampled_token: logits never written, recomputed tile by tile in the backward, 10·N·d·V; the logit modes:
+    the backend's fp32 chunk sweep); None picks True when a chunk of min(1024, N) rows fits workspace_bytes.
+    workspace_bytes: that budget in bytes (None: SDPO_FAST_TORCH_CHUNK_MB or SDPO_FAST_TRITON_WORKSPACE_MB).
+    Forward-only calls (no grad mode, or nothing requiring grad) form no gradients on either path.
     """
     validate(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs, teacher_lm_head_weight,
              token_weights, ignore_index, temperature, signal_clip, sequence_index, center_advantages)
@@ -74,6 +82,9 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     check_bool("check_values", check_values)
     check_bool("compact", compact)
     check_bool("check_finite", check_finite)
+    if grad_in_forward is not None:
+        check_bool("grad_in_forward", grad_in_forward)
+    check_int("workspace_bytes", workspace_bytes, 0, optional=True)
     if check_values:
         validate_values(student_hidden, lm_head_weight, target_ids, teacher_hidden, teacher_logprobs,
                         teacher_lm_head_weight, token_weights, ignore_index, sequence_index, check_finite,
@@ -105,6 +116,13 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     spec = None if distillation_mode == "sampled_token" else DivergenceSpec(
         distillation_mode, float(distillation_alpha), distillation_topk, distillation_add_tail)
     compute_dtype = autocast_dtype(student_hidden, lm_head_weight) if spec is None else None
+    budget = ops.default_workspace_bytes() if workspace_bytes is None else workspace_bytes
+    n_rows = rows.numel() if compact else targets.numel()
+    need_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or lm_head_weight.requires_grad
+                                             or (lm_head_bias is not None and lm_head_bias.requires_grad))
+    grad_in_forward = choose_grad_in_forward(
+        ops.row_ops, grad_in_forward, budget, n_rows, distillation_mode, compute_dtype or student_hidden.dtype,
+        lm_head_weight.shape[0], distillation_topk if spec is not None else 0, need_grad, logit_softcap is not None)
     own_head = teacher_lm_head_weight is not None
     if own_head:
         teacher_bias, teacher_scale, teacher_softcap = teacher_lm_head_bias, teacher_logit_scale, teacher_logit_softcap
@@ -115,7 +133,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
                         importance_clip=importance_clip, divergence=spec,
                         softcap=head_softcap(logit_scale, logit_softcap),
                         teacher_inv_temperature=head_inv_temperature(1.0 / float(temperature), teacher_scale),
-                        teacher_softcap=head_softcap(teacher_scale, teacher_softcap))
+                        teacher_softcap=head_softcap(teacher_scale, teacher_softcap),
+                        grad_in_forward=grad_in_forward, workspace_bytes=budget)
 
     def loss_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if every_row else tensor.index_select(0, rows)
@@ -129,6 +148,8 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
 
     hidden = head_hidden(loss_rows(student_hidden.reshape(-1, student_hidden.shape[-1])), lm_head_bias is not None)
     weight = head_weight(lm_head_weight, lm_head_bias)
+    if not need_grad:  # the autograd functions then see no input needing a gradient, and form none
+        hidden, weight = hidden.detach(), weight.detach()
     loss_targets = loss_rows(targets).long()
     if not compact:
         loss_targets = loss_targets.masked_fill(~loss_mask, 0)
@@ -161,8 +182,13 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
             teacher_rows, teacher_weight = teacher_head_rows(), teacher_weight.detach()
             if compute_dtype is not None:
                 teacher_rows, teacher_weight = teacher_rows.to(compute_dtype), teacher_weight.to(compute_dtype)
-            teacher_lp, _ = ops.token_logprobs(teacher_rows, teacher_weight, loss_targets,
-                                               params.teacher_inv_temperature, params.teacher_softcap)
+            if grad_in_forward:
+                teacher_lp = logprobs_sweep(ops.row_ops, teacher_rows, teacher_weight, loss_targets,
+                                            params.teacher_inv_temperature, budget_bytes=budget,
+                                            softcap=params.teacher_softcap)
+            else:
+                teacher_lp, _ = ops.token_logprobs(teacher_rows, teacher_weight, loss_targets,
+                                                   params.teacher_inv_temperature, params.teacher_softcap)
     sequences = None
     if center_advantages:  # uncompacted ignored positions are centred in a slot of their own, left unused
         sequences = loss_rows(sequence_index.reshape(-1)).long()
@@ -175,6 +201,24 @@ def sdpo_loss(student_hidden, lm_head_weight, target_ids, *, teacher_hidden=None
     if not return_stats:
         return loss
     return loss, SDPOStats(full(student_lp), full(teacher_lp), full(advantages), full(-advantages * student_lp))
+
+
+GRAD_IN_FORWARD_MIN_ROWS = 1024
+"""grad_in_forward=None picks the grad-in-forward path when a chunk of this many rows (or all of them) fits."""
+
+
+def choose_grad_in_forward(row_ops, grad_in_forward: bool | None, budget_bytes: int, n_rows: int, mode: str,
+                           dtype: torch.dtype, vocab_size: int, topk: int, need_grad: bool, softcap: bool) -> bool:
+    """The path a call takes: grad_in_forward itself when given (ValueError when True and not one row fits the
+    budget), else True when min(GRAD_IN_FORWARD_MIN_ROWS, n_rows) rows fit budget_bytes. The planner asks the same."""
+    rows = budget_bytes // row_ops.bytes_per_row(mode, dtype, vocab_size, topk, need_grad, softcap)
+    if grad_in_forward is None:
+        return rows >= min(GRAD_IN_FORWARD_MIN_ROWS, max(n_rows, 1))
+    if grad_in_forward and rows < 1:
+        raise ValueError(f"workspace_bytes={budget_bytes} holds no row of the grad-in-forward path (one needs "
+                         f"{row_ops.bytes_per_row(mode, dtype, vocab_size, topk, need_grad, softcap)} bytes); raise "
+                         "workspace_bytes or pass grad_in_forward=False")
+    return grad_in_forward
 
 
 def _no_loss_tokens(student_hidden, lm_head_weight, lm_head_bias, target_ids, return_stats):
@@ -195,8 +239,9 @@ class SDPOLoss(torch.nn.Module):
                  distillation_mode="sampled_token", distillation_alpha=1.0, distillation_topk=100,
                  distillation_add_tail=True, importance_clip=None, backend="auto", return_stats=False,
                  check_finite=True, logit_scale=1.0, logit_softcap=None, teacher_logit_scale=1.0,
-                 teacher_logit_softcap=None):
+                 teacher_logit_softcap=None, grad_in_forward=None, workspace_bytes=None):
         super().__init__()
+        self.grad_in_forward, self.workspace_bytes = grad_in_forward, workspace_bytes
         self.logit_scale, self.logit_softcap = logit_scale, logit_softcap
         self.teacher_logit_scale, self.teacher_logit_softcap = teacher_logit_scale, teacher_logit_softcap
         self.ignore_index, self.temperature, self.signal_clip = ignore_index, temperature, signal_clip
@@ -219,7 +264,8 @@ class SDPOLoss(torch.nn.Module):
                          check_finite=self.check_finite, lm_head_bias=lm_head_bias, logit_scale=self.logit_scale,
                          logit_softcap=self.logit_softcap, teacher_lm_head_bias=teacher_lm_head_bias,
                          teacher_logit_scale=self.teacher_logit_scale,
-                         teacher_logit_softcap=self.teacher_logit_softcap)
+                         teacher_logit_softcap=self.teacher_logit_softcap, grad_in_forward=self.grad_in_forward,
+                         workspace_bytes=self.workspace_bytes)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, temperature={self.temperature}, "
@@ -227,4 +273,5 @@ class SDPOLoss(torch.nn.Module):
                 f"distillation_mode={self.distillation_mode!r}, distillation_alpha={self.distillation_alpha}, "
                 f"distillation_topk={self.distillation_topk}, distillation_add_tail={self.distillation_add_tail}, "
                 f"importance_clip={self.importance_clip}, backend={self.backend!r}, logit_scale={self.logit_scale}, "
-                f"logit_softcap={self.logit_softcap}")
+                f"logit_softcap={self.logit_softcap}, grad_in_forward={self.grad_in_forward}, "
+                f"workspace_bytes={self.workspace_bytes}")

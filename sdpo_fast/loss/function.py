@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import LossBackend
+from .backends.gemm_sweep import divergence_grad_sweep, logprobs_sweep, token_grad_sweep
 from .divergence import DivergenceSpec, importance_ratio
 
 
@@ -22,6 +23,8 @@ class LossParams:
     theirs; gradients come back in the inputs' own dtypes, grad_weight accumulated in fp32.
     importance_clip: the per-token loss times min(exp(log pi(y) - log mu(y)), importance_clip), held constant,
     when set and behavior log-probs are passed. divergence: the distillation mode's spec (None: sampled_token).
+    grad_in_forward: the grad-in-forward path (`backends.gemm_sweep`, its workspace within workspace_bytes), else
+    the recompute path (sampled_token) or the backend's own `divergence` sweep (the logit modes).
     """
 
     backend: LossBackend
@@ -34,6 +37,8 @@ class LossParams:
     softcap: float | None = None
     teacher_inv_temperature: float | None = None
     teacher_softcap: float | None = None
+    grad_in_forward: bool = False
+    workspace_bytes: int = 0
 
 
 def _importance(params: LossParams, behavior_logprobs, rows, student_logprobs):
@@ -77,8 +82,9 @@ class SDPOFunction(torch.autograd.Function):
     sequence_index (N,) int64 (read only when params.center; values < n_slots), behavior_logprobs (N,) fp32 or
     None (with params.importance_clip, each token's term is also times its importance ratio) and params.
     Outputs: loss () fp32, student log-probs (N,) fp32, advantages (N,) fp32 (the last two not differentiable).
-    Per-token advantages on a `grad_in_forward` backend form the gradients in the forward sweep; otherwise the
-    backward recomputes logits tiles from what the forward saved. grad_weight is formed in fp32.
+    With params.grad_in_forward the gradients are formed in the forward sweep (`gemm_sweep.token_grad_sweep`;
+    centring runs the student's log-probs first, one more GEMM); otherwise the backward recomputes logits tiles from
+    what the forward saved. grad_weight is formed in fp32.
     """
 
     @staticmethod
@@ -89,32 +95,34 @@ class SDPOFunction(torch.autograd.Function):
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         if params.compute_dtype is not None:
             hidden, weight = hidden.to(params.compute_dtype), weight.to(params.compute_dtype)
-        ctx.grads_ready = backend.grad_in_forward and not params.center and (need_hidden or need_weight)
-        if ctx.grads_ready:
-            def coef_of(rows, student_lp):
-                coef = weights[rows] * advantages(teacher_logprobs[rows], student_lp, params.signal_clip)
-                ratio = _importance(params, behavior_logprobs, rows, student_lp)
-                return coef if ratio is None else coef * ratio
-
-            student_logprobs, grad_hidden, grad_weight = backend.logprobs_and_grad(
-                hidden, weight, targets, params.inv_temperature, coef_of, need_hidden, need_weight,
-                softcap=params.softcap)
+        ctx.grads_ready = params.grad_in_forward
+        if params.grad_in_forward:
+            ops = backend.row_ops
+            if params.center:
+                student_logprobs = logprobs_sweep(ops, hidden, weight, targets, params.inv_temperature,
+                                                  budget_bytes=params.workspace_bytes, softcap=params.softcap)
+                teacher_logprobs = centered_teacher_logprobs(teacher_logprobs, student_logprobs, sequence_index,
+                                                             n_slots)
+            student_logprobs, coef, grad_hidden, grad_weight = token_grad_sweep(
+                ops, hidden, weight, targets, teacher_logprobs, weights, behavior_logprobs, params.inv_temperature,
+                need_hidden, need_weight, budget_bytes=params.workspace_bytes, softcap=params.softcap,
+                signal_clip=params.signal_clip, importance_clip=params.importance_clip)
+            advantage = advantages(teacher_logprobs, student_logprobs, params.signal_clip)
+            ctx.save_for_backward(grad_hidden, grad_weight)
         else:
             student_logprobs, lse = backend.token_logprobs(hidden, weight, targets, params.inv_temperature,
                                                            params.softcap)
-        if params.center:
-            teacher_logprobs = centered_teacher_logprobs(teacher_logprobs, student_logprobs, sequence_index, n_slots)
-        advantage = advantages(teacher_logprobs, student_logprobs, params.signal_clip)
-        coef = weights * advantage
-        ratio = _importance(params, behavior_logprobs, slice(None), student_logprobs)
-        if ratio is not None:
-            coef = coef * ratio
-        loss = -(coef * student_logprobs).sum()
-        if ctx.grads_ready:
-            ctx.save_for_backward(grad_hidden, grad_weight)
-        else:
+            if params.center:
+                teacher_logprobs = centered_teacher_logprobs(teacher_logprobs, student_logprobs, sequence_index,
+                                                             n_slots)
+            advantage = advantages(teacher_logprobs, student_logprobs, params.signal_clip)
+            coef = weights * advantage
+            ratio = _importance(params, behavior_logprobs, slice(None), student_logprobs)
+            if ratio is not None:
+                coef = coef * ratio
             ctx.save_for_backward(hidden, weight, targets, lse, coef)
             ctx.params = params
+        loss = -(coef * student_logprobs).sum()
         ctx.mark_non_differentiable(student_logprobs, advantage)
         return loss, student_logprobs, advantage
 
@@ -145,7 +153,8 @@ class DivergenceFunction(torch.autograd.Function):
     Inputs: hidden (N, d), weight (V, d), teacher_hidden (N, d_t), teacher_weight (V, d_t), targets (N,) int64,
     weights (N,) fp32, behavior_logprobs (N,) fp32 or None, params. Outputs: loss () fp32; divergence, student and
     teacher log-probs at the targets, (N,) fp32 each (not differentiable). Gradients are formed in the forward
-    sweep; grad_weight in fp32.
+    sweep (`gemm_sweep.divergence_grad_sweep` with params.grad_in_forward, else the backend's `divergence`);
+    grad_weight in fp32.
     """
 
     @staticmethod
@@ -154,15 +163,24 @@ class DivergenceFunction(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         ctx.weight_dtype = weight.dtype
 
-        def coef_of(rows, student_lp):
-            ratio = _importance(params, behavior_logprobs, rows, student_lp)
-            return weights[rows] if ratio is None else weights[rows] * ratio
+        if params.grad_in_forward:
+            divergence, student_lp, teacher_lp, coef, grad_hidden, grad_weight = divergence_grad_sweep(
+                params.backend.row_ops, hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), targets,
+                weights, behavior_logprobs, params.divergence, params.inv_temperature, need_hidden, need_weight,
+                budget_bytes=params.workspace_bytes, softcap=params.softcap,
+                teacher_inv_temperature=params.teacher_inv_temperature, teacher_softcap=params.teacher_softcap,
+                importance_clip=params.importance_clip)
+            loss = (coef * divergence).sum()
+        else:
+            def coef_of(rows, student_lp):
+                ratio = _importance(params, behavior_logprobs, rows, student_lp)
+                return weights[rows] if ratio is None else weights[rows] * ratio
 
-        divergence, student_lp, teacher_lp, grad_hidden, grad_weight = params.backend.divergence(
-            hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), targets, coef_of, params.divergence,
-            params.inv_temperature, need_hidden, need_weight, softcap=params.softcap,
-            teacher_inv_temperature=params.teacher_inv_temperature, teacher_softcap=params.teacher_softcap)
-        loss = (coef_of(slice(None), student_lp) * divergence).sum()
+            divergence, student_lp, teacher_lp, grad_hidden, grad_weight = params.backend.divergence(
+                hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), targets, coef_of,
+                params.divergence, params.inv_temperature, need_hidden, need_weight, softcap=params.softcap,
+                teacher_inv_temperature=params.teacher_inv_temperature, teacher_softcap=params.teacher_softcap)
+            loss = (coef_of(slice(None), student_lp) * divergence).sum()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(divergence, student_lp, teacher_lp)
         return loss, divergence, student_lp, teacher_lp

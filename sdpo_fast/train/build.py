@@ -10,21 +10,24 @@ import torch
 
 from ..data import EncodedInteraction, encode_interactions, load_interactions
 from ..demo.assets import tiny_sample_path
-from ..loss import Objective, distillation_objective, make_objective
+from ..loss import Objective, default_workspace_bytes, distillation_objective, make_objective
 from .optim import OptimizerInBackward, offload_optimizer
 from .setup import build_optimizer, build_scheduler
 from .step import StepOptions
 
 
 def objective_of(config) -> Objective:
-    """The objective `config.loss` names, with its options (signal_clip and center_advantages as resolved)."""
+    """The objective `config.loss` names, with its options (signal_clip and center_advantages as resolved) and the
+    loss's workspace budget stated, so that the planner (which builds through here) counts the path it picks."""
     if config.loss == "sft":
         return make_objective("sft")
     return distillation_objective(config.distillation_mode, temperature=config.temperature,
                                   alpha=config.distillation_alpha, topk=config.distillation_topk,
                                   add_tail=config.distillation_add_tail, signal_clip=config.resolved_signal_clip,
                                   center_advantages=config.resolved_center_advantages,
-                                  importance_clip=config.importance_clip, backend=config.loss_backend)
+                                  importance_clip=config.importance_clip, backend=config.loss_backend,
+                                  workspace_bytes=default_workspace_bytes(config.loss_backend,
+                                                                          torch.cuda.is_available()))
 
 
 def step_options(config) -> StepOptions:

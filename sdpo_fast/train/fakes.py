@@ -32,7 +32,8 @@ def patched(attributes: dict):
 def triton_launches_as_workspace():
     """The Triton loss backend's Python path on CPU tensors, its kernel launches replaced by what they allocate
     (README: lse_gather writes 2 floats per token; grad_logits, grad_weight and the logit modes' chunk_logits
-    write into buffers the Python path allocated). A 16-bit trainable lm_head's gradient is counted as formed
+    write into buffers the Python path allocated; the grad-in-forward path's row kernels write into its chunks and
+return (n,) fp32 vectors). A 16-bit trainable lm_head's gradient is counted as formed
     slice by slice (no fp32 (V, d) accumulator: the least memory; on a GPU the one-sweep fp32 accumulation runs
     only when it fits in free memory as well)."""
     from ..loss import api
@@ -52,9 +53,15 @@ def triton_launches_as_workspace():
     def chunk_logits(hidden, weight, inv_temperature, out):
         return out
 
+    def vectors(chunk, count):
+        return tuple(torch.zeros(chunk.shape[0], dtype=torch.float32, device=chunk.device) for _ in range(count))
+
     with patched({(triton_fused, "lse_gather"): lse_gather, (triton_fused, "grad_logits"): grad_logits,
                    (triton_fused, "accumulate_grad_weight"): accumulate_grad_weight,
                    (triton_fused, "chunk_logits"): chunk_logits,
+                   (triton_fused, "row_lse"): lambda chunk, *a, **k: vectors(chunk, 2),
+                   (triton_fused, "row_token_grad"): lambda chunk, *a, **k: vectors(chunk, 2),
+                   (triton_fused, "row_divergence_grad"): lambda chunk, *a, **k: vectors(chunk, 3),
                    (triton_fused, "_fp32_grad_weight_fits"): lambda weight, workspace_bytes: False,
                    (api, "resolve_backend"): lambda backend, device: backend}):
         yield

@@ -10,6 +10,8 @@ import pytest
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 SIXTEEN_BIT = "bf16,fp16"
+ROW_KERNELS = {"row_lse_kernel", "row_token_grad_kernel", "row_divergence_grad_kernel"}
+"""The grad-in-forward path's row kernels: memory-bound sweeps without products (its GEMMs are cuBLAS)."""
 
 
 def check_kernels(*argv, timeout=600):
@@ -32,20 +34,24 @@ def test_fused_path_lowers_to_tensor_cores_with_async_copies(arch, mma, tmp_path
     out = check_kernels("--arch", arch, "--dtype", SIXTEEN_BIT, "--shape", "1024,4096,151936", "--sass", str(tmp_path))
     rows = out["kernels"]
     assert {r["kernel"] for r in rows} == {"lse_gather_kernel", "grad_logits_kernel", "grad_weight_kernel",
-                                           "chunk_logits_kernel"}
+                                           "chunk_logits_kernel"} | ROW_KERNELS
     assert {r["dtype"] for r in rows} == {"bf16", "fp16"}
     variants = {}
     for row in rows:
-        assert row["mma"] == mma and ("LDGSTS" in row["async_copies"] or "UTMALDG" in row["async_copies"]), row
-        assert row["pipeline_stages"] >= 2 and row["stack_bytes"] == row["local_bytes"] == 0, row
-        assert row["fits_shared"] and row["programs_per_sm"] >= 1, row
-        assert "hidden_dim=i32:16" in row["signature"] and "stride_hd=1" in row["signature"], row
         name = row["kernel"].removesuffix("_kernel")
         variant = variants[name, row["dtype"]] = variants.get((name, row["dtype"]), -1) + 1
         opcodes = sass_opcodes(tmp_path / (f"{name}_{row['dtype']}_sm{arch[3:]}" + (f"_v{variant}" if variant else "")
                                            + ".sass"))
-        assert mma in opcodes and opcodes & {"LDGSTS", "UTMALDG"}, (name, sorted(opcodes)[:40])
         assert not opcodes & {"STL", "LDL"}, name  # no local-memory traffic (spills)
+        if row["kernel"] in ROW_KERNELS:
+            assert row["stack_bytes"] == row["local_bytes"] == 0 and row["programs_per_sm"] >= 2, row
+            assert "vocab_size=i32:16" in row["signature"], row
+            continue
+        assert row["mma"] == mma and ("LDGSTS" in row["async_copies"] or "UTMALDG" in row["async_copies"]), row
+        assert row["pipeline_stages"] >= 2 and row["stack_bytes"] == row["local_bytes"] == 0, row
+        assert row["fits_shared"] and row["programs_per_sm"] >= 1, row
+        assert "hidden_dim=i32:16" in row["signature"] and "stride_hd=1" in row["signature"], row
+        assert mma in opcodes and opcodes & {"LDGSTS", "UTMALDG"}, (name, sorted(opcodes)[:40])
 
 
 def test_integer_specialization_follows_the_jit(tmp_path):
@@ -74,6 +80,9 @@ print(json.dumps(rows))
     names = ["n_tokens", "vocab_size", "hidden_dim"]
     for shape, kernel, summary, args in rows:
         spec = dict(item.split("=") for item in summary.split())
+        if kernel in ROW_KERNELS:
+            assert spec["vocab_size"] == ("i32:16" if shape[2] % 16 == 0 else "i32"), (shape, kernel, summary)
+            continue
         for name in names:
             assert name in spec, (kernel, summary)
         value_of = {"lse_gather_kernel": dict(zip(names, args[5:8])), "grad_logits_kernel": dict(zip(names, args[6:9])),
@@ -97,7 +106,7 @@ def test_check_kernels_all_architectures():
         assert row["registers"] > 0, row
         assert row["stack_bytes"] == 0 and row["local_bytes"] == 0, row
         assert row["fits_shared"], row
-        if row["dtype"] != "fp32":
+        if row["dtype"] != "fp32" and row["kernel"] not in ROW_KERNELS:
             assert row["mma"] == ("HGMMA" if row["arch"] == 90 else "HMMA"), row
             assert row["pipeline_stages"] >= 2 and "LDGSTS" in row["async_copies"], row
 

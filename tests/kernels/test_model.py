@@ -110,3 +110,26 @@ def test_vocab_splits_on_h100(n_tokens):
     cfg = KernelConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3, input_precision="tf32")
     assert _vocab_splits(n_tokens, 151936, 4096, 2, cfg, 132, 50 * 2**20, 1) == 8
     assert _vocab_splits(n_tokens, 151936, 4096, 2, cfg, None, 50 * 2**20, 1) == 1
+
+
+def test_grad_in_forward_step_by_hand():
+    """N=16384, d=4096, V=151936, bf16 on H100 with a budget of exactly 2048 rows (one bf16 (rows, V) chunk): 8
+    chunks; each GEMM is 2·N·d·V FLOPs in all; dW reads G and h and reads and writes the fp32 (V, d) once per chunk;
+    the row passes move the chunk 1x (row_lse) and 3x (row_token_grad); 8·N·d·V counted, 6 with a frozen head (no
+    dW)."""
+    n, d, vocab = 16384, 4096, 151936
+    step = model.model_grad_in_forward_step((n, d, vocab), torch.bfloat16, "h100", 2048 * vocab * 2)
+    kernels = {k.kernel: k for k in step.kernels}
+    assert all(k.launches == 8 for k in step.kernels) and len(kernels) == 6
+    for name in ["teacher logits (cuBLAS)", "student logits (cuBLAS)", "dX = G @ W (cuBLAS)", "dW += G.T @ h (cuBLAS)"]:
+        assert kernels[name].flops == 2 * n * d * vocab, name
+    assert kernels["dW += G.T @ h (cuBLAS)"].hbm_bytes == 8 * (2048 * vocab * 2 + 2048 * d * 2 + 8 * vocab * d)
+    assert kernels["row_lse"].hbm_bytes == n * vocab * 2 and kernels["row_token_grad"].hbm_bytes == 3 * n * vocab * 2
+    gpu = model.GPUS["h100"]
+    assert kernels["row_token_grad"].seconds == pytest.approx(3 * n * vocab * 2 / (gpu.hbm_bytes_per_s * 0.9))
+    assert step.tflops == pytest.approx(8 * n * d * vocab / step.seconds / 1e12)
+    assert step.tflops < 0.75 * gpu.tensor_16bit_flops / 1e12  # no faster than its cuBLAS factor
+    frozen = model.model_grad_in_forward_step((n, d, vocab), torch.bfloat16, "h100", 2048 * vocab * 2,
+                                              need_weight=False)
+    assert frozen.counted == 6 and "dW += G.T @ h (cuBLAS)" not in {k.kernel for k in frozen.kernels}
+    assert "grad_in_forward path" in model.format_model(frozen) and "(6·N·d·V)" in model.format_model(frozen)

@@ -52,9 +52,9 @@ def test_autocast_runs_the_16_bit_path_with_fp32_grads(backend, monkeypatch):
     original = cls.token_logprobs
     monkeypatch.setattr(cls, "token_logprobs", lambda self, h, *a: seen.append(h.dtype) or original(self, h, *a))
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        got = run_loss(sdpo_loss, case, backend)
+        got = run_loss(sdpo_loss, case, backend, grad_in_forward=False)
     low = run_loss(sdpo_loss, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in case.items()},
-                   backend)
+                   backend, grad_in_forward=False)
     assert seen and set(seen) == {torch.bfloat16}
     assert got["grad_hidden"].dtype == got["grad_weight"].dtype == torch.float32
     assert torch.equal(got["loss"], low["loss"])

@@ -85,20 +85,24 @@ def test_no_loss_tokens_gives_zero_loss_and_zero_grads(backend, n):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_frozen_weight_does_no_weight_gradient_work(backend, monkeypatch):
-    from sdpo_fast.loss.backends.torch_chunked import TorchBackend
-    from sdpo_fast.loss.backends.triton_fused import TritonBackend
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_frozen_weight_does_no_weight_gradient_work(backend, grad_in_forward, monkeypatch):
+    """Recompute path: the backward is asked for no grad_weight; grad-in-forward path: no dW product runs."""
+    from sdpo_fast.loss.backends.torch_chunked import TorchBackend, TorchRowOps
+    from sdpo_fast.loss.backends.triton_fused import TritonBackend, TritonRowOps
     device = backend_device(backend)
-    ops, name = (TritonBackend, "grad") if backend == "triton" else (TorchBackend, "logprobs_and_grad")
     calls = []
-    original = getattr(ops, name)
-    monkeypatch.setattr(ops, name, lambda self, *a, **k: calls.append(a[-1]) or original(self, *a, **k))
+    ops = TritonBackend if backend == "triton" else TorchBackend
+    row_ops = TritonRowOps if backend == "triton" else TorchRowOps
+    monkeypatch.setattr(row_ops, "add_grad_weight", lambda *a: calls.append("dW in the forward"))
+    original = ops.grad
+    monkeypatch.setattr(ops, "grad", lambda self, *a, **k: calls.append(a[-1]) or original(self, *a, **k))
     case = make_case(20, 24, 90, device=device, seed=1)
     student = case["student_hidden"].clone().requires_grad_()
     loss = sdpo_loss(student, case["lm_head_weight"], case["target_ids"], teacher_hidden=case["teacher_hidden"],
-                     backend=backend)
+                     backend=backend, grad_in_forward=grad_in_forward)
     loss.backward()
-    assert calls == [False]
+    assert calls == ([] if grad_in_forward else [False])
     want = run_loss(sdpo_loss, case, "reference")["grad_hidden"]
     assert rel_err(student.grad, want) <= FP32_TOL
 
@@ -152,12 +156,14 @@ def test_module_wrapper_matches_function():
     assert "signal_clip=1.0" in repr(module)
 
 
-def test_auto_uses_torch_on_cpu(monkeypatch):
-    from sdpo_fast.loss.backends.torch_chunked import TorchBackend
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_auto_uses_torch_on_cpu(monkeypatch, grad_in_forward):
+    from sdpo_fast.loss.backends.torch_chunked import TorchBackend, TorchRowOps
     calls = []
-    original = TorchBackend.token_logprobs
-    monkeypatch.setattr(TorchBackend, "token_logprobs", lambda self, *a: calls.append(1) or original(self, *a))
-    sdpo_loss(**make_case(4, 8, 10))
+    owner, name = (TorchRowOps, "token_rows") if grad_in_forward else (TorchBackend, "token_logprobs")
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    sdpo_loss(**make_case(4, 8, 10), grad_in_forward=grad_in_forward)
     assert calls
 
 

@@ -4,7 +4,7 @@ import torch
 
 from helpers import make_case
 from sdpo_fast import sdpo_loss
-from sdpo_fast.loss.backends.torch_chunked import TorchBackend
+from sdpo_fast.loss.backends.torch_chunked import TorchBackend, TorchRowOps
 
 
 @pytest.fixture(autouse=True)
@@ -13,6 +13,8 @@ def no_compute(monkeypatch):
         raise AssertionError("compute ran before validation")
     monkeypatch.setattr(TorchBackend, "token_logprobs", forbidden)
     monkeypatch.setattr(TorchBackend, "logprobs_and_grad", forbidden)
+    for name in ["teacher_rows", "token_rows", "divergence_rows"]:
+        monkeypatch.setattr(TorchRowOps, name, forbidden)
 
 
 def case(**changes):

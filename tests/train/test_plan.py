@@ -44,8 +44,12 @@ def test_simulated_step_equals_the_real_step_byte_for_byte(options):
 
 
 def test_triton_logit_mode_simulated_as_the_torch_backend_runs(monkeypatch):
-    """Both backends run the same distillation sweep; with equal chunk budgets, the Triton path with its
-    chunk_logits and grad_weight launches faked allocates what the torch backend's real run does."""
+    """Both backends run the same distillation sweep with grad_in_forward=False; with equal chunk budgets, the
+    Triton path with its chunk_logits and grad_weight launches faked allocates what the torch backend's real run
+    does."""
+    from sdpo_fast.loss import api
+
+    monkeypatch.setattr(api, "choose_grad_in_forward", lambda *args: False)
     monkeypatch.setenv("SDPO_FAST_TRITON_WORKSPACE_MB", "1")
     monkeypatch.setenv("SDPO_FAST_TORCH_CHUNK_MB", "1")
     mode = dict(gradient_checkpointing=True, distillation_mode="full_logits", distillation_alpha=0.5)
@@ -53,6 +57,21 @@ def test_triton_logit_mode_simulated_as_the_torch_backend_runs(monkeypatch):
     torch_real = simulate(_config(loss_backend="torch", **mode), _tiny_config(), fake=False)
     assert triton.phases == torch_real.phases and triton.breakdown == torch_real.breakdown
     assert triton.phases["loss"] > triton.phases["between"]
+
+
+@pytest.mark.parametrize("workspace_mb,grad_in_forward", [("256", True), ("0", False)])
+def test_plan_runs_the_path_the_loss_budget_picks(monkeypatch, workspace_mb, grad_in_forward):
+    """The objective is handed the Triton backend's workspace budget (train/build.py), so the simulated step runs the
+    loss path that budget picks: the grad-in-forward sweep (its row kernels faked) when a chunk of the micro-batch's
+    rows fits, else the recompute path."""
+    from sdpo_fast.loss import function
+
+    monkeypatch.setenv("SDPO_FAST_TRITON_WORKSPACE_MB", workspace_mb)
+    calls = []
+    original = function.token_grad_sweep
+    monkeypatch.setattr(function, "token_grad_sweep", lambda *a, **k: calls.append(1) or original(*a, **k))
+    plan = simulate(_config(gradient_checkpointing=True, loss_backend="triton"), _tiny_config())
+    assert bool(calls) == grad_in_forward and plan.peak_bytes > 0
 
 
 def test_breakdown_parts_match_the_model():

@@ -9,16 +9,14 @@ with z = hidden @ weight.T * inv_temperature:
   -> (grad_hidden, grad_weight)`: gradients of L = sum_n coef[n] * -log_softmax(z_n)[target_n] with coef (N,)
   fp32 held constant; grad_hidden (N, d) in hidden's dtype, grad_weight (V, d) accumulated in fp32 and returned
   in grad_weight_dtype, each None when not needed.
-- `logprobs_and_grad(hidden, weight, targets, inv_temperature, coef_of, need_hidden, need_weight) ->
-  (logprobs, grad_hidden, grad_weight)`: both at once, coef_of(rows, logprobs[rows]) -> coef[rows] computed
-  as the log-probs become known (per-token coefficients only).
+- `divergence(...)`: the logit modes' sweep (`chunked_divergence.divergence_sweep`).
 
 Each op also takes `softcap` (None: none): the logits are then c * tanh(hidden @ weight.T / c) * inv_temperature
 (`loss.head`); `divergence` takes the teacher's `teacher_softcap` and `teacher_inv_temperature` besides.
 
-`grad_in_forward`: True when `logprobs_and_grad` costs less than `token_logprobs` + `grad` (the torch backend
-forms gradients in its forward sweep, 8·N·d·V instead of 10·N·d·V); the autograd function then uses it for
-per-token advantages.
+The first two are the recompute path (10·N·d·V FLOPs with a teacher head). `row_ops` (a `gemm_sweep.RowOps`) serves
+the grad-in-forward path (`gemm_sweep`: logits from GEMMs, gradients formed in the forward, 8·N·d·V), whose
+workspace budget defaults to `default_workspace_bytes()`.
 """
 from __future__ import annotations
 
@@ -32,15 +30,14 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 
 class LossBackend(Protocol):
     name: str
-    grad_in_forward: bool
+    row_ops: object
 
     def token_logprobs(self, hidden, weight, targets, inv_temperature: float, softcap: float | None = None): ...
 
     def grad(self, hidden, weight, targets, lse, coef, inv_temperature: float, need_hidden: bool,
              need_weight: bool, grad_weight_dtype: torch.dtype = torch.float32, softcap: float | None = None): ...
 
-    def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
-                          need_weight: bool, softcap: float | None = None): ...
+    def default_workspace_bytes(self) -> int: ...
 
 
 def triton_available() -> bool:
@@ -75,3 +72,13 @@ def get_backend(name: str) -> LossBackend:
         return TritonBackend()
     from .torch_chunked import TorchBackend
     return TorchBackend()
+
+
+def default_workspace_bytes(backend: str, cuda: bool) -> int | None:
+    """The workspace budget `sdpo_loss(workspace_bytes=None)` takes on `backend` ("auto" resolved as on a machine
+    with (cuda) or without a GPU): SDPO_FAST_TRITON_WORKSPACE_MB or SDPO_FAST_TORCH_CHUNK_MB; None for "reference"."""
+    if backend == "reference":
+        return None
+    if backend == "auto":
+        backend = "triton" if cuda and triton_available() else "torch"
+    return get_backend(backend).default_workspace_bytes()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels.config import l2_bytes, triton_workspace_bytes
+from ...kernels.config import gemm_sweep_bytes_per_row, l2_bytes, triton_workspace_bytes
 from ...kernels.divergence import chunk_logits
 from ...kernels.fused import backward_chunks
 from ...kernels.grad_logits import grad_logits
 from ...kernels.grad_weight import accumulate_grad_weight
 from ...kernels.lse_gather import lse_gather
+from ...kernels.row_divergence_grad import row_divergence_grad
+from ...kernels.row_lse import row_lse
+from ...kernels.row_token_grad import row_token_grad
 from .chunked_divergence import divergence_sweep
 
 
@@ -44,7 +47,15 @@ class TritonBackend:
     """The fused Triton backend (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
 
     name = "triton"
-    grad_in_forward = False
+
+    @property
+    def row_ops(self) -> "TritonRowOps":
+        return TritonRowOps()
+
+    @staticmethod
+    def default_workspace_bytes() -> int:
+        """SDPO_FAST_TRITON_WORKSPACE_MB (256 MiB)."""
+        return triton_workspace_bytes()
 
     def token_logprobs(self, hidden, weight, targets, inv_temperature: float, softcap: float | None = None):
         hidden, weight = _inner_contiguous(hidden), _inner_contiguous(weight)
@@ -100,13 +111,6 @@ class TritonBackend:
             grad_weight = grad_weight.to(grad_weight_dtype)
         return grad_hidden, grad_weight
 
-    def logprobs_and_grad(self, hidden, weight, targets, inv_temperature: float, coef_of, need_hidden: bool,
-                          need_weight: bool, softcap: float | None = None):
-        logprobs, lse = self.token_logprobs(hidden, weight, targets, inv_temperature, softcap)
-        coef = coef_of(slice(None), logprobs)
-        return (logprobs, *self.grad(hidden, weight, targets, lse, coef, inv_temperature, need_hidden, need_weight,
-                                     softcap=softcap))
-
     def divergence(self, hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec,
                    inv_temperature: float, need_hidden: bool, need_weight: bool, softcap: float | None = None,
                    teacher_inv_temperature: float | None = None, teacher_softcap: float | None = None):
@@ -122,3 +126,41 @@ class TritonBackend:
             hidden, weight, teacher_hidden, teacher_weight, targets, coef_of, spec, inv_temperature, need_hidden,
             need_weight, budget_bytes=triton_workspace_bytes(), logits_into=chunk_logits, add_grad_weight=add_grad_weight,
             softcap=softcap, teacher_inv_temperature=teacher_inv_temperature, teacher_softcap=teacher_softcap)
+
+
+class TritonRowOps:
+    """`gemm_sweep.RowOps` as Triton row kernels (one program per row); the top-k support from torch.topk of the raw
+    chunk (the head is increasing, so its order is the logits'); dW accumulated in fp32 by cuBLAS (`addmm` with an
+    fp32 output on CUDA), by `accumulate_grad_weight` for a 16-bit chunk elsewhere (the interpreter)."""
+
+    def bytes_per_row(self, mode: str, dtype: torch.dtype, vocab_size: int, topk: int, need_grad: bool,
+                      softcap: bool) -> int:
+        """`kernels.config.gemm_sweep_bytes_per_row`: the row kernels need nothing beside the chunks."""
+        return gemm_sweep_bytes_per_row(mode, dtype.itemsize, vocab_size, topk)
+
+    def teacher_rows(self, chunk, targets, inv_temperature: float, softcap):
+        return row_lse(chunk, targets, inv_temperature, softcap)
+
+    def token_rows(self, chunk, targets, teacher_lp, weights, behavior_lp, inv_temperature: float, *, softcap,
+                   signal_clip, importance_clip, need_grad: bool):
+        return row_token_grad(chunk, targets, teacher_lp, weights, behavior_lp, inv_temperature, softcap=softcap,
+                              signal_clip=signal_clip, importance_clip=importance_clip, need_grad=need_grad)
+
+    def divergence_rows(self, chunk, teacher_chunk, targets, weights, behavior_lp, spec, inv_temperature: float,
+                        teacher_inv_temperature: float, *, softcap, teacher_softcap, importance_clip,
+                        need_grad: bool):
+        topk_index = torch.topk(chunk, spec.topk, dim=1).indices if spec.mode == "topk_logits" else None
+        teacher_lse, teacher_target = row_lse(teacher_chunk, targets, teacher_inv_temperature, teacher_softcap)
+        divergence, student_lp, coef = row_divergence_grad(
+            chunk, teacher_chunk, teacher_lse, targets, weights, behavior_lp, topk_index, spec, inv_temperature,
+            teacher_inv_temperature, softcap=softcap, teacher_softcap=teacher_softcap,
+            importance_clip=importance_clip, need_grad=need_grad)
+        return divergence, student_lp, teacher_target - teacher_lse, coef
+
+    def add_grad_weight(self, grad, hidden, grad_weight) -> None:
+        if grad.dtype == torch.float32:
+            grad_weight.addmm_(grad.T, hidden)
+        elif grad.is_cuda:
+            torch.addmm(grad_weight, grad.T, hidden, out_dtype=torch.float32, out=grad_weight)
+        else:
+            accumulate_grad_weight(grad, hidden, grad_weight)

@@ -43,13 +43,15 @@ def uses_advantages(mode: str) -> bool:
 def distillation_objective(mode: str = "sampled_token", *, temperature: float = 1.0, alpha: float = 1.0,
                            topk: int = 100, add_tail: bool = True, signal_clip: float | None = None,
                            center_advantages: bool = False, importance_clip: float | None = None,
-                           backend: str = "auto") -> Objective:
+                           backend: str = "auto", workspace_bytes: int | None = None) -> Objective:
     """The SDPO objective of distillation_mode `mode`: sampled_token (the policy gradient; alpha must be 1,
-    signal_clip and center_advantages apply), full_logits or topk_logits (alpha, and topk / add_tail for top-k)."""
+    signal_clip and center_advantages apply), full_logits or topk_logits (alpha, and topk / add_tail for top-k).
+    workspace_bytes: the loss's workspace budget (None: the backend's default), which picks its path."""
     check_distillation_options(mode, alpha, signal_clip, center_advantages)
     return DISTILLATION_MODES[mode].from_options(temperature=temperature, alpha=alpha, topk=topk, add_tail=add_tail,
                                                  signal_clip=signal_clip, center_advantages=center_advantages,
-                                                 importance_clip=importance_clip, backend=backend)
+                                                 importance_clip=importance_clip, backend=backend,
+                                                 workspace_bytes=workspace_bytes)
 
 
 __all__ = ["DISTILLATION_MODES", "DISTILLATION_OBJECTIVES", "DistillationObjective", "FullLogitObjective",

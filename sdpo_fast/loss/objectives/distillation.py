@@ -7,16 +7,17 @@ from .base import LossInputs, Objective, ObjectiveOutput, register_mode
 
 
 class DistillationObjective(Objective):
-    """`sdpo_loss` in a logit mode; signal: the per-token divergence D_t."""
+    """`sdpo_loss` in a logit mode; signal: the per-token divergence D_t. workspace_bytes: the loss's workspace
+    budget, which picks its path (`sdpo_loss`)."""
 
     needs_teacher = True
     signal_name = "mean_divergence"
     mode = ""
 
     def __init__(self, *, alpha: float = 1.0, temperature: float = 1.0, importance_clip: float | None = None,
-                 backend: str = "auto", **mode_options):
+                 backend: str = "auto", workspace_bytes: int | None = None, **mode_options):
         self.alpha, self.temperature = alpha, temperature
-        self.importance_clip, self.backend = importance_clip, backend
+        self.importance_clip, self.backend, self.workspace_bytes = importance_clip, backend, workspace_bytes
         self.mode_options = mode_options
 
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
@@ -26,7 +27,7 @@ class DistillationObjective(Objective):
                                 distillation_mode=self.mode, distillation_alpha=self.alpha,
                                 behavior_logprobs=inputs.behavior_logprobs, importance_clip=self.importance_clip,
                                 backend=self.backend, return_stats=True, check_values=False, compact=False,
-                                **self.mode_options)
+                                workspace_bytes=self.workspace_bytes, **self.mode_options)
         return ObjectiveOutput(loss, stats.divergence, inputs.target_ids != IGNORE_INDEX)
 
 
@@ -37,13 +38,15 @@ class FullLogitObjective(DistillationObjective):
     mode = "full_logits"
 
     @classmethod
-    def from_options(cls, *, temperature, alpha, importance_clip, backend, **other_options):
+    def from_options(cls, *, temperature, alpha, importance_clip, backend, workspace_bytes=None, **other_options):
         """The objective of the distillation options (signal_clip/center_advantages: None/False here)."""
-        return cls(alpha=alpha, temperature=temperature, importance_clip=importance_clip, backend=backend)
+        return cls(alpha=alpha, temperature=temperature, importance_clip=importance_clip, backend=backend,
+                   workspace_bytes=workspace_bytes)
 
     def __init__(self, *, alpha: float = 1.0, temperature: float = 1.0, importance_clip: float | None = None,
-                 backend: str = "auto"):
-        super().__init__(alpha=alpha, temperature=temperature, importance_clip=importance_clip, backend=backend)
+                 backend: str = "auto", workspace_bytes: int | None = None):
+        super().__init__(alpha=alpha, temperature=temperature, importance_clip=importance_clip, backend=backend,
+                         workspace_bytes=workspace_bytes)
 
 
 @register_mode
@@ -53,12 +56,13 @@ class TopKLogitObjective(DistillationObjective):
     mode = "topk_logits"
 
     @classmethod
-    def from_options(cls, *, temperature, alpha, topk, add_tail, importance_clip, backend, **other_options):
+    def from_options(cls, *, temperature, alpha, topk, add_tail, importance_clip, backend, workspace_bytes=None,
+                     **other_options):
         """The objective of the distillation options (signal_clip/center_advantages: None/False here)."""
         return cls(alpha=alpha, topk=topk, add_tail=add_tail, temperature=temperature,
-                   importance_clip=importance_clip, backend=backend)
+                   importance_clip=importance_clip, backend=backend, workspace_bytes=workspace_bytes)
 
     def __init__(self, *, alpha: float = 1.0, topk: int = 100, add_tail: bool = True, temperature: float = 1.0,
-                 importance_clip: float | None = None, backend: str = "auto"):
+                 importance_clip: float | None = None, backend: str = "auto", workspace_bytes: int | None = None):
         super().__init__(alpha=alpha, temperature=temperature, importance_clip=importance_clip, backend=backend,
-                         distillation_topk=topk, distillation_add_tail=add_tail)
+                         workspace_bytes=workspace_bytes, distillation_topk=topk, distillation_add_tail=add_tail)
