@@ -22,6 +22,14 @@ from hypothesis import settings  # noqa: E402
 import sdpo_fast  # noqa: E402
 import sdpo_fast.kernels.config  # noqa: E402
 
+# Under pytest-xdist (the README's `-n 2`) the workers share the cores: each takes its share of torch's threads, and
+# the processes tests start (torchrun, `serve run`) inherit the same share.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+
 # Property tests draw the same examples on every run (reproducible CI); explore with --hypothesis-seed=N.
 settings.register_profile("deterministic", derandomize=True)
 settings.load_profile("deterministic")
