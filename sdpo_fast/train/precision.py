@@ -36,9 +36,11 @@ weights with fp32 masters stay the default.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 MASTER_KEY = "sdpo_fast_master_weights"
 FP32_START = "sdpo_fast_fp32_start"
@@ -52,15 +54,52 @@ def needs_master_weights(params: list[torch.nn.Parameter]) -> bool:
 
 
 @torch.no_grad()
-def to_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast `model`'s floating-point parameters to the 16-bit `dtype` in place; each trainable fp32 one keeps its
-    fp32 tensor (no copy) as the start of its master weight, which `with_master_weights` takes over. Buffers
-    (RoPE frequencies) stay as they are."""
-    for p in model.parameters():
+def to_compute_dtype(params: Iterable[torch.nn.Parameter], dtype: torch.dtype) -> None:
+    """Cast the floating-point `params` (a model's: not its buffers, RoPE's frequencies) to the 16-bit `dtype` in
+    place; each trainable fp32 one keeps its fp32 tensor (no copy) as the start of its master weight, which
+    `with_master_weights` takes over."""
+    for p in params:
         if p.is_floating_point() and p.dtype != dtype:
             if p.requires_grad and p.dtype == torch.float32:
                 setattr(p, FP32_START, p.data)
             p.data = p.data.to(dtype)
+
+
+class _Fp32Casts(TorchFunctionMode):
+    """Records each fp32 parameter that a `Tensor.to` casts to 16 bits, with its fp32 value (the tensor it had)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.Tensor.to and isinstance(args[0], torch.nn.Parameter) and args[0].dtype == torch.float32
+                and out.dtype in (torch.bfloat16, torch.float16)):
+            self.kept.setdefault(id(args[0]), (args[0], args[0].detach()))
+        return out
+
+
+@contextlib.contextmanager
+def fp32_draws_kept() -> Iterator[None]:
+    """Trainable parameters drawn in fp32 and cast to 16 bits inside (peft draws each adapter in fp32 and casts it
+    to its base layer's dtype) keep their draw, moved to their device, as their master weight's start
+    (`FP32_START`)."""
+    casts = _Fp32Casts()
+    with casts:
+        yield
+    for p, draw in casts.kept.values():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) and p.shape == draw.shape:
+            setattr(p, FP32_START, draw.to(p.device))
+
+
+@torch.no_grad()
+def to_fp32(params: Iterable[torch.nn.Parameter]) -> None:
+    """Cast the 16-bit `params` to fp32 in place, each to the fp32 value it kept (`FP32_START`) if any, not to
+    its rounding."""
+    for p in params:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = _fp32_start(p)
 
 
 def fp32_value(param: torch.Tensor) -> torch.Tensor:
