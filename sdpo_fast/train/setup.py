@@ -14,7 +14,7 @@ from ..demo.assets import tiny_model_path
 from ..loss.validation import check_topk_vocabulary
 from ..model import apply_liger_kernels, check_model_name, enable_checkpointing, unwrap_model
 from ..utils.hub import hub_endpoint, hub_unreachable
-from .precision import needs_master_weights, to_compute_dtype, with_master_weights
+from .precision import fp32_draws_kept, needs_master_weights, to_compute_dtype, to_fp32, with_master_weights
 
 NO_PEFT = "lora_r > 0 needs peft (pip install 'sdpo_fast[lora]'); or set lora_r 0 for full fine-tuning"
 FP16_REFUSED = ("dtype float16 has no loss scaling here (small gradients underflow to zero); use --dtype bfloat16 "
@@ -166,13 +166,19 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: str | list
 
 def apply_lora(model, config, adapter_name: str = "default", *, fp32_adapters: bool = True):
     """`model` wrapped with fresh LoRA adapters of peft `config` (initialized from the global RNG).
-    fp32_adapters False: adapters in the base weights' dtype, so a bf16 base's inputs are not copied to fp32."""
+    fp32_adapters False: adapters in the base weights' dtype, so a bf16 base's inputs are not copied to fp32.
+    Either way each adapter starts from peft's fp32 draw, not its rounding to a 16-bit base's dtype: fp32 adapters
+    hold it, 16-bit ones keep it as their master weight's start (train/precision.py)."""
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=fp32_adapters)
+        with fp32_draws_kept():
+            model = get_peft_model(model, config, adapter_name=adapter_name, autocast_adapter_dtype=False)
     except ValueError as exc:
         raise ValueError(f"lora_target_modules {config.target_modules}: {exc}") from None
+    if fp32_adapters:  # peft's autocast_adapter_dtype would upcast the rounding
+        to_fp32(p for p in model.parameters() if p.requires_grad)
+    return model
 
 
 def build_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float, *,
@@ -241,7 +247,7 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
                        trust_remote_code=config.trust_remote_code, load_in_4bit=config.load_in_4bit,
                        check_source=not checked)
     if exact_masters:
-        to_compute_dtype(model, dtype)
+        to_compute_dtype(model.parameters(), dtype)
     model = prepare_model(model, config, compute_device.type, dtype, checkpoint)
     unwrap_model(model)
     return model.train(), tokenizer
@@ -266,7 +272,5 @@ def prepare_model(model, config, device_type: str, dtype: torch.dtype, checkpoin
                                                   config.lora_target_modules),
                                fp32_adapters=config.lora_dtype == "float32")
         if config.load_in_4bit and config.lora_dtype == "base":  # peft makes a 4-bit base's adapters fp32
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.to(dtype)
+            to_compute_dtype((p for p in model.parameters() if p.requires_grad), dtype)
     return model
