@@ -153,6 +153,17 @@ def worst_case_batch(config, vocab_size: int, world_size: int = 1):
     return [e] * min(config.batch_size, 2 * per_micro_batch * world_size)
 
 
+def check_step(config, world_size: int = 1) -> None:
+    """The check `train_step` makes of each step (`step.check_micro_batches`), made of the planned worst case
+    before anything is built: ValueError when offload_optimizer would get several micro-batches per step."""
+    from ..model import micro_batch_indices
+    from .step import check_micro_batches
+
+    batch = worst_case_batch(config, 1 << 20, world_size)
+    check_micro_batches(config.offload_optimizer,
+                        len(micro_batch_indices(batch[::world_size], config.micro_batch_tokens)))
+
+
 def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | None = None,
              steps: int = 2, world_size: int = 1) -> SimulatedPlan:
     """Run `steps` training steps of `config` (a TrainConfig) on the model of `hf_config` (default: the config
@@ -175,6 +186,7 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
         from .distributed import check_distributed
 
         check_distributed(config)
+    check_step(config, world_size)
     if hf_config is None:
         hf_config = load_config(config.model)
     if dtype is None:
