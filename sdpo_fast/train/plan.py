@@ -176,6 +176,7 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
 
     from ..model import unwrap_model
     from .build import make_scheduler, objective_of, step_options
+    from .config import resolved_checkpoint_layers
     from .memory import StorageCounter, local_shard
     from .step import train_step
 
@@ -189,6 +190,7 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
     check_step(config, world_size)
     if hf_config is None:
         hf_config = load_config(config.model)
+    resolved_checkpoint_layers(config, hf_config.get_text_config().num_hidden_layers)
     if dtype is None:
         dtype = torch.bfloat16 if config.dtype == "auto" else getattr(torch, config.dtype)
     from .setup import importable

@@ -21,8 +21,8 @@ from .distributed import World, broadcast_object
 
 CHANGEABLE_ON_RESUME = ("lr", "epochs", "max_steps", "weight_decay", "max_grad_norm", "micro_batch_tokens",
                         "save_steps", "save_minutes", "save_total_limit", "logging_steps", "report_to",
-                        "gradient_checkpointing", "prefix_reuse", "attn_backend", "loss_backend", "device",
-                        "use_liger", "dist_timeout_minutes")
+                        "gradient_checkpointing", "checkpoint_layers", "offload_activations", "prefix_reuse",
+                        "attn_backend", "loss_backend", "device", "use_liger", "dist_timeout_minutes")
 """Options `--resume` may change: applied from the resumed step on (lr and weight_decay replace the saved
 optimizer's; epochs/max_steps re-shape the schedule to the new total) and recorded."""
 NOT_COMPARED_ON_RESUME = ("output_dir", "resume", "preset")
