@@ -7,8 +7,8 @@ candidate is priced by `step_time` (an explicit model: FLOPs at stated fractions
 host<->device bytes at a stated PCIe rate) and checked by `plan.simulate` (the trainer's own step on fake tensors)
 against the budget with the planner's allowances. The peak falls as more layers are checkpointed (monotone), so
 within each (offload, micro_batch_tokens) group the fewest checkpointed layers that fit are found by a bracketing
-search that steps by the measured bytes per layer (halving when that guess fails to shrink the bracket), and a
-group is simulated only when its fastest member could beat the best found so far.
+search that steps by the measured bytes per layer (`_fewest_layers`), and a group is simulated only when its
+fastest member could beat the best found so far.
 """
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ class Fit:
         return "\n".join(lines)
 
 
-def explicit_options(given: dict) -> dict:
+def kept_options(given: dict) -> dict:
     """Of the options the user set (flags and config file, as {field: value}), those that fix a searched one,
     resolved to {searched field: value or None (fixed at the config's own)}."""
     fixed = {k: given[k] for k in SEARCHED if k in given}
@@ -278,7 +278,7 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
     hf_config = hf_config if hf_config is not None else load_config(config.model)
     gpu = gpu or current_gpu()
     layers = hf_config.get_text_config().num_hidden_layers
-    fixed = explicit_options(given)
+    fixed = kept_options(given)
     grad_in_forward = grad_in_forward_of(config)
     vocab = hf_config.get_text_config().vocab_size
     if "checkpoint_layers" in fixed:

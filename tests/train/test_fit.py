@@ -1,0 +1,145 @@
+"""`--fit`: the choice against independent simulations of the same options (never over the budget, fewer
+checkpointed layers as the budget grows, options the user set kept), the JSON fields, the step-time model's
+FLOPs against torch's FLOP counter, when `train` runs it, and plan refusing what train_step refuses."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdpo_fast import cli
+from sdpo_fast.kernels.gpus import GPUS
+from sdpo_fast.testing import tiny_causal_lm
+from sdpo_fast.train.config import TrainConfig
+from sdpo_fast.train.fit import fit, runs_fit, step_time
+from sdpo_fast.train.plan import interaction, simulate
+from sdpo_fast.train.setup import resolve_device
+from sdpo_fast.train.step import check_micro_batches
+
+LAYERS = 6
+FIT_KEYS = {"flags", "checkpoint_layers", "num_layers", "offload_activations", "micro_batch_tokens",
+            "grad_in_forward", "peak_bytes", "budget_bytes", "recompute_fraction", "modelled_step_seconds"}
+
+
+def _hf_config():
+    return tiny_causal_lm("qwen3", hidden_size=64, num_layers=LAYERS, vocab_size=300).config
+
+
+def _config(**options):
+    base = dict(model="tiny", max_prompt_tokens=100, max_completion_tokens=60, micro_batch_tokens=400,
+                batch_size=8, dtype="float32", optimizer="adamw", lora_r=4)
+    return TrainConfig(**{**base, **options}).validate()
+
+
+def _total(config, layers: int, **options) -> int:
+    """Peak plus allowances of `config` with the first `layers` checkpointed, simulated on its own."""
+    return simulate(dataclasses.replace(config, checkpoint_layers=layers, gradient_checkpointing=None, **options),
+                    _hf_config()).total_bytes
+
+
+@pytest.mark.slow
+def test_fit_stays_within_the_budget_and_checkpoints_fewer_layers_as_it_grows():
+    config = _config()
+    fixed = {"offload_activations": False, "micro_batch_tokens": 400}
+    none, every = _total(config, 0), _total(config, LAYERS)
+    assert every < none
+    chosen = []
+    for budget in (every, (2 * every + none) // 3, (every + 2 * none) // 3, none):
+        result = fit(config, fixed, budget, hf_config=_hf_config())
+        c = result.chosen
+        assert _total(config, c.checkpoint_layers) == c.plan.total_bytes <= budget
+        if c.checkpoint_layers:  # one layer fewer does not fit (the fewest that do are chosen)
+            assert _total(config, c.checkpoint_layers - 1) > budget
+        chosen.append(c.checkpoint_layers)
+    assert chosen[0] == LAYERS and chosen[-1] == 0
+    assert chosen == sorted(chosen, reverse=True) and len(set(chosen)) > 2
+    assert fit(config, fixed, every - 1, hf_config=_hf_config()).chosen is None
+
+
+@pytest.mark.slow
+def test_fit_searches_offload_and_micro_batches_and_never_exceeds_the_budget():
+    config = _config()
+    budget = (_total(config, LAYERS) + _total(config, 0)) // 2
+    result = fit(config, {}, budget, hf_config=_hf_config())
+    c = result.chosen
+    assert {x.micro_batch_tokens for x in result.candidates} <= {400, 160}
+    assert all(x.plan is None or x.plan.total_bytes == _total(
+        config, x.checkpoint_layers, micro_batch_tokens=x.micro_batch_tokens,
+        offload_activations=x.offload_activations) for x in result.candidates[:3])
+    assert simulate(result.config, _hf_config()).total_bytes == c.plan.total_bytes <= budget
+    fitting = [x for x in result.candidates if x.fits(budget)]
+    assert c.time.total_seconds == min(x.time.total_seconds for x in fitting)
+
+
+def test_options_the_user_set_are_kept():
+    config = _config(checkpoint_layers=2, offload_activations=True, micro_batch_tokens=200)
+    result = fit(config, {"checkpoint_layers": 2, "offload_activations": True, "micro_batch_tokens": 200},
+                 1 << 40, hf_config=_hf_config())
+    assert [(x.checkpoint_layers, x.offload_activations, x.micro_batch_tokens) for x in result.candidates] \
+        == [(2, True, 200)]
+    kept = fit(_config(gradient_checkpointing=True), {"gradient_checkpointing": True}, 1 << 40,
+               hf_config=_hf_config())
+    assert {x.checkpoint_layers for x in kept.candidates} == {LAYERS}
+
+
+def test_plan_fit_json_has_exactly_the_named_fields(capsys, tmp_path):
+    _hf_config().save_pretrained(tmp_path)
+    cli.main(["plan", "--model", str(tmp_path), "--fit", "--json", "--budget-gib", "100", "--lora-r", "4",
+              "--max-prompt-tokens", "100", "--max-completion-tokens", "60", "--batch-size", "4", "--dtype",
+              "float32", "--optimizer", "adamw"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["fit"]) == FIT_KEYS
+    assert set(out) == {"fit", "candidates", "peak_bytes", "method", "phases", "breakdown", "fits", "budget_bytes",
+                        "world_size"}
+    fit_ = out["fit"]
+    assert fit_["checkpoint_layers"] == 0 and fit_["num_layers"] == LAYERS and fit_["recompute_fraction"] == 0
+    assert fit_["flags"] == ["--checkpoint-layers 0", f"--micro-batch-tokens {fit_['micro_batch_tokens']}"]
+    config = TrainConfig(model=str(tmp_path), lora_r=4, max_prompt_tokens=100, max_completion_tokens=60,
+                         batch_size=4, dtype="float32", optimizer="adamw", checkpoint_layers=0,
+                         micro_batch_tokens=fit_["micro_batch_tokens"]).validate()
+    assert fit_["peak_bytes"] == out["peak_bytes"] == simulate(config).peak_bytes
+    assert fit_["budget_bytes"] == 100 * 2**30 and fit_["grad_in_forward"] is False
+
+
+def test_step_time_flops_match_torchs_flop_counter():
+    """The trunk's forward FLOPs (one interaction, no lm_head) against FlopCounterMode on the model's own eager
+    forward: its linear layers exactly, its attention products halved (the model counts causal attention)."""
+    model = tiny_causal_lm("qwen3", hidden_size=64, num_layers=2, vocab_size=300, attn_implementation="eager")
+    config = _config(batch_size=1)
+    e = interaction(config.max_prompt_tokens, config.max_completion_tokens, 300)
+    ids = torch.tensor([e.student_input_ids])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model(ids)
+    ops = counter.get_flop_counts()["Global"]
+    linear = ops[torch.ops.aten.mm] + ops.get(torch.ops.aten.addmm, 0)
+    attention = ops[torch.ops.aten.bmm]
+    t = step_time(config, model.config, 1, False, False, GPUS["h100"])
+    assert t.flops["trunk_forward"] == linear + attention / 2
+    assert t.flops["recompute"] == t.flops["trunk_forward"] / 2
+    assert t.flops["loss"] == 8 * (len(e.completion_ids) - config.ignore_first_k) * 64 * 300
+    assert 0 < t.recompute_fraction < 1 and t.seconds["offload"] == 0
+
+
+def test_train_runs_fit_on_cuda_without_configuration_flags(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    device = resolve_device("auto").type
+    assert device == "cuda"
+    assert runs_fit(None, {}, device) and runs_fit(None, {"lr": 1e-5}, device)
+    for given in ({"micro_batch_tokens": 4096}, {"gradient_checkpointing": True}, {"checkpoint_layers": 3},
+                  {"offload_activations": False}):
+        assert not runs_fit(None, given, device)
+    assert not runs_fit(False, {}, device) and runs_fit(True, {"micro_batch_tokens": 4096}, device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not runs_fit(None, {}, resolve_device("auto").type) and runs_fit(True, {}, "cpu")
+
+
+def test_plan_refuses_an_offloaded_optimizer_step_of_two_micro_batches_as_train_does():
+    config = _config(lora_r=0, offload_optimizer=True, batch_size=4, micro_batch_tokens=200)
+    with pytest.raises(ValueError) as refused:
+        simulate(config, _hf_config())
+    with pytest.raises(ValueError) as train_refusal:
+        check_micro_batches(True, 2)
+    assert str(refused.value) == str(train_refusal.value)
