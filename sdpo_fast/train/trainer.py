@@ -74,7 +74,7 @@ class Trainer:
             else None
         self.step = 0
         self.resume_from = resume_from if config.resume else None
-        self.data_counts, self.changes, self.log, self.fit = data_counts, dict(changes or {}), log, fit
+        self.data_counts, self.changes, self.log, self.fit_choice = data_counts, dict(changes or {}), log, fit
         self._saved_step, self._last_save = None, time.monotonic()
 
     def _sharded(self, dtype: torch.dtype):
@@ -99,7 +99,7 @@ class Trainer:
             if not (self.preflighted or self.config.resume):
                 check_fresh(self.output_dir)
             write_run_files(self.output_dir, self.config, self.step, self.resume_from, self.changes,
-                            self.data_counts, self.log, self.fit)
+                            self.data_counts, self.log, self.fit_choice)
         if self.world is not None:
             barrier()
         if self.resume_from is None:
@@ -262,7 +262,7 @@ class Trainer:
                 "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
                 "first": lines[0] if lines else None, "last": lines[-1] if lines else None,
                 "output_dir": str(self.output_dir), "checkpoint": str(latest_checkpoint(self.output_dir) or ""),
-                "data": self.data_counts, "changed": self.changes, "fit": self.fit}
+                "data": self.data_counts, "changed": self.changes, "fit": self.fit_choice}
 
 
 def _postfix(metrics: dict) -> dict:

@@ -143,3 +143,19 @@ def test_plan_refuses_an_offloaded_optimizer_step_of_two_micro_batches_as_train_
     with pytest.raises(ValueError) as train_refusal:
         check_micro_batches(True, 2)
     assert str(refused.value) == str(train_refusal.value)
+
+
+@pytest.mark.slow
+def test_train_fit_logs_its_choice_in_the_start_event(tmp_path, capsys, model_dir, data_path):
+    from sdpo_fast.train import load_yaml
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", model_dir, "--data", data_path, "--output-dir", str(out), "--max-steps", "1",
+                     "--lora-r", "4", "--fit", "--budget-gib", "2", "--no-progress"]) == 0
+    assert "--fit chose: --checkpoint-layers 0" in capsys.readouterr().err
+    start = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
+    saved = TrainConfig(**load_yaml(out / "config.yaml"))
+    assert start["event"] == "start" and set(start["fit"]) == FIT_KEYS
+    assert (saved.checkpoint_layers, saved.micro_batch_tokens, saved.offload_activations) == (
+        start["fit"]["checkpoint_layers"], start["fit"]["micro_batch_tokens"], start["fit"]["offload_activations"])
+    assert start["fit"]["peak_bytes"] == simulate(saved).peak_bytes
