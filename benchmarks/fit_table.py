@@ -1,6 +1,6 @@
 """BENCHMARKS.md's table of what `--fit` chooses (`sdpo-fast plan --fit`) for Qwen3-8B at several budgets.
 
-Usage: python benchmarks/fit_table.py [--model qwen3-8b] [--budgets 24,48,80] [--json]
+Usage: python benchmarks/fit_table.py [--model qwen3-8b] [--budgets 24,48,80] [--jobs 1] [--json]
 writes the table into BENCHMARKS.md between its two markers; --json prints the rows instead.
 
 Each row is `fit.fit` with no searched option set (checkpointed layers, activation offload and micro_batch_tokens
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from plan_table import write_between_markers
@@ -37,30 +38,38 @@ CONFIGURATIONS = [
 ]
 
 
-def rows(model: str, budgets: list[float]) -> list[dict]:
+def _row(model: str, name: str, options: dict, budget_gib: float) -> dict:
     hf_config = load_config(model)
-    out = []
-    for name, options in CONFIGURATIONS:
-        for budget_gib in budgets:
-            config = TrainConfig(model=model, dtype="bfloat16", **options).validate()
-            start = time.perf_counter()
-            result = fit(config, {}, int(budget_gib * GIB), hf_config=hf_config, gpu=GPU)
-            seconds = time.perf_counter() - start
-            row = dict(configuration=name, budget_gib=budget_gib, search_seconds=seconds,
-                       simulations=sum(c.plan is not None for c in result.candidates),
-                       all_layers_step_seconds=result.baseline.total_seconds)
-            if result.chosen is not None:
-                row.update(result.to_json()["fit"], total_gib=result.chosen.plan.total_bytes / GIB)
-            out.append(row)
+    config = TrainConfig(model=model, dtype="bfloat16", **options).validate()
+    start = time.perf_counter()
+    result = fit(config, {}, int(budget_gib * GIB), hf_config=hf_config, gpu=GPU)
+    row = dict(configuration=name, budget_gib=budget_gib, search_seconds=time.perf_counter() - start,
+               simulations=sum(c.plan is not None for c in result.candidates),
+               all_layers_step_seconds=result.baseline.total_seconds)
+    if result.chosen is not None:
+        row.update(result.to_json()["fit"], total_gib=result.chosen.plan.total_bytes / GIB)
+    return row
+
+
+def _goal(model: str) -> dict:
+    hf_config = load_config(model)
     longest = interaction(2048, 2048, 1000)
     tokens = max(len(longest.student_input_ids), len(longest.teacher_input_ids))
     config = TrainConfig(model=model, dtype="bfloat16", lora_r=16, checkpoint_layers=hf_config.num_hidden_layers,
                          offload_activations=True, micro_batch_tokens=tokens).validate()
     plan = simulate(config, hf_config)
-    out.append(dict(configuration="goal: LoRA r16, `--offload-activations`, every layer, one interaction per "
-                                  f"micro-batch ({plan.micro_batch_tokens[0]} student tokens)",
-                    peak_bytes=plan.peak_bytes, total_gib=plan.total_bytes / GIB))
-    return out
+    return dict(configuration="goal: LoRA r16, `--offload-activations`, every layer, one interaction per "
+                              f"micro-batch ({plan.micro_batch_tokens[0]} student tokens)",
+                peak_bytes=plan.peak_bytes, total_gib=plan.total_bytes / GIB)
+
+
+def rows(model: str, budgets: list[float], jobs: int = 1) -> list[dict]:
+    """The table's rows, computed by `jobs` processes."""
+    tasks = [(model, name, options, b) for name, options in CONFIGURATIONS for b in budgets]
+    with ProcessPoolExecutor(jobs) as pool:
+        goal = pool.submit(_goal, model)
+        out = list(pool.map(_row, *zip(*tasks)))
+        return out + [goal.result()]
 
 
 def markdown(table: list[dict]) -> str:
@@ -86,9 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-8b")
     parser.add_argument("--budgets", default="24,48,80", help="comma-separated budgets in GiB")
+    parser.add_argument("--jobs", type=int, default=1, help="processes simulating at once")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    table = rows(args.model, [float(b) for b in args.budgets.split(",")])
+    table = rows(args.model, [float(b) for b in args.budgets.split(",")], args.jobs)
     if args.json:
         print(json.dumps(table, indent=1))
     else:

@@ -32,6 +32,9 @@ doubles it. Offload copies are priced as not overlapping compute (an upper bound
 ATTENTION_BACKWARD = 2.5
 """FLOPs of flash attention's backward per FLOP of its forward (two products become five)."""
 DEFAULT_GPU = "h100"
+PRUNE_MARGIN = 0.05
+"""An offload group is not simulated when `_offload_estimate` puts its most-layers candidate over the budget by
+more than this share (the estimate is within 1 % on Qwen3-8B)."""
 CONFIRM_MARGIN = 0.25
 """A fitting guess is taken without simulating one layer fewer when the measured bytes per layer put that one
 over the budget by more than this share of a layer's bytes (the peak is close to affine in the layers)."""
@@ -327,6 +330,10 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
                     hi -= 1
                 if hi < lo:
                     continue
+            if offload and _offload_estimate(cache, hi, tokens, micro_tokens * hf_config.get_text_config()
+                                             .hidden_size * (4 if config.dtype == "float32" else 2)) > budget * (
+                                                 1 + PRUNE_MARGIN):
+                continue
             found, slope = _fewest_layers(lambda n: run(n, offload, tokens), lo, hi, budget,
                                           per_token * micro_tokens if per_token else None)
             per_token = slope / micro_tokens if slope else per_token
@@ -338,6 +345,22 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
                                     best.micro_batch_tokens)
     return Fit(chosen_config, best, list(cache.values()), layers, budget, grad_in_forward,
                time_of(layers, False), gpu)
+
+
+def _offload_estimate(cache: dict, layers: int, tokens: int, input_bytes: int) -> float:
+    """Peak plus allowances of `layers` checkpointed and offloaded at `tokens`, estimated from that group's
+    simulated candidates without offload (the line through the nearest on either side of `layers`, else the
+    two nearest) less the offloaded inputs of one micro-batch (`input_bytes` per layer); 0 (no estimate) with
+    fewer than two simulated."""
+    totals = {n: c.plan.total_bytes for (n, off, t), c in cache.items() if t == tokens and not off and c.plan}
+    below, above = [n for n in totals if n <= layers], [n for n in totals if n > layers]
+    if below and above:
+        a, b = max(below), min(above)
+    elif len(totals) >= 2:
+        a, b = sorted(totals, key=lambda n: abs(n - layers))[:2]
+    else:
+        return 0.0
+    return totals[a] + (totals[b] - totals[a]) * (layers - a) / (b - a) - layers * input_bytes
 
 
 def _fewest_layers(run, lo: int, hi: int, budget: int, slope: float | None) -> tuple:

@@ -14,18 +14,16 @@ from sdpo_fast import cli
 from sdpo_fast.kernels.gpus import GPUS
 from sdpo_fast.testing import tiny_causal_lm
 from sdpo_fast.train.config import TrainConfig
+import sdpo_fast.train.fit as fit_module
 from sdpo_fast.train.fit import fit, runs_fit, step_time
 from sdpo_fast.train.plan import interaction, simulate
 from sdpo_fast.train.setup import resolve_device
 from sdpo_fast.train.step import check_micro_batches
 
-LAYERS = 6
+LAYERS = 4
 FIT_KEYS = {"flags", "checkpoint_layers", "num_layers", "offload_activations", "micro_batch_tokens",
             "grad_in_forward", "peak_bytes", "budget_bytes", "recompute_fraction", "modelled_step_seconds"}
-
-
-def _hf_config():
-    return tiny_causal_lm("qwen3", hidden_size=64, num_layers=LAYERS, vocab_size=300).config
+HF_CONFIG = tiny_causal_lm("qwen3", hidden_size=64, num_layers=LAYERS, vocab_size=300).config
 
 
 def _config(**options):
@@ -34,42 +32,52 @@ def _config(**options):
     return TrainConfig(**{**base, **options}).validate()
 
 
-def _total(config, layers: int, **options) -> int:
-    """Peak plus allowances of `config` with the first `layers` checkpointed, simulated on its own."""
-    return simulate(dataclasses.replace(config, checkpoint_layers=layers, gradient_checkpointing=None, **options),
-                    _hf_config()).total_bytes
+@pytest.fixture
+def simulations(monkeypatch):
+    """`simulate` of a config on HF_CONFIG, run once per config (it is deterministic) and shared by the test's
+    own table and the search."""
+    done: dict[str, object] = {}
+
+    def simulated(config, hf_config=HF_CONFIG):
+        key = repr(config)
+        if key not in done:
+            done[key] = simulate(config, hf_config)
+        return done[key]
+
+    monkeypatch.setattr(fit_module, "simulate", simulated)
+    return simulated
+
+
+def _options(config, layers: int, **options):
+    return dataclasses.replace(config, checkpoint_layers=layers, gradient_checkpointing=None,
+                               offload_activations=False, **options)
 
 
 @pytest.mark.slow
-def test_fit_stays_within_the_budget_and_checkpoints_fewer_layers_as_it_grows():
+def test_fit_takes_the_fewest_layers_that_fit_and_fewer_as_the_budget_grows(simulations):
     config = _config()
+    totals = [simulations(_options(config, n)).total_bytes for n in range(LAYERS + 1)]
+    assert totals == sorted(totals, reverse=True) and totals[-1] < totals[0]
     fixed = {"offload_activations": False, "micro_batch_tokens": 400}
-    none, every = _total(config, 0), _total(config, LAYERS)
-    assert every < none
     chosen = []
-    for budget in (every, (2 * every + none) // 3, (every + 2 * none) // 3, none):
-        result = fit(config, fixed, budget, hf_config=_hf_config())
-        c = result.chosen
-        assert _total(config, c.checkpoint_layers) == c.plan.total_bytes <= budget
-        if c.checkpoint_layers:  # one layer fewer does not fit (the fewest that do are chosen)
-            assert _total(config, c.checkpoint_layers - 1) > budget
+    for budget in (totals[-1], (totals[1] + totals[2]) // 2, totals[0]):
+        c = fit(config, fixed, budget, hf_config=HF_CONFIG).chosen
+        assert c.plan.total_bytes == totals[c.checkpoint_layers] <= budget
+        assert c.checkpoint_layers == min(n for n, t in enumerate(totals) if t <= budget)
         chosen.append(c.checkpoint_layers)
-    assert chosen[0] == LAYERS and chosen[-1] == 0
-    assert chosen == sorted(chosen, reverse=True) and len(set(chosen)) > 2
-    assert fit(config, fixed, every - 1, hf_config=_hf_config()).chosen is None
+    assert chosen == [LAYERS, 2, 0]
+    assert fit(config, fixed, totals[-1] - 1, hf_config=HF_CONFIG).chosen is None
 
 
 @pytest.mark.slow
-def test_fit_searches_offload_and_micro_batches_and_never_exceeds_the_budget():
+def test_fit_searches_offload_and_micro_batches_and_never_exceeds_the_budget(simulations):
     config = _config()
-    budget = (_total(config, LAYERS) + _total(config, 0)) // 2
-    result = fit(config, {}, budget, hf_config=_hf_config())
+    budget = (simulations(_options(config, LAYERS)).total_bytes + simulations(_options(config, 0)).total_bytes) // 2
+    result = fit(config, {}, budget, hf_config=HF_CONFIG)
     c = result.chosen
-    assert {x.micro_batch_tokens for x in result.candidates} <= {400, 160}
-    assert all(x.plan is None or x.plan.total_bytes == _total(
-        config, x.checkpoint_layers, micro_batch_tokens=x.micro_batch_tokens,
-        offload_activations=x.offload_activations) for x in result.candidates[:3])
-    assert simulate(result.config, _hf_config()).total_bytes == c.plan.total_bytes <= budget
+    assert {x.micro_batch_tokens for x in result.candidates} == {400, 160}
+    assert simulate(result.config, HF_CONFIG).total_bytes == c.plan.total_bytes <= budget
+    assert result.config.checkpoint_layers == c.checkpoint_layers
     fitting = [x for x in result.candidates if x.fits(budget)]
     assert c.time.total_seconds == min(x.time.total_seconds for x in fitting)
 
@@ -77,16 +85,16 @@ def test_fit_searches_offload_and_micro_batches_and_never_exceeds_the_budget():
 def test_options_the_user_set_are_kept():
     config = _config(checkpoint_layers=2, offload_activations=True, micro_batch_tokens=200)
     result = fit(config, {"checkpoint_layers": 2, "offload_activations": True, "micro_batch_tokens": 200},
-                 1 << 40, hf_config=_hf_config())
+                 1 << 40, hf_config=HF_CONFIG)
     assert [(x.checkpoint_layers, x.offload_activations, x.micro_batch_tokens) for x in result.candidates] \
         == [(2, True, 200)]
     kept = fit(_config(gradient_checkpointing=True), {"gradient_checkpointing": True}, 1 << 40,
-               hf_config=_hf_config())
+               hf_config=HF_CONFIG)
     assert {x.checkpoint_layers for x in kept.candidates} == {LAYERS}
 
 
 def test_plan_fit_json_has_exactly_the_named_fields(capsys, tmp_path):
-    _hf_config().save_pretrained(tmp_path)
+    HF_CONFIG.save_pretrained(tmp_path)
     cli.main(["plan", "--model", str(tmp_path), "--fit", "--json", "--budget-gib", "100", "--lora-r", "4",
               "--max-prompt-tokens", "100", "--max-completion-tokens", "60", "--batch-size", "4", "--dtype",
               "float32", "--optimizer", "adamw"])
@@ -139,7 +147,7 @@ def test_train_runs_fit_on_cuda_without_configuration_flags(monkeypatch):
 def test_plan_refuses_an_offloaded_optimizer_step_of_two_micro_batches_as_train_does():
     config = _config(lora_r=0, offload_optimizer=True, batch_size=4, micro_batch_tokens=200)
     with pytest.raises(ValueError) as refused:
-        simulate(config, _hf_config())
+        simulate(config, HF_CONFIG)
     with pytest.raises(ValueError) as train_refusal:
         check_micro_batches(True, 2)
     assert str(refused.value) == str(train_refusal.value)
