@@ -82,6 +82,7 @@ def test_fit_searches_offload_and_micro_batches_and_never_exceeds_the_budget(sim
     assert c.time.total_seconds == min(x.time.total_seconds for x in fitting)
 
 
+@pytest.mark.slow
 def test_options_the_user_set_are_kept():
     config = _config(checkpoint_layers=2, offload_activations=True, micro_batch_tokens=200)
     result = fit(config, {"checkpoint_layers": 2, "offload_activations": True, "micro_batch_tokens": 200},
@@ -93,6 +94,7 @@ def test_options_the_user_set_are_kept():
     assert {x.checkpoint_layers for x in kept.candidates} == {LAYERS}
 
 
+@pytest.mark.slow
 def test_plan_fit_json_has_exactly_the_named_fields(capsys, tmp_path):
     HF_CONFIG.save_pretrained(tmp_path)
     cli.main(["plan", "--model", str(tmp_path), "--fit", "--json", "--budget-gib", "100", "--lora-r", "4",
