@@ -19,6 +19,7 @@ from sdpo_fast.train.setup import prepare_model
 from sdpo_fast.train.teachers import Teacher
 
 LAYERS = 3
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,10 @@ def batch():
 
 
 class CountingOffload(OffloadedInputs):
-    """`OffloadedInputs` moving CPU tensors too (a copy in place of the host copy), counting the moves."""
+    """`OffloadedInputs` counting the moves; on "cpu" a copy stands for the host copy."""
 
-    def __init__(self):
-        super().__init__(device_types=("cpu",))
+    def __init__(self, device_type: str = "cpu"):
+        super().__init__(device_types=(device_type,))
         self.packed = self.fetched = 0
 
     def to_host(self, x):
@@ -43,13 +44,13 @@ class CountingOffload(OffloadedInputs):
         return super().to_device(held)
 
 
-def _step_grads(config: TrainConfig, batch, teacher_kind: str, offload=None):
+def _step_grads(config: TrainConfig, batch, teacher_kind: str, offload=None, device: str = "cpu"):
     """Gradients of one SDPO step (prefix-reusing live teacher, or an ema/base teacher) of the tiny model
     prepared by `config`, and how often each decoder layer ran forward (its MLP: a recompute calls the layer's
     forward, not its hooks)."""
     torch.manual_seed(0)  # LoRA adapters are initialized from the global RNG
     model = prepare_model(tiny_causal_lm("qwen3", num_layers=LAYERS, initializer_range=0.2, seed=1), config, "cpu",
-                          torch.float32, offload=offload).train()
+                          torch.float32, offload=offload).to(device).train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -63,7 +64,7 @@ def _step_grads(config: TrainConfig, batch, teacher_kind: str, offload=None):
     options = dataclasses.replace(step_options(config), max_grad_norm=None, attn_backend="sdpa", micro_batch_tokens=400)
     train_step(model, batch, objective_of(config), optimizer, scheduler, options, teacher=teacher)
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[i]: g for i, g in optimizer.grads.items()}, calls
+    return {names[i]: g.cpu() for i, g in optimizer.grads.items()}, calls
 
 
 @pytest.mark.parametrize("lora_r, layers, offload, teacher", [
@@ -85,6 +86,22 @@ def test_gradients_equal_the_step_without_checkpointing(lora_r, layers, offload,
     for name, grad in plain.items():
         scale = max(grad.abs().max().item(), 1e-8)
         assert (got[name] - grad).abs().max().item() <= 1e-6 * scale, name
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_cuda_offloaded_inputs_come_back_for_the_recompute(lora_r, batch):
+    """Pinned host copies on side streams: the same gradients as the step without checkpointing."""
+    base = dict(ignore_first_k=0, loss_backend="torch", lora_r=lora_r)
+    plain, _ = _step_grads(TrainConfig(**base, checkpoint_layers=0), batch, "live", device="cuda")
+    counting = CountingOffload("cuda")
+    got, _ = _step_grads(TrainConfig(**base, checkpoint_layers=2, offload_activations=True), batch, "live",
+                         counting, device="cuda")
+    assert counting.packed == counting.fetched >= 2
+    for name, grad in plain.items():
+        scale = max(grad.abs().max().item(), 1e-8)
+        assert (got[name] - grad).abs().max().item() <= 1e-5 * scale, name
 
 
 def _tiny_config():
