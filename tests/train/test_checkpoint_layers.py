@@ -3,6 +3,7 @@ against the same step with no checkpointing, the simulated peak against the coun
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,12 +11,13 @@ import torch
 from helpers import CaptureGrads
 
 from sdpo_fast.data import encode_interactions, load_interactions, sample_path
+from sdpo_fast.demo.assets import tiny_model_path
 from sdpo_fast.model import OffloadedInputs, checkpoint_layers_of
 from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 from sdpo_fast.train import TrainConfig, objective_of, step_options, train_step
 from sdpo_fast.train.config import resolved_checkpoint_layers
 from sdpo_fast.train.plan import simulate
-from sdpo_fast.train.setup import prepare_model
+from sdpo_fast.train.setup import check_model_options, prepare_model
 from sdpo_fast.train.teachers import Teacher
 
 LAYERS = 3
@@ -154,3 +156,8 @@ def test_resolution_and_refusals():
         resolved_checkpoint_layers(TrainConfig(offload_activations=True), 36, "cpu")
     with pytest.raises(ValueError, match=f"checkpoint_layers {LAYERS + 1} exceeds the model's {LAYERS} decoder"):
         simulate(_config(checkpoint_layers=LAYERS + 1), _tiny_config())
+    bundled = tiny_model_path()  # train's preflight, from config.json before the weights load
+    layers = json.loads((bundled / "config.json").read_text())["num_hidden_layers"]
+    with pytest.raises(ValueError, match=f"checkpoint_layers {layers + 1} exceeds the model's {layers} decoder"):
+        check_model_options(TrainConfig(checkpoint_layers=layers + 1), str(bundled))
+    check_model_options(TrainConfig(checkpoint_layers=layers), str(bundled))
