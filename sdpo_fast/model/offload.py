@@ -54,12 +54,12 @@ class OffloadedInputs:
     def unpack(self, held):
         if isinstance(held, torch.Tensor):
             return held
-        out = held.fetched if held.fetched is not None else self.to_device(held)
+        out = self.ready(held.fetched if held.fetched is not None else self.to_device(held), held.device)
         held.fetched, held.unpacked = None, True
         previous = held.previous() if held.previous is not None else None
         if previous is not None and previous.fetched is None and not previous.unpacked:
-            previous.fetched = self.to_device(previous)
-        return self.ready(out, held.device)
+            previous.fetched = self.to_device(previous)  # copied while this layer recomputes
+        return out
 
     def _stream(self, name: str, device: torch.device) -> torch.cuda.Stream:
         if (name, device) not in self._streams:
@@ -88,7 +88,7 @@ class OffloadedInputs:
             return held.host.to(held.device, non_blocking=True)
 
     def ready(self, out: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """`out` usable on the compute stream (it waits for the host-to-device copy)."""
+        """`out` usable on the compute stream (it waits for the host-to-device copies issued so far)."""
         if device.type == "cuda":
             current = torch.cuda.current_stream(device)
             current.wait_stream(self._stream("h2d", device))

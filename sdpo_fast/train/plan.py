@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .config import resolved_checkpoint_layers
 from .fakes import (IntegerConstants, Linear4bitStandIn, PhasedObjective, build_model, constant_index_tensors,
                     fake_world, fsdp_storage_resizes, planned_optimizer, triton_launches_as_workspace)
 
@@ -176,7 +177,6 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
 
     from ..model import unwrap_model
     from .build import make_scheduler, objective_of, step_options
-    from .config import resolved_checkpoint_layers
     from .memory import StorageCounter, local_shard
     from .step import train_step
 
@@ -328,16 +328,16 @@ def format_plan(plan: SimulatedPlan, budget_bytes: int) -> str:
     return "\n".join(lines)
 
 
-def _candidates(config) -> list[tuple[str, dict]]:
+def _candidates(config, num_layers: int) -> list[tuple[str, dict]]:
+    every = dict(gradient_checkpointing=True, checkpoint_layers=None)
     out = []
-    if not config.checkpointing_on("cuda"):
-        out.append(("--gradient-checkpointing", dict(gradient_checkpointing=True)))
+    if resolved_checkpoint_layers(config, num_layers) < num_layers:
+        out.append(("--gradient-checkpointing", every))
     if config.micro_batch_tokens > config.max_prompt_tokens + config.max_completion_tokens:
         tokens = config.max_prompt_tokens + config.max_completion_tokens
-        out.append((f"--gradient-checkpointing --micro-batch-tokens {tokens}",
-                    dict(gradient_checkpointing=True, micro_batch_tokens=tokens)))
+        out.append((f"--gradient-checkpointing --micro-batch-tokens {tokens}", dict(every, micro_batch_tokens=tokens)))
     if not config.lora_r:
-        out.append(("--lora-r 16 --gradient-checkpointing", dict(lora_r=16, gradient_checkpointing=True)))
+        out.append(("--lora-r 16 --gradient-checkpointing", dict(every, lora_r=16)))
     return out
 
 
@@ -348,7 +348,7 @@ def check_fits(config, free_bytes: int) -> SimulatedPlan:
     plan = simulate(config, hf_config)
     if plan.fits(free_bytes):
         return plan
-    fixes = [flags for flags, change in _candidates(config)
+    fixes = [flags for flags, change in _candidates(config, hf_config.get_text_config().num_hidden_layers)
              if simulate(dataclasses.replace(config, **change), hf_config).fits(free_bytes)]
     raise ValueError(f"this configuration needs {plan.total_bytes / GIB:.2f} GiB (simulated peak "
                      f"{plan.peak_bytes / GIB:.2f} GiB during {plan.peak_phase}, plus allowances) but the GPU has "

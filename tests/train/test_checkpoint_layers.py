@@ -3,6 +3,7 @@ against the same step with no checkpointing, the simulated peak against the coun
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,15 +11,17 @@ import torch
 from helpers import CaptureGrads
 
 from sdpo_fast.data import encode_interactions, load_interactions, sample_path
+from sdpo_fast.demo.assets import tiny_model_path
 from sdpo_fast.model import OffloadedInputs, checkpoint_layers_of
 from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 from sdpo_fast.train import TrainConfig, objective_of, step_options, train_step
 from sdpo_fast.train.config import resolved_checkpoint_layers
 from sdpo_fast.train.plan import simulate
-from sdpo_fast.train.setup import prepare_model
+from sdpo_fast.train.setup import check_model_options, prepare_model
 from sdpo_fast.train.teachers import Teacher
 
 LAYERS = 3
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +31,10 @@ def batch():
 
 
 class CountingOffload(OffloadedInputs):
-    """`OffloadedInputs` moving CPU tensors too (a copy in place of the host copy), counting the moves."""
+    """`OffloadedInputs` counting the moves; on "cpu" a copy stands for the host copy."""
 
-    def __init__(self):
-        super().__init__(device_types=("cpu",))
+    def __init__(self, device_type: str = "cpu"):
+        super().__init__(device_types=(device_type,))
         self.packed = self.fetched = 0
 
     def to_host(self, x):
@@ -43,13 +46,13 @@ class CountingOffload(OffloadedInputs):
         return super().to_device(held)
 
 
-def _step_grads(config: TrainConfig, batch, teacher_kind: str, offload=None):
+def _step_grads(config: TrainConfig, batch, teacher_kind: str, offload=None, device: str = "cpu"):
     """Gradients of one SDPO step (prefix-reusing live teacher, or an ema/base teacher) of the tiny model
     prepared by `config`, and how often each decoder layer ran forward (its MLP: a recompute calls the layer's
     forward, not its hooks)."""
     torch.manual_seed(0)  # LoRA adapters are initialized from the global RNG
     model = prepare_model(tiny_causal_lm("qwen3", num_layers=LAYERS, initializer_range=0.2, seed=1), config, "cpu",
-                          torch.float32, offload=offload).train()
+                          torch.float32, offload=offload).to(device).train()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -63,7 +66,7 @@ def _step_grads(config: TrainConfig, batch, teacher_kind: str, offload=None):
     options = dataclasses.replace(step_options(config), max_grad_norm=None, attn_backend="sdpa", micro_batch_tokens=400)
     train_step(model, batch, objective_of(config), optimizer, scheduler, options, teacher=teacher)
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[i]: g for i, g in optimizer.grads.items()}, calls
+    return {names[i]: g.cpu() for i, g in optimizer.grads.items()}, calls
 
 
 @pytest.mark.parametrize("lora_r, layers, offload, teacher", [
@@ -85,6 +88,22 @@ def test_gradients_equal_the_step_without_checkpointing(lora_r, layers, offload,
     for name, grad in plain.items():
         scale = max(grad.abs().max().item(), 1e-8)
         assert (got[name] - grad).abs().max().item() <= 1e-6 * scale, name
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_cuda_offloaded_inputs_come_back_for_the_recompute(lora_r, batch):
+    """Pinned host copies on side streams: the same gradients as the step without checkpointing."""
+    base = dict(ignore_first_k=0, loss_backend="torch", lora_r=lora_r)
+    plain, _ = _step_grads(TrainConfig(**base, checkpoint_layers=0), batch, "live", device="cuda")
+    counting = CountingOffload("cuda")
+    got, _ = _step_grads(TrainConfig(**base, checkpoint_layers=2, offload_activations=True), batch, "live",
+                         counting, device="cuda")
+    assert counting.packed == counting.fetched >= 2
+    for name, grad in plain.items():
+        scale = max(grad.abs().max().item(), 1e-8)
+        assert (got[name] - grad).abs().max().item() <= 1e-5 * scale, name
 
 
 def _tiny_config():
@@ -137,3 +156,8 @@ def test_resolution_and_refusals():
         resolved_checkpoint_layers(TrainConfig(offload_activations=True), 36, "cpu")
     with pytest.raises(ValueError, match=f"checkpoint_layers {LAYERS + 1} exceeds the model's {LAYERS} decoder"):
         simulate(_config(checkpoint_layers=LAYERS + 1), _tiny_config())
+    bundled = tiny_model_path()  # train's preflight, from config.json before the weights load
+    layers = json.loads((bundled / "config.json").read_text())["num_hidden_layers"]
+    with pytest.raises(ValueError, match=f"checkpoint_layers {layers + 1} exceeds the model's {layers} decoder"):
+        check_model_options(TrainConfig(checkpoint_layers=layers + 1), str(bundled))
+    check_model_options(TrainConfig(checkpoint_layers=layers), str(bundled))
