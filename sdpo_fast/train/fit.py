@@ -8,7 +8,8 @@ host<->device bytes at a stated PCIe rate) and checked by `plan.simulate` (the t
 against the budget with the planner's allowances. The peak falls as more layers are checkpointed (monotone), so
 within each (offload, micro_batch_tokens) group the fewest checkpointed layers that fit are found by a bracketing
 search that steps by the measured bytes per layer (`_fewest_layers`), and a group is simulated only when its
-fastest member could beat the best found so far.
+fastest member could beat the best found so far (or tie it, at a larger micro-batch: ties go to the larger; the
+smaller micro-batch is searched first).
 """
 from __future__ import annotations
 
@@ -299,7 +300,9 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
     elif config.offload_optimizer:  # one micro-batch per step (step.check_micro_batches)
         token_budgets = [max(config.micro_batch_tokens, config.batch_size * longest)]
     else:
-        token_budgets = list(dict.fromkeys([config.micro_batch_tokens, longest]))
+        # smallest first: it needs the fewest layers checkpointed, so it bounds the larger one's search
+        token_budgets = [longest, config.micro_batch_tokens] if config.micro_batch_tokens > longest \
+            else [config.micro_batch_tokens]
     cache: dict[tuple, Candidate] = {}
 
     def time_of(n: int, offload: bool) -> StepTime:
@@ -325,8 +328,8 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
             if offload and layer_range[1] == 0:
                 continue
             lo, hi = layer_range
-            if best is not None:  # the group's candidates that could beat the best: fewer layers than some bound
-                while hi >= lo and time_of(hi, offload).total_seconds >= best.time.total_seconds:
+            if best is not None:  # the candidates that could beat (or tie, with more tokens) the best: fewer layers
+                while hi >= lo and time_of(hi, offload).total_seconds > best.time.total_seconds:
                     hi -= 1
                 if hi < lo:
                     continue
@@ -337,7 +340,7 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
             found, slope = _fewest_layers(lambda n: run(n, offload, tokens), lo, hi, budget,
                                           per_token * micro_tokens if per_token else None)
             per_token = slope / micro_tokens if slope else per_token
-            if found is not None and (best is None or found.time.total_seconds < best.time.total_seconds):
+            if found is not None and (best is None or found.time.total_seconds <= best.time.total_seconds):
                 best = found
     chosen_config = None
     if best is not None:
@@ -350,14 +353,16 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
 def _offload_estimate(cache: dict, layers: int, tokens: int, input_bytes: int) -> float:
     """Peak plus allowances of `layers` checkpointed and offloaded at `tokens`, estimated from that group's
     simulated candidates without offload (the line through the nearest on either side of `layers`, else the
-    two nearest) less the offloaded inputs of one micro-batch (`input_bytes` per layer); 0 (no estimate) with
-    fewer than two simulated."""
+    two nearest; with one, at or above `layers`, that one: a lower bound, the peak falling with layers) less the
+    offloaded inputs of one micro-batch (`input_bytes` per layer); 0 (no estimate) otherwise."""
     totals = {n: c.plan.total_bytes for (n, off, t), c in cache.items() if t == tokens and not off and c.plan}
     below, above = [n for n in totals if n <= layers], [n for n in totals if n > layers]
     if below and above:
         a, b = max(below), min(above)
     elif len(totals) >= 2:
         a, b = sorted(totals, key=lambda n: abs(n - layers))[:2]
+    elif above:
+        return totals[above[0]] - layers * input_bytes
     else:
         return 0.0
     return totals[a] + (totals[b] - totals[a]) * (layers - a) / (b - a) - layers * input_bytes
