@@ -69,13 +69,13 @@ def markdown(table: list[dict], budget_gib: float) -> str:
     return "\n".join(lines)
 
 
-def write_between_markers(path: Path, table: str) -> None:
-    """Replace what lies between BEGIN and END in the file at path (each on a line of its own) by table."""
+def write_between_markers(path: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what lies between `begin` and `end` in the file at path (each on a line of its own) by table."""
     text = path.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{path} needs one {BEGIN!r} line followed by one {END!r} line (the table's markers)")
-    before, rest = text.split(BEGIN)
-    path.write_text(f"{before}{BEGIN}\n{table}\n{END}{rest.split(END)[1]}")
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{path} needs one {begin!r} line followed by one {end!r} line (the table's markers)")
+    before, rest = text.split(begin)
+    path.write_text(f"{before}{begin}\n{table}\n{end}{rest.split(end)[1]}")
 
 
 def main() -> None:

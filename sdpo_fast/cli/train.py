@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..train.config import PRESETS, TrainConfig, load_yaml, resolve_config
@@ -16,6 +17,7 @@ def add_parser(subparsers) -> None:
         epilog="Precedence: defaults < --preset < --config file < flags. Flags default to the config value shown "
                "in `TrainConfig` (sdpo_fast/train/config.py); list values are comma-separated.")
     add_config_flags(parser)
+    add_fit_flags(parser, "on CUDA when no option it searches is set (flag or config file); --no-fit: never")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -26,10 +28,30 @@ def add_config_flags(parser) -> None:
     add_dataclass_flags(parser, TrainConfig, choices={"preset": sorted(PRESETS)})
 
 
+def add_fit_flags(parser, default: str) -> None:
+    """--fit and --budget-gib (shared by `train` and `plan`); `default` says when --fit runs unasked."""
+    parser.add_argument("--fit", action=argparse.BooleanOptionalAction, default=None,
+                        help="before loading weights, choose the checkpointed layers, --offload-activations and "
+                             "--micro-batch-tokens (those not set) for the least modelled step time whose simulated "
+                             f"peak fits --budget-gib; printed with its step-time model (default: {default})")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="GPU memory to fit in (default: the CUDA device's free memory, else 24)")
+
+
 def config_from_args(args: argparse.Namespace, *, validate: bool = True) -> TrainConfig:
     """The resolved config: the --config file's values under the flags actually given. With --resume, the
     config saved in the output directory comes first, so `--output-dir DIR --resume` alone continues a run.
     validate False: left to `train`, which validates once."""
+    return resolve_config(*_sources(args), validate=validate)
+
+
+def explicit_options(args: argparse.Namespace) -> dict:
+    """The options the user set: the config files' values (with --resume, the saved run's) and the flags given."""
+    file_values, overrides = _sources(args)
+    return {**file_values, **overrides}
+
+
+def _sources(args: argparse.Namespace) -> tuple[dict, dict]:
     file_values = load_yaml(args.config) if args.config else {}
     overrides = given_fields(args, TrainConfig)
     output_dir = overrides.get("output_dir", file_values.get("output_dir"))
@@ -37,7 +59,26 @@ def config_from_args(args: argparse.Namespace, *, validate: bool = True) -> Trai
         saved = Path(output_dir) / "config.yaml"
         if saved.is_file():
             file_values = {**load_yaml(saved), **file_values}
-    return resolve_config(file_values, overrides, validate=validate)
+    return file_values, overrides
+
+
+def fitted(config: TrainConfig, args: argparse.Namespace, device_type: str, log) -> tuple[TrainConfig, dict | None]:
+    """(`config` with what --fit chose, the choice as logged) when --fit runs (`fit.runs_fit`), else (`config`,
+    None); ValueError when no reachable configuration fits."""
+    import dataclasses
+
+    from ..demo.assets import tiny_model_path
+    from ..train.fit import budget_bytes, fit, runs_fit
+
+    given = explicit_options(args)
+    if not runs_fit(args.fit, given, device_type):
+        return config, None
+    result = fit(dataclasses.replace(config, model=config.model or str(tiny_model_path())), given,
+                 budget_bytes(args.budget_gib), log=log)
+    if result.chosen is None:
+        raise ValueError(result.refusal())
+    log(result.describe())
+    return dataclasses.replace(result.config, model=config.model), result.to_json()["fit"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..demo import single_thread
 
+    from ..train.setup import resolve_device
+
     config = config_from_args(args, validate=False)
+    config, args.fit_choice = fitted(config, args, resolve_device(config.device).type, _say)
     try:
         with single_thread(enabled=config.model is None):
             return _train_and_report(config, args)
@@ -58,7 +102,7 @@ def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
     from ..train import train
     from ..train.trainer import objective_of
 
-    summary = train(config, progress=not args.no_progress)
+    summary = train(config, progress=not args.no_progress, fit=getattr(args, "fit_choice", None))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     first, last = summary["first"], summary["last"]
@@ -84,3 +128,7 @@ def _train_and_report(config: TrainConfig, args: argparse.Namespace) -> int:
         print(f"preferred style (no emojis, not degenerate) in the model's own replies to {REPORT_PROMPTS} held-out requests, "
               f"no hindsight: {before:.0%} before -> {after:.0%} after {config.loss}")
     return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

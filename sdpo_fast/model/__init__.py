@@ -2,7 +2,8 @@
 AttentionInterface, and Hugging Face helpers."""
 from .attention import ATTN_IMPLEMENTATION, enable_sdpo_attention, sdpo_attention, varlen_attention
 from .generation import Sample, chat_prompt_ids, generate_batch, sample_batch
-from .hf import apply_liger_kernels, enable_checkpointing, eval_mode, unwrap_model
+from .hf import apply_liger_kernels, checkpoint_layers_of, enable_checkpointing, eval_mode, unwrap_model
+from .offload import OffloadedInputs
 from .inputs import EncodedInteraction
 from .packing import pack, plan_micro_batches
 from .passes import (
@@ -22,11 +23,13 @@ from .support import check_model_name, check_model_support, logit_head
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "EncodedInteraction",
+    "OffloadedInputs",
     "PrefixKVCache",
     "SDPOBatch",
     "Sample",
     "apply_liger_kernels",
     "chat_prompt_ids",
+    "checkpoint_layers_of",
     "check_encoded",
     "check_model_name",
     "check_model_support",

@@ -22,16 +22,35 @@ def unwrap_model(model) -> PreTrainedModel:
     return base
 
 
-def enable_checkpointing(model: PreTrainedModel) -> None:
-    """Checkpoint every decoder layer of `model` (non-reentrant), with the name the installed transformers offers.
+def checkpoint_layers_of(model) -> list[torch.nn.Module]:
+    """The decoder layers of `model` that transformers can checkpoint (its GradientCheckpointingLayer modules), in
+    order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_checkpointing(model: PreTrainedModel, layers: int | None = None, offload=None) -> None:
+    """Checkpoint the first `layers` decoder layers of `model` (None: every one; non-reentrant), with the name
+    the installed transformers offers; the others keep their activations for backward. offload: an
+    `OffloadedInputs` that holds the checkpointed layers' inputs until backward (model/offload.py).
 
     transformers >= 5.25 calls it `activation_checkpointing_enable` and warns on `gradient_checkpointing_enable`,
-    its deprecated alias (to be removed in v6); older releases have only the latter.
+    its deprecated alias (to be removed in v6); older releases have only the latter. Its `every_n_layers` picks
+    every n-th layer and its `offload` copies on the compute stream, so the first-N choice and the offload are
+    set here on the layers it flagged.
     """
+    if layers == 0:
+        return
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for i, layer in enumerate(checkpoint_layers_of(model)):
+        if layers is not None and i >= layers:
+            layer.gradient_checkpointing = False
+        elif offload is not None:
+            layer._gradient_checkpointing_func = offload.wrap(layer._gradient_checkpointing_func)
 
 
 def apply_liger_kernels(model) -> bool:

@@ -66,7 +66,14 @@ class TrainConfig(StepSettings, ObjectiveOptions, LoRAOptions):
     """adamw (fused on CUDA), adamw8bit (bitsandbytes) or sgd."""
     shuffle: bool = True
     gradient_checkpointing: bool | None = None
-    """None: on for LoRA on CUDA (where 8B needs it), else off."""
+    """None: on for LoRA on CUDA (where 8B needs it), else off (checkpoint_layers, when set, says how many)."""
+    checkpoint_layers: int | None = None
+    """Checkpoint the FIRST N decoder layers (0 .. the model's layer count; recomputed in backward, the rest keep
+    their activations). None: all layers when gradient_checkpointing resolves on, else 0; contradicting
+    gradient_checkpointing (true with 0, false with N > 0) is refused."""
+    offload_activations: bool = False
+    """The checkpointed layers' inputs wait for backward in pinned CPU memory, copied there and back on a side
+    stream (CUDA; on CPU accepted, nothing moves). Needs checkpointed layers."""
     dtype: str = "auto"
     """auto: bfloat16 on CUDA, float32 on CPU; bfloat16 weights are stepped through fp32 master copies; float16
     is refused (no loss scaling)."""
@@ -140,8 +147,13 @@ class TrainConfig(StepSettings, ObjectiveOptions, LoRAOptions):
             raise ValueError(f"warmup_ratio must be in [0, 1.0), got {self.warmup_ratio!r}")
         if self.gradient_checkpointing is not None:
             check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        check_int("checkpoint_layers", self.checkpoint_layers, 0, optional=True)
+        if self.gradient_checkpointing is not None and self.checkpoint_layers is not None \
+                and self.gradient_checkpointing != (self.checkpoint_layers > 0):
+            raise ValueError(f"gradient_checkpointing {self.gradient_checkpointing} contradicts checkpoint_layers "
+                             f"{self.checkpoint_layers}; set one of them")
         for key in ("shuffle", "trust_remote_code", "resume", "load_in_4bit", "use_liger", "check_memory",
-                    "optimizer_in_backward", "offload_optimizer"):
+                    "optimizer_in_backward", "offload_optimizer", "offload_activations"):
             check_bool(key, getattr(self, key))
         check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATIONS)
         if not isinstance(self.hindsight_template, str) or (
@@ -156,6 +168,10 @@ class TrainConfig(StepSettings, ObjectiveOptions, LoRAOptions):
         if self.dtype == "float16":
             raise ValueError("dtype float16 has no loss scaling here (small gradients underflow to zero); use "
                              "dtype bfloat16 (same memory, fp32 range)")
+        if self.offload_activations and (self.gradient_checkpointing is False or self.checkpoint_layers == 0):
+            raise ValueError("offload_activations moves checkpointed layers' inputs, but "
+                             + ("gradient_checkpointing is false" if self.gradient_checkpointing is False
+                                else "checkpoint_layers is 0") + "; checkpoint some layers or unset it")
         if self.optimizer_in_backward and self.offload_optimizer:
             raise ValueError("offload_optimizer already overlaps the update with backward; unset optimizer_in_backward")
         if self.load_in_4bit and not self.lora_r:
@@ -169,7 +185,9 @@ class TrainConfig(StepSettings, ObjectiveOptions, LoRAOptions):
         return self
 
     def checkpointing_on(self, device_type: str) -> bool:
-        """gradient_checkpointing as resolved for a device type ("cuda", "cpu")."""
+        """gradient_checkpointing as resolved for a device type ("cuda", "cpu"): whether any layer is checkpointed."""
+        if self.checkpoint_layers is not None:
+            return self.checkpoint_layers > 0
         if self.gradient_checkpointing is None:
             return bool(self.lora_r) and device_type == "cuda"
         return self.gradient_checkpointing
@@ -177,6 +195,21 @@ class TrainConfig(StepSettings, ObjectiveOptions, LoRAOptions):
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         return {name: values[name] for name in field_names()}
+
+
+def resolved_checkpoint_layers(config: TrainConfig, num_layers: int, device_type: str = "cuda") -> int:
+    """How many decoder layers (the first ones) of a `num_layers`-layer model `config` checkpoints on
+    `device_type`; ValueError naming checkpoint_layers when it exceeds num_layers, or naming offload_activations
+    when no layer is checkpointed."""
+    if config.checkpoint_layers is not None and config.checkpoint_layers > num_layers:
+        raise ValueError(f"checkpoint_layers {config.checkpoint_layers} exceeds the model's {num_layers} decoder "
+                         f"layers; set at most {num_layers}")
+    layers = config.checkpoint_layers if config.checkpoint_layers is not None else (
+        num_layers if config.checkpointing_on(device_type) else 0)
+    if config.offload_activations and layers == 0:
+        raise ValueError("offload_activations moves checkpointed layers' inputs, but no layer is checkpointed; set "
+                         "checkpoint_layers (or gradient_checkpointing) or unset offload_activations")
+    return layers
 
 
 def field_names(config_class=TrainConfig) -> list[str]:

@@ -12,6 +12,8 @@ from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..model import OffloadedInputs
+
 CONSTANT_LIMIT = 1 << 20
 
 
@@ -216,17 +218,33 @@ def quantize_linears(model, dtype: torch.dtype) -> None:
                 setattr(parent, child_name, Linear4bitStandIn(child, dtype))
 
 
+class OffloadStandIn(OffloadedInputs):
+    """`OffloadedInputs` as on CUDA, every tensor counted as on the GPU: the host copy is shape and dtype only
+    (it leaves the counted memory), the copy back a fresh tensor allocated when `OffloadedInputs` fetches it (the
+    layer's own recompute, or the prefetch of the one below)."""
+
+    def __init__(self):
+        super().__init__(device_types=("cpu",))
+
+    def to_host(self, x: torch.Tensor):
+        return torch.empty(x.shape, dtype=x.dtype, device="meta"), None
+
+    def to_device(self, held) -> torch.Tensor:
+        return torch.zeros(held.host.shape, dtype=held.host.dtype, device=held.device)
+
+
 def build_model(hf_config, config, dtype: torch.dtype, fake: bool):
-    """The model `train` would train (`setup.prepare_model`: checkpointing, LoRA; 4-bit base Linears as
-    `Linear4bitStandIn`), random weights; fake: built on the meta device and every parameter and buffer then
-    replaced by a fresh fake CPU tensor (ties kept)."""
+    """The model `train` would train (`setup.prepare_model`: checkpointing with `OffloadStandIn`, LoRA; 4-bit
+    base Linears as `Linear4bitStandIn`), random weights; fake: built on the meta device and every parameter and
+    buffer then replaced by a fresh fake CPU tensor (ties kept)."""
     from transformers import AutoModelForCausalLM
 
     from .setup import prepare_model
 
     with torch.device("meta") if fake else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        model = prepare_model(model, dataclasses.replace(config, use_liger=False), "cuda", dtype)
+        model = prepare_model(model, dataclasses.replace(config, use_liger=False), "cuda", dtype,
+                              offload=OffloadStandIn())
         if config.load_in_4bit:
             quantize_linears(model, dtype)
     if fake:

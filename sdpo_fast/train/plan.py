@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .config import resolved_checkpoint_layers
 from .fakes import (IntegerConstants, Linear4bitStandIn, PhasedObjective, build_model, constant_index_tensors,
                     fake_world, fsdp_storage_resizes, planned_optimizer, triton_launches_as_workspace)
 
@@ -153,6 +154,17 @@ def worst_case_batch(config, vocab_size: int, world_size: int = 1):
     return [e] * min(config.batch_size, 2 * per_micro_batch * world_size)
 
 
+def check_step(config, world_size: int = 1) -> None:
+    """The check `train_step` makes of each step (`step.check_micro_batches`), made of the planned worst case
+    before anything is built: ValueError when offload_optimizer would get several micro-batches per step."""
+    from ..model import micro_batch_indices
+    from .step import check_micro_batches
+
+    batch = worst_case_batch(config, 1 << 20, world_size)
+    check_micro_batches(config.offload_optimizer,
+                        len(micro_batch_indices(batch[::world_size], config.micro_batch_tokens)))
+
+
 def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | None = None,
              steps: int = 2, world_size: int = 1) -> SimulatedPlan:
     """Run `steps` training steps of `config` (a TrainConfig) on the model of `hf_config` (default: the config
@@ -175,8 +187,10 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
         from .distributed import check_distributed
 
         check_distributed(config)
+    check_step(config, world_size)
     if hf_config is None:
         hf_config = load_config(config.model)
+    resolved_checkpoint_layers(config, hf_config.get_text_config().num_hidden_layers)
     if dtype is None:
         dtype = torch.bfloat16 if config.dtype == "auto" else getattr(torch, config.dtype)
     from .setup import importable
@@ -314,16 +328,16 @@ def format_plan(plan: SimulatedPlan, budget_bytes: int) -> str:
     return "\n".join(lines)
 
 
-def _candidates(config) -> list[tuple[str, dict]]:
+def _candidates(config, num_layers: int) -> list[tuple[str, dict]]:
+    every = dict(gradient_checkpointing=True, checkpoint_layers=None)
     out = []
-    if not config.checkpointing_on("cuda"):
-        out.append(("--gradient-checkpointing", dict(gradient_checkpointing=True)))
+    if resolved_checkpoint_layers(config, num_layers) < num_layers:
+        out.append(("--gradient-checkpointing", every))
     if config.micro_batch_tokens > config.max_prompt_tokens + config.max_completion_tokens:
         tokens = config.max_prompt_tokens + config.max_completion_tokens
-        out.append((f"--gradient-checkpointing --micro-batch-tokens {tokens}",
-                    dict(gradient_checkpointing=True, micro_batch_tokens=tokens)))
+        out.append((f"--gradient-checkpointing --micro-batch-tokens {tokens}", dict(every, micro_batch_tokens=tokens)))
     if not config.lora_r:
-        out.append(("--lora-r 16 --gradient-checkpointing", dict(lora_r=16, gradient_checkpointing=True)))
+        out.append(("--lora-r 16 --gradient-checkpointing", dict(every, lora_r=16)))
     return out
 
 
@@ -334,7 +348,7 @@ def check_fits(config, free_bytes: int) -> SimulatedPlan:
     plan = simulate(config, hf_config)
     if plan.fits(free_bytes):
         return plan
-    fixes = [flags for flags, change in _candidates(config)
+    fixes = [flags for flags, change in _candidates(config, hf_config.get_text_config().num_hidden_layers)
              if simulate(dataclasses.replace(config, **change), hf_config).fits(free_bytes)]
     raise ValueError(f"this configuration needs {plan.total_bytes / GIB:.2f} GiB (simulated peak "
                      f"{plan.peak_bytes / GIB:.2f} GiB during {plan.peak_phase}, plus allowances) but the GPU has "

@@ -21,8 +21,8 @@ from .distributed import World, broadcast_object
 
 CHANGEABLE_ON_RESUME = ("lr", "epochs", "max_steps", "weight_decay", "max_grad_norm", "micro_batch_tokens",
                         "save_steps", "save_minutes", "save_total_limit", "logging_steps", "report_to",
-                        "gradient_checkpointing", "prefix_reuse", "attn_backend", "loss_backend", "device",
-                        "use_liger", "dist_timeout_minutes")
+                        "gradient_checkpointing", "checkpoint_layers", "offload_activations", "prefix_reuse",
+                        "attn_backend", "loss_backend", "device", "use_liger", "dist_timeout_minutes")
 """Options `--resume` may change: applied from the resumed step on (lr and weight_decay replace the saved
 optimizer's; epochs/max_steps re-shape the schedule to the new total) and recorded."""
 NOT_COMPARED_ON_RESUME = ("output_dir", "resume", "preset")
@@ -152,9 +152,10 @@ def _same(a, b) -> bool:
 
 
 def write_run_files(output_dir: Path, config: TrainConfig, step: int, resumed_from: Path | None, changes: dict,
-                    data_counts: dict | None, log) -> None:
+                    data_counts: dict | None, log, fit: dict | None = None) -> None:
     """A run's start at `step`: with --resume, newer broken checkpoints set aside; stale temporary files removed;
-    config.yaml; metrics.jsonl cut back to `step` plus a "start" event; a config_history.jsonl record."""
+    config.yaml; metrics.jsonl cut back to `step` plus a "start" event (with what --fit chose, `fit`); a
+    config_history.jsonl record."""
     if config.resume:
         set_aside_newer_checkpoints(output_dir, step, log)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ def write_run_files(output_dir: Path, config: TrainConfig, step: int, resumed_fr
     metrics = output_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     event = {"event": "start", "step": step, "resumed_from": str(resumed_from) if resumed_from is not None else None,
-             "changed": changes, "data": data_counts}
+             "changed": changes, "data": data_counts, "fit": fit}
     kept = [line for line in lines if _logged_step(line) <= step]
     write_text_atomic(metrics, "".join(line + "\n" for line in kept) + json.dumps(event) + "\n")
     history = output_dir / "config_history.jsonl"

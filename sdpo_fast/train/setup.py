@@ -12,7 +12,8 @@ import torch
 
 from ..demo.assets import tiny_model_path
 from ..loss.validation import check_topk_vocabulary
-from ..model import apply_liger_kernels, check_model_name, enable_checkpointing, unwrap_model
+from ..model import (OffloadedInputs, apply_liger_kernels, check_model_name, checkpoint_layers_of,
+                     enable_checkpointing, unwrap_model)
 from ..utils.hub import hub_endpoint, hub_unreachable
 from .precision import fp32_draws_kept, needs_master_weights, to_compute_dtype, to_fp32, with_master_weights
 
@@ -89,13 +90,19 @@ def check_model_source(name: str, *, weights: bool = True, argument: str = "--mo
 
 def check_model_options(config, name: str) -> None:
     """The options that depend on the model, checked from its config before any weights load or anything is
-    written: distillation_topk at most the vocabulary (ValueError naming it)."""
-    if config.loss != "sdpo" or config.distillation_mode != "topk_logits":
+    written: distillation_topk at most the vocabulary, checkpoint_layers at most the decoder layers (ValueError
+    naming it)."""
+    topk = config.loss == "sdpo" and config.distillation_mode == "topk_logits"
+    if not topk and config.checkpoint_layers is None and not config.offload_activations:
         return
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(name, trust_remote_code=config.trust_remote_code)
-    check_topk_vocabulary(config.distillation_mode, config.distillation_topk, hf_config.get_text_config().vocab_size)
+    from .config import resolved_checkpoint_layers
+
+    text_config = AutoConfig.from_pretrained(name, trust_remote_code=config.trust_remote_code).get_text_config()
+    if topk:
+        check_topk_vocabulary(config.distillation_mode, config.distillation_topk, text_config.vocab_size)
+    resolved_checkpoint_layers(config, text_config.num_hidden_layers, resolve_device(config.device).type)
 
 
 def _not_local(name: str) -> str:
@@ -253,14 +260,20 @@ def load_model_and_tokenizer(config, checkpoint: Path | None = None, *, device: 
     return model.train(), tokenizer
 
 
-def prepare_model(model, config, device_type: str, dtype: torch.dtype, checkpoint: Path | None = None):
-    """`model` as `config` trains it on `device_type`: Liger kernels, gradient checkpointing, LoRA adapters
-    (fresh from the global RNG, or `checkpoint`'s) in lora_dtype. The trainer applies it to loaded weights, the
-    memory planner to a model built from its config on fake tensors."""
+def prepare_model(model, config, device_type: str, dtype: torch.dtype, checkpoint: Path | None = None, *,
+                  offload=None):
+    """`model` as `config` trains it on `device_type`: Liger kernels, gradient checkpointing of the first
+    checkpoint_layers decoder layers (their inputs offloaded with offload_activations: through `offload`, default
+    `OffloadedInputs()`), LoRA adapters (fresh from the global RNG, or `checkpoint`'s) in lora_dtype. The trainer
+    applies it to loaded weights, the memory planner to a model built from its config on fake tensors."""
+    from .config import resolved_checkpoint_layers
+
     if config.use_liger:
         apply_liger_kernels(model)
-    if config.checkpointing_on(device_type):
-        enable_checkpointing(model)
+    layers = resolved_checkpoint_layers(config, len(checkpoint_layers_of(model)), device_type)
+    if config.offload_activations and offload is None:
+        offload = OffloadedInputs()
+    enable_checkpointing(model, layers, offload if config.offload_activations else None)
     if config.lora_r:
         if checkpoint is not None:
             from peft import PeftModel

@@ -102,6 +102,15 @@ def check_behavior_logprobs(objective: Objective, batch: list[EncodedInteraction
                              "behavior_logprobs (the sampler's log-probs of their completion tokens)")
 
 
+def check_micro_batches(one_backward_per_step: bool, micro_batches: int) -> None:
+    """ValueError when an optimizer that keeps one backward's gradients per step (offload_optimizer) gets a step
+    of several micro-batches (`train_step` checks each step; `plan.check_step` the planned worst case)."""
+    if one_backward_per_step and micro_batches > 1:
+        raise ValueError(f"offload_optimizer keeps one micro-batch's gradient per step (torchao offloads each as it "
+                         f"arrives), but this step packs into {micro_batches}: raise micro_batch_tokens or lower "
+                         "batch_size")
+
+
 def train_step(model, batch: list[EncodedInteraction], objective: Objective, optimizer, scheduler,
                options: StepOptions, teacher=None, world: World | None = None) -> StepStats:
     """Forward and backward over the micro-batches of `batch`, then clip, step, advance the schedule, clear grads.
@@ -117,10 +126,7 @@ def train_step(model, batch: list[EncodedInteraction], objective: Objective, opt
     in_backward = hasattr(optimizer, "take_grad_norm")
     weights = interaction_weights(counts, options.aggregation)
     groups = rank_micro_batches(batch, counts, options.micro_batch_tokens, world)
-    if getattr(optimizer, "one_backward_per_step", False) and len(groups) > 1:
-        raise ValueError(f"offload_optimizer keeps one micro-batch's gradient per step (torchao offloads each as it "
-                         f"arrives), but this step packs into {len(groups)}: raise micro_batch_tokens or lower "
-                         "batch_size")
+    check_micro_batches(getattr(optimizer, "one_backward_per_step", False), len(groups))
     ranks = 1 if world is None else world.size
     weights = [w * ranks for w in weights]  # FSDP2 averages gradients over ranks: their sum is wanted
     run = model if isinstance(model, ShardedRoot) else functools.partial(_run, model)

@@ -49,11 +49,13 @@ class Trainer:
     on resume ({option: [saved, new]}), recorded. world: under torchrun, this rank (see train/distributed.py):
     the model is sharded with FSDP2 here, each step's interactions are split over the ranks, and rank 0 alone
     logs, shows progress and writes everything but the shards of checkpoints. preflighted: `train`'s checks
-    have passed on this config (the output directory checked, resume_from resolved), so they are not repeated."""
+    have passed on this config (the output directory checked, resume_from resolved), so they are not repeated.
+    fit: what --fit chose (`fit.Fit.to_json()["fit"]`), logged in the start event and the summary."""
 
     def __init__(self, config: TrainConfig, model, tokenizer, encoded: list[EncodedInteraction], *,
                  resume_from: Path | str | None = "latest", data_counts: dict | None = None,
-                 changes: dict | None = None, log=_say, world: World | None = None, preflighted: bool = False):
+                 changes: dict | None = None, log=_say, world: World | None = None, preflighted: bool = False,
+                 fit: dict | None = None):
         if not encoded:
             raise ValueError("no interactions to train on")
         self.config, self.model, self.tokenizer, self.encoded = config, model, tokenizer, encoded
@@ -72,7 +74,7 @@ class Trainer:
             else None
         self.step = 0
         self.resume_from = resume_from if config.resume else None
-        self.data_counts, self.changes, self.log = data_counts, dict(changes or {}), log
+        self.data_counts, self.changes, self.log, self.fit_choice = data_counts, dict(changes or {}), log, fit
         self._saved_step, self._last_save = None, time.monotonic()
 
     def _sharded(self, dtype: torch.dtype):
@@ -97,7 +99,7 @@ class Trainer:
             if not (self.preflighted or self.config.resume):
                 check_fresh(self.output_dir)
             write_run_files(self.output_dir, self.config, self.step, self.resume_from, self.changes,
-                            self.data_counts, self.log)
+                            self.data_counts, self.log, self.fit_choice)
         if self.world is not None:
             barrier()
         if self.resume_from is None:
@@ -260,7 +262,7 @@ class Trainer:
                 "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
                 "first": lines[0] if lines else None, "last": lines[-1] if lines else None,
                 "output_dir": str(self.output_dir), "checkpoint": str(latest_checkpoint(self.output_dir) or ""),
-                "data": self.data_counts, "changed": self.changes}
+                "data": self.data_counts, "changed": self.changes, "fit": self.fit_choice}
 
 
 def _postfix(metrics: dict) -> dict:
@@ -277,26 +279,28 @@ def _postfix(metrics: dict) -> dict:
     return out
 
 
-def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None = None, log=_say) -> dict:
+def train(config: TrainConfig, *, progress: bool = True, stop_after: int | None = None, log=_say,
+          fit: dict | None = None) -> dict:
     """Check `config`, the output directory, backends, model directory and tokenizer; load and encode the data;
     then load the model (from the newest valid checkpoint when resuming) and fit.
 
     Everything is checked (train/preflight.py, each check once), and the data encoded, before the weights load
     and before anything is written to the output directory. `log` receives the one-line notes (data counts,
-    warnings); default stderr.
+    warnings); default stderr. fit: what --fit chose for `config` (logged with the run's start and in the summary).
     """
     world = check_launch(config)
     if world is not None:
         world = init_world(resolve_device(config.device), config.dist_timeout_minutes)
         log = log if world.main else (lambda message: None)
     try:
-        return _train(config, world, progress, stop_after, log)
+        return _train(config, world, progress, stop_after, log, fit)
     finally:
         if world is not None:
             close_world()
 
 
-def _train(config: TrainConfig, world: World | None, progress: bool, stop_after: int | None, log) -> dict:
+def _train(config: TrainConfig, world: World | None, progress: bool, stop_after: int | None, log,
+           fit: dict | None) -> dict:
     checked = preflight(config, world, log)
     ckpt = checked.run.checkpoint
     if world is None:
@@ -308,5 +312,5 @@ def _train(config: TrainConfig, world: World | None, progress: bool, stop_after:
                                                     dtype=None if config.lora_r else torch.float32,
                                                     tokenizer=checked.tokenizer)
     trainer = Trainer(config, model, tokenizer, checked.encoded, resume_from=ckpt, data_counts=checked.counts,
-                      changes=checked.run.changes, log=log, world=world, preflighted=True)
+                      changes=checked.run.changes, log=log, world=world, preflighted=True, fit=fit)
     return trainer.fit(progress=progress, stop_after=stop_after)
