@@ -1,15 +1,16 @@
 """`--fit`: the fastest configuration of a step that fits a memory budget, chosen before the weights load.
 
 The candidates are the configurations reachable from the user's options: how many decoder layers are checkpointed
-(the first N, 0 .. L), whether their inputs are offloaded to the CPU, and micro_batch_tokens (the given value, or
-one interaction per micro-batch); an option the user set (flag or config file) is kept, not searched. Each
-candidate is priced by `step_time` (an explicit model: FLOPs at stated fractions of the GPU's datasheet peaks, and
-host<->device bytes at a stated PCIe rate) and checked by `plan.simulate` (the trainer's own step on fake tensors)
-against the budget with the planner's allowances. The peak falls as more layers are checkpointed (monotone), so
-within each (offload, micro_batch_tokens) group the fewest checkpointed layers that fit are found by a bracketing
-search that steps by the measured bytes per layer (`_fewest_layers`), and a group is simulated only when its
-fastest member could beat the best found so far (or tie it, at a larger micro-batch: ties go to the larger; the
-smaller micro-batch is searched first).
+(the first N, 0 .. L), whether their inputs are offloaded to the CPU, micro_batch_tokens (the given value, or one
+interaction per micro-batch) and the loss path (loss_workspace_mb: the backend's default, and the least workspace at
+which `sdpo_loss`'s own rule takes the grad-in-forward path, `grad_in_forward_of`); an option the user set (flag or
+config file) is kept, not searched. Each candidate is priced by `step_time` (an explicit model: FLOPs at stated
+fractions of the GPU's datasheet peaks, and host<->device bytes at a stated PCIe rate) and checked by
+`plan.simulate` (the trainer's own step on fake tensors) against the budget with the planner's allowances. The peak
+falls as more layers are checkpointed (monotone), so within each (micro_batch_tokens, workspace, offload) group the
+fewest checkpointed layers that fit are found by a bracketing search that steps by the measured bytes per layer
+(`_fewest_layers`), and a group is simulated only when its fastest member could beat the best found so far (or tie
+it, at a larger micro-batch: ties go to the larger; the smaller micro-batch is searched first).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def assumptions(gpu: GPU) -> str:
 def loss_flops_per_ndv(config, grad_in_forward: bool) -> int:
     """k of the loss path's k·N·d·V: two log-prob sweeps (student, teacher), the logits recomputed for their
     gradient, grad_hidden, and with a trained lm_head grad_weight (its 16-bit slice form, as the planner counts
-    it, forms the logits gradient once more); a grad-in-forward backend forms the gradients in its forward
+    it, forms the logits gradient once more); the grad-in-forward path forms the gradients in its forward
     sweep (two fewer)."""
     trained_head = not config.lora_r
     if grad_in_forward:
@@ -404,9 +405,9 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
 
 def _offload_estimate(cache: dict, layers: int, tokens: int, workspace: int | None, input_bytes: int) -> float:
     """Peak plus allowances of `layers` checkpointed and offloaded at `tokens`, estimated from that group's
-    simulated candidates without offload (at the same loss workspace) (the line through the nearest on either side of `layers`, else the
-    two nearest; with one, at or above `layers`, that one: a lower bound, the peak falling with layers) less the
-    offloaded inputs of one micro-batch (`input_bytes` per layer); 0 (no estimate) otherwise."""
+    simulated candidates without offload (at the same loss workspace) (the line through the nearest on either side
+    of `layers`, else the two nearest; with one, at or above `layers`, that one: a lower bound, the peak falling
+    with layers) less the offloaded inputs of one micro-batch (`input_bytes` per layer); 0 (no estimate) otherwise."""
     totals = {n: c.plan.total_bytes for (n, off, t, w), c in cache.items()
               if t == tokens and w == workspace and not off and c.plan}
     below, above = [n for n in totals if n <= layers], [n for n in totals if n > layers]
