@@ -23,6 +23,7 @@ import torch
 from ..kernels.gpus import GPU, GPUS
 from ..kernels.model import EFFICIENCY
 from ..loss.api import GRAD_IN_FORWARD_MIN_ROWS
+from .build import loss_workspace_bytes
 from .plan import (GIB, SimulatedPlan, check_step, interaction, load_config, simulate, simulated_dtype,
                    simulated_loss_backend)
 
@@ -274,7 +275,6 @@ def grad_in_forward_of(config, hf_config, loss_rows: int) -> bool:
     (`choose_grad_in_forward`). False for sft (its own cross entropy) and the reference backend."""
     from ..loss.api import choose_grad_in_forward
     from ..loss.backends import get_backend
-    from .build import loss_workspace_bytes
 
     backend = simulated_loss_backend(config)
     if config.loss == "sft" or backend == "reference":
@@ -344,6 +344,10 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
         workspaces.insert(0, grad_in_forward_workspace_mb(config, hf_config))
     cache: dict[tuple, Candidate] = {}
 
+    def workspace_bytes(workspace: int | None) -> int:
+        return loss_workspace_bytes(dataclasses.replace(config, loss_backend=simulated_loss_backend(config),
+                                                        loss_workspace_mb=workspace)) or 0
+
     def path_of(tokens: int, workspace: int | None) -> bool:
         """The loss path of a micro-batch of `tokens` tokens, as many interactions at the limits as it holds (the
         loss's rows: their completion tokens, those of ignore_first_k included at weight 0)."""
@@ -385,10 +389,14 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
                         hi -= 1
                     if hi < lo:
                         continue
+                if not offload and workspace != workspaces[0] and _workspace_estimate(
+                        cache, hi, tokens, workspace_bytes(workspace), workspace_bytes,
+                        per_token * micro_tokens if per_token else None) > budget:
+                    continue
                 input_bytes = micro_tokens * hf_config.get_text_config().hidden_size * (
                     4 if config.dtype == "float32" else 2)
-                if offload and _offload_estimate(cache, hi, tokens, workspace, input_bytes) > budget * (
-                        1 + PRUNE_MARGIN):
+                if offload and _offload_estimate(cache, hi, tokens, workspace, workspace_bytes,
+                                                 input_bytes) > budget * (1 + PRUNE_MARGIN):
                     continue
                 found, slope = _fewest_layers(lambda n: run(n, offload, tokens, workspace), lo, hi, budget,
                                               per_token * micro_tokens if per_token else None)
@@ -403,13 +411,39 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
                time_of(layers, False, path_of(token_budgets[-1], config.loss_workspace_mb)), gpu)
 
 
-def _offload_estimate(cache: dict, layers: int, tokens: int, workspace: int | None, input_bytes: int) -> float:
+def _totals(cache: dict, tokens: int, workspace: int | None, workspace_bytes) -> dict[int, float]:
+    """{checkpointed layers: peak plus allowances} of the simulated candidates without offload at `tokens`: those at
+    `workspace` if any, else those at the other workspaces less the difference of the workspaces' bytes."""
+    own = {n: c.plan.total_bytes for (n, off, t, w), c in cache.items()
+           if t == tokens and w == workspace and not off and c.plan}
+    if own:
+        return own
+    shift = workspace_bytes(workspace)
+    return {n: c.plan.total_bytes - workspace_bytes(w) + shift for (n, off, t, w), c in cache.items()
+            if t == tokens and not off and c.plan}
+
+
+def _workspace_estimate(cache: dict, layers: int, tokens: int, workspace_bytes_here: int, workspace_bytes,
+                        slope: float | None) -> float:
+    """Peak plus allowances of `layers` checkpointed at `tokens` with a loss workspace of `workspace_bytes_here`,
+    from the nearest simulated candidate without offload at another workspace at `tokens` (less the difference of
+    the workspaces' bytes) and the bytes per layer `slope`, less CONFIRM_MARGIN of a layer's bytes (as
+    `_fewest_layers` skips a probe); 0 (no estimate) without a slope or such a candidate."""
+    totals = {n: c.plan.total_bytes - workspace_bytes(w) + workspace_bytes_here
+              for (n, off, t, w), c in cache.items() if t == tokens and not off and c.plan}
+    if not slope or not totals:
+        return 0.0
+    near = min(totals, key=lambda n: abs(n - layers))
+    return totals[near] + slope * (near - layers) - CONFIRM_MARGIN * slope
+
+
+def _offload_estimate(cache: dict, layers: int, tokens: int, workspace: int | None, workspace_bytes,
+                      input_bytes: int) -> float:
     """Peak plus allowances of `layers` checkpointed and offloaded at `tokens`, estimated from that group's
-    simulated candidates without offload (at the same loss workspace) (the line through the nearest on either side
+    simulated candidates without offload (`_totals`) (the line through the nearest on either side
     of `layers`, else the two nearest; with one, at or above `layers`, that one: a lower bound, the peak falling
     with layers) less the offloaded inputs of one micro-batch (`input_bytes` per layer); 0 (no estimate) otherwise."""
-    totals = {n: c.plan.total_bytes for (n, off, t, w), c in cache.items()
-              if t == tokens and w == workspace and not off and c.plan}
+    totals = _totals(cache, tokens, workspace, workspace_bytes)
     below, above = [n for n in totals if n <= layers], [n for n in totals if n > layers]
     if below and above:
         a, b = max(below), min(above)
