@@ -26,8 +26,15 @@ def objective_of(config) -> Objective:
                                   add_tail=config.distillation_add_tail, signal_clip=config.resolved_signal_clip,
                                   center_advantages=config.resolved_center_advantages,
                                   importance_clip=config.importance_clip, backend=config.loss_backend,
-                                  workspace_bytes=default_workspace_bytes(config.loss_backend,
-                                                                          torch.cuda.is_available()))
+                                  workspace_bytes=loss_workspace_bytes(config))
+
+
+def loss_workspace_bytes(config, cuda: bool | None = None) -> int | None:
+    """The loss's workspace budget in bytes: config.loss_workspace_mb, else the default of its backend on a
+    machine with (cuda; None: this machine's) or without a GPU (None for the reference backend)."""
+    if config.loss_workspace_mb is not None:
+        return config.loss_workspace_mb << 20
+    return default_workspace_bytes(config.loss_backend, torch.cuda.is_available() if cuda is None else cuda)
 
 
 def step_options(config) -> StepOptions:

@@ -1,15 +1,16 @@
 """`--fit`: the fastest configuration of a step that fits a memory budget, chosen before the weights load.
 
 The candidates are the configurations reachable from the user's options: how many decoder layers are checkpointed
-(the first N, 0 .. L), whether their inputs are offloaded to the CPU, and micro_batch_tokens (the given value, or
-one interaction per micro-batch); an option the user set (flag or config file) is kept, not searched. Each
-candidate is priced by `step_time` (an explicit model: FLOPs at stated fractions of the GPU's datasheet peaks, and
-host<->device bytes at a stated PCIe rate) and checked by `plan.simulate` (the trainer's own step on fake tensors)
-against the budget with the planner's allowances. The peak falls as more layers are checkpointed (monotone), so
-within each (offload, micro_batch_tokens) group the fewest checkpointed layers that fit are found by a bracketing
-search that steps by the measured bytes per layer (`_fewest_layers`), and a group is simulated only when its
-fastest member could beat the best found so far (or tie it, at a larger micro-batch: ties go to the larger; the
-smaller micro-batch is searched first).
+(the first N, 0 .. L), whether their inputs are offloaded to the CPU, micro_batch_tokens (the given value, or one
+interaction per micro-batch) and the loss path (loss_workspace_mb: the backend's default, and the least workspace at
+which `sdpo_loss`'s own rule takes the grad-in-forward path, `grad_in_forward_of`); an option the user set (flag or
+config file) is kept, not searched. Each candidate is priced by `step_time` (an explicit model: FLOPs at stated
+fractions of the GPU's datasheet peaks, and host<->device bytes at a stated PCIe rate) and checked by
+`plan.simulate` (the trainer's own step on fake tensors) against the budget with the planner's allowances. The peak
+falls as more layers are checkpointed (monotone), so within each (micro_batch_tokens, workspace, offload) group the
+fewest checkpointed layers that fit are found by a bracketing search that steps by the measured bytes per layer
+(`_fewest_layers`), and a group is simulated only when its fastest member could beat the best found so far (or tie
+it, at a larger micro-batch: ties go to the larger; the smaller micro-batch is searched first).
 """
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ import torch
 
 from ..kernels.gpus import GPU, GPUS
 from ..kernels.model import EFFICIENCY
-from .plan import GIB, SimulatedPlan, check_step, interaction, load_config, simulate
+from ..loss.api import GRAD_IN_FORWARD_MIN_ROWS
+from .build import loss_workspace_bytes
+from .plan import (GIB, SimulatedPlan, check_step, interaction, load_config, simulate, simulated_dtype,
+                   simulated_loss_backend)
 
-SEARCHED = ("checkpoint_layers", "offload_activations", "micro_batch_tokens")
+SEARCHED = ("checkpoint_layers", "offload_activations", "micro_batch_tokens", "loss_workspace_mb")
 """The options --fit chooses; gradient_checkpointing given explicitly fixes checkpoint_layers (all or none)."""
 CPU_BUDGET_GIB = 24.0
 """--fit's budget off CUDA when --budget-gib is not given."""
@@ -114,7 +118,7 @@ def assumptions(gpu: GPU) -> str:
 def loss_flops_per_ndv(config, grad_in_forward: bool) -> int:
     """k of the loss path's k·N·d·V: two log-prob sweeps (student, teacher), the logits recomputed for their
     gradient, grad_hidden, and with a trained lm_head grad_weight (its 16-bit slice form, as the planner counts
-    it, forms the logits gradient once more); a grad-in-forward backend forms the gradients in its forward
+    it, forms the logits gradient once more); the grad-in-forward path forms the gradients in its forward
     sweep (two fewer)."""
     trained_head = not config.lora_r
     if grad_in_forward:
@@ -177,6 +181,8 @@ class Candidate:
     checkpoint_layers: int
     offload_activations: bool
     micro_batch_tokens: int
+    loss_workspace_mb: int | None
+    grad_in_forward: bool
     time: StepTime
     plan: SimulatedPlan | None
     refused: str | None = None
@@ -186,8 +192,8 @@ class Candidate:
 
     def to_json(self, budget: int) -> dict:
         return {"checkpoint_layers": self.checkpoint_layers, "offload_activations": self.offload_activations,
-                "micro_batch_tokens": self.micro_batch_tokens,
-                "peak_bytes": self.plan.peak_bytes if self.plan else None,
+                "micro_batch_tokens": self.micro_batch_tokens, "loss_workspace_mb": self.loss_workspace_mb,
+                "grad_in_forward": self.grad_in_forward, "peak_bytes": self.plan.peak_bytes if self.plan else None,
                 "total_bytes": self.plan.total_bytes if self.plan else None, "fits": self.fits(budget),
                 "refused": self.refused, "modelled_step_seconds": self.time.total_seconds}
 
@@ -201,7 +207,7 @@ class Fit:
     candidates: list[Candidate]
     num_layers: int
     budget_bytes: int
-    grad_in_forward: bool
+    default_workspace_mb: int | None
     baseline: StepTime
     gpu: GPU
 
@@ -209,6 +215,8 @@ class Fit:
         """The command-line flags that select the chosen configuration."""
         c = self.chosen
         out = [f"--checkpoint-layers {c.checkpoint_layers}", f"--micro-batch-tokens {c.micro_batch_tokens}"]
+        if c.loss_workspace_mb != self.default_workspace_mb:
+            out.append(f"--loss-workspace-mb {c.loss_workspace_mb}")
         return out + (["--offload-activations"] if c.offload_activations else [])
 
     def to_json(self) -> dict:
@@ -218,7 +226,7 @@ class Fit:
         c = self.chosen
         return {"fit": {"flags": self.flags(), "checkpoint_layers": c.checkpoint_layers,
                         "num_layers": self.num_layers, "offload_activations": c.offload_activations,
-                        "micro_batch_tokens": c.micro_batch_tokens, "grad_in_forward": self.grad_in_forward,
+                        "micro_batch_tokens": c.micro_batch_tokens, "grad_in_forward": c.grad_in_forward,
                         "peak_bytes": c.plan.peak_bytes, "budget_bytes": self.budget_bytes,
                         "recompute_fraction": c.time.recompute_fraction,
                         "modelled_step_seconds": c.time.total_seconds},
@@ -231,7 +239,7 @@ class Fit:
         return (f"--fit: no configuration reachable from these options fits {self.budget_bytes / GIB:.2f} GiB "
                 f"(tried {tried}); raise --budget-gib, lower --max-prompt-tokens / --max-completion-tokens, or "
                 "unset an option --fit may search (--micro-batch-tokens, --gradient-checkpointing, "
-                "--checkpoint-layers, --offload-activations)")
+                "--checkpoint-layers, --offload-activations, --loss-workspace-mb)")
 
     def describe(self) -> str:
         """The choice, the modelled step time by part against all-layers checkpointing, and the assumptions."""
@@ -246,7 +254,7 @@ class Fit:
                  f"modelled step {t.total_seconds:.3f} s ({parts}); every layer checkpointed: "
                  f"{self.baseline.total_seconds:.3f} s; recompute {t.recompute_fraction:.1%} of the step's FLOPs",
                  f"TFLOP per step: {flops}; loss path {t.loss_flops_per_ndv}·N·d·V (grad_in_forward "
-                 f"{str(self.grad_in_forward).lower()}); offloaded {t.offload_bytes / 1e9:.2f} GB",
+                 f"{str(c.grad_in_forward).lower()}); offloaded {t.offload_bytes / 1e9:.2f} GB",
                  assumptions(self.gpu)]
         return "\n".join(lines)
 
@@ -261,15 +269,41 @@ def kept_options(given: dict) -> dict:
     return fixed
 
 
-def grad_in_forward_of(config) -> bool:
-    """Whether the loss backend the simulated step runs (the planner's choice) forms gradients in its forward."""
+def grad_in_forward_of(config, hf_config, loss_rows: int) -> bool:
+    """Whether the simulated step's loss (the planner's backend and dtype, at `build.loss_workspace_bytes(config)`)
+    forms its gradients in the forward for a call on `loss_rows` loss tokens: `sdpo_loss`'s own rule
+    (`choose_grad_in_forward`). False for sft (its own cross entropy) and the reference backend."""
+    from ..loss.api import choose_grad_in_forward
     from ..loss.backends import get_backend
-    from .setup import importable
 
-    name = config.loss_backend
-    if name == "auto":
-        name = "triton" if importable("triton") else "torch"
-    return name != "reference" and get_backend(name).grad_in_forward
+    backend = simulated_loss_backend(config)
+    if config.loss == "sft" or backend == "reference":
+        return False
+    text = hf_config.get_text_config()
+    mode = config.distillation_mode
+    topk = config.distillation_topk if mode != "sampled_token" else 0
+    budget = loss_workspace_bytes(dataclasses.replace(config, loss_backend=backend))
+    return choose_grad_in_forward(get_backend(backend).row_ops, None, budget, loss_rows, mode,
+                                  simulated_dtype(config), text.vocab_size, topk or 0, True,
+                                  getattr(text, "final_logit_softcapping", None) is not None)
+
+
+def grad_in_forward_workspace_mb(config, hf_config) -> int:
+    """The least loss_workspace_mb at which the simulated step's loss takes the grad-in-forward path for calls of
+    GRAD_IN_FORWARD_MIN_ROWS loss tokens or more (found by `grad_in_forward_of` itself)."""
+
+    def admits(mb: int) -> bool:
+        return grad_in_forward_of(dataclasses.replace(config, loss_workspace_mb=mb), hf_config,
+                                  GRAD_IN_FORWARD_MIN_ROWS)
+
+    hi = 1
+    while not admits(hi):
+        hi *= 2
+    lo = hi // 2  # does not admit (or 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if admits(mid) else (mid, hi)
+    return hi
 
 
 def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = None, log=None) -> Fit:
@@ -283,7 +317,6 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
     gpu = gpu or current_gpu()
     layers = hf_config.get_text_config().num_hidden_layers
     fixed = kept_options(given)
-    grad_in_forward = grad_in_forward_of(config)
     vocab = hf_config.get_text_config().vocab_size
     if "checkpoint_layers" in fixed:
         n = resolved_checkpoint_layers(config, layers)
@@ -303,19 +336,40 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
         # smallest first: it needs the fewest layers checkpointed, so it bounds the larger one's search
         token_budgets = [longest, config.micro_batch_tokens] if config.micro_batch_tokens > longest \
             else [config.micro_batch_tokens]
+    # the loss path: the default workspace, and (searched first: faster, a larger workspace) the least one that
+    # admits the grad-in-forward path, unless the default already does
+    workspaces = [config.loss_workspace_mb]
+    if "loss_workspace_mb" not in fixed and config.loss != "sft" and simulated_loss_backend(config) != "reference" \
+            and not grad_in_forward_of(config, hf_config, GRAD_IN_FORWARD_MIN_ROWS):
+        workspaces.insert(0, grad_in_forward_workspace_mb(config, hf_config))
     cache: dict[tuple, Candidate] = {}
 
-    def time_of(n: int, offload: bool) -> StepTime:
+    def workspace_bytes(workspace: int | None) -> int:
+        return loss_workspace_bytes(dataclasses.replace(config, loss_backend=simulated_loss_backend(config),
+                                                        loss_workspace_mb=workspace)) or 0
+
+    def path_of(tokens: int, workspace: int | None) -> bool:
+        """The loss path of a micro-batch of `tokens` tokens, as many interactions at the limits as it holds (the
+        loss's rows: their completion tokens, those of ignore_first_k included at weight 0)."""
+        per_micro_batch = min(config.batch_size, max(1, tokens // longest))
+        return grad_in_forward_of(dataclasses.replace(config, loss_workspace_mb=workspace), hf_config,
+                                  per_micro_batch * config.max_completion_tokens)
+
+    def time_of(n: int, offload: bool, grad_in_forward: bool) -> StepTime:
         return step_time(config, hf_config, n, offload and n > 0, grad_in_forward, gpu)
 
-    def run(n: int, offload: bool, tokens: int) -> Candidate:
+    def run(n: int, offload: bool, tokens: int, workspace: int | None) -> Candidate:
         offload = offload and n > 0
-        key = (n, offload, tokens)
+        key = (n, offload, tokens, workspace)
         if key not in cache:
-            cache[key] = _simulate(config, hf_config, n, offload, tokens, time_of(n, offload))
+            path = path_of(tokens, workspace)
+            cache[key] = _simulate(config, hf_config, n, offload, tokens, workspace, path,
+                                   time_of(n, offload, path))
             if log is not None:
                 c = cache[key]
-                log(f"--fit: {n}/{layers} layers checkpointed{', offloaded' if offload else ''}, {tokens} tokens: "
+                log(f"--fit: {n}/{layers} layers checkpointed{', offloaded' if offload else ''}, {tokens} tokens, "
+                    f"loss {'grad-in-forward' if path else 'recompute'} path "
+                    f"(workspace {'default' if workspace is None else f'{workspace} MiB'}): "
                     + (c.refused or f"{c.plan.total_bytes / GIB:.2f} GiB with allowances")
                     + f", modelled {c.time.total_seconds:.3f} s")
         return cache[key]
@@ -324,38 +378,72 @@ def fit(config, given: dict, budget: int, *, hf_config=None, gpu: GPU | None = N
     per_token = None  # bytes saved per checkpointed layer per student token of a micro-batch, once measured
     for tokens in token_budgets:
         micro_tokens = max(1, tokens // longest) * len(longest_interaction.student_input_ids)
-        for offload in offloads:
-            if offload and layer_range[1] == 0:
-                continue
-            lo, hi = layer_range
-            if best is not None:  # the candidates that could beat (or tie, with more tokens) the best: fewer layers
-                while hi >= lo and time_of(hi, offload).total_seconds > best.time.total_seconds:
-                    hi -= 1
-                if hi < lo:
+        for workspace in workspaces:
+            path = path_of(tokens, workspace)
+            for offload in offloads:
+                if offload and layer_range[1] == 0:
                     continue
-            if offload and _offload_estimate(cache, hi, tokens, micro_tokens * hf_config.get_text_config()
-                                             .hidden_size * (4 if config.dtype == "float32" else 2)) > budget * (
-                                                 1 + PRUNE_MARGIN):
-                continue
-            found, slope = _fewest_layers(lambda n: run(n, offload, tokens), lo, hi, budget,
-                                          per_token * micro_tokens if per_token else None)
-            per_token = slope / micro_tokens if slope else per_token
-            if found is not None and (best is None or found.time.total_seconds <= best.time.total_seconds):
-                best = found
+                lo, hi = layer_range
+                if best is not None:  # the candidates that could beat (or tie, later in the order) the best
+                    while hi >= lo and time_of(hi, offload, path).total_seconds > best.time.total_seconds:
+                        hi -= 1
+                    if hi < lo:
+                        continue
+                if not offload and workspace != workspaces[0] and _workspace_estimate(
+                        cache, hi, tokens, workspace_bytes(workspace), workspace_bytes,
+                        per_token * micro_tokens if per_token else None) > budget:
+                    continue
+                input_bytes = micro_tokens * hf_config.get_text_config().hidden_size * (
+                    4 if config.dtype == "float32" else 2)
+                if offload and _offload_estimate(cache, hi, tokens, workspace, workspace_bytes,
+                                                 input_bytes) > budget * (1 + PRUNE_MARGIN):
+                    continue
+                found, slope = _fewest_layers(lambda n: run(n, offload, tokens, workspace), lo, hi, budget,
+                                              per_token * micro_tokens if per_token else None)
+                per_token = slope / micro_tokens if slope else per_token
+                if found is not None and (best is None or found.time.total_seconds <= best.time.total_seconds):
+                    best = found
     chosen_config = None
     if best is not None:
         chosen_config = _configured(config, best.checkpoint_layers, best.offload_activations,
-                                    best.micro_batch_tokens)
-    return Fit(chosen_config, best, list(cache.values()), layers, budget, grad_in_forward,
-               time_of(layers, False), gpu)
+                                    best.micro_batch_tokens, best.loss_workspace_mb)
+    return Fit(chosen_config, best, list(cache.values()), layers, budget, config.loss_workspace_mb,
+               time_of(layers, False, path_of(token_budgets[-1], config.loss_workspace_mb)), gpu)
 
 
-def _offload_estimate(cache: dict, layers: int, tokens: int, input_bytes: int) -> float:
+def _totals(cache: dict, tokens: int, workspace: int | None, workspace_bytes) -> dict[int, float]:
+    """{checkpointed layers: peak plus allowances} of the simulated candidates without offload at `tokens`: those at
+    `workspace` if any, else those at the other workspaces less the difference of the workspaces' bytes."""
+    own = {n: c.plan.total_bytes for (n, off, t, w), c in cache.items()
+           if t == tokens and w == workspace and not off and c.plan}
+    if own:
+        return own
+    shift = workspace_bytes(workspace)
+    return {n: c.plan.total_bytes - workspace_bytes(w) + shift for (n, off, t, w), c in cache.items()
+            if t == tokens and not off and c.plan}
+
+
+def _workspace_estimate(cache: dict, layers: int, tokens: int, workspace_bytes_here: int, workspace_bytes,
+                        slope: float | None) -> float:
+    """Peak plus allowances of `layers` checkpointed at `tokens` with a loss workspace of `workspace_bytes_here`,
+    from the nearest simulated candidate without offload at another workspace at `tokens` (less the difference of
+    the workspaces' bytes) and the bytes per layer `slope`, less CONFIRM_MARGIN of a layer's bytes (as
+    `_fewest_layers` skips a probe); 0 (no estimate) without a slope or such a candidate."""
+    totals = {n: c.plan.total_bytes - workspace_bytes(w) + workspace_bytes_here
+              for (n, off, t, w), c in cache.items() if t == tokens and not off and c.plan}
+    if not slope or not totals:
+        return 0.0
+    near = min(totals, key=lambda n: abs(n - layers))
+    return totals[near] + slope * (near - layers) - CONFIRM_MARGIN * slope
+
+
+def _offload_estimate(cache: dict, layers: int, tokens: int, workspace: int | None, workspace_bytes,
+                      input_bytes: int) -> float:
     """Peak plus allowances of `layers` checkpointed and offloaded at `tokens`, estimated from that group's
-    simulated candidates without offload (the line through the nearest on either side of `layers`, else the
-    two nearest; with one, at or above `layers`, that one: a lower bound, the peak falling with layers) less the
-    offloaded inputs of one micro-batch (`input_bytes` per layer); 0 (no estimate) otherwise."""
-    totals = {n: c.plan.total_bytes for (n, off, t), c in cache.items() if t == tokens and not off and c.plan}
+    simulated candidates without offload (`_totals`) (the line through the nearest on either side
+    of `layers`, else the two nearest; with one, at or above `layers`, that one: a lower bound, the peak falling
+    with layers) less the offloaded inputs of one micro-batch (`input_bytes` per layer); 0 (no estimate) otherwise."""
+    totals = _totals(cache, tokens, workspace, workspace_bytes)
     below, above = [n for n in totals if n <= layers], [n for n in totals if n > layers]
     if below and above:
         a, b = max(below), min(above)
@@ -417,16 +505,20 @@ def _fewest_layers(run, lo: int, hi: int, budget: int, slope: float | None) -> t
     return run(good), slope
 
 
-def _configured(config, checkpoint_layers: int, offload_activations: bool, micro_batch_tokens: int):
+def _configured(config, checkpoint_layers: int, offload_activations: bool, micro_batch_tokens: int,
+                loss_workspace_mb: int | None):
     """`config` with the searched options set (gradient_checkpointing left to checkpoint_layers)."""
     return dataclasses.replace(config, checkpoint_layers=checkpoint_layers, gradient_checkpointing=None,
-                               offload_activations=offload_activations, micro_batch_tokens=micro_batch_tokens)
+                               offload_activations=offload_activations, micro_batch_tokens=micro_batch_tokens,
+                               loss_workspace_mb=loss_workspace_mb)
 
 
-def _simulate(config, hf_config, checkpoint_layers: int, offload: bool, tokens: int, time: StepTime) -> Candidate:
-    candidate = _configured(config, checkpoint_layers, offload, tokens)
+def _simulate(config, hf_config, checkpoint_layers: int, offload: bool, tokens: int, workspace: int | None,
+              grad_in_forward: bool, time: StepTime) -> Candidate:
+    candidate = _configured(config, checkpoint_layers, offload, tokens, workspace)
     try:
         check_step(candidate)
     except ValueError as exc:
-        return Candidate(checkpoint_layers, offload, tokens, time, None, str(exc))
-    return Candidate(checkpoint_layers, offload, tokens, time, simulate(candidate, hf_config))
+        return Candidate(checkpoint_layers, offload, tokens, workspace, grad_in_forward, time, None, str(exc))
+    return Candidate(checkpoint_layers, offload, tokens, workspace, grad_in_forward, time,
+                     simulate(candidate, hf_config))

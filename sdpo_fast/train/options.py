@@ -37,12 +37,16 @@ class StepSettings:
     then torch there, else sdpa."""
     loss_backend: str = "auto"
     """sdpo_loss backend: auto, triton, torch or reference."""
+    loss_workspace_mb: int | None = None
+    """The loss's workspace budget in MiB (None: the backend's default); it picks the loss path: gradients formed
+    in the forward when a chunk of min(1024, loss tokens) rows fits, else the recompute kernels."""
 
     def validate_step(self) -> None:
         for key in ("micro_batch_tokens", "max_prompt_tokens"):
             check_int(key, getattr(self, key), 1)
         for key in ("ignore_first_k", "seed"):
             check_int(key, getattr(self, key), 0)
+        check_int("loss_workspace_mb", self.loss_workspace_mb, 1, optional=True)
         check_number("lr", self.lr, positive=True)
         check_number("weight_decay", self.weight_decay)
         check_number("max_grad_norm", self.max_grad_norm, positive=True, optional=True)

@@ -130,6 +130,21 @@ class SimulatedPlan:
                 "world_size": self.world_size}
 
 
+def simulated_dtype(config) -> torch.dtype:
+    """The weights' dtype `simulate` takes by default: bfloat16 (as `train` on CUDA) unless config.dtype names one."""
+    return torch.bfloat16 if config.dtype == "auto" else getattr(torch, config.dtype)
+
+
+def simulated_loss_backend(config) -> str:
+    """The loss backend the simulated step runs: "auto" and "triton" are Triton where it imports (its launches
+    replaced by what they write), else torch; torch and reference as named."""
+    from .setup import importable
+
+    if config.loss_backend in ("auto", "triton") and importable("triton"):
+        return "triton"
+    return "torch" if config.loss_backend == "auto" else config.loss_backend
+
+
 def interaction(prompt_tokens: int, completion_tokens: int, vocab_size: int, behavior: bool = False):
     """An interaction at these limits: student prompt prompt_tokens - HINDSIGHT_TOKENS, teacher prompt
     prompt_tokens (the encoder fits both prompts into max_prompt_tokens), completion completion_tokens; with
@@ -192,13 +207,9 @@ def simulate(config, hf_config=None, *, fake: bool = True, dtype: torch.dtype | 
         hf_config = load_config(config.model)
     resolved_checkpoint_layers(config, hf_config.get_text_config().num_hidden_layers)
     if dtype is None:
-        dtype = torch.bfloat16 if config.dtype == "auto" else getattr(torch, config.dtype)
-    from .setup import importable
-
-    triton = config.loss_backend in ("auto", "triton") and importable("triton")
-    config = dataclasses.replace(config, loss_backend="triton" if triton else "torch" if config.loss_backend == "auto"
-                                 else config.loss_backend,
-                                 attn_backend="auto")
+        dtype = simulated_dtype(config)
+    config = dataclasses.replace(config, loss_backend=simulated_loss_backend(config), attn_backend="auto")
+    triton = config.loss_backend == "triton"
     modules: list[str] = []
     counter = StorageCounter(module=lambda: modules[-1] if modules else "", categories=_PHASE_CATEGORY)
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()

@@ -3,6 +3,7 @@ checkpointed layers as the budget grows, options the user set kept), the JSON fi
 FLOPs against torch's FLOP counter, when `train` runs it, and plan refusing what train_step refuses."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -15,7 +16,9 @@ from sdpo_fast.kernels.gpus import GPUS
 from sdpo_fast.testing import tiny_causal_lm
 from sdpo_fast.train.config import TrainConfig
 import sdpo_fast.train.fit as fit_module
-from sdpo_fast.train.fit import fit, runs_fit, step_time
+from sdpo_fast.loss import sdpo_loss
+from sdpo_fast.train.fit import (_configured, fit, grad_in_forward_of, grad_in_forward_workspace_mb, runs_fit,
+                                 step_time)
 from sdpo_fast.train.plan import interaction, simulate
 from sdpo_fast.train.setup import resolve_device
 from sdpo_fast.train.step import check_micro_batches
@@ -111,7 +114,78 @@ def test_plan_fit_json_has_exactly_the_named_fields(capsys, tmp_path):
                          batch_size=4, dtype="float32", optimizer="adamw", checkpoint_layers=0,
                          micro_batch_tokens=fit_["micro_batch_tokens"]).validate()
     assert fit_["peak_bytes"] == out["peak_bytes"] == simulate(config).peak_bytes
-    assert fit_["budget_bytes"] == 100 * 2**30 and fit_["grad_in_forward"] is False
+    assert fit_["budget_bytes"] == 100 * 2**30
+    with loss_paths() as paths:
+        simulate(config)
+    assert paths[1:] == [fit_["grad_in_forward"]] * (len(paths) - 1) and paths[1:]
+
+
+@contextlib.contextmanager
+def loss_paths():
+    """The grad_in_forward of every `sdpo_loss` call made inside (the LossParams it builds), in call order; a
+    simulation's first is its warm-up step's (a 3-token completion, not in the peak)."""
+    import sdpo_fast.loss.api as api
+
+    paths: list[bool] = []
+
+    def spy(*args, **kwargs):
+        paths.append(kwargs["grad_in_forward"])
+        return params(*args, **kwargs)
+
+    params = api.LossParams
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "LossParams", spy)
+        yield paths
+
+
+WIDE_HF_CONFIG = tiny_causal_lm("qwen3", hidden_size=64, num_layers=2, vocab_size=3000).config
+
+
+@pytest.mark.slow
+def test_fit_takes_the_grad_in_forward_path_when_its_workspace_fits(monkeypatch):
+    """With a 1 MiB default workspace (recompute path at this vocabulary), --fit simulates the default and the
+    least workspace that admits the grad-in-forward path: the faster path with an ample budget, the recompute
+    path with a budget between their simulated peaks; each candidate's path is the one its simulation ran."""
+    for name in ("SDPO_FAST_TRITON_WORKSPACE_MB", "SDPO_FAST_TORCH_CHUNK_MB"):
+        monkeypatch.setenv(name, "1")
+    config = _config(checkpoint_layers=2, micro_batch_tokens=400)
+    given = {"checkpoint_layers": 2, "offload_activations": False, "micro_batch_tokens": 400}
+    totals = {}
+    for path, workspace in ((False, None), (True, grad_in_forward_workspace_mb(config, WIDE_HF_CONFIG))):
+        with loss_paths() as paths:
+            totals[path] = simulate(_configured(config, 2, False, 400, workspace), WIDE_HF_CONFIG).total_bytes
+        assert paths[1:] and set(paths[1:]) == {path}
+    assert totals[True] > totals[False]
+    ample = fit(config, given, 1 << 40, hf_config=WIDE_HF_CONFIG)
+    assert ample.chosen.grad_in_forward is True and ample.to_json()["fit"]["grad_in_forward"] is True
+    assert ample.chosen.plan.total_bytes == totals[True] and ample.chosen.loss_workspace_mb > 1
+    assert f"--loss-workspace-mb {ample.chosen.loss_workspace_mb}" in ample.flags()
+    assert ample.chosen.time.total_seconds < step_time(config, WIDE_HF_CONFIG, 2, False, False,
+                                                       ample.gpu).total_seconds
+    tight = fit(config, given, (totals[True] + totals[False]) // 2, hf_config=WIDE_HF_CONFIG)
+    assert tight.chosen.grad_in_forward is False and tight.to_json()["fit"]["grad_in_forward"] is False
+    assert tight.chosen.plan.total_bytes == totals[False]
+    assert not any(f.startswith("--loss-workspace-mb") for f in tight.flags())
+
+
+@pytest.mark.parametrize("mode", ["sampled_token", "full_logits"])
+def test_fits_loss_path_is_sdpo_losss_own_choice(mode):
+    """`grad_in_forward_of` (what --fit states) against the path `sdpo_loss` takes on real tensors of the same
+    shapes (torch backend, fp32), at workspaces on either side of the least that admits grad-in-forward."""
+    vocab, rows, hidden = 3000, 1100, 8
+    hf_config = tiny_causal_lm("qwen3", hidden_size=hidden, num_layers=1, vocab_size=vocab).config
+    config = _config(loss_backend="torch", distillation_mode=mode)
+    least = grad_in_forward_workspace_mb(config, hf_config)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, hidden, generator=gen, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=gen)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    for mb in (least - 1, least, least + 1):
+        with loss_paths() as paths:
+            sdpo_loss(h, w, targets, teacher_hidden=h.detach(), backend="torch", distillation_mode=mode,
+                      workspace_bytes=mb << 20)
+        assert paths == [mb >= least]
+        assert grad_in_forward_of(dataclasses.replace(config, loss_workspace_mb=mb), hf_config, rows) == paths[0]
 
 
 def test_step_time_flops_match_torchs_flop_counter():
