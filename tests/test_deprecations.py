@@ -11,8 +11,10 @@ pytest_plugins = ["pytester"]
 DEPRECATED_MODEL = '''
 import warnings
 
+import torch
 
-class OldModel:
+
+class OldModel(torch.nn.Module):
     """Has only the deprecated name, as an old release would, and it warns as transformers 5.25's alias does."""
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):

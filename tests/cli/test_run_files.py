@@ -12,7 +12,7 @@ DEMO = ["demo", "--interactions", "2", "--eval-every", "2", "--eval-prompts", "2
 
 
 def test_demo_keeps_an_earlier_run_and_saves_its_resolved_config(tmp_path, capsys):
-    from sdpo_fast.cli.online import _config
+    from sdpo_fast.cli.online import online_config
     from sdpo_fast.demo import online_demo_settings
     from sdpo_fast.online.config import resolve_online_config
 
@@ -25,7 +25,7 @@ def test_demo_keeps_an_earlier_run_and_saves_its_resolved_config(tmp_path, capsy
     assert main(argv) == 2
     assert "already holds results; pass --overwrite" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    expected = _config(build_parser().parse_args(argv), **online_demo_settings(False))
+    expected = online_config(build_parser().parse_args(argv), **online_demo_settings(False))
     saved = (out / "config.yaml").read_text()
     assert resolve_online_config(load_yaml(out / "config.yaml")) == expected and expected.lr == 0.003
     assert "# experiment: curve" in saved and "# interactions: 2" in saved and "# persona: no-emojis" in saved

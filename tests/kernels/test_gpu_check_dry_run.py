@@ -35,11 +35,17 @@ exec {python} "$@"
 """
 
 
+def _outside_pytest() -> dict[str, str]:
+    """This environment as a shell outside the test run would have it: no interpreter flag, no pytest-xdist worker
+    variables (a pytest started with them takes itself for a worker)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
+
+
 def _run_on_stub(tmp_path, **env_values):
     stub = tmp_path / "python3"
     stub.write_text(STUB.format(python=sys.executable))
     stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.endswith("_TIMEOUT")}
+    env = {k: v for k, v in _outside_pytest().items() if not k.endswith("_TIMEOUT")}
     env.update(PYTHON=str(stub), STUB_LOG=str(tmp_path / "calls.log"), **env_values)
     start = time.monotonic()
     result = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True, env=env,
@@ -88,7 +94,7 @@ def test_the_total_deadline_cuts_the_phases_that_do_not_fit(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _outside_pytest()
     # a shared 2-core CI box compiles slower than a GPU machine's CPU: wider limits than the lease's
     env.update(GPU_CHECK_DRY_RUN="1", PYTHON=os.environ.get("PYTHON", sys.executable), TOTAL_TIMEOUT="900",
                TESTS_TIMEOUT="300", KERNELS_TIMEOUT="300", BENCH_TIMEOUT="200", TRAIN_TIMEOUT="150",
