@@ -89,15 +89,15 @@ def _grid_delta_cosine(init: dict, run: dict, reference: dict) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora_r, batch_size, steps", [(0, 8, 40), (0, 16, 50), (8, 8, 20)])
+@pytest.mark.parametrize("lora_r, batch_size, steps", [(0, 8, 40), (8, 8, 20)])
 def test_bf16_tracks_fp32_as_closely_as_autocast(tmp_path, lora_r, batch_size, steps):
     """The bundled tiny model, lr 1e-5, AdamW, the same batches: the bf16 run's weight change (bf16 weights, fp32
     masters) points where the fp32 run's does as closely as fp32 weights under torch.autocast(bf16) do, on the
-    bf16 grid, and as many weights change as in the fp32 run rounded to bf16. Full fine-tuning measured: 0.9946
-    vs 0.9957 at batch 8 / 40 steps, 0.9969 vs 0.9804 at batch 16 / 50; 0.677 at batch 8 when the masters started
-    from the bf16 rounding of the fp32 checkpoint. LoRA r8 (the adapters): 0.9950 vs 0.9957 at batch 8 / 20 steps
-    (0.9976 vs 0.9975 at 40); 0.883 at 40 steps and 0.51 at 10 when the masters started from the rounding of
-    peft's fp32 draw."""
+    bf16 grid, and as many weights change as in the fp32 run rounded to bf16. Full fine-tuning: 0.9946 vs 0.9957
+    at batch 8 / 40 steps; 0.677 when the masters started from the bf16 rounding of the fp32 checkpoint (batch
+    16 / 50, no longer run as batch 8 / 40 is the closer setting: 0.9969 vs 0.9804, 0.816 before). LoRA r8, the
+    adapters: 0.9950 vs 0.9957 at batch 8 / 20 steps (0.9976 vs 0.9975 at 40); 0.883 at 40 steps and 0.51 at 10
+    when the masters started from the rounding of peft's fp32 draw."""
     if lora_r:
         init = {name.replace(".default", ""): p.detach()
                 for name, p in _lora("float32", lora_r=lora_r)[0].named_parameters() if p.requires_grad}
