@@ -68,7 +68,7 @@ def run_loss(sdpo_loss, case: dict, backend: str, **options):
     loss.backward()
     return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad,
             "student_logprobs": stats.student_logprobs, "teacher_logprobs": stats.teacher_logprobs,
-            "advantages": stats.advantages}
+            "advantages": stats.advantages, "divergence": stats.divergence}
 
 
 def run_truth(case: dict, **options):
@@ -83,10 +83,11 @@ def run_truth(case: dict, **options):
     student = inputs["student_hidden"].clone().requires_grad_()
     weight = inputs["lm_head_weight"].clone().requires_grad_()
     inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
-    loss, (logp, logq, adv) = reference_sdpo_loss(**inputs, **options)
+    loss, stats = reference_sdpo_loss(**inputs, **options)
     loss.backward()
     return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad,
-            "student_logprobs": logp, "teacher_logprobs": logq, "advantages": adv}
+            "student_logprobs": stats.student_logprobs, "teacher_logprobs": stats.teacher_logprobs,
+            "advantages": stats.advantages, "divergence": stats.divergence}
 
 
 def _logprob_condition(hidden, weight, targets, temperature):

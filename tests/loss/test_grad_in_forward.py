@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import backend_device, make_case, max_abs_err, rel_err, run_truth
+from helpers import backend_device, make_case, max_abs_err, rel_err, run_loss, run_truth
 from sdpo_fast import SDPOLoss, reference_sdpo_loss, sdpo_loss
 from sdpo_fast.loss.backends.torch_chunked import TorchRowOps
 from sdpo_fast.loss.backends.triton_fused import TritonRowOps
@@ -17,29 +17,9 @@ OUTPUTS = ["loss", "grad_hidden", "grad_weight", "student_logprobs", "teacher_lo
 ROW_OPS = {"torch": TorchRowOps, "triton": TritonRowOps}
 
 
-def run(case, backend, **options):
-    """Loss, gradients and stats on fresh leaves; backend "truth": the reference in fp64."""
-    inputs = dict(case)
-    if backend == "truth":
-        inputs = {k: v.detach().double() if v.is_floating_point() else v for k, v in inputs.items()}
-        options = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                   for k, v in options.items()}
-    student = inputs["student_hidden"].detach().clone().requires_grad_()
-    weight = inputs["lm_head_weight"].detach().clone().requires_grad_()
-    inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
-    if backend == "truth":
-        loss, stats = reference_sdpo_loss(**inputs, **options)
-    else:
-        loss, stats = sdpo_loss(**inputs, backend=backend, return_stats=True, **options)
-    loss.backward()
-    return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad,
-            "student_logprobs": stats.student_logprobs, "teacher_logprobs": stats.teacher_logprobs,
-            "divergence": stats.divergence}
-
-
 def assert_close_to_truth(case, backend, **options):
-    got = run(case, backend, **options)
-    truth = run(case, "truth", **{k: v for k, v in options.items() if k not in ("grad_in_forward", "workspace_bytes")})
+    got = run_loss(sdpo_loss, case, backend, **options)
+    truth = run_truth(case, **{k: v for k, v in options.items() if k not in ("grad_in_forward", "workspace_bytes")})
     for name in OUTPUTS:
         assert got[name].dtype == (case["lm_head_weight"].dtype if name.startswith("grad") else torch.float32)
         err = rel_err(got[name], truth[name])
@@ -112,12 +92,12 @@ def test_deterministic_and_token_weights_accumulate_exactly(backend, mode):
     device = backend_device(backend)
     case = make_case(31, 16, 150, device=device, seed=2)
     options = dict(grad_in_forward=True, workspace_bytes=40_000, distillation_mode=mode)
-    first, second = run(case, backend, **options), run(case, backend, **options)
+    first, second = run_loss(sdpo_loss, case, backend, **options), run_loss(sdpo_loss, case, backend, **options)
     for name in OUTPUTS:
         assert torch.equal(first[name], second[name]), name
     split = torch.rand(31, generator=torch.Generator().manual_seed(0)).to(device)
-    parts = [run(case, backend, token_weights=w, **options) for w in (split, 1 - split)]
-    whole = run(case, backend, token_weights=torch.ones(31, device=device), **options)
+    parts = [run_loss(sdpo_loss, case, backend, token_weights=w, **options) for w in (split, 1 - split)]
+    whole = run_loss(sdpo_loss, case, backend, token_weights=torch.ones(31, device=device), **options)
     for name in ["loss", "grad_hidden", "grad_weight"]:
         assert rel_err(parts[0][name] + parts[1][name], whole[name]) <= FP32_TOL, name
 
@@ -129,8 +109,8 @@ def test_bf16_no_worse_than_plain_pytorch(backend, mode):
     reference backend) plus 1 % of the truth's largest magnitude."""
     case = make_case(48, 40, 333, dtype=torch.bfloat16, device=backend_device(backend), seed=4, ignore_frac=0.1)
     options = dict(distillation_mode=mode, signal_clip=2.0 if mode == "sampled_token" else None)
-    got = run(case, backend, grad_in_forward=True, workspace_bytes=1 << 16, **options)
-    plain = run(case, "reference", **options)
+    got = run_loss(sdpo_loss, case, backend, grad_in_forward=True, workspace_bytes=1 << 16, **options)
+    plain = run_loss(sdpo_loss, case, "reference", **options)
     truth = run_truth(case, **options)
     assert got["grad_weight"].dtype == got["grad_hidden"].dtype == torch.bfloat16
     for name in ["loss", "grad_hidden", "grad_weight", "student_logprobs"]:
