@@ -105,21 +105,24 @@ def step_flops(shape: Shape, backend: str) -> int:
     return (6 if backend == "liger" else 10) * shape.n * shape.d * shape.vocab
 
 
-def _cpu_peak_growth_here(shape: Shape, backend: str) -> int:
-    """Run inside a fresh process: bytes the process's peak RSS grows during one fwd+bwd."""
-    make_step(backend, make_inputs(shape, "cpu", n=8, vocab=512))()  # load lazily initialized code first
-    return cpu_peak_growth(make_step(backend, make_inputs(shape, "cpu")))
+def _cpu_peak_growth_here(shape: Shape, maker: str, args: list) -> int:
+    """Run inside a fresh process: bytes the process's peak RSS grows during one fwd+bwd of
+    STEP_MAKERS[maker](*args, inputs)."""
+    make = STEP_MAKERS[maker]
+    make(*args, make_inputs(shape, "cpu", n=8, vocab=512))()  # load lazily initialized code first
+    return cpu_peak_growth(make(*args, make_inputs(shape, "cpu")))
 
 
 @functools.cache
-def peak_growth(shape: Shape, backend: str) -> int | None:
-    """Peak memory growth of one fwd+bwd over its inputs, in bytes; None when CUDA runs out of memory."""
+def peak_growth(shape: Shape, maker: str, *args) -> int | None:
+    """Peak memory growth of one fwd+bwd of STEP_MAKERS[maker](*args, inputs) over its inputs, in bytes; None when
+    CUDA runs out of memory. On CPU it is measured in a fresh process (this file's __main__)."""
     if DEVICE == "cuda":
         try:
-            return cuda_peak_growth(make_step(backend, make_inputs(shape, DEVICE)))
+            return cuda_peak_growth(STEP_MAKERS[maker](*args, make_inputs(shape, DEVICE)))
         except torch.cuda.OutOfMemoryError:
             return None
-    spec = json.dumps([shape._asdict(), backend])
+    spec = json.dumps([shape._asdict(), maker, args])
     out = subprocess.run([sys.executable, __file__, spec], env=subprocess_env(), check=True, capture_output=True,
                          text=True)
     return int(out.stdout.split()[-1])
@@ -268,8 +271,8 @@ def test_fwd_bwd(benchmark, shape, backend):
     flops = step_flops(shape, backend)
     info = dict(backend=backend, device=DEVICE, dtype=shape.dtype, n=shape.n, d=shape.d, vocab=shape.vocab,
                 flops=flops, tflops=flops / seconds / 1e12, default_backend=backend == DEFAULT_BACKEND)
-    peak = peak_growth(shape, backend)
-    reference_peak = peak_growth(shape, "reference")
+    peak = peak_growth(shape, "fwd_bwd", backend)
+    reference_peak = peak_growth(shape, "fwd_bwd", "reference")
     info["peak_bytes"] = peak
     if peak is not None and reference_peak and backend != "reference":
         info["peak_vs_reference"] = peak / reference_peak
@@ -327,24 +330,6 @@ def make_mode_step(backend: str, mode: str, alpha: float, inputs: dict):
     return step
 
 
-def _cpu_mode_peak_growth_here(shape: Shape, backend: str, mode: str, alpha: float) -> int:
-    make_mode_step(backend, mode, alpha, make_inputs(shape, "cpu", n=8, vocab=512))()
-    return cpu_peak_growth(make_mode_step(backend, mode, alpha, make_inputs(shape, "cpu")))
-
-
-@functools.cache
-def mode_peak_growth(shape: Shape, backend: str, mode: str, alpha: float) -> int | None:
-    if DEVICE == "cuda":
-        try:
-            return cuda_peak_growth(make_mode_step(backend, mode, alpha, make_inputs(shape, DEVICE)))
-        except torch.cuda.OutOfMemoryError:
-            return None
-    spec = json.dumps([shape._asdict(), backend, mode, alpha])
-    out = subprocess.run([sys.executable, __file__, spec], env=subprocess_env(), check=True, capture_output=True,
-                         text=True)
-    return int(out.stdout.split()[-1])
-
-
 @pytest.mark.parametrize("backend", MODE_BACKENDS)
 @pytest.mark.parametrize("mode,alpha", MODES, ids=lambda v: str(v))
 @pytest.mark.parametrize("shape", MODE_SHAPES, ids=lambda s: f"{DEVICE}-{s}")
@@ -369,7 +354,7 @@ def test_mode_fwd_bwd(benchmark, shape, mode, alpha, backend):
     seconds = benchmark.stats.stats.median
     info = dict(backend=backend, mode=mode, alpha=alpha, device=DEVICE, dtype=shape.dtype, n=shape.n, d=shape.d,
                 vocab=shape.vocab, flops=flops, tflops=flops / seconds / 1e12)
-    peak, reference_peak = (mode_peak_growth(shape, b, mode, alpha) for b in (backend, "reference"))
+    peak, reference_peak = (peak_growth(shape, "mode", b, mode, alpha) for b in (backend, "reference"))
     info["peak_bytes"] = peak
     if peak is not None and reference_peak and backend != "reference":
         info["peak_vs_reference"] = peak / reference_peak
@@ -402,24 +387,6 @@ def make_path_step(backend: str, grad_in_forward: bool, frozen: bool, inputs: di
     return step
 
 
-def _cpu_path_peak_growth_here(shape: Shape, backend: str, grad_in_forward: bool, frozen: bool) -> int:
-    make_path_step(backend, grad_in_forward, frozen, make_inputs(shape, "cpu", n=8, vocab=512))()
-    return cpu_peak_growth(make_path_step(backend, grad_in_forward, frozen, make_inputs(shape, "cpu")))
-
-
-def path_peak_growth(shape: Shape, backend: str, grad_in_forward: bool, frozen: bool) -> int | None:
-    if DEVICE == "cuda":
-        try:
-            return cuda_peak_growth(make_path_step(backend, grad_in_forward, frozen, make_inputs(shape, DEVICE)))
-        except torch.cuda.OutOfMemoryError:
-            return None
-    spec = json.dumps({"shape": shape._asdict(), "backend": backend, "grad_in_forward": grad_in_forward,
-                       "frozen": frozen})
-    out = subprocess.run([sys.executable, __file__, spec], env=subprocess_env(), check=True, capture_output=True,
-                         text=True)
-    return int(out.stdout.split()[-1])
-
-
 @pytest.mark.parametrize("frozen", [False, True], ids=["full", "frozen-head"])
 @pytest.mark.parametrize("grad_in_forward", [True, False], ids=["grad-in-forward", "recompute"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -439,7 +406,7 @@ def test_paths_fwd_bwd(benchmark, shape, backend, grad_in_forward, frozen):
     info = dict(backend=backend, grad_in_forward=grad_in_forward, frozen_head=frozen, device=DEVICE,
                 dtype=shape.dtype, n=shape.n, d=shape.d, vocab=shape.vocab, flops=flops,
                 tflops=flops / seconds / 1e12, workspace_bytes=PATH_WORKSPACE_BYTES,
-                peak_bytes=path_peak_growth(shape, backend, grad_in_forward, frozen))
+                peak_bytes=peak_growth(shape, "path", backend, grad_in_forward, frozen))
     if DEVICE == "cuda":
         gemm = cublas_seconds(shape)
         info["cublas_seconds"] = 2 * gemm["logits"] + gemm["grad_h"] + (0 if frozen else gemm["grad_w"])
@@ -454,12 +421,10 @@ def test_paths_fwd_bwd(benchmark, shape, backend, grad_in_forward, frozen):
     benchmark.extra_info.update(info)
 
 
-if __name__ == "__main__":  # CPU worker: argv[1] = JSON [shape fields, backend], [shape fields, backend, mode, alpha]
-    spec = json.loads(sys.argv[1])  # or {shape, backend, grad_in_forward, frozen}
-    if isinstance(spec, dict):
-        print(_cpu_path_peak_growth_here(Shape(**spec["shape"]), spec["backend"], spec["grad_in_forward"],
-                                         spec["frozen"]))
-    elif len(spec) == 4:
-        print(_cpu_mode_peak_growth_here(Shape(**spec[0]), *spec[1:]))
-    else:
-        print(_cpu_peak_growth_here(Shape(**spec[0]), spec[1]))
+STEP_MAKERS = {"fwd_bwd": make_step, "mode": make_mode_step, "path": make_path_step}
+"""The steps whose peak memory `peak_growth` measures, each called as maker(*args, inputs)."""
+
+
+if __name__ == "__main__":  # peak_growth's CPU worker: argv[1] = JSON [shape fields, maker, args]
+    shape_fields, maker_name, maker_args = json.loads(sys.argv[1])
+    print(_cpu_peak_growth_here(Shape(**shape_fields), maker_name, maker_args))
