@@ -33,6 +33,8 @@ def _config(**options):
     dict(lora_r=4, gradient_checkpointing=True, dtype="bfloat16", lora_dtype="float32"),
     dict(gradient_checkpointing=True, optimizer_in_backward=True),
     dict(gradient_checkpointing=True, distillation_mode="full_logits", distillation_alpha=0.5, loss_backend="torch"),
+    dict(checkpoint_layers=1),
+    dict(lora_r=4, checkpoint_layers=2, offload_activations=True),
 ])
 def test_simulated_step_equals_the_real_step_byte_for_byte(options):
     config = _config(**options)
