@@ -58,36 +58,33 @@ def make_case(n, d, vocab, *, dtype=torch.float32, device="cpu", seed=0, ignore_
     return case
 
 
-def run_loss(sdpo_loss, case: dict, backend: str, **options):
-    """Loss, grads and stats for one backend on fresh leaf copies of the case's tensors."""
-    inputs = dict(case)
-    student = case["student_hidden"].detach().clone().requires_grad_()
-    weight = case["lm_head_weight"].detach().clone().requires_grad_()
-    inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
-    loss, stats = sdpo_loss(**inputs, backend=backend, return_stats=True, **options)
+LEAVES = {"student_hidden": "grad_hidden", "lm_head_weight": "grad_weight", "lm_head_bias": "grad_bias"}
+"""The case tensors a loss run differentiates, and the name of each one's gradient in its outputs."""
+
+
+def _run(loss_fn, inputs: dict, options: dict) -> dict:
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in LEAVES if k in inputs}
+    loss, stats = loss_fn(**{**inputs, **leaves}, **options)
     loss.backward()
-    return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad,
+    return {"loss": loss.detach(), **{LEAVES[k]: leaf.grad for k, leaf in leaves.items()},
             "student_logprobs": stats.student_logprobs, "teacher_logprobs": stats.teacher_logprobs,
             "advantages": stats.advantages, "divergence": stats.divergence}
 
 
-def run_truth(case: dict, **options):
+def run_loss(sdpo_loss, case: dict, backend: str, **options) -> dict:
+    """Loss, grads (of student_hidden, lm_head_weight and lm_head_bias when present) and stats for one backend
+    ("reference": the reference at the case's dtype) on fresh leaf copies of the case's tensors."""
+    return _run(lambda **kw: sdpo_loss(**kw, backend=backend, return_stats=True), case, options)
+
+
+def run_truth(case: dict, **options) -> dict:
     """The reference in fp64 on the case's values: the ground truth a backend's error is measured against."""
     from sdpo_fast import reference_sdpo_loss
 
     def to64(value):
         return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
-    inputs = {k: to64(v) for k, v in case.items()}
-    options = {k: to64(v) for k, v in options.items()}
-    student = inputs["student_hidden"].clone().requires_grad_()
-    weight = inputs["lm_head_weight"].clone().requires_grad_()
-    inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
-    loss, stats = reference_sdpo_loss(**inputs, **options)
-    loss.backward()
-    return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad,
-            "student_logprobs": stats.student_logprobs, "teacher_logprobs": stats.teacher_logprobs,
-            "advantages": stats.advantages, "divergence": stats.divergence}
+    return _run(reference_sdpo_loss, {k: to64(v) for k, v in case.items()}, {k: to64(v) for k, v in options.items()})
 
 
 def _logprob_condition(hidden, weight, targets, temperature):

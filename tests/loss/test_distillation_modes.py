@@ -5,34 +5,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import backend_device, make_case, max_abs_err, rel_err
+from helpers import backend_device, make_case, max_abs_err, rel_err, run_loss, run_truth
 from sdpo_fast import reference_sdpo_loss, sdpo_loss
 
 BACKENDS = ["torch", "triton"]
 ALPHAS = [0.0, 0.5, 1.0, 0.25]
 FP32_TOL = 1e-5
 OUTPUTS = ["loss", "grad_hidden", "grad_weight", "divergence", "student_logprobs", "teacher_logprobs"]
-
-
-def run(case, backend, options, dtype=None):
-    """Loss, gradients and stats on fresh leaves; the reference runs in fp64 when dtype is torch.float64."""
-    def cast(value):
-        if dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.detach().to(dtype)
-        return value
-
-    inputs = {k: cast(v) for k, v in case.items()}
-    options = {k: cast(v) for k, v in options.items()}
-    student = inputs["student_hidden"].detach().clone().requires_grad_()
-    weight = inputs["lm_head_weight"].detach().clone().requires_grad_()
-    inputs["student_hidden"], inputs["lm_head_weight"] = student, weight
-    if backend == "truth":
-        loss, stats = reference_sdpo_loss(**inputs, **options)
-    else:
-        loss, stats = sdpo_loss(**inputs, backend=backend, return_stats=True, **options)
-    stats = {**stats._asdict(), "divergence": stats.divergence}
-    loss.backward()
-    return {"loss": loss.detach(), "grad_hidden": student.grad, "grad_weight": weight.grad, **stats}
 
 
 def behavior_for(case, seed):
@@ -45,8 +24,8 @@ def behavior_for(case, seed):
 
 
 def assert_close_to_truth(case, backend, options):
-    got = run(case, backend, options)
-    truth = run(case, "truth", options, dtype=torch.float64)
+    got = run_loss(sdpo_loss, case, backend, **options)
+    truth = run_truth(case, **options)
     for name in OUTPUTS:
         assert got[name].shape == truth[name].shape, name
         err = rel_err(got[name], truth[name])
@@ -110,7 +89,7 @@ def test_sampled_token_importance_clip_matches_reference(backend, clip):
     case = make_case(31, 20, 211, device=backend_device(backend), seed=7, ignore_frac=0.1)
     options = dict(importance_clip=clip, behavior_logprobs=behavior_for(case, seed=2), signal_clip=2.0)
     got, truth = assert_close_to_truth(case, backend, options)
-    plain = run(case, backend, dict(signal_clip=2.0))
+    plain = run_loss(sdpo_loss, case, backend, signal_clip=2.0)
     assert max_abs_err(got["loss"], plain["loss"]) > 1e-4  # the ratio changes the loss
 
 
@@ -119,7 +98,7 @@ def test_divergence_is_zero_when_teacher_equals_student(mode):
     case = make_case(12, 16, 90, seed=3)
     case["teacher_hidden"] = case["student_hidden"].clone()
     for alpha in ALPHAS:
-        got = run(case, "torch", mode_options(mode, alpha, 5, True, None))
+        got = run_loss(sdpo_loss, case, "torch", **mode_options(mode, alpha, 5, True, None))
         assert got["loss"].abs().item() < 1e-6 and got["grad_hidden"].abs().max().item() < 1e-6
 
 
@@ -130,8 +109,8 @@ def test_low_precision_no_worse_than_plain_pytorch(backend, dtype, mode):
     """As Cut Cross-Entropy judges: error vs fp64 no worse than plain PyTorch at that dtype + 1e-2 relative."""
     case = make_case(40, 48, 333, dtype=dtype, device=backend_device(backend), seed=5, ignore_frac=0.1)
     options = mode_options(mode, 0.5, 20, True, None)
-    got, baseline = run(case, backend, options), run(case, "reference", options)
-    truth = run(case, "truth", options, dtype=torch.float64)
+    got, baseline = run_loss(sdpo_loss, case, backend, **options), run_loss(sdpo_loss, case, "reference", **options)
+    truth = run_truth(case, **options)
     assert got["grad_weight"].dtype == dtype and got["grad_hidden"].dtype == dtype
     for name in ["loss", "grad_hidden", "grad_weight", "divergence"]:
         scale = truth[name].abs().max().item()
@@ -152,27 +131,29 @@ def _trl():
                                reason="TRL is not installed (pip install -e '.[trl]')")
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("mode,tail", [("full_logits", True), ("topk_logits", True), ("topk_logits", False),
-                                       ("sampled_token", True)])
-@pytest.mark.parametrize("alpha", ALPHAS)
+TRL_CASES = [(mode, tail, alpha) for mode, tail in [("full_logits", True), ("topk_logits", True),
+                                                     ("topk_logits", False), ("sampled_token", True)]
+             for alpha in ALPHAS if mode != "sampled_token" or alpha == 1.0]  # sampled_token needs alpha 1
+LOSS_PATHS = [("torch", True), ("torch", False), ("triton", True), ("triton", False), ("reference", None)]
+
+
+@pytest.mark.parametrize("backend,grad_in_forward", LOSS_PATHS)
+@pytest.mark.parametrize("mode,tail,alpha", TRL_CASES)
 @pytest.mark.parametrize("clip", [None, 1.2])
-def test_matches_trl_loss_utils(backend, mode, tail, alpha, clip):
-    """Per-token divergence, loss and gradients equal TRL's functions on the same fp32 logits."""
+def test_matches_trl_loss_utils(backend, grad_in_forward, mode, tail, alpha, clip):
+    """Per-token divergence, loss and gradients of each backend's both paths (gradients formed in the forward, or
+    recomputed in the backward) equal TRL's functions on the same fp32 logits."""
     utils = _trl()
-    if mode == "sampled_token" and alpha != 1.0:
-        with pytest.raises(ValueError, match="distillation_alpha"):
-            sdpo_loss(*[torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long)],
-                      teacher_hidden=torch.zeros(2, 4), distillation_alpha=alpha)
-        return
     temperature, topk = 0.9, 6
-    case = make_case(17, 12, 97, seed=11)
+    case = make_case(17, 12, 97, seed=11, device=backend_device(backend))
     targets = case["target_ids"]
     options = mode_options(mode, alpha, topk, tail, clip, temperature)
     behavior = behavior_for(case, seed=3)
     if clip is not None:
         options["behavior_logprobs"] = behavior
-    got = run(case, backend, options)
+    if grad_in_forward is not None:
+        options["grad_in_forward"] = grad_in_forward
+    got = run_loss(sdpo_loss, case, backend, **options)
 
     student = case["student_hidden"].clone().requires_grad_()
     weight = case["lm_head_weight"].clone().requires_grad_()
@@ -284,7 +265,8 @@ def test_full_logits_matches_liger_fused_linear_jsd(alpha):
     """Liger's chunked JSD (beta = alpha, soft loss only, token mean) is the same divergence."""
     liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is not installed")
     case = make_case(30, 16, 203, seed=8)
-    got = run(case, "torch", dict(distillation_mode="full_logits", distillation_alpha=alpha, temperature=0.8))
+    got = run_loss(sdpo_loss, case, "torch", distillation_mode="full_logits", distillation_alpha=alpha,
+                   temperature=0.8)
     student = case["student_hidden"].clone().requires_grad_()
     weight = case["lm_head_weight"].clone().requires_grad_()
     loss = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=alpha, temperature=0.8,

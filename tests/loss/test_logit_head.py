@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from helpers import backend_device, make_case, rel_err
-from sdpo_fast import reference_sdpo_loss, sdpo_loss
+from helpers import backend_device, make_case, rel_err, run_loss, run_truth
+from sdpo_fast import sdpo_loss
 from sdpo_fast.loss.reference import reference_logits
 
 FP32_TOL = 3e-5
@@ -41,28 +41,13 @@ def head_case(n, d, vocab, device, seed, head, teacher_head=None):
     return case, options
 
 
-def run(case, backend, options, dtype=None):
-    """Loss, the gradients of hidden, weight and bias, and the stats, on fresh leaves."""
-    inputs = {k: (v.detach().to(dtype) if dtype and v.is_floating_point() else v) for k, v in case.items()}
-    leaves = {k: inputs[k].clone().requires_grad_() for k in ("student_hidden", "lm_head_weight", "lm_head_bias")
-              if k in inputs}
-    inputs.update(leaves)
-    if backend == "truth":
-        loss, stats = reference_sdpo_loss(**inputs, **options)
-    else:
-        loss, stats = sdpo_loss(**inputs, backend=backend, return_stats=True, **options)
-    loss.backward()
-    out = {"loss": loss.detach(), **{f"grad_{k}": v.grad for k, v in leaves.items()}, **stats._asdict(),
-           "divergence": stats.divergence}
-    return out
-
 
 def assert_matches_truth(case, backend, options):
     """Each output within FP32_TOL of the fp64 reference, or within twice the error of the plain fp32 reference
     (the rounding any fp32 computation of it suffers), whichever is larger."""
-    got = run(case, backend, options)
-    truth = run(case, "truth", options, dtype=torch.float64)
-    plain = run(case, "truth", options)
+    got = run_loss(sdpo_loss, case, backend, **options)
+    truth = run_truth(case, **options)
+    plain = run_loss(sdpo_loss, case, "reference", **options)
     assert set(got) == set(truth)
     for name, expected in truth.items():
         err, bound = rel_err(got[name], expected), max(FP32_TOL, 2 * rel_err(plain[name], expected))
@@ -82,7 +67,7 @@ def test_head_matches_reference(backend, mode, head):
         del case["sequence_index"]
     got, truth = assert_matches_truth(case, backend, options)
     if "lm_head_bias" in case:
-        assert got["grad_lm_head_bias"].abs().max() > 0
+        assert got["grad_bias"].abs().max() > 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -93,8 +78,8 @@ def test_teacher_with_its_own_head(backend, mode):
     del case["sequence_index"]
     options.update(MODES[mode])
     got, truth = assert_matches_truth(case, backend, options)
-    shared = run({k: v for k, v in case.items() if not k.startswith("teacher_lm_head")}, "truth",
-                 {k: v for k, v in options.items() if not k.startswith("teacher_")}, dtype=torch.float64)
+    shared = run_truth({k: v for k, v in case.items() if not k.startswith("teacher_lm_head")},
+                       **{k: v for k, v in options.items() if not k.startswith("teacher_")})
     assert rel_err(shared["teacher_logprobs"], truth["teacher_logprobs"]) > 1e-2  # the teacher's head is used
 
 
@@ -124,9 +109,9 @@ def test_scale_without_cap_and_large_cap_limits():
     """A huge soft cap is the identity, and an unscaled, uncapped head is the plain loss (same values)."""
     case, options = head_case(15, 10, 40, "cpu", seed=2, head=dict(logit_scale=1.0))
     del case["sequence_index"]
-    plain = run(case, "torch", {})
-    capped = run(case, "torch", dict(logit_softcap=1e7))
-    for name in ("loss", "grad_student_hidden", "grad_lm_head_weight"):
+    plain = run_loss(sdpo_loss, case, "torch")
+    capped = run_loss(sdpo_loss, case, "torch", logit_softcap=1e7)
+    for name in ("loss", "grad_hidden", "grad_weight"):
         assert rel_err(capped[name], plain[name]) < 1e-5, name
 
 
@@ -167,9 +152,9 @@ def test_low_precision_head_no_worse_than_plain_pytorch(backend, mode, dtype):
     del case["sequence_index"]
     case = {k: v.to(dtype) if v.is_floating_point() else v for k, v in case.items()}
     options.update(MODES[mode])
-    got, plain = run(case, backend, options), run(case, "reference", options)
-    truth = run(case, "truth", options, dtype=torch.float64)
-    assert got["grad_lm_head_bias"].dtype == dtype
+    got, plain = run_loss(sdpo_loss, case, backend, **options), run_loss(sdpo_loss, case, "reference", **options)
+    truth = run_truth(case, **options)
+    assert got["grad_bias"].dtype == dtype
     for name, expected in truth.items():
         scale = expected.abs().max().item()
         err = (got[name].double() - expected).abs().max().item()
