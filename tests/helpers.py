@@ -1,5 +1,5 @@
 """Shared builders and comparisons for the tests: loss and kernel cases, a gradient-capturing optimizer, model-dir
-copies with files dropped or added."""
+copies with files dropped or added, a sampled reply's log-probs from a plain forward."""
 from __future__ import annotations
 
 import os
@@ -139,6 +139,20 @@ def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if expected.numel() == 0:
         return 0.0
     return (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+
+
+def sampling_logprobs(model, prompt: list[int], ids, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """(len(ids),) float64: log of the probability of each id of `ids` (sampled after `prompt`) under softmax(logits /
+    temperature) cut to its top_p nucleus (the most likely tokens, in order, while the mass before them is below
+    top_p) and renormalised; -inf for an id outside its nucleus. From one unpadded forward of prompt + ids."""
+    ids = list(ids)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].double()
+    probs = torch.softmax(logits / temperature, -1)
+    ordered, order = probs.sort(-1, descending=True)
+    kept = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ordered.cumsum(-1) - ordered < top_p)
+    nucleus = torch.where(kept, probs, 0.0)
+    return (nucleus / nucleus.sum(-1, keepdim=True)).log().gather(-1, torch.tensor(ids)[:, None])[:, 0]
 
 
 class CaptureGrads(torch.optim.Optimizer):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..loss.validation import MIN_TEMPERATURE
 from .hf import eval_mode, unwrap_model
 
 
@@ -21,7 +22,7 @@ class Sample:
     """One sampled reply: its decoded text (special tokens skipped, stripped) and the sampled token ids, up to
     and including the stop token when one was sampled (a reply cut at max_new_tokens has none); logprobs: the
     log of the probability the sampler drew each of those ids with (its distribution at the sampling
-    temperature), or None when not recorded."""
+    temperature, cut to the top_p nucleus and renormalised), or None when not recorded."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -30,15 +31,22 @@ class Sample:
 
 @torch.no_grad()
 def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-                 temperature: float = 1.0, seed: int = 0, stop_token_ids: list[int] | None = None,
-                 logprobs: bool = False) -> list[Sample]:
-    """One reply per chat in `conversations`, generated together (left padding; HF generate; full-distribution
-    sampling at `temperature`, greedy at 0).
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 stop_token_ids: list[int] | None = None, logprobs: bool = False) -> list[Sample]:
+    """One reply per chat in `conversations`, generated together (left padding; HF generate; sampling at
+    `temperature` from the smallest set of tokens whose probability reaches `top_p` (nucleus; 1: the whole
+    distribution), greedy at temperature 0).
 
     The global RNG is left untouched: sampling uses its own seed. stop_token_ids default: the tokenizer's eos.
-    logprobs: record each Sample's log-probs, log_softmax of generate's processed scores (logits / temperature)
-    at the sampled id; needs temperature > 0 (greedy decoding draws from no distribution).
+    logprobs: record each Sample's log-probs, log_softmax of generate's processed scores (logits / temperature,
+    -inf outside the nucleus) at the sampled id; needs temperature > 0 (greedy decoding draws from no
+    distribution).
     """
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE} (smaller values overflow the "
+                         f"logits), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if logprobs and not temperature > 0:
         raise ValueError("logprobs need temperature > 0: greedy decoding has no sampling distribution to record "
                          "(importance clipping needs a sampled policy)")
@@ -49,8 +57,8 @@ def sample_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_t
     width = max(map(len, prompts))
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
-        else dict(do_sample=False)
+    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=float(top_p)) \
+        if temperature > 0 else dict(do_sample=False)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
         torch.manual_seed(seed)
         recorded = dict(output_scores=True, return_dict_in_generate=True) if logprobs else {}

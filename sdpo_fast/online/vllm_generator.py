@@ -7,10 +7,12 @@ scores the sampled ids with the training model (Hugging Face forward), as the pa
 For importance clipping the engine runs with `logprobs_mode="processed_logprobs"` (vLLM's log-probs after
 temperature and the other processors, i.e. of the distribution it sampled from; its default, raw_logprobs, is the
 model's distribution before temperature) and each request asks for `logprobs=0` (the sampled token's log-prob
-only).
+only). vLLM takes those log-probs after top-p from 0.10.2 on (TopKTopPSampler returns them); with an older vLLM,
+a top_p below 1 is refused when log-probs are recorded.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,7 +43,8 @@ class VLLMGenerator:
     left to training. adapter_dir: where adapters are written (default: a new temporary directory).
     engine_options: more `vllm.LLM` arguments (dtype, max_model_len, enforce_eager, ...). behavior_logprobs:
     record the sampled tokens' log-probs (needed by a policy with importance_clip; needs a vLLM with the
-    logprobs_mode engine option, 0.10 and later).
+    logprobs_mode engine option, 0.10 and later). top_p_logprobs: whether those log-probs are of the top-p
+    nucleus sampled from (vLLM 0.10.2 and later).
     """
 
     def __init__(self, model: str, *, max_lora_rank: int, gpu_memory_utilization: float = 0.3, seed: int = 0,
@@ -56,6 +59,7 @@ class VLLMGenerator:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization!r}")
         self._vllm, self._lora_request = vllm, LoRARequest
         self.behavior_logprobs = behavior_logprobs
+        self.top_p_logprobs = _release(getattr(vllm, "__version__", "0")) >= (0, 10, 2)
         if behavior_logprobs:
             if engine_options.setdefault("logprobs_mode", "processed_logprobs") != "processed_logprobs":
                 raise ValueError("behavior_logprobs needs logprobs_mode 'processed_logprobs' (the log-probs of the "
@@ -86,18 +90,30 @@ class VLLMGenerator:
         self._current[name] = (policy.updates, request, path)
         return request
 
-    def sample(self, policy, conversations: list[list[dict]], seed: int) -> list[Sample]:
+    def sample(self, policy, conversations: list[list[dict]], seed: int, *, temperature: float | None = None,
+               top_p: float = 1.0, max_new_tokens: int | None = None) -> list[Sample]:
         """One reply per chat from the policy's current adapter; request i is seeded with seed + i. The Samples
-        carry the sampled tokens' log-probs when the policy wants them (policy.wants_logprobs)."""
+        carry the sampled tokens' log-probs when the policy wants them (policy.wants_logprobs).
+
+        temperature (0: greedy), top_p, max_new_tokens: this call's sampling (default: the policy's config).
+        """
         config = policy.config
+        temperature = config.temperature if temperature is None else temperature
         want = policy.wants_logprobs
         if want and not self.behavior_logprobs:
             raise ValueError("the policy has importance_clip but this VLLMGenerator records no log-probs: build it "
                              "with behavior_logprobs=True")
+        if want and not temperature > 0:
+            raise ValueError("logprobs need temperature > 0: greedy decoding has no sampling distribution to record "
+                             "(importance clipping needs a sampled policy)")
+        if want and top_p < 1 and not self.top_p_logprobs:
+            raise ValueError(f"top_p {top_p} with importance clipping needs vLLM 0.10.2 or later (earlier ones record "
+                             "log-probs before top-p); use top_p 1 or upgrade vLLM")
         prompts = [self._vllm.TokensPrompt(prompt_token_ids=ids)
                    for ids in chat_prompt_ids(policy.tokenizer, conversations)]
         extra = {"logprobs": 0} if want else {}
-        params = [self._vllm.SamplingParams(temperature=config.temperature, max_tokens=config.max_new_tokens,
+        params = [self._vllm.SamplingParams(temperature=temperature, top_p=top_p,
+                                            max_tokens=max_new_tokens or config.max_new_tokens,
                                             stop_token_ids=list(policy.stop_token_ids), seed=seed + i, **extra)
                   for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, lora_request=self.lora_request(policy), use_tqdm=False)
@@ -117,3 +133,8 @@ def sampled_logprobs(completion) -> list[float]:
     if missing:
         raise ValueError(f"vLLM's log-probs lack the sampled token at positions {missing[:5]}")
     return [min(float(entry[t].logprob), 0.0) for t, entry in zip(ids, per_token)]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string ("0.10.2rc1+cu128" -> (0, 10, 2))."""
+    return tuple(int(part) for part in re.match(r"\d+(?:\.\d+)*", version).group().split("."))

@@ -10,9 +10,11 @@ route, 413 body over the limit, 429 over the per-user rate.
 A history may only contain assistant messages this server gave the same user after exactly the messages before
 them; when it ends with such a reply and a new user message, that message is the follow-up u of the interaction
 (x = the reply's prompt, y = the reply). The reply is returned only after its turn (and interaction) is
-committed. Replies are sampled at the configured temperature (the one the updates assume); a request's
-`temperature` is checked but not applied, its `max_tokens` caps the reply (Hugging Face generate; the vLLM
-sampler stops at the configured max_new_tokens).
+committed. A request's `temperature` (absent: the configured one; 0: greedy) and `top_p` (nucleus, default 1)
+are the reply's sampling, and its `max_tokens` caps the reply at the configured max_new_tokens. With importance
+clipping each reply's behavior log-probs are those of the distribution it was sampled from (that temperature, that
+nucleus), so the update's importance weights stay exact; a greedy reply has no such distribution, so temperature 0
+is refused (400) while importance clipping is on. What a reply teaches does not depend on how it was sampled.
 """
 
 import collections
@@ -26,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..loss.validation import MIN_TEMPERATURE
 from ..model.generation import chat_prompt_ids, sample_batch
 from ..online.adapters import UserAdapters
 from ..online.config import OnlineConfig
@@ -58,12 +61,14 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """A checked chat completion request."""
+    """A checked chat completion request; temperature None: the configured one."""
 
     messages: list[dict]
     max_tokens: int | None
     stream: bool
     include_usage: bool
+    temperature: float | None = None
+    top_p: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -163,9 +168,22 @@ class Service:
                                        or max_tokens < 1):
             raise ApiError(400, "'max_tokens' must be an integer >= 1", param="max_tokens")
         temperature = body.get("temperature")
-        if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                                        or not 0 <= temperature <= 2):
-            raise ApiError(400, "'temperature' must be a number in [0, 2]", param="temperature")
+        if temperature is not None and (not _number(temperature)
+                                        or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 2)):
+            raise ApiError(400, f"'temperature' must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, 2]",
+                           param="temperature")
+        if temperature == 0 and self.config.importance_clip is not None:
+            raise ApiError(400, "'temperature' 0 (greedy) is refused: this server's updates use importance "
+                                "clipping (--importance-clip), which needs replies sampled from a distribution; "
+                                "send a temperature > 0 or omit it", param="temperature")
+        top_p = 1 if body.get("top_p") is None else body["top_p"]
+        if not _number(top_p) or not 0 < top_p <= 1:
+            raise ApiError(400, "'top_p' must be a number in (0, 1]", param="top_p")
+        if top_p < 1 and self.config.importance_clip is not None and self.adapters.generator is not None \
+                and not getattr(self.adapters.generator, "top_p_logprobs", False):
+            raise ApiError(400, "'top_p' < 1 is refused: this vLLM records no log-probs of the nucleus it samples "
+                                "from (importance clipping needs them; vLLM 0.10.2 or later does); send top_p 1",
+                           param="top_p")
         if body.get("n", 1) != 1:
             raise ApiError(400, "'n' must be 1: one reply per request", param="n")
         stream = body.get("stream", False)
@@ -173,7 +191,8 @@ class Service:
             raise ApiError(400, "'stream' must be true or false", param="stream")
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return ChatRequest(messages, max_tokens, stream, include_usage)
+        return ChatRequest(messages, max_tokens, stream, include_usage,
+                           None if temperature is None else float(temperature), float(top_p))
 
     def previous_reply(self, user: str, messages: list[dict]) -> StoredReply | None:
         """The stored reply the last message follows up, else None; ApiError 400 when an assistant message is
@@ -204,13 +223,15 @@ class Service:
             count = self.generated.setdefault(user, self.store.reply_count(user))
             seed = self.config.seed * 1_000_003 + count
             self.generated[user] = count + 1
+            sampling = dict(temperature=self.config.temperature if request.temperature is None
+                            else request.temperature, top_p=request.top_p, max_new_tokens=new)
             if policy.generator is not None:
-                sample = policy.generator.sample(policy, [request.messages], seed)[0]
+                sample = policy.generator.sample(policy, [request.messages], seed, **sampling)[0]
             else:
                 with policy.active():
-                    sample = sample_batch(policy.model, self.tokenizer, [request.messages], max_new_tokens=new,
-                                          temperature=self.config.temperature, seed=seed,
-                                          stop_token_ids=policy.stop_token_ids, logprobs=policy.wants_logprobs)[0]
+                    sample = sample_batch(policy.model, self.tokenizer, [request.messages], seed=seed,
+                                          stop_token_ids=policy.stop_token_ids, logprobs=policy.wants_logprobs,
+                                          **sampling)[0]
         self.store.record_turn(user, request.messages, sample.text, list(sample.token_ids),
                                None if sample.logprobs is None else list(sample.logprobs), version,
                                previous=previous)
@@ -233,6 +254,11 @@ class Service:
         counts = self.store.counts(user)
         return {"user": user, "interactions": counts["interactions"], "learned": counts["learned"],
                 "adapter_version": counts["adapter_version"]}
+
+
+def _number(value) -> bool:
+    """Whether a JSON value is a finite number (not a boolean)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
 
 
 def _messages(value) -> list[dict]:

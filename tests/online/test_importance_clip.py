@@ -13,6 +13,8 @@ from sdpo_fast.online import loop
 from sdpo_fast.online.loop import OnlineConfig, OnlinePolicy, chat_prompt_ids, sample_batch
 from sdpo_fast.testing import tiny_causal_lm, tiny_tokenizer
 
+from helpers import sampling_logprobs
+
 PROMPTS = [[{"role": "user", "content": "How do I boil an egg?"}],
            [{"role": "system", "content": "You are a pirate."},
             {"role": "user", "content": "Write a long story about the sea, with many details."}]]
@@ -25,13 +27,6 @@ def tokenizer():
 
 def _model():
     return tiny_causal_lm("qwen3", initializer_range=0.2).eval()
-
-
-def _plain_logprobs(model, prompt: list[int], ids: tuple[int, ...], temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) at the sampled ids, from one unpadded forward of prompt + ids."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + list(ids)])).logits[0, len(prompt) - 1:-1].float()
-    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
 
 
 def test_hf_sampler_logprobs_match_a_plain_forward(tokenizer):
@@ -48,12 +43,30 @@ def test_hf_sampler_logprobs_match_a_plain_forward(tokenizer):
     assert samples[0].token_ids[-1] == stop and len(samples[0].token_ids) < len(samples[1].token_ids) == 12
     for prompt, sample in zip(prompts, samples):
         assert len(sample.logprobs) == len(sample.token_ids)
-        expected = _plain_logprobs(model, prompt, sample.token_ids, temperature)
-        torch.testing.assert_close(torch.tensor(sample.logprobs), expected, rtol=0, atol=2e-5)
+        expected = sampling_logprobs(model, prompt, sample.token_ids, temperature)
+        torch.testing.assert_close(torch.tensor(sample.logprobs, dtype=torch.float64), expected, rtol=0, atol=2e-5)
     assert sample_batch(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=temperature, seed=5,
                         stop_token_ids=[stop])[1].logprobs is None  # not recorded unless asked
     with pytest.raises(ValueError, match="temperature > 0"):
         sample_batch(model, tokenizer, PROMPTS, max_new_tokens=4, temperature=0.0, logprobs=True)
+
+
+def test_hf_sampler_logprobs_are_of_the_top_p_nucleus(tokenizer):
+    """With top_p the recorded log-prob is that of the truncated, renormalised distribution sampled from."""
+    model, temperature, top_p = _model(), 0.7, 0.8
+    samples = sample_batch(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=temperature, top_p=top_p,
+                           seed=5, logprobs=True)
+    cut = 0
+    for prompt, sample in zip(chat_prompt_ids(tokenizer, PROMPTS), samples):
+        expected = sampling_logprobs(model, prompt, sample.token_ids, temperature, top_p)
+        torch.testing.assert_close(torch.tensor(sample.logprobs, dtype=torch.float64), expected, rtol=0, atol=2e-5)
+        whole = sampling_logprobs(model, prompt, sample.token_ids, temperature)
+        cut += int((expected - whole > 1e-3).sum())
+    assert cut > 0  # the nucleus left tokens out, so its log-probs differ from the whole distribution's
+    for options, message in ((dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                             (dict(temperature=1e-4), "temperature")):
+        with pytest.raises(ValueError, match=message):
+            sample_batch(model, tokenizer, PROMPTS, max_new_tokens=4, **options)
 
 
 def _hand_built_grads(model, encoded, behavior, clip, signal_clip, temperature):

@@ -431,6 +431,38 @@ def test_vllm_generator_errors(tokenizer, tmp_path, monkeypatch):
         policy.respond([{"role": "user", "content": "hi"}])
 
 
+def test_vllm_generator_takes_each_calls_sampling(tokenizer, tmp_path, monkeypatch):
+    """A call's temperature, top_p and max_new_tokens reach SamplingParams; what vLLM cannot record exactly for
+    importance clipping (greedy, top-p log-probs before 0.10.2) is refused naming the argument."""
+    import sys
+
+    from peft import get_peft_model
+
+    from sdpo_fast.online.vllm_generator import VLLMGenerator
+
+    calls = []
+    _fake_vllm(monkeypatch, calls)
+    base = _model()
+    base.save_pretrained(tmp_path / "base")
+    config = OnlineConfig(max_new_tokens=6, lora_r=4, lora_alpha=8, temperature=0.7)
+    generator = VLLMGenerator(str(tmp_path / "base"), max_lora_rank=4, adapter_dir=tmp_path / "adapters")
+    policy = OnlinePolicy(get_peft_model(base, lora_config(config)), tokenizer, config, generator=generator)
+    (sample,) = generator.sample(policy, [[{"role": "user", "content": "hi"}]], 3, temperature=1e-3, top_p=0.5,
+                                 max_new_tokens=2)
+    (params,) = calls[-1]["params"]
+    assert (params.temperature, params.top_p, params.max_tokens, params.seed) == (1e-3, 0.5, 2, 3)
+    assert len(sample.token_ids) <= 2
+    clipped = OnlinePolicy(policy.model, tokenizer, OnlineConfig(lora_r=4, lora_alpha=8, importance_clip=2.0),
+                           generator=VLLMGenerator("model", max_lora_rank=4, behavior_logprobs=True))
+    with pytest.raises(ValueError, match="temperature > 0"):
+        clipped.generator.sample(clipped, [[{"role": "user", "content": "hi"}]], 0, temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        clipped.generator.sample(clipped, [[{"role": "user", "content": "hi"}]], 0, top_p=0.9)
+    monkeypatch.setattr(sys.modules["vllm"], "__version__", "0.10.2rc1+cu128", raising=False)
+    assert VLLMGenerator("model", max_lora_rank=4, behavior_logprobs=True).top_p_logprobs
+    assert not clipped.generator.top_p_logprobs
+
+
 def test_an_update_calls_sdpo_loss_once_per_micro_batch(tokenizer, monkeypatch):
     """Centring happens inside the loss call: no second no-grad pass over the vocabulary (10·N·d·V, not 12)."""
     from sdpo_fast.loss.objectives import sdpo as objective_module

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -17,7 +18,9 @@ from sdpo_fast.demo import single_thread  # noqa: E402
 from sdpo_fast.model.generation import chat_prompt_ids  # noqa: E402
 from sdpo_fast.serve.app import create_app  # noqa: E402
 
-from serving import MODEL, X, make_service, reference_reply  # noqa: E402
+from helpers import sampling_logprobs  # noqa: E402
+from serving import MODEL, X, greedy_reply, make_service, reference_reply  # noqa: E402
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -49,6 +52,35 @@ def test_a_reply_is_the_base_models_sample_and_committed_before_it_returns(serve
     capped = chat(client, keys["alice"], X, max_tokens=3).json()
     assert capped["usage"]["completion_tokens"] <= 3 and capped["choices"][0]["finish_reason"] == "length"
     assert capped["choices"][0]["message"]["content"] == reference_reply(X, 1, max_new_tokens=3)[0]
+
+
+def test_temperature_zero_is_a_plain_greedy_decode(served):
+    service, client, keys = served
+    expected = greedy_reply(X, service.config.max_new_tokens)
+    for _ in range(2):  # greedy: the same reply whatever the seed of the user's n-th reply
+        text = chat(client, keys["alice"], X, temperature=0).json()["choices"][0]["message"]["content"]
+        assert tuple(service.store.find_reply("alice", X, text).token_ids) == expected
+    sampled = chat(client, keys["bob"], X, temperature=1.3, top_p=0.9).json()["choices"][0]["message"]["content"]
+    assert service.store.find_reply("bob", X, sampled) is not None
+
+
+def test_with_importance_clipping_a_reply_records_the_distribution_it_was_sampled_from(tmp_path):
+    """The stored behavior log-probs are those of softmax(logits / temperature) cut to the top_p nucleus, from a
+    plain forward; greedy has no distribution, so temperature 0 is refused."""
+    with single_thread():
+        service = make_service(tmp_path / "state", config={"importance_clip": 2.0})
+        key = service.store.add_user("alice")
+        with TestClient(create_app(service)) as client:
+            refused = chat(client, key, X, temperature=0)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature"
+            text = chat(client, key, X, temperature=0.7, top_p=0.8).json()["choices"][0]["message"]["content"]
+    stored = service.store.find_reply("alice", X, text)
+    prompt = chat_prompt_ids(service.tokenizer, [X])[0]
+    expected = sampling_logprobs(service.adapters.base, prompt, stored.token_ids, 0.7, 0.8)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(torch.tensor(stored.logprobs, dtype=torch.float64), expected, rtol=0, atol=2e-5)
+    whole = sampling_logprobs(service.adapters.base, prompt, stored.token_ids, 0.7)
+    assert (expected - whole > 1e-3).any()  # the nucleus left tokens out
 
 
 def test_a_followup_makes_an_interaction_only_for_the_user_who_got_the_reply(served):
@@ -111,6 +143,12 @@ HOSTILE = [
                                               {"role": "user", "content": "ok"}]}).encode(), 400, "messages[1]"),
     (json.dumps({"model": MODEL, "messages": X, "max_tokens": 0}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "messages": X, "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"model": MODEL, "messages": X, "temperature": True}).encode(), 400, "temperature"),
+    (json.dumps({"model": MODEL, "messages": X, "temperature": 1e-4}).encode(), 400, "temperature"),
+    (json.dumps({"model": MODEL, "messages": X, "temperature": 2.5}).encode(), 400, "temperature"),
+    (json.dumps({"model": MODEL, "messages": X, "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"model": MODEL, "messages": X, "top_p": 1.5}).encode(), 400, "top_p"),
+    (json.dumps({"model": MODEL, "messages": X, "top_p": "all"}).encode(), 400, "top_p"),
     (json.dumps({"model": MODEL, "messages": X, "n": 3}).encode(), 400, "n"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}).encode(), 400,
      "messages"),
