@@ -9,11 +9,17 @@ import json
 import re
 import sys
 
-LOSS_NOTE = ("Time: median (and min) of the rounds, one forward+backward each. Effective TFLOP/s counts "
-             "10·N·d·V per SDPO step (student and teacher logits, recompute, grad_h, grad_W) and 6·N·d·V per "
-             "Liger cross-entropy step. x cuBLAS: median time / cuBLAS time of the same matrix products, same run. "
+LOSS_NOTE = ("Time: median (and min) of the rounds, one forward+backward each. Path: where the gradients are "
+             "formed (grad in forward: from GEMM-computed logit chunks in the forward; recompute: the fused kernels "
+             "recompute the logits in the backward; by budget: sdpo_loss's choice at the default workspace). "
+             "Head: whether lm_head_weight is trained or frozen (LoRA). Effective TFLOP/s counts the row's FLOPs: "
+             "for a path row, the products the step needs at the least (8·N·d·V: student and teacher logits, "
+             "grad_h, grad_W; 6 with a frozen head); for the other SDPO rows 10·N·d·V (the recompute path's, which "
+             "computes the student logits twice); for Liger's cross entropy 6·N·d·V. "
+             "x cuBLAS: median time / cuBLAS time of the matrix products the row's FLOPs count, same run. "
              "Peak: growth of peak memory over the inputs during one fwd+bwd (CUDA allocator, or process RSS on "
              "CPU). `*` marks the backend that backend=\"auto\" picks.")
+PATHS = {None: "by budget", True: "grad in forward", False: "recompute"}
 
 
 def rows(benches: list[dict]) -> list[dict]:
@@ -47,14 +53,17 @@ def markdown(benches: list[dict]) -> str:
     out = [_machine(benches[0]), ""]
     if loss:
         out += ["### sdpo_loss forward+backward", "", LOSS_NOTE, "",
-                "| device | dtype | N | d | V | backend | median s | min s | rounds | TFLOP/s | model TFLOP/s "
-                "| x cuBLAS | peak MiB | peak / reference |",
-                "|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                "| device | dtype | N | d | V | backend | path | head | FLOPs | median s | min s | rounds | TFLOP/s "
+                "| model TFLOP/s | x cuBLAS | peak MiB | peak / reference |",
+                "|---|---|--:|--:|--:|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in loss:
             peak = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20
             out.append(" | ".join([
                 f"| {r['device']}", r["dtype"], str(r["n"]), str(r["d"]), str(r["vocab"]),
-                r["backend"] + (" *" if r.get("default_backend") else ""), _fmt(r["median_s"], ".4g"),
+                r["backend"] + (" *" if r.get("default_backend") else ""), PATHS[r.get("grad_in_forward")],
+                "frozen" if r.get("frozen_head") else "trained",
+                _fmt(r.get("flops") and f"{r['flops'] / (r['n'] * r['d'] * r['vocab']):.0f}·N·d·V", ""),
+                _fmt(r["median_s"], ".4g"),
                 _fmt(r["min_s"], ".4g"), str(r["rounds"]), _fmt(r.get("tflops"), ".3g"),
                 _fmt(r.get("predicted_tflops"), ".3g"),
                 _fmt(r.get("x_cublas"), ".2f"), _fmt(peak, ".0f"), _fmt(r.get("peak_vs_reference"), ".1%")]) + " |")

@@ -364,6 +364,7 @@ def test_mode_fwd_bwd(benchmark, shape, mode, alpha, backend):
 # Both paths of sdpo_loss (grad_in_forward True / False) at equal shapes.
 PATH_SHAPES = [
     Shape("paths-small", 1024, 128, 16384, "fp32", rounds=3, warmup_rounds=1),
+    TARGET,
     Shape("qwen3-8b", 4096, 4096, 151936, "bf16", rounds=5, warmup_rounds=1, cuda_only=True),
     Shape("qwen3-8b", 16384, 4096, 151936, "bf16", rounds=5, warmup_rounds=1, cuda_only=True),
 ]
@@ -417,7 +418,7 @@ def test_paths_fwd_bwd(benchmark, shape, backend, grad_in_forward, frozen):
             dims = (shape.n, shape.d, shape.vocab)
             model = model_grad_in_forward_step(dims, _DTYPES[shape.dtype], gpu, PATH_WORKSPACE_BYTES, not frozen) \
                 if grad_in_forward else model_step(dims, _DTYPES[shape.dtype], gpu, need_weight=not frozen)
-            info["predicted_s"] = model.seconds
+            info["predicted_s"], info["predicted_tflops"] = model.seconds, flops / model.seconds / 1e12
     benchmark.extra_info.update(info)
 
 

@@ -129,3 +129,26 @@ def test_summarize_puts_measured_kernels_next_to_the_model():
     assert "| grad_weight | 30.00 | 680 | – | – | 20.00 |" in md
     step = 10 * 16384 * 4096 * 151936 / 0.08 / 1e12
     assert f"| whole step (10·N·d·V) | 80.0 | {step:.0f} | 104.7 | 974 | 60.0 |" in md
+
+
+def test_summarize_names_each_loss_rows_path_head_and_flops():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("summarize", REPO / "benchmarks" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    n, d, vocab = 16384, 4096, 151936
+    shape = dict(device="cuda", dtype="bf16", n=n, d=d, vocab=vocab)
+
+    def bench(median, **info):
+        return {"name": "b", "group": "g", "stats": {"median": median, "min": median, "rounds": 5},
+                "extra_info": dict(shape, **info)}
+
+    rows = [bench(0.2, backend="triton", flops=10 * n * d * vocab, tflops=1.0),
+            bench(0.1, backend="triton", grad_in_forward=True, frozen_head=True, flops=6 * n * d * vocab,
+                  tflops=2.0, x_cublas=1.05)]
+    md = summarize.markdown([{"machine_info": {}, "commit_info": {}, "benchmarks": rows}])
+    lines = [line for line in md.splitlines() if line.startswith("| cuda")]
+    assert lines[0].startswith("| cuda | bf16 | 16384 | 4096 | 151936 | triton | by budget | trained | 10·N·d·V | 0.2 |")
+    assert lines[1].startswith("| cuda | bf16 | 16384 | 4096 | 151936 | triton | grad in forward | frozen | 6·N·d·V | "
+                               "0.1 |") and "| 1.05 |" in lines[1]
+
