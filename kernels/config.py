@@ -22,13 +22,22 @@ class KernelConfig:
     upcast_operands: bool = False
 
 
-def kernel_config(dtype: torch.dtype, arch: int | None) -> KernelConfig:
-    """arch: compute capability as 80, 86, 89, 90 (None on CPU).
+KERNELS = ("lse_gather", "grad_logits", "grad_weight", "chunk_logits")
+"""The kernels that sweep logits tiles, each with its own `kernel_config`."""
+
+
+def kernel_config(dtype: torch.dtype, arch: int | None, kernel: str) -> KernelConfig:
+    """The tile of `kernel` (one of KERNELS) for inputs of `dtype` on arch: compute capability as 80, 86, 89, 90
+    (None on CPU).
 
     fp32 uses exact ("ieee") products rather than TF32, on CUDA cores, unpipelined (num_stages=2 was a single
-    buffer too, and spilled lse_gather on sm_90 as launched; three spill on sm_80). 16-bit inputs: num_stages=3 everywhere; on sm_80-sm_89 that is a double buffer (32 KB; 2 stages would be a
-    single buffer, no pipelining), on sm_90 a triple one (48 KB), as `sdpo-fast check-kernels` reads from the TTGIR.
+    buffer too, and spilled lse_gather on sm_90 as launched; three spill on sm_80). 16-bit inputs: num_stages=3
+    everywhere; on sm_80-sm_89 that is a double buffer (32 KB; 2 stages would be a single buffer, no pipelining), on
+    sm_90 a triple one (48 KB), as `sdpo-fast check-kernels` reads from the TTGIR. grad_weight maps the config to
+    its (BLOCK_V, 2 x block_d) output tile over block_d tokens per step (`grad_weight.launch_meta`).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: {kernel!r} is not one of {KERNELS}")
     if arch is None:  # TRITON_INTERPRET on CPU: wide vocabulary tiles keep the number of programs low
         return KernelConfig(64, 256, 32, 4, 1, "ieee") if dtype == torch.float32 \
             else KernelConfig(64, 256, 64, 4, 1, "tf32", upcast_operands=True)
@@ -37,11 +46,16 @@ def kernel_config(dtype: torch.dtype, arch: int | None) -> KernelConfig:
     return KernelConfig(128, 128, 32, 8, 3, "tf32")
 
 
-def launch_config(dtype: torch.dtype, device: torch.device) -> KernelConfig:
+def kernel_configs(dtype: torch.dtype, arch: int | None) -> dict[str, KernelConfig]:
+    """kernel name -> `kernel_config` for every kernel of KERNELS."""
+    return {kernel: kernel_config(dtype, arch, kernel) for kernel in KERNELS}
+
+
+def launch_config(dtype: torch.dtype, device: torch.device, kernel: str) -> KernelConfig:
     if device.type != "cuda":
-        return kernel_config(dtype, None)
+        return kernel_config(dtype, None, kernel)
     major, minor = torch.cuda.get_device_capability(device)
-    return kernel_config(dtype, 10 * major + minor)
+    return kernel_config(dtype, 10 * major + minor, kernel)
 
 
 def sm_count(device: torch.device) -> int | None:
