@@ -104,7 +104,8 @@ if [ "$DRY" = 1 ]; then COLLECT=(--collect-only); ARCH=sm_90; SHAPE=1024,4096,15
 
 BENCH=(--benchmark-only -q -rs "${COLLECT[@]}")
 run_step bench_loss "${BENCH_TIMEOUT:-140}" "$PY" -m pytest benchmarks/test_loss_bench.py "${BENCH[@]}" \
-  -k "test_kernels_vs_model or (test_fwd_bwd and (triton or torch) and not small)" --benchmark-json="$OUT/bench_loss.json"
+  -k "test_kernels_vs_model or test_recompute_tiles or (test_fwd_bwd and (triton or torch) and not small)" \
+  --benchmark-json="$OUT/bench_loss.json"
 run_step bench_train "${TRAIN_TIMEOUT:-110}" "$PY" -m pytest benchmarks/test_train_bench.py "${BENCH[@]}" \
   -k "qwen3-8b and trainer" --benchmark-json="$OUT/bench_train.json"
 run_step bench_attention "${ATTENTION_TIMEOUT:-50}" "$PY" -m pytest benchmarks/test_attention_bench.py "${BENCH[@]}" \

@@ -45,9 +45,10 @@ EFFICIENCY = Efficiency(
            "with torch.compile max-autotune's CUTLASS kernels and vboost (Horace He, gist 'H100 peak matmul FLOPS', "
            "gist.github.com/Chillee/2ec89696db8b7ed1c24461159e325405), is 79 % of the 989 TFLOP/s datasheet peak: "
            "cuBLAS is taken just below it. Triton's matmul tutorial (03-matrix-multiplication) reaches cuBLAS only "
-           "autotuned; these kernels run one untuned 128 x 128 x 32 tile (8 warps, 3 stages, no TMA, no warp "
-           "specialization) with a softmax epilogue per tile, taken at 60 %. HBM: 90 % of the datasheet rate, "
-           "what streaming copies sustain. All four are assumptions until benchmarks/gpu_check.sh measures them.")
+           "autotuned; these kernels run untuned 128 x 128 x 32 tiles or config.WIDER_TILES' (8 warps, 3 stages, no "
+           "TMA, no warp specialization) with a softmax epilogue per tile, taken at 60 % whatever the tile. HBM: "
+           "90 % of the datasheet rate, what streaming copies sustain. All four are assumptions until "
+           "benchmarks/gpu_check.sh measures them.")
 
 
 def _elem(tensor) -> int:

@@ -26,11 +26,23 @@ def sass_opcodes(path: Path) -> set[str]:
     return set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", path.read_text()))
 
 
-@pytest.mark.parametrize("arch,mma", [("sm_90", "HGMMA"), ("sm_80", "HMMA")])
+def hgmma_shape(kernel: str, dtype: str) -> str:
+    """The HGMMA shape (one warpgroup's M x N x K) that kernel_config's sm_90 tile of `kernel` should compile to:
+    N is the tile's column count (grad_weight: its 2 x block_d hidden columns), at most 256."""
+    import torch
+
+    from sdpo_fast.kernels.config import kernel_config
+
+    cfg = kernel_config({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype], 90, kernel)
+    return f"64x{min(256, 2 * cfg.block_d if kernel == 'grad_weight' else cfg.block_v)}x16"
+
+
+@pytest.mark.parametrize("arch,mma", [("sm_90", "HGMMA"), ("sm_80", "HMMA"), ("sm_89", "HMMA")])
 def test_fused_path_lowers_to_tensor_cores_with_async_copies(arch, mma, tmp_path):
     """Every 16-bit kernel of one loss step at d=4096, V=151936 (sampled_token's, and the logit modes'
-    chunk_logits and their grad_weight chunks): the tensor-core instruction of the arch, async copies, a software
-    pipeline, no spills; read back from the SASS files --sass writes (a kernel's second specialization: _v1)."""
+    chunk_logits and their grad_weight chunks), at the tiles kernel_config ships for the arch: the tensor-core
+    instruction of the arch (on sm_90 of the width the tile asks for), async copies, a software pipeline, no
+    spills; read back from the SASS files --sass writes (a kernel's second specialization: _v1)."""
     out = check_kernels("--arch", arch, "--dtype", SIXTEEN_BIT, "--shape", "1024,4096,151936", "--sass", str(tmp_path))
     rows = out["kernels"]
     assert {r["kernel"] for r in rows} == {"lse_gather_kernel", "grad_logits_kernel", "grad_weight_kernel",
@@ -52,6 +64,8 @@ def test_fused_path_lowers_to_tensor_cores_with_async_copies(arch, mma, tmp_path
         assert row["fits_shared"] and row["programs_per_sm"] >= 1, row
         assert "hidden_dim=i32:16" in row["signature"] and "stride_hd=1" in row["signature"], row
         assert mma in opcodes and opcodes & {"LDGSTS", "UTMALDG"}, (name, sorted(opcodes)[:40])
+        if mma == "HGMMA":
+            assert row["mma_shape"] == hgmma_shape(name, row["dtype"]), row
 
 
 def test_integer_specialization_follows_the_jit(tmp_path):
