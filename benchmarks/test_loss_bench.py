@@ -335,8 +335,8 @@ def test_recompute_tiles(benchmark):
         device=DEVICE, gpu=torch.cuda.get_device_name(), dtype=shape.dtype, n=shape.n, d=shape.d, vocab=shape.vocab,
         tiles={name: {k: [c.block_n, c.block_v, c.block_d, c.num_warps, c.num_stages] for k, c in cfgs.items()}
                for name, cfgs in tiles.items()},
-        kernels=rows, new_over_previous={k: rows["new"][k]["seconds"] / rows["previous"][k]["seconds"]
-                                         for k in rows["new"]})
+        tile_kernels=rows, new_over_previous={k: rows["new"][k]["seconds"] / rows["previous"][k]["seconds"]
+                                              for k in rows["new"]})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
