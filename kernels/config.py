@@ -43,12 +43,13 @@ product tile, i.e. fewer operand bytes through shared memory per FLOP). sm_90: g
 registers, 32 -> 64 KB, 2 -> 1 programs/SM), the same on sm_89. lse_gather keeps the common tile: larger ones spill,
 or on sm_90 (128 x 256) need 2 MiB weight tiles that no vocabulary split keeps in L2 (58 -> 324 GB in the model);
 so does sm_89's grad_logits (larger tiles: +0.5 ms in the model, wave quantization on 142 SMs). Other archs: not
-swept, the common tile."""
+swept, the common tile. Soft-capped logits (`capped`) keep the common tile: their tanh epilogue spills grad_logits'
+wider tiles (sm_90: 255 registers and 72 B of spills, sm_80: 368 B)."""
 
 
-def kernel_config(dtype: torch.dtype, arch: int | None, kernel: str) -> KernelConfig:
+def kernel_config(dtype: torch.dtype, arch: int | None, kernel: str, capped: bool = False) -> KernelConfig:
     """The tile of `kernel` (one of KERNELS) for inputs of `dtype` on arch: compute capability as 80, 86, 89, 90
-    (None on CPU).
+    (None on CPU); capped: the launch soft-caps its logits (`loss.head`).
 
     fp32 uses exact ("ieee") products rather than TF32, on CUDA cores, unpipelined (num_stages=2 was a single
     buffer too, and spilled lse_gather on sm_90 as launched; three spill on sm_80). 16-bit inputs: COMMON_TILE or
@@ -63,7 +64,7 @@ def kernel_config(dtype: torch.dtype, arch: int | None, kernel: str) -> KernelCo
             else KernelConfig(64, 256, 64, 4, 1, "tf32", upcast_operands=True)
     if dtype == torch.float32:
         return KernelConfig(64, 64, 32, 8, 1, "ieee")
-    return WIDER_TILES.get((kernel, arch), COMMON_TILE)
+    return COMMON_TILE if capped else WIDER_TILES.get((kernel, arch), COMMON_TILE)
 
 
 def kernel_configs(dtype: torch.dtype, arch: int | None) -> dict[str, KernelConfig]:
@@ -71,11 +72,11 @@ def kernel_configs(dtype: torch.dtype, arch: int | None) -> dict[str, KernelConf
     return {kernel: kernel_config(dtype, arch, kernel) for kernel in KERNELS}
 
 
-def launch_config(dtype: torch.dtype, device: torch.device, kernel: str) -> KernelConfig:
+def launch_config(dtype: torch.dtype, device: torch.device, kernel: str, capped: bool = False) -> KernelConfig:
     if device.type != "cuda":
-        return kernel_config(dtype, None, kernel)
+        return kernel_config(dtype, None, kernel, capped)
     major, minor = torch.cuda.get_device_capability(device)
-    return kernel_config(dtype, 10 * major + minor, kernel)
+    return kernel_config(dtype, 10 * major + minor, kernel, capped)
 
 
 def sm_count(device: torch.device) -> int | None:

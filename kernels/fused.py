@@ -57,9 +57,9 @@ def divergence_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dt
                              cfgs: dict[str, KernelConfig], budget_bytes: int,
                              need_weight: bool = True) -> list[tuple[str, object]]:
     """(stage, Launch) of one distillation-mode step (`chunked_divergence.divergence_sweep` on the Triton backend),
-    on meta tensors, each kernel at its config in cfgs: per chunk of `divergence_chunk_rows` rows, the student's and the teacher's chunk_logits into
-    (rows, V) fp32 buffers, then grad_weight from the chunk's gradient w.r.t. the logits cast to `dtype` (the
-    divergence and grad_hidden are PyTorch)."""
+    on meta tensors, each kernel at its config in cfgs: per chunk of `divergence_chunk_rows` rows, the student's and
+    the teacher's chunk_logits into (rows, V) fp32 buffers, then grad_weight from the chunk's gradient w.r.t. the
+    logits cast to `dtype` (the divergence and grad_hidden are PyTorch)."""
     meta = dict(device="meta")
     hidden, teacher_hidden = (torch.empty(n_tokens, hidden_dim, dtype=dtype, **meta) for _ in range(2))
     weight = torch.empty(vocab_size, hidden_dim, dtype=dtype, **meta)

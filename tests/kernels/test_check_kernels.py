@@ -112,6 +112,39 @@ print(json.dumps(rows))
     assert logits_rows == {(1000, 4096, 151936): (256 << 20) // (8 * 4 * 151936), (300, 4095, 1001): 300, (8, 1, 7): 8}
 
 
+def test_soft_capped_launches_keep_a_tile_that_does_not_spill(tmp_path):
+    """Soft-capped logits (HAS_CAP: a tanh in the epilogue) launch lse_gather and grad_logits at
+    kernel_config(..., capped=True), which compiles without spills on sm_80/89/90 in bf16 (grad_logits' wider
+    uncapped tiles spill there)."""
+    script = tmp_path / "capped.py"
+    script.write_text('''
+import json, torch
+from sdpo_fast.kernels import check
+from sdpo_fast.kernels.config import kernel_config
+from sdpo_fast.kernels.grad_logits import grad_logits_launch
+from sdpo_fast.kernels.lse_gather import lse_gather_launch
+n, d, vocab = 1536, 4096, 151936
+meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype, device="meta")
+rows = []
+for arch in (80, 89, 90):
+    lse = lse_gather_launch(meta(n, d), meta(vocab, d), meta(n, dtype=torch.int64), 1.0,
+                            kernel_config(torch.bfloat16, arch, "lse_gather", capped=True), None, softcap=30.0)[0]
+    grad = grad_logits_launch(meta(n, d), meta(vocab, d), meta(n, dtype=torch.int64), meta(n, dtype=torch.float32),
+                              meta(n, dtype=torch.float32), 1.0, meta(n, vocab),
+                              kernel_config(torch.bfloat16, arch, "grad_logits", capped=True), softcap=30.0)
+    for launch in (lse, grad):
+        assert launch.options["HAS_CAP"]
+        rows.append(check.compile_launch(launch, arch).as_dict())
+print(json.dumps(rows))
+''')
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)
+    assert len(rows) == 6
+    for row in rows:
+        assert not row["spills"] and row["fits_shared"] and row["programs_per_sm"] >= 1, row
+
+
 @pytest.mark.slow
 def test_check_kernels_all_architectures():
     out = check_kernels("--arch", "sm_80,sm_86,sm_89,sm_90", "--shape", "qwen3-8b", timeout=900)
