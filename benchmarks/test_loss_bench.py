@@ -256,8 +256,6 @@ def test_kernels_vs_model(benchmark, shape):
                                 predicted_step_tflops=model.tflops if model else None)
 
 
-PREVIOUS_TILE = (128, 128, 32, 8, 3)
-"""(block_n, block_v, block_d, num_warps, num_stages) every 16-bit kernel used before the per-kernel tiles."""
 TILE_SHAPE = Shape("qwen3-8b", 16384, 4096, 151936, "bf16", rounds=3, warmup_rounds=1, cuda_only=True)
 
 
@@ -299,17 +297,17 @@ def recompute_step_seconds(inputs: dict, cfgs: dict) -> tuple[dict, torch.Tensor
 
 
 def test_recompute_tiles(benchmark):
-    """The recompute path's kernels at the tile every kernel used before (PREVIOUS_TILE) and at this GPU's
+    """The recompute path's kernels at the tile every kernel used before (`config.COMMON_TILE`) and at this GPU's
     `kernel_configs`, alternating in the same run (CUDA, bf16, N=16384, d=4096, V=151936): median seconds and
     TFLOP/s per kernel and for the three together, and the new/previous time ratio; both tiles' lse and grad_W
     agree (fp32 sums in another order)."""
     if DEVICE != "cuda":
         pytest.skip("timing the Triton kernels needs a CUDA GPU")
-    from sdpo_fast.kernels.config import KERNELS, KernelConfig, kernel_configs
+    from sdpo_fast.kernels.config import COMMON_TILE, KERNELS, kernel_configs
 
     shape = TILE_SHAPE
     major, minor = torch.cuda.get_device_capability()
-    tiles = {"previous": {k: KernelConfig(*PREVIOUS_TILE, "tf32") for k in KERNELS},
+    tiles = {"previous": dict.fromkeys(KERNELS, COMMON_TILE),
              "new": kernel_configs(torch.bfloat16, 10 * major + minor)}
     benchmark.group = f"recompute tiles {DEVICE} {shape}"
     inputs = make_inputs(shape, DEVICE)
