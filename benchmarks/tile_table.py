@@ -24,14 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from plan_table import write_between_markers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plan_table import write_between_markers  # noqa: E402
-
-from sdpo_fast.kernels import check  # noqa: E402
-from sdpo_fast.kernels.config import COMMON_TILE, KernelConfig, kernel_configs  # noqa: E402
-from sdpo_fast.kernels.gpus import arch_limits, gpu_for_arch  # noqa: E402
-from sdpo_fast.kernels.model import EFFICIENCY, model_step  # noqa: E402
+from sdpo_fast.kernels import check
+from sdpo_fast.kernels.config import COMMON_TILE, KernelConfig, kernel_configs
+from sdpo_fast.kernels.gpus import arch_limits, gpu_for_arch
+from sdpo_fast.kernels.model import EFFICIENCY, model_step
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 BEGIN = "<!-- tile_table.py: begin -->"
