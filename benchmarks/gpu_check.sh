@@ -5,8 +5,9 @@
 # `timeout` clipped to a total deadline (TOTAL_TIMEOUT, 540 s by default: 60 s of the slot left for start-up and
 # transfers; the last SUMMARY_S = 20 s of it kept for the summary):
 #   1. bench_loss (140 s)     the fused loss's kernels next to cuBLAS's time for the same GEMMs and the traffic model;
-#                             fwd+bwd of the Triton and torch backends (Qwen3-8B shapes, and the fp32 target); both
-#                             gradient paths (grad in forward, recompute) with a trained and a frozen lm_head
+#                             the recompute kernels at their previous and shipped tiles; fwd+bwd of the Triton and
+#                             torch backends on both gradient paths (grad in forward, recompute) with a trained and
+#                             a frozen lm_head (Qwen3-8B shapes), and at the fp32 target's shape
 #   2. bench_train (110 s)    Qwen3-8B LoRA r16 train step at the planner's settings, bf16: peak memory, tokens/s
 #   3. bench_attention (50 s) varlen attention fwd+bwd per backend (flash, torch, sdpa)
 #   4. tests (120 s)          the correctness tests whose code runs on the GPU
@@ -105,7 +106,7 @@ if [ "$DRY" = 1 ]; then COLLECT=(--collect-only); ARCH=sm_90; SHAPE=1024,4096,15
 
 BENCH=(--benchmark-only -q -rs "${COLLECT[@]}")
 run_step bench_loss "${BENCH_TIMEOUT:-140}" "$PY" -m pytest benchmarks/test_loss_bench.py "${BENCH[@]}" \
-  -k "test_kernels_vs_model or (test_fwd_bwd and (triton or torch) and not small) or (test_paths_fwd_bwd and qwen3)" \
+  -k "test_kernels_vs_model or test_recompute_tiles or (test_fwd_bwd and (triton or torch) and target) or (test_paths_fwd_bwd and qwen3)" \
   --benchmark-json="$OUT/bench_loss.json"
 run_step bench_train "${TRAIN_TIMEOUT:-110}" "$PY" -m pytest benchmarks/test_train_bench.py "${BENCH[@]}" \
   -k "qwen3-8b and trainer" --benchmark-json="$OUT/bench_train.json"

@@ -49,7 +49,8 @@ def markdown(benches: list[dict]) -> str:
     table = rows(benches)
     loss = [r for r in table if "backend" in r]
     kernels = [r for r in table if "kernels" in r]
-    other = [r for r in table if "backend" not in r and "kernels" not in r]
+    tiles = [r for r in table if "tile_kernels" in r]
+    other = [r for r in table if "backend" not in r and "kernels" not in r and "tile_kernels" not in r]
     out = [_machine(benches[0]), ""]
     if loss:
         out += ["### sdpo_loss forward+backward", "", LOSS_NOTE, "",
@@ -83,6 +84,20 @@ def markdown(benches: list[dict]) -> str:
         out += [f"| whole step (10·N·d·V) | {total * 1e3:.1f} | {step_flops / total / 1e12:.0f} "
                 f"| {_fmt(r.get('predicted_step_s') and r['predicted_step_s'] * 1e3, '.1f')} "
                 f"| {_fmt(r.get('predicted_step_tflops'), '.0f')} | {cublas * 1e3:.1f} |", ""]
+    for r in tiles:
+        out += [f"### Recompute kernels at the previous and the new tiles ({r['gpu']}), {r['dtype']} N={r['n']} "
+                f"d={r['d']} V={r['vocab']}", "",
+                "Tiles (block_n, block_v, block_d, warps, stages): " + "; ".join(
+                    f"{name}: " + ", ".join(f"{k} {tuple(v)}" for k, v in cfgs.items())
+                    for name, cfgs in r["tiles"].items()), "",
+                "| kernel | previous ms | previous TFLOP/s | new ms | new TFLOP/s | new / previous |",
+                "|---|--:|--:|--:|--:|--:|"]
+        previous, new = r["tile_kernels"]["previous"], r["tile_kernels"]["new"]
+        for name in new:
+            out.append(f"| {name} | {previous[name]['seconds'] * 1e3:.2f} | {previous[name]['tflops']:.0f} "
+                       f"| {new[name]['seconds'] * 1e3:.2f} | {new[name]['tflops']:.0f} "
+                       f"| {r['new_over_previous'][name]:.3f} |")
+        out.append("")
     if other:
         out += ["### Other benchmarks", "", "| benchmark | median s | min s | rounds | extra |",
                 "|---|--:|--:|--:|---|"]

@@ -15,6 +15,8 @@ Every case runs on CUDA when a GPU is present, else on CPU (the Qwen3-8B shapes 
 - test_kernels_vs_model (CUDA, bf16 Qwen3-8B shapes): each fused-path kernel timed alone with CUDA events in the
   order the Triton backend launches them, its TFLOP/s next to the traffic/roofline model's prediction for this
   GPU (`sdpo_fast.kernels.model`) and the same-run cuBLAS time of the same GEMM.
+- test_recompute_tiles (CUDA, bf16, N=16384): the recompute path's kernels at the previous common tile and at the
+  per-kernel tiles of `kernel_configs` for this GPU, alternating in one run: seconds, TFLOP/s, new/previous ratio.
 - test_paths_fwd_bwd: the grad-in-forward path (grad_in_forward=True, gradients formed in the forward from
   GEMM-computed logits chunks) beside the recompute path (False) at equal shapes, with and without a frozen head
   (LoRA), on the torch backend (CPU or CUDA) and the Triton backend (CUDA): time, peak memory, TFLOP/s counting
@@ -252,6 +254,87 @@ def test_kernels_vs_model(benchmark, shape):
                                 gpu_model=model.gpu if model else None, kernels=rows,
                                 predicted_step_s=model.seconds if model else None,
                                 predicted_step_tflops=model.tflops if model else None)
+
+
+TILE_SHAPE = Shape("qwen3-8b", 16384, 4096, 151936, "bf16", rounds=3, warmup_rounds=1, cuda_only=True)
+
+
+def recompute_step_seconds(inputs: dict, cfgs: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Seconds per kernel of the recompute path's kernels (two lse_gather, then per backward chunk grad_logits and
+    grad_weight), each launched with cfgs[kernel] through its launch builder; and the student's lse and grad_W."""
+    from sdpo_fast.kernels.config import l2_bytes, sm_count
+    from sdpo_fast.kernels.fused import backward_chunks
+    from sdpo_fast.kernels.grad_logits import grad_logits_launch
+    from sdpo_fast.kernels.grad_weight import grad_weight_launch
+    from sdpo_fast.kernels.lse_gather import _resident_programs, lse_gather_launch
+
+    hidden, weight, targets = inputs["student_hidden"].detach(), inputs["lm_head_weight"].detach(), inputs["target_ids"]
+    device = hidden.device
+    events: dict = {}
+
+    def lse_of(rows_hidden):
+        cfg = cfgs["lse_gather"]
+        resident = _resident_programs(rows_hidden, weight, targets, 1.0, cfg)
+        launch, lse_parts, _ = lse_gather_launch(rows_hidden, weight, targets, 1.0, cfg, sm_count(device),
+                                                 l2_bytes(device), resident)
+        launch()
+        return torch.logsumexp(lse_parts, 0)
+
+    lse = _timed(events, "lse_gather", lambda: lse_of(hidden))
+    _timed(events, "lse_gather", lambda: lse_of(inputs["teacher_hidden"]))
+    coef = torch.full_like(lse, 1.0 / len(lse))
+    chunks = backward_chunks(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, True, l2_bytes(device))
+    workspace = torch.empty(chunks[0].stop, weight.shape[0], dtype=hidden.dtype, device=device)
+    grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device)
+    for rows in chunks:
+        g = workspace[: rows.stop - rows.start]
+        _timed(events, "grad_logits", grad_logits_launch(hidden[rows], weight, targets[rows], lse[rows], coef[rows],
+                                                         1.0, g, cfgs["grad_logits"]))
+        _timed(events, "grad_weight", grad_weight_launch(g, hidden[rows], grad_w, cfgs["grad_weight"],
+                                                         rows.start > 0))
+    torch.cuda.synchronize()
+    return {name: sum(a.elapsed_time(b) for a, b in pairs) / 1e3 for name, pairs in events.items()}, lse, grad_w
+
+
+def test_recompute_tiles(benchmark):
+    """The recompute path's kernels at the tile every kernel used before (`config.COMMON_TILE`) and at this GPU's
+    `kernel_configs`, alternating in the same run (CUDA, bf16, N=16384, d=4096, V=151936): median seconds and
+    TFLOP/s per kernel and for the three together, and the new/previous time ratio; both tiles' lse and grad_W
+    agree (fp32 sums in another order)."""
+    if DEVICE != "cuda":
+        pytest.skip("timing the Triton kernels needs a CUDA GPU")
+    from sdpo_fast.kernels.config import COMMON_TILE, KERNELS, kernel_configs
+
+    shape = TILE_SHAPE
+    major, minor = torch.cuda.get_device_capability()
+    tiles = {"previous": dict.fromkeys(KERNELS, COMMON_TILE),
+             "new": kernel_configs(torch.bfloat16, 10 * major + minor)}
+    benchmark.group = f"recompute tiles {DEVICE} {shape}"
+    inputs = make_inputs(shape, DEVICE)
+    outputs = {name: recompute_step_seconds(inputs, cfgs)[1:] for name, cfgs in tiles.items()}  # compile, warm up
+    for a, b in zip(outputs["new"], outputs["previous"]):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    del outputs
+    runs: dict = {name: [] for name in tiles}
+
+    def both():
+        for name, cfgs in tiles.items():
+            runs[name].append(recompute_step_seconds(inputs, cfgs)[0])
+
+    benchmark.pedantic(both, rounds=shape.rounds, iterations=1)
+    flops = {"lse_gather": 4, "grad_logits": 2, "grad_weight": 2}
+    rows = {}
+    for name, timings in runs.items():
+        medians = {k: statistics.median(run[k] for run in timings) for k in timings[0]}
+        medians["recompute kernels"] = statistics.median(sum(run.values()) for run in timings)
+        rows[name] = {k: dict(seconds=s, tflops=flops.get(k, 8) * shape.n * shape.d * shape.vocab / s / 1e12)
+                      for k, s in medians.items()}
+    benchmark.extra_info.update(
+        device=DEVICE, gpu=torch.cuda.get_device_name(), dtype=shape.dtype, n=shape.n, d=shape.d, vocab=shape.vocab,
+        tiles={name: {k: [c.block_n, c.block_v, c.block_d, c.num_warps, c.num_stages] for k, c in cfgs.items()}
+               for name, cfgs in tiles.items()},
+        tile_kernels=rows, new_over_previous={k: rows["new"][k]["seconds"] / rows["previous"][k]["seconds"]
+                                              for k in rows["new"]})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

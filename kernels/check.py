@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import kernel_config, triton_workspace_bytes
+from .config import KernelConfig, kernel_configs, triton_workspace_bytes
 from .fused import divergence_step_launches, fused_step_launches, grad_in_forward_launches
 from .gpus import GPU, arch_limits, gpu_for_arch, programs_per_sm
 from .lse_gather import lse_gather_launch
@@ -44,6 +44,7 @@ class KernelUsage:
     num_stages: int  # requested
     pipeline_stages: int  # buffers of the deepest multi-buffered shared-memory allocation in the TTGIR (1: none)
     mma: str  # HGMMA, HMMA or FFMA: the instruction doing the products
+    mma_shape: str  # the matrix instructions' shapes in the SASS, e.g. 64x128x16 (HGMMA, MxNxK) or 16816 (HMMA)
     async_copies: str  # LDGSTS and/or UTMALDG, or "none"
     programs_per_sm: int
 
@@ -97,6 +98,13 @@ def sass_features(text: str) -> tuple[str, str]:
     mma = next((kind for kind in ("HGMMA", "HMMA", "FFMA") if kind in opcodes), "none")
     copies = ",".join(kind for kind in ("LDGSTS", "UTMALDG") if kind in opcodes) or "none"
     return mma, copies
+
+
+def mma_shapes(text: str) -> str:
+    """The distinct shapes of the SASS's matrix instructions, widest first: HGMMA.64x128x16.F32.BF16 -> 64x128x16,
+    HMMA.16816.F32.BF16 -> 16816; "" without any."""
+    shapes = set(re.findall(r"\bH(?:G)?MMA\.(\d+(?:x\d+x\d+)?)\.", text))
+    return ",".join(sorted(shapes, key=lambda shape: [-int(x) for x in shape.split("x")]))
 
 
 def pipeline_stages(ttgir: str) -> int:
@@ -164,22 +172,25 @@ def compile_launch(launch, arch: int, sass_dir: str | Path | None = None, varian
     return KernelUsage(
         fn.__name__, dtype, arch, _int_summary(launch, signature, constexprs, attrs), registers,
         usage.get("STACK", 0), usage.get("LOCAL", 0), shared, num_warps, launch.options["num_stages"],
-        pipeline_stages(compiled.asm.get("ttgir", "")), mma, copies,
+        pipeline_stages(compiled.asm.get("ttgir", "")), mma, mma_shapes(text), copies,
         programs_per_sm(registers, shared, num_warps, arch))
 
 
-def step_launches(shape: tuple[int, int, int], dtype: torch.dtype, gpu: GPU, need_weight: bool = True) -> list:
+def step_launches(shape: tuple[int, int, int], dtype: torch.dtype, gpu: GPU, need_weight: bool = True,
+                  cfgs: dict[str, KernelConfig] | None = None, lse_programs_per_sm: int | None = None) -> list:
     """Every launch of one loss step at shape (N, d, V) on `gpu`, as the Triton backend issues them there: the
-    vocabulary splits follow lse_gather's compiled occupancy, SM count and L2 size."""
+    vocabulary splits follow lse_gather's compiled occupancy (compiled here unless lse_programs_per_sm is given),
+    SM count and L2 size. cfgs: the kernels' configs (default `config.kernel_configs` for the GPU's arch)."""
     n_tokens, hidden_dim, vocab_size = shape
-    cfg = kernel_config(dtype, gpu.arch)
-    hidden = torch.empty(n_tokens, hidden_dim, dtype=dtype, device="meta")
-    weight = torch.empty(vocab_size, hidden_dim, dtype=dtype, device="meta")
-    probe, _, _ = lse_gather_launch(hidden, weight, torch.empty(n_tokens, dtype=torch.int64, device="meta"), 1.0,
-                                    cfg, None)
-    occupancy = max(1, compile_launch(probe, gpu.arch).programs_per_sm)
-    return [launch for _, launch in fused_step_launches(n_tokens, hidden_dim, vocab_size, dtype, cfg, gpu.sms,
-                                                          need_weight, gpu.l2_bytes, occupancy)]
+    cfgs = cfgs or kernel_configs(dtype, gpu.arch)
+    if lse_programs_per_sm is None:
+        hidden = torch.empty(n_tokens, hidden_dim, dtype=dtype, device="meta")
+        weight = torch.empty(vocab_size, hidden_dim, dtype=dtype, device="meta")
+        probe, _, _ = lse_gather_launch(hidden, weight, torch.empty(n_tokens, dtype=torch.int64, device="meta"), 1.0,
+                                        cfgs["lse_gather"], None)
+        lse_programs_per_sm = compile_launch(probe, gpu.arch).programs_per_sm
+    return [launch for _, launch in fused_step_launches(n_tokens, hidden_dim, vocab_size, dtype, cfgs, gpu.sms,
+                                                          need_weight, gpu.l2_bytes, max(1, lse_programs_per_sm))]
 
 
 def logit_mode_launches(shape: tuple[int, int, int], dtype: torch.dtype, arch: int, need_weight: bool = True) -> list:
@@ -187,7 +198,7 @@ def logit_mode_launches(shape: tuple[int, int, int], dtype: torch.dtype, arch: i
     chunk_logits and grad_weight over chunks sized by the Triton workspace budget, as the backend issues them."""
     n_tokens, hidden_dim, vocab_size = shape
     return [launch for _, launch in divergence_step_launches(n_tokens, hidden_dim, vocab_size, dtype,
-                                                               kernel_config(dtype, arch), triton_workspace_bytes(),
+                                                               kernel_configs(dtype, arch), triton_workspace_bytes(),
                                                                need_weight)]
 
 
@@ -197,6 +208,12 @@ def distinct_launches(shape: tuple[int, int, int], dtype: torch.dtype, arch: int
     launches = step_launches(shape, dtype, gpu_for_arch(arch), need_weight) + \
         logit_mode_launches(shape, dtype, arch, need_weight) + \
         [launch for _, launch in grad_in_forward_launches(shape[0], shape[2], dtype, triton_workspace_bytes())]
+    return distinct(launches, arch)
+
+
+def distinct(launches: list, arch: int) -> list:
+    """The first launch of each distinct specialization for `sm_{arch}` (kernel, bound signature, constexprs and
+    integer attributes), in order."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -236,7 +253,8 @@ def format_table(rows: list[KernelUsage]) -> str:
              "|---|---|---|---|---|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         smem = f"{r.shared_bytes}" + ("" if r.fits_shared else " (too much)")
-        lines.append(f"| {r.kernel.removesuffix('_kernel')} | {r.dtype} | sm_{r.arch} | {r.mma} | {r.async_copies} "
+        matrix = f"{r.mma}.{r.mma_shape}" if r.mma_shape else r.mma
+        lines.append(f"| {r.kernel.removesuffix('_kernel')} | {r.dtype} | sm_{r.arch} | {matrix} | {r.async_copies} "
                      f"| {r.pipeline_stages} | {r.registers} | {r.stack_bytes + r.local_bytes} | {smem} "
                      f"| {r.programs_per_sm} | {r.signature} |")
     return "\n".join(lines)

@@ -22,26 +22,61 @@ class KernelConfig:
     upcast_operands: bool = False
 
 
-def kernel_config(dtype: torch.dtype, arch: int | None) -> KernelConfig:
-    """arch: compute capability as 80, 86, 89, 90 (None on CPU).
+KERNELS = ("lse_gather", "grad_logits", "grad_weight", "chunk_logits")
+"""The kernels that sweep logits tiles, each with its own `kernel_config`."""
+
+COMMON_TILE = KernelConfig(128, 128, 32, 8, 3, "tf32")
+"""The 16-bit tile of every kernel and arch unless WIDER_TILES names another."""
+WIDER_TILES = {
+    ("grad_logits", 90): KernelConfig(128, 256, 64, 8, 3, "tf32"),
+    ("grad_logits", 80): KernelConfig(256, 128, 64, 8, 3, "tf32"),
+    ("grad_weight", 80): KernelConfig(128, 128, 64, 8, 3, "tf32"),
+    ("grad_weight", 89): KernelConfig(128, 128, 64, 8, 3, "tf32"),
+    ("grad_weight", 90): KernelConfig(128, 128, 64, 8, 3, "tf32"),
+}
+"""(kernel, arch) -> the larger 16-bit tile that `benchmarks/tile_table.py`'s compiled sweep picks (BENCHMARKS.md,
+"Tile sweep"; its criteria: no build spills, the model predicts no more HBM bytes and no longer step, and a larger
+product tile, i.e. fewer operand bytes through shared memory per FLOP). sm_90: grad_logits HGMMA 64x128x16 ->
+64x256x16 (113 -> 229 registers, 48 -> 144 KB shared, 2 -> 1 programs/SM); grad_weight 64x64x16 -> 64x128x16 (58/88
+-> 99/182 registers for the first / accumulating chunks, 36 -> 96 KB, 4/2 -> 2/1 programs/SM). sm_80: grad_logits
+256 rows (202 -> 240 registers, 32 -> 96 KB, 1 program/SM as before); grad_weight 128 x 128 (104/107 -> 186
+registers, 32 -> 64 KB, 2 -> 1 programs/SM), the same on sm_89. lse_gather keeps the common tile: larger ones spill,
+or on sm_90 (128 x 256) need 2 MiB weight tiles that no vocabulary split keeps in L2 (58 -> 324 GB in the model);
+so does sm_89's grad_logits (larger tiles: +0.5 ms in the model, wave quantization on 142 SMs). Other archs: not
+swept, the common tile. Soft-capped logits (`capped`) keep the common tile: their tanh epilogue spills grad_logits'
+wider tiles (sm_90: 255 registers and 72 B of spills, sm_80: 368 B)."""
+
+
+def kernel_config(dtype: torch.dtype, arch: int | None, kernel: str, capped: bool = False) -> KernelConfig:
+    """The tile of `kernel` (one of KERNELS) for inputs of `dtype` on arch: compute capability as 80, 86, 89, 90
+    (None on CPU); capped: the launch soft-caps its logits (`loss.head`).
 
     fp32 uses exact ("ieee") products rather than TF32, on CUDA cores, unpipelined (num_stages=2 was a single
-    buffer too, and spilled lse_gather on sm_90 as launched; three spill on sm_80). 16-bit inputs: num_stages=3 everywhere; on sm_80-sm_89 that is a double buffer (32 KB; 2 stages would be a
-    single buffer, no pipelining), on sm_90 a triple one (48 KB), as `sdpo-fast check-kernels` reads from the TTGIR.
+    buffer too, and spilled lse_gather on sm_90 as launched; three spill on sm_80). 16-bit inputs: COMMON_TILE or
+    WIDER_TILES, num_stages=3 everywhere; on sm_80-sm_89 that is a double buffer (2 stages would be a single buffer,
+    no pipelining), on sm_90 a triple one, as `sdpo-fast check-kernels` reads from the TTGIR. grad_weight maps the
+    config to its (BLOCK_V, 2 x block_d) output tile over block_d tokens per step (`grad_weight.launch_meta`).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: {kernel!r} is not one of {KERNELS}")
     if arch is None:  # TRITON_INTERPRET on CPU: wide vocabulary tiles keep the number of programs low
         return KernelConfig(64, 256, 32, 4, 1, "ieee") if dtype == torch.float32 \
             else KernelConfig(64, 256, 64, 4, 1, "tf32", upcast_operands=True)
     if dtype == torch.float32:
         return KernelConfig(64, 64, 32, 8, 1, "ieee")
-    return KernelConfig(128, 128, 32, 8, 3, "tf32")
+    return COMMON_TILE if capped else WIDER_TILES.get((kernel, arch), COMMON_TILE)
 
 
-def launch_config(dtype: torch.dtype, device: torch.device) -> KernelConfig:
+def kernel_configs(dtype: torch.dtype, arch: int | None) -> dict[str, KernelConfig]:
+    """kernel name -> `kernel_config` for every kernel of KERNELS."""
+    return {kernel: kernel_config(dtype, arch, kernel) for kernel in KERNELS}
+
+
+def launch_config(dtype: torch.dtype, device: torch.device, kernel: str, capped: bool = False) -> KernelConfig:
     if device.type != "cuda":
-        return kernel_config(dtype, None)
+        return kernel_config(dtype, None, kernel, capped)
     major, minor = torch.cuda.get_device_capability(device)
-    return kernel_config(dtype, 10 * major + minor)
+    return kernel_config(dtype, 10 * major + minor, kernel, capped)
 
 
 def sm_count(device: torch.device) -> int | None:

@@ -52,5 +52,6 @@ def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: fl
     with hidden @ weight.T * inv_temperature and returns it."""
     if hidden.shape[0] == 0:
         return out
-    chunk_logits_launch(hidden, weight, inv_temperature, out, launch_config(hidden.dtype, hidden.device))()
+    cfg = launch_config(hidden.dtype, hidden.device, "chunk_logits")
+    chunk_logits_launch(hidden, weight, inv_temperature, out, cfg)()
     return out

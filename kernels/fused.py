@@ -26,18 +26,19 @@ def backward_chunks(n_tokens: int, vocab_size: int, hidden_dim: int, dtype: torc
     return [slice(start, min(start + chunk, n_tokens)) for start in range(0, n_tokens, chunk)]
 
 
-def fused_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, cfg: KernelConfig,
-                        sm_count: int | None, need_weight: bool = True, l2_bytes: int = 0,
-                        lse_programs_per_sm: int = 1) -> list[tuple[str, object]]:
-    """(stage, Launch) of one forward+backward with a teacher, on meta tensors, for a GPU with sm_count SMs and
-    l2_bytes of L2 on which lse_gather_kernel keeps lse_programs_per_sm programs per SM; stage is "forward" or
-    "backward". grad_h = chunk @ W (cuBLAS) runs between grad_logits and grad_weight in each chunk."""
+def fused_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype,
+                        cfgs: dict[str, KernelConfig], sm_count: int | None, need_weight: bool = True,
+                        l2_bytes: int = 0, lse_programs_per_sm: int = 1) -> list[tuple[str, object]]:
+    """(stage, Launch) of one forward+backward with a teacher, on meta tensors, each kernel at its config in cfgs
+    (`config.kernel_configs`), for a GPU with sm_count SMs and l2_bytes of L2 on which lse_gather_kernel keeps
+    lse_programs_per_sm programs per SM; stage is "forward" or "backward". grad_h = chunk @ W (cuBLAS) runs between
+    grad_logits and grad_weight in each chunk."""
     meta = dict(device="meta")
     hidden = torch.empty(n_tokens, hidden_dim, dtype=dtype, **meta)
     weight = torch.empty(vocab_size, hidden_dim, dtype=dtype, **meta)
     targets = torch.empty(n_tokens, dtype=torch.int64, **meta)
     lse = torch.empty(n_tokens, dtype=torch.float32, **meta)
-    launches = [("forward", lse_gather_launch(hidden, weight, targets, 1.0, cfg, sm_count, l2_bytes,
+    launches = [("forward", lse_gather_launch(hidden, weight, targets, 1.0, cfgs["lse_gather"], sm_count, l2_bytes,
                                               lse_programs_per_sm)[0]) for _ in range(2)]
     chunks = backward_chunks(n_tokens, vocab_size, hidden_dim, dtype, need_weight, l2_bytes)
     workspace = torch.empty(chunks[0].stop - chunks[0].start, vocab_size, dtype=dtype, **meta)
@@ -45,18 +46,20 @@ def fused_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dtype: 
     for rows in chunks:
         chunk = workspace[: rows.stop - rows.start]
         launches.append(("backward", grad_logits_launch(hidden[rows], weight, targets[rows], lse[rows], lse[rows],
-                                                        1.0, chunk, cfg)))
+                                                        1.0, chunk, cfgs["grad_logits"])))
         if need_weight:
-            launches.append(("backward", grad_weight_launch(chunk, hidden[rows], grad_weight, cfg, rows.start > 0)))
+            launches.append(("backward", grad_weight_launch(chunk, hidden[rows], grad_weight, cfgs["grad_weight"],
+                                                            rows.start > 0)))
     return launches
 
 
-def divergence_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, cfg: KernelConfig,
-                             budget_bytes: int, need_weight: bool = True) -> list[tuple[str, object]]:
+def divergence_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype,
+                             cfgs: dict[str, KernelConfig], budget_bytes: int,
+                             need_weight: bool = True) -> list[tuple[str, object]]:
     """(stage, Launch) of one distillation-mode step (`chunked_divergence.divergence_sweep` on the Triton backend),
-    on meta tensors: per chunk of `divergence_chunk_rows` rows, the student's and the teacher's chunk_logits into
-    (rows, V) fp32 buffers, then grad_weight from the chunk's gradient w.r.t. the logits cast to `dtype` (the
-    divergence and grad_hidden are PyTorch)."""
+    on meta tensors, each kernel at its config in cfgs: per chunk of `divergence_chunk_rows` rows, the student's and
+    the teacher's chunk_logits into (rows, V) fp32 buffers, then grad_weight from the chunk's gradient w.r.t. the
+    logits cast to `dtype` (the divergence and grad_hidden are PyTorch)."""
     meta = dict(device="meta")
     hidden, teacher_hidden = (torch.empty(n_tokens, hidden_dim, dtype=dtype, **meta) for _ in range(2))
     weight = torch.empty(vocab_size, hidden_dim, dtype=dtype, **meta)
@@ -68,11 +71,13 @@ def divergence_step_launches(n_tokens: int, hidden_dim: int, vocab_size: int, dt
     for start in range(0, n_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, n_tokens))
         n = rows.stop - start
-        launches.append(("forward", chunk_logits_launch(hidden[rows], weight, 1.0, student_buffer[:n], cfg)))
-        launches.append(("forward", chunk_logits_launch(teacher_hidden[rows], weight, 1.0, teacher_buffer[:n], cfg)))
+        for buffer, rows_hidden in ((student_buffer, hidden[rows]), (teacher_buffer, teacher_hidden[rows])):
+            launches.append(("forward", chunk_logits_launch(rows_hidden, weight, 1.0, buffer[:n],
+                                                            cfgs["chunk_logits"])))
         if need_weight:
             grad = torch.empty(n, vocab_size, dtype=dtype, **meta)
-            launches.append(("backward", grad_weight_launch(grad, hidden[rows], grad_weight, cfg, True)))
+            launches.append(("backward", grad_weight_launch(grad, hidden[rows], grad_weight, cfgs["grad_weight"],
+                                                            True)))
     return launches
 
 

@@ -72,4 +72,5 @@ def accumulate_grad_weight(grad_logits: torch.Tensor, hidden: torch.Tensor, grad
                            accumulate: bool = True) -> None:
     """grad_logits (n, V) and hidden (n, d) in one float dtype; grad_weight (V, d) fp32, updated in place
     (overwritten when accumulate=False)."""
-    grad_weight_launch(grad_logits, hidden, grad_weight, launch_config(hidden.dtype, hidden.device), accumulate)()
+    cfg = launch_config(hidden.dtype, hidden.device, "grad_weight")
+    grad_weight_launch(grad_logits, hidden, grad_weight, cfg, accumulate)()

@@ -138,7 +138,7 @@ def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     Returns (lse, target_logit): (N,) float32 each, of logits = hidden @ weight.T * inv_temperature (with softcap:
     softcap * tanh(hidden @ weight.T / softcap) * inv_temperature).
     """
-    cfg = launch_config(hidden.dtype, hidden.device)
+    cfg = launch_config(hidden.dtype, hidden.device, "lse_gather", softcap is not None)
     sms = sm_count(hidden.device)
     if sms is None:
         launch, lse_parts, target_parts = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, None,

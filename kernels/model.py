@@ -45,9 +45,10 @@ EFFICIENCY = Efficiency(
            "with torch.compile max-autotune's CUTLASS kernels and vboost (Horace He, gist 'H100 peak matmul FLOPS', "
            "gist.github.com/Chillee/2ec89696db8b7ed1c24461159e325405), is 79 % of the 989 TFLOP/s datasheet peak: "
            "cuBLAS is taken just below it. Triton's matmul tutorial (03-matrix-multiplication) reaches cuBLAS only "
-           "autotuned; these kernels run one untuned 128 x 128 x 32 tile (8 warps, 3 stages, no TMA, no warp "
-           "specialization) with a softmax epilogue per tile, taken at 60 %. HBM: 90 % of the datasheet rate, "
-           "what streaming copies sustain. All four are assumptions until benchmarks/gpu_check.sh measures them.")
+           "autotuned; these kernels run untuned 128 x 128 x 32 tiles or config.WIDER_TILES' (8 warps, 3 stages, no "
+           "TMA, no warp specialization) with a softmax epilogue per tile, taken at 60 % whatever the tile. HBM: "
+           "90 % of the datasheet rate, what streaming copies sustain. All four are assumptions until "
+           "benchmarks/gpu_check.sh measures them.")
 
 
 def _elem(tensor) -> int:
@@ -219,17 +220,20 @@ def _gemm(name: str, m: int, n: int, k: int, elem: int, gpu: GPU, count: int, fp
 
 
 def model_step(shape: tuple[int, int, int], dtype: torch.dtype, gpu: str | GPU, usages=None,
-               need_weight: bool = True) -> StepPrediction:
+               need_weight: bool = True, cfgs=None) -> StepPrediction:
     """Predicted kernels of one forward+backward (student and teacher) at shape (N, d, V) on `gpu`.
 
     usages: `check.KernelUsage` rows giving programs per SM for (kernel, dtype, arch); compiled here when None.
+    cfgs: the kernels' configs (`config.kernel_configs`, the default for the GPU's arch when None); usages must
+    then be of those configs.
     """
     from .check import DTYPE_NAMES, compile_launch, step_launches
 
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     n_tokens, hidden_dim, vocab_size = shape
-    launches = step_launches(shape, dtype, gpu, need_weight)
     occupancy = {(u.kernel, u.dtype, u.arch): u.programs_per_sm for u in usages or []}
+    launches = step_launches(shape, dtype, gpu, need_weight, cfgs,
+                             occupancy.get(("lse_gather_kernel", DTYPE_NAMES[dtype], gpu.arch)))
     memo: dict = {}
     by_kernel: dict[str, list[KernelPrediction]] = {}
     for launch in launches:

@@ -26,16 +26,29 @@ def sass_opcodes(path: Path) -> set[str]:
     return set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", path.read_text()))
 
 
-@pytest.mark.parametrize("arch,mma", [("sm_90", "HGMMA"), ("sm_80", "HMMA")])
-def test_fused_path_lowers_to_tensor_cores_with_async_copies(arch, mma, tmp_path):
+def hgmma_shape(kernel: str, dtype: str) -> str:
+    """The HGMMA shape (one warpgroup's M x N x K) that kernel_config's sm_90 tile of `kernel` should compile to:
+    N is the tile's column count (grad_weight: its 2 x block_d hidden columns), at most 256."""
+    import torch
+
+    from sdpo_fast.kernels.config import kernel_config
+
+    cfg = kernel_config({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype], 90, kernel)
+    return f"64x{min(256, 2 * cfg.block_d if kernel == 'grad_weight' else cfg.block_v)}x16"
+
+
+@pytest.mark.parametrize("arch,mma,dtypes", [("sm_90", "HGMMA", SIXTEEN_BIT), ("sm_80", "HMMA", SIXTEEN_BIT),
+                                             ("sm_89", "HMMA", "bf16")])
+def test_fused_path_lowers_to_tensor_cores_with_async_copies(arch, mma, dtypes, tmp_path):
     """Every 16-bit kernel of one loss step at d=4096, V=151936 (sampled_token's, and the logit modes'
-    chunk_logits and their grad_weight chunks): the tensor-core instruction of the arch, async copies, a software
-    pipeline, no spills; read back from the SASS files --sass writes (a kernel's second specialization: _v1)."""
-    out = check_kernels("--arch", arch, "--dtype", SIXTEEN_BIT, "--shape", "1024,4096,151936", "--sass", str(tmp_path))
+    chunk_logits and their grad_weight chunks), at the tiles kernel_config ships for the arch: the tensor-core
+    instruction of the arch (on sm_90 of the width the tile asks for), async copies, a software pipeline, no
+    spills; read back from the SASS files --sass writes (a kernel's second specialization: _v1)."""
+    out = check_kernels("--arch", arch, "--dtype", dtypes, "--shape", "1024,4096,151936", "--sass", str(tmp_path))
     rows = out["kernels"]
     assert {r["kernel"] for r in rows} == {"lse_gather_kernel", "grad_logits_kernel", "grad_weight_kernel",
                                            "chunk_logits_kernel"} | ROW_KERNELS
-    assert {r["dtype"] for r in rows} == {"bf16", "fp16"}
+    assert {r["dtype"] for r in rows} == set(dtypes.split(","))
     variants = {}
     for row in rows:
         name = row["kernel"].removesuffix("_kernel")
@@ -52,6 +65,8 @@ def test_fused_path_lowers_to_tensor_cores_with_async_copies(arch, mma, tmp_path
         assert row["fits_shared"] and row["programs_per_sm"] >= 1, row
         assert "hidden_dim=i32:16" in row["signature"] and "stride_hd=1" in row["signature"], row
         assert mma in opcodes and opcodes & {"LDGSTS", "UTMALDG"}, (name, sorted(opcodes)[:40])
+        if mma == "HGMMA":
+            assert row["mma_shape"] == hgmma_shape(name, row["dtype"]), row
 
 
 def test_integer_specialization_follows_the_jit(tmp_path):
@@ -95,6 +110,39 @@ print(json.dumps(rows))
     assert sorted(r[3][3] for r in backward_1000) == [232, 768]
     logits_rows = {tuple(r[0]): r[3][3] for r in rows if r[1] == "chunk_logits_kernel"}
     assert logits_rows == {(1000, 4096, 151936): (256 << 20) // (8 * 4 * 151936), (300, 4095, 1001): 300, (8, 1, 7): 8}
+
+
+def test_soft_capped_launches_keep_a_tile_that_does_not_spill(tmp_path):
+    """Soft-capped logits (HAS_CAP: a tanh in the epilogue) launch lse_gather and grad_logits at
+    kernel_config(..., capped=True), which compiles without spills on sm_80/89/90 in bf16 (grad_logits' wider
+    uncapped tiles spill there)."""
+    script = tmp_path / "capped.py"
+    script.write_text('''
+import json, torch
+from sdpo_fast.kernels import check
+from sdpo_fast.kernels.config import kernel_config
+from sdpo_fast.kernels.grad_logits import grad_logits_launch
+from sdpo_fast.kernels.lse_gather import lse_gather_launch
+n, d, vocab = 1536, 4096, 151936
+meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, dtype=dtype, device="meta")
+rows = []
+for arch in (80, 89, 90):
+    lse = lse_gather_launch(meta(n, d), meta(vocab, d), meta(n, dtype=torch.int64), 1.0,
+                            kernel_config(torch.bfloat16, arch, "lse_gather", capped=True), None, softcap=30.0)[0]
+    grad = grad_logits_launch(meta(n, d), meta(vocab, d), meta(n, dtype=torch.int64), meta(n, dtype=torch.float32),
+                              meta(n, dtype=torch.float32), 1.0, meta(n, vocab),
+                              kernel_config(torch.bfloat16, arch, "grad_logits", capped=True), softcap=30.0)
+    for launch in (lse, grad):
+        assert launch.options["HAS_CAP"]
+        rows.append(check.compile_launch(launch, arch).as_dict())
+print(json.dumps(rows))
+''')
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)
+    assert len(rows) == 6
+    for row in rows:
+        assert not row["spills"] and row["fits_shared"] and row["programs_per_sm"] >= 1, row
 
 
 @pytest.mark.slow

@@ -81,3 +81,48 @@ def test_kernel_reads_stay_in_bounds(device):
     assert torch.isfinite(lse).all() and torch.isfinite(target_logit).all()
     logits = hidden.double() @ weight.double().T
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("arch", [80, 89, 90])
+def test_gpu_tiles_of_each_kernel(device, arch, monkeypatch):
+    """The bf16 tiles `kernel_config` gives each kernel on sm_80/89/90, launched as configured (on CPU with the
+    interpreter's operand upcast, exact for bf16 products), at shapes where every dimension ends in a partial block:
+    lse_gather over two vocabulary splits, grad_logits, and grad_weight's first and accumulating chunks, against
+    fp64 PyTorch on the same bf16 values."""
+    import dataclasses
+
+    from sdpo_fast.kernels import lse_gather as lse_module
+    from sdpo_fast.kernels.config import kernel_configs
+    from sdpo_fast.kernels.grad_logits import grad_logits_launch
+    from sdpo_fast.kernels.grad_weight import grad_weight_launch, launch_meta
+
+    cfgs = {kernel: dataclasses.replace(cfg, upcast_operands=device == "cpu")
+            for kernel, cfg in kernel_configs(torch.bfloat16, arch).items()}
+    weight_tile = launch_meta(cfgs["grad_weight"])
+    n = max(cfgs["lse_gather"].block_n, cfgs["grad_logits"].block_n, weight_tile["BLOCK_K"]) + 7
+    vocab = max(cfgs["lse_gather"].block_v, cfgs["grad_logits"].block_v, weight_tile["BLOCK_V"]) + 11
+    d = max(cfgs["lse_gather"].block_d, cfgs["grad_logits"].block_d, weight_tile["BLOCK_D"]) + 3
+    hidden, weight, targets = inputs(n, d, vocab, device, seed=6, dtype=torch.bfloat16)
+    logits = hidden.double() @ weight.double().T * 0.75
+    lse = torch.logsumexp(logits, 1)
+
+    monkeypatch.setattr(lse_module, "_vocab_splits", lambda *args: 2)
+    launch, lse_parts, target_parts = lse_module.lse_gather_launch(hidden, weight, targets, 0.75,
+                                                                   cfgs["lse_gather"], None)
+    launch()
+    assert lse_parts.shape[0] == 2
+    torch.testing.assert_close(torch.logsumexp(lse_parts.double(), 0), lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target_parts.double().sum(0), logits.gather(1, targets[:, None]).squeeze(1),
+                               rtol=1e-5, atol=1e-5)
+
+    coef = torch.randn(n, generator=torch.Generator().manual_seed(7)).to(device)
+    grad = torch.full((n, vocab), float("nan"), dtype=torch.bfloat16, device=device)
+    grad_logits_launch(hidden, weight, targets, lse.float(), coef, 0.75, grad, cfgs["grad_logits"])()
+    want = (torch.softmax(logits, 1) - torch.nn.functional.one_hot(targets, vocab).double()) * coef.double()[:, None]
+    torch.testing.assert_close(grad.double(), want * 0.75, rtol=1e-2, atol=1e-5)  # stored in bf16
+
+    grad_weight = torch.full((vocab, d), float("nan"), device=device)
+    for rows, accumulate in ((slice(0, n // 2), False), (slice(n // 2, n), True)):
+        grad_weight_launch(grad[rows], hidden[rows], grad_weight, cfgs["grad_weight"], accumulate)()
+    torch.testing.assert_close(grad_weight.double(), grad.double().T @ hidden.double(), rtol=1e-5, atol=1e-5)
