@@ -1,8 +1,12 @@
 """BENCHMARKS.md's table of candidate tiles for the recompute kernels (lse_gather, grad_logits, grad_weight), bf16,
 compiled ahead of time per architecture (no GPU).
 
-Usage: python benchmarks/tile_table.py [--arch 80,89,90] [--shape qwen3-8b] [--json]
-writes the table into BENCHMARKS.md between its two markers; --json prints the rows instead.
+Usage: python benchmarks/tile_table.py [--arch 80,89,90] [--shape qwen3-8b] [--json | --save]
+writes the table into BENCHMARKS.md between its two markers; --json prints the rows instead; --save records this
+Triton's sweep in benchmarks/tile_sweeps/triton-VERSION.json instead. A tile is picked only if it also passes in
+every recorded sweep of another Triton version (the supported range, 3.6-3.9, compiles the same kernel
+differently: sm_80's grad_logits at 256x128x64 spills 48 B on 3.6 and 3.7, none on 3.8 and 3.9). To refresh:
+`--save` under each older Triton, then a plain run under the newest.
 
 Each candidate replaces one kernel's config in `kernel_configs` (the others stay as shipped); the launches of one
 loss step are built by `check.step_launches` with it, so the JIT specialization is the real one, and each distinct
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 from plan_table import write_between_markers
 
 from sdpo_fast.kernels import check
@@ -32,6 +37,7 @@ from sdpo_fast.kernels.gpus import arch_limits, gpu_for_arch
 from sdpo_fast.kernels.model import EFFICIENCY, model_step
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+SWEEPS = Path(__file__).resolve().parent / "tile_sweeps"
 BEGIN = "<!-- tile_table.py: begin -->"
 END = "<!-- tile_table.py: end -->"
 KERNELS = ("lse_gather", "grad_logits", "grad_weight")
@@ -162,20 +168,72 @@ def preference(row: dict) -> tuple:
             -max(b["shared_bytes"] for b in builds))
 
 
-def choose(table: list[dict]) -> dict[tuple[str, int], dict]:
-    """(kernel, arch) -> the row the criteria pick: the most preferred passing row, else the COMMON_TILE row."""
-    picks = {}
+def _passing(table: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """(kernel, arch) -> the compiled rows that pass against that kernel's COMMON_TILE row of the same table."""
+    out = {}
     for base in (r for r in table if r["previous"]):
         key = base["kernel"], base["arch"]
-        passing = [r for r in table if (r["kernel"], r["arch"]) == key and r["compiled"] and passes(r, base)]
-        picks[key] = max(passing, key=preference) if passing else base
+        out[key] = [r for r in table if (r["kernel"], r["arch"]) == key and r["compiled"] and passes(r, base)]
+    return out
+
+
+def _config_key(row: dict) -> tuple:
+    return row["kernel"], row["arch"], tuple(sorted(row["config"].items()))
+
+
+def choose(table: list[dict], others: list[dict] = ()) -> dict[tuple[str, int], dict]:
+    """(kernel, arch) -> the row the criteria pick: the most preferred row of `table` that passes there and in every
+    sweep of `others` (another Triton's rows, `sweep_record`), else the COMMON_TILE row."""
+    elsewhere = [{_config_key(r) for rows_ in _passing(other["rows"]).values() for r in rows_} for other in others]
+    picks = {}
+    for key, passing in _passing(table).items():
+        passing = [r for r in passing if all(_config_key(r) in ok for ok in elsewhere)]
+        picks[key] = max(passing, key=preference) if passing else \
+            next(r for r in table if r["previous"] and (r["kernel"], r["arch"]) == key)
     return picks
 
 
-def markdown(table: list[dict], shape) -> str:
+def sweep_record(table: list[dict], version: str) -> dict:
+    """The sweep of Triton `version` as `choose` reads it for another version: each row's decision fields only."""
+    fields = ("kernel", "arch", "config", "previous", "compiled", "fill_bytes_per_kflop", "step_ms", "kernel_hbm_gb")
+    build_fields = ("mma_shape", "mma_per_ldsm", "programs_per_sm", "shared_bytes", "registers", "stack_bytes",
+                    "local_bytes")
+    return {"triton": version,
+            "rows": [dict({k: r[k] for k in fields if k in r},
+                          builds=[{k: b[k] for k in build_fields} for b in r.get("builds", ())]) for r in table]}
+
+
+def dump_sweep(record: dict) -> str:
+    """A recorded sweep as JSON text, one row per line."""
+    rows_ = ",\n".join(json.dumps(r, separators=(",", ":")) for r in record["rows"])
+    return f'{{"triton": {json.dumps(record["triton"])}, "rows": [\n{rows_}\n]}}\n'
+
+
+def other_tritons(row: dict, others: list[dict]) -> str:
+    """How the row's config fared in each other Triton's sweep: ok (passes the criteria; the common tile: builds
+    cleanly), its spills, fails (another criterion), not compiled (shared memory), not swept."""
+    out = []
+    for other in others:
+        passing = {_config_key(r) for rows_ in _passing(other["rows"]).values() for r in rows_}
+        found = next((r for r in other["rows"] if _config_key(r) == _config_key(row)), None)
+        spilled = sum(b["stack_bytes"] + b["local_bytes"] for b in found["builds"]) if found else 0
+        if found is None or not found["compiled"]:
+            verdict = "not swept" if found is None else "not compiled"
+        elif spilled:
+            verdict = f"{spilled} B spilled"
+        elif _config_key(row) in passing or (row["previous"] and "step_ms" in found):
+            verdict = "ok"
+        else:
+            verdict = "fails"
+        out.append(f"{other['triton']}: {verdict}")
+    return "; ".join(out)
+
+
+def markdown(table: list[dict], shape, others: list[dict] = ()) -> str:
     lines = ["| kernel | arch | tile | warps | stages (buffers) | tile is | fill B/kFLOP | matrix instruction "
-             "| HMMA/LDSM | registers | spills (B) | shared KB | programs/SM | kernel HBM GB | kernel ms | step ms |",
-             "|---|---|---|--:|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| HMMA/LDSM | registers | spills (B) | shared KB | programs/SM | kernel HBM GB | kernel ms | step ms "
+             "| other Tritons |",
+             "|---|---|---|--:|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     skipped = []
     for r in table:
         roles = ", ".join(role for role, key in (("before", "previous"), ("picked", "picked"), ("shipped", "shipped"))
@@ -198,10 +256,13 @@ def markdown(table: list[dict], shape) -> str:
             f"| {joined('mma_per_ldsm', lambda x: '–' if x is None else f'{x:.1f}')} | {joined('registers')} "
             f"| {'/'.join(str(b['stack_bytes'] + b['local_bytes']) for b in builds)} "
             f"| {joined('shared_bytes', lambda x: f'{x / 1024:.0f}')} | {joined('programs_per_sm')} "
-            + (f"| {r['kernel_hbm_gb']:.1f} | {r['kernel_ms']:.1f} | {r['step_ms']:.1f} |" if modelled
-               else "| – | – | – |"))
+            + (f"| {r['kernel_hbm_gb']:.1f} | {r['kernel_ms']:.1f} | {r['step_ms']:.1f} " if modelled
+               else "| – | – | – ") + f"| {other_tritons(r, others)} |")
     n, d, v = shape
-    notes = [f"bf16, N, d, V = {n}, {d}, {v}; the model on {', '.join(sorted({r['gpu'] for r in table}))} "
+    notes = [f"Triton {triton.__version__}; other Tritons: the same config in the sweeps recorded in `benchmarks/tile_sweeps/` "
+             f"({', '.join(o['triton'] for o in others) or 'none'}): ok, passes the criteria there too (a tile is "
+             "picked only then); else its spills, or fails (another criterion). "
+             f"bf16, N, d, V = {n}, {d}, {v}; the model on {', '.join(sorted({r['gpu'] for r in table}))} "
              f"(`gpus.GPU_OF_ARCH`). Tile: BLOCK_N x BLOCK_V x BLOCK_D (lse_gather, grad_logits) or grad_weight's "
              "BLOCK_V x BLOCK_D x BLOCK_K; a/b: grad_weight's first chunk / accumulating chunks. Tile is: before, "
              "the tile every kernel used before the sweep (`config.COMMON_TILE`); picked, what the criteria choose "
@@ -220,18 +281,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="80,89,90", help="comma-separated compute capabilities")
     parser.add_argument("--shape", default="qwen3-8b", choices=sorted(check.SHAPES))
-    parser.add_argument("--json", action="store_true")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the rows instead of writing BENCHMARKS.md")
+    output.add_argument("--save", action="store_true", help=f"record this Triton's sweep in {SWEEPS.name}/")
     args = parser.parse_args()
     shape = check.SHAPES[args.shape]
     table = rows([int(a) for a in args.arch.split(",")], shape)
-    picks = choose(table)
+    if args.save:
+        path = SWEEPS / f"triton-{triton.__version__}.json"
+        SWEEPS.mkdir(exist_ok=True)
+        path.write_text(dump_sweep(sweep_record(table, triton.__version__)))
+        print(f"{len(table)} rows recorded in {path}")
+        return
+    others = sorted((json.loads(p.read_text()) for p in SWEEPS.glob("triton-*.json")), key=lambda o: o["triton"])
+    others = [o for o in others if o["triton"] != triton.__version__]
+    picks = choose(table, others)
     for row in table:
         row["picked"] = picks.get((row["kernel"], row["arch"])) is row
     if args.json:
         print(json.dumps(table, indent=1))
     else:
-        write_between_markers(BENCHMARKS, markdown(table, shape), BEGIN, END)
-        print(f"{len(table)} rows written into {BENCHMARKS}")
+        write_between_markers(BENCHMARKS, markdown(table, shape, others), BEGIN, END)
+        print(f"{len(table)} rows written into {BENCHMARKS} (other Tritons: "
+              f"{', '.join(o['triton'] for o in others) or 'none'})")
     disagree = [f"{r['kernel']} sm_{r['arch']}" for r in table if r["picked"] != r["shipped"] and r["picked"]]
     if disagree:
         sys.exit(f"kernel_config does not ship the picked tile of: {', '.join(disagree)} (config.WIDER_TILES)")

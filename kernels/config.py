@@ -29,17 +29,18 @@ COMMON_TILE = KernelConfig(128, 128, 32, 8, 3, "tf32")
 """The 16-bit tile of every kernel and arch unless WIDER_TILES names another."""
 WIDER_TILES = {
     ("grad_logits", 90): KernelConfig(128, 256, 64, 8, 3, "tf32"),
-    ("grad_logits", 80): KernelConfig(256, 128, 64, 8, 3, "tf32"),
+    ("grad_logits", 80): KernelConfig(256, 128, 32, 8, 3, "tf32"),
     ("grad_weight", 80): KernelConfig(128, 128, 64, 8, 3, "tf32"),
     ("grad_weight", 89): KernelConfig(128, 128, 64, 8, 3, "tf32"),
     ("grad_weight", 90): KernelConfig(128, 128, 64, 8, 3, "tf32"),
 }
 """(kernel, arch) -> the larger 16-bit tile that `benchmarks/tile_table.py`'s compiled sweep picks (BENCHMARKS.md,
-"Tile sweep"; its criteria: no build spills, the model predicts no more HBM bytes and no longer step, and a larger
+"Tile sweep"; its criteria: no build spills on Triton 3.6-3.9, the model predicts no more HBM bytes and no longer step, and a larger
 product tile, i.e. fewer operand bytes through shared memory per FLOP). sm_90: grad_logits HGMMA 64x128x16 ->
 64x256x16 (113 -> 229 registers, 48 -> 144 KB shared, 2 -> 1 programs/SM); grad_weight 64x64x16 -> 64x128x16 (58/88
 -> 99/182 registers for the first / accumulating chunks, 36 -> 96 KB, 4/2 -> 2/1 programs/SM). sm_80: grad_logits
-256 rows (202 -> 240 registers, 32 -> 96 KB, 1 program/SM as before); grad_weight 128 x 128 (104/107 -> 186
+256 rows (202 -> 247 registers, 32 -> 64 KB, 1 program/SM as before; 256x128x64 would spill 48 B on Triton 3.6
+and 3.7, and a tile is picked only if it passes on every supported Triton); grad_weight 128 x 128 (104/107 -> 186
 registers, 32 -> 64 KB, 2 -> 1 programs/SM), the same on sm_89. lse_gather keeps the common tile: larger ones spill,
 or on sm_90 (128 x 256) need 2 MiB weight tiles that no vocabulary split keeps in L2 (58 -> 324 GB in the model);
 so does sm_89's grad_logits (larger tiles: +0.5 ms in the model, wave quantization on 142 SMs). Other archs: not
