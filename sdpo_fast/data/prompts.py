@@ -7,12 +7,11 @@ teacher = chat_template(history with the hindsight block appended to its last us
 from __future__ import annotations
 
 import collections
-import math
 from typing import Iterable
 
 from ..model.generation import default_template_kwargs
 from ..model.inputs import EncodedInteraction
-from ..utils.checks import check_choice, check_int
+from ..utils.checks import check_choice, check_int, is_finite_number
 from .interactions import Interaction
 
 DEFAULT_HINDSIGHT_TEMPLATE = (
@@ -118,7 +117,7 @@ _OPTIONS = frozenset(
 def checked_logprobs(values, n: int) -> list[float]:
     """`values` as a list of n log-probabilities (finite floats <= 0); ValueError naming completion_logprobs."""
     if not isinstance(values, (list, tuple)) or len(values) != n or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x <= 0 for x in values):
+            is_finite_number(x) and x <= 0 for x in values):
         raise ValueError(f"completion_logprobs must be {n} finite log-probabilities <= 0 (one per completion id)")
     return [float(x) for x in values]
 

@@ -10,8 +10,9 @@ log-probability of each of those tokens, same length, finite and <= 0; they enab
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
+
+from ..utils.checks import is_finite_number
 
 _FORMATS = (
     ("conversation", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
@@ -102,8 +103,7 @@ def _sampled_tokens(message: dict) -> dict:
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise BadRow("bad_token_ids")
     if logprobs is not None:
-        if not isinstance(logprobs, list) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in logprobs):
+        if not isinstance(logprobs, list) or not all(is_finite_number(x) for x in logprobs):
             raise BadRow("bad_logprobs")
         if len(logprobs) != len(ids):
             raise BadRow("logprobs_length_mismatch")

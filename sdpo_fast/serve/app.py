@@ -32,6 +32,7 @@ from ..loss.validation import MIN_TEMPERATURE
 from ..model.generation import chat_prompt_ids, sample_batch
 from ..online.adapters import UserAdapters
 from ..online.config import OnlineConfig
+from ..utils.checks import is_finite_number
 from .learner import Learner
 from .page import PAGE_HEADERS, page_html
 from .store import Store, StoredReply
@@ -168,7 +169,7 @@ class Service:
                                        or max_tokens < 1):
             raise ApiError(400, "'max_tokens' must be an integer >= 1", param="max_tokens")
         temperature = body.get("temperature")
-        if temperature is not None and (not _number(temperature)
+        if temperature is not None and (not is_finite_number(temperature)
                                         or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 2)):
             raise ApiError(400, f"'temperature' must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, 2]",
                            param="temperature")
@@ -177,7 +178,7 @@ class Service:
                                 "clipping (--importance-clip), which needs replies sampled from a distribution; "
                                 "send a temperature > 0 or omit it", param="temperature")
         top_p = 1 if body.get("top_p") is None else body["top_p"]
-        if not _number(top_p) or not 0 < top_p <= 1:
+        if not is_finite_number(top_p) or not 0 < top_p <= 1:
             raise ApiError(400, "'top_p' must be a number in (0, 1]", param="top_p")
         if top_p < 1 and self.config.importance_clip is not None and self.adapters.generator is not None \
                 and not getattr(self.adapters.generator, "top_p_logprobs", False):
@@ -254,11 +255,6 @@ class Service:
         counts = self.store.counts(user)
         return {"user": user, "interactions": counts["interactions"], "learned": counts["learned"],
                 "adapter_version": counts["adapter_version"]}
-
-
-def _number(value) -> bool:
-    """Whether a JSON value is a finite number (not a boolean)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
 
 
 def _messages(value) -> list[dict]:

@@ -13,12 +13,19 @@ def check_int(name: str, value, minimum: int | None = None, *, optional: bool = 
         raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
 
 
+def is_finite_number(value) -> bool:
+    """Whether `value` is an int or float (not a bool) that is finite as a float (an int too large for one is not)."""
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_number(name: str, value, *, positive: bool = False, optional: bool = False, what: str | None = None) -> None:
     """`value` is a finite real number >= 0 (> 0 when positive); None passes when optional."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-            or (positive and value == 0):
+    if not is_finite_number(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {what or 'a finite number ' + ('> 0' if positive else '>= 0')}, "
                          f"got {value!r}")
 
