@@ -202,31 +202,37 @@ def _timed(events: dict, name: str, fn):
     return out
 
 
-def kernel_seconds(inputs: dict) -> dict:
-    """Seconds per kernel of one forward (student and teacher) and backward of the fused path, each launch timed."""
+def kernel_seconds(inputs: dict, cfgs: dict | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Seconds per kernel of one forward (student and teacher) and backward of the fused path, each launch timed,
+    each Triton kernel at its tile in cfgs when given (else `launch_config`'s); and the student's lse and grad_W."""
+    from sdpo_fast.kernels.config import l2_bytes
     from sdpo_fast.kernels.fused import backward_chunks
     from sdpo_fast.kernels.grad_logits import grad_logits
     from sdpo_fast.kernels.grad_weight import accumulate_grad_weight
     from sdpo_fast.kernels.lse_gather import lse_gather
 
+    cfg = (cfgs or {}).get
     hidden, weight, targets = inputs["student_hidden"].detach(), inputs["lm_head_weight"].detach(), inputs["target_ids"]
     events: dict = {}
-    lse, _ = _timed(events, "lse_gather", lambda: lse_gather(hidden, weight, targets, 1.0))
-    _timed(events, "lse_gather", lambda: lse_gather(inputs["teacher_hidden"], weight, targets, 1.0))
+    lse, _ = _timed(events, "lse_gather", lambda: lse_gather(hidden, weight, targets, 1.0, cfg=cfg("lse_gather")))
+    _timed(events, "lse_gather", lambda: lse_gather(inputs["teacher_hidden"], weight, targets, 1.0,
+                                                    cfg=cfg("lse_gather")))
     coef = torch.full_like(lse, 1.0 / len(lse))
-    l2 = getattr(torch.cuda.get_device_properties(hidden.device), "L2_cache_size", 0)
-    chunks = backward_chunks(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, True, l2)
+    chunks = backward_chunks(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, True,
+                             l2_bytes(hidden.device))
     workspace = torch.empty(chunks[0].stop, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
     grad_h = torch.empty_like(hidden)
     grad_w = torch.empty(weight.shape, dtype=torch.float32, device=hidden.device)
     for rows in chunks:
         g = workspace[: rows.stop - rows.start]
         _timed(events, "grad_logits", lambda: grad_logits(hidden[rows], weight, targets[rows], lse[rows], coef[rows],
-                                                          1.0, g))
+                                                          1.0, g, cfg=cfg("grad_logits")))
         _timed(events, "grad_h (cuBLAS)", lambda: torch.mm(g, weight, out=grad_h[rows]))
-        _timed(events, "grad_weight", lambda: accumulate_grad_weight(g, hidden[rows], grad_w, rows.start > 0))
+        _timed(events, "grad_weight", lambda: accumulate_grad_weight(g, hidden[rows], grad_w, rows.start > 0,
+                                                                     cfg=cfg("grad_weight")))
     torch.cuda.synchronize()
-    return {name: sum(a.elapsed_time(b) for a, b in pairs) / 1e3 for name, pairs in events.items()}
+    seconds = {name: sum(a.elapsed_time(b) for a, b in pairs) / 1e3 for name, pairs in events.items()}
+    return seconds, lse, grad_w
 
 
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s.dtype == "bf16"], ids=lambda s: f"{DEVICE}-{s}")
@@ -237,7 +243,7 @@ def test_kernels_vs_model(benchmark, shape):
     inputs = make_inputs(shape, DEVICE)
     kernel_seconds(inputs)  # compile and warm up
     runs = []
-    benchmark.pedantic(lambda: runs.append(kernel_seconds(inputs)), rounds=3, iterations=1)
+    benchmark.pedantic(lambda: runs.append(kernel_seconds(inputs)[0]), rounds=3, iterations=1)
     measured = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
     model = predicted(shape)
     gemm = cublas_seconds(shape)
@@ -259,48 +265,11 @@ def test_kernels_vs_model(benchmark, shape):
 TILE_SHAPE = Shape("qwen3-8b", 16384, 4096, 151936, "bf16", rounds=3, warmup_rounds=1, cuda_only=True)
 
 
-def recompute_step_seconds(inputs: dict, cfgs: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Seconds per kernel of the recompute path's kernels (two lse_gather, then per backward chunk grad_logits and
-    grad_weight), each launched with cfgs[kernel] through its launch builder; and the student's lse and grad_W."""
-    from sdpo_fast.kernels.config import l2_bytes, sm_count
-    from sdpo_fast.kernels.fused import backward_chunks
-    from sdpo_fast.kernels.grad_logits import grad_logits_launch
-    from sdpo_fast.kernels.grad_weight import grad_weight_launch
-    from sdpo_fast.kernels.lse_gather import _resident_programs, lse_gather_launch
-
-    hidden, weight, targets = inputs["student_hidden"].detach(), inputs["lm_head_weight"].detach(), inputs["target_ids"]
-    device = hidden.device
-    events: dict = {}
-
-    def lse_of(rows_hidden):
-        cfg = cfgs["lse_gather"]
-        resident = _resident_programs(rows_hidden, weight, targets, 1.0, cfg)
-        launch, lse_parts, _ = lse_gather_launch(rows_hidden, weight, targets, 1.0, cfg, sm_count(device),
-                                                 l2_bytes(device), resident)
-        launch()
-        return torch.logsumexp(lse_parts, 0)
-
-    lse = _timed(events, "lse_gather", lambda: lse_of(hidden))
-    _timed(events, "lse_gather", lambda: lse_of(inputs["teacher_hidden"]))
-    coef = torch.full_like(lse, 1.0 / len(lse))
-    chunks = backward_chunks(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype, True, l2_bytes(device))
-    workspace = torch.empty(chunks[0].stop, weight.shape[0], dtype=hidden.dtype, device=device)
-    grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device)
-    for rows in chunks:
-        g = workspace[: rows.stop - rows.start]
-        _timed(events, "grad_logits", grad_logits_launch(hidden[rows], weight, targets[rows], lse[rows], coef[rows],
-                                                         1.0, g, cfgs["grad_logits"]))
-        _timed(events, "grad_weight", grad_weight_launch(g, hidden[rows], grad_w, cfgs["grad_weight"],
-                                                         rows.start > 0))
-    torch.cuda.synchronize()
-    return {name: sum(a.elapsed_time(b) for a, b in pairs) / 1e3 for name, pairs in events.items()}, lse, grad_w
-
-
 def test_recompute_tiles(benchmark):
-    """The recompute path's kernels at the tile every kernel used before (`config.COMMON_TILE`) and at this GPU's
-    `kernel_configs`, alternating in the same run (CUDA, bf16, N=16384, d=4096, V=151936): median seconds and
-    TFLOP/s per kernel and for the three together, and the new/previous time ratio; both tiles' lse and grad_W
-    agree (fp32 sums in another order)."""
+    """The recompute path's kernels (`kernel_seconds`) at the tile every kernel used before (`config.COMMON_TILE`)
+    and at this GPU's `kernel_configs`, alternating in the same run (CUDA, bf16, N=16384, d=4096, V=151936): median
+    seconds and TFLOP/s per kernel and for the three Triton kernels together, and the new/previous time ratio; both
+    tiles' lse and grad_W agree (fp32 sums in another order)."""
     if DEVICE != "cuda":
         pytest.skip("timing the Triton kernels needs a CUDA GPU")
     from sdpo_fast.kernels.config import COMMON_TILE, KERNELS, kernel_configs
@@ -311,7 +280,7 @@ def test_recompute_tiles(benchmark):
              "new": kernel_configs(torch.bfloat16, 10 * major + minor)}
     benchmark.group = f"recompute tiles {DEVICE} {shape}"
     inputs = make_inputs(shape, DEVICE)
-    outputs = {name: recompute_step_seconds(inputs, cfgs)[1:] for name, cfgs in tiles.items()}  # compile, warm up
+    outputs = {name: kernel_seconds(inputs, cfgs)[1:] for name, cfgs in tiles.items()}  # compile, warm up
     for a, b in zip(outputs["new"], outputs["previous"]):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
     del outputs
@@ -319,15 +288,16 @@ def test_recompute_tiles(benchmark):
 
     def both():
         for name, cfgs in tiles.items():
-            runs[name].append(recompute_step_seconds(inputs, cfgs)[0])
+            runs[name].append(kernel_seconds(inputs, cfgs)[0])
 
     benchmark.pedantic(both, rounds=shape.rounds, iterations=1)
-    flops = {"lse_gather": 4, "grad_logits": 2, "grad_weight": 2}
+    flops = {"lse_gather": 4, "grad_logits": 2, "grad_h (cuBLAS)": 2, "grad_weight": 2, "recompute kernels": 8}
+    triton_kernels = ("lse_gather", "grad_logits", "grad_weight")
     rows = {}
     for name, timings in runs.items():
         medians = {k: statistics.median(run[k] for run in timings) for k in timings[0]}
-        medians["recompute kernels"] = statistics.median(sum(run.values()) for run in timings)
-        rows[name] = {k: dict(seconds=s, tflops=flops.get(k, 8) * shape.n * shape.d * shape.vocab / s / 1e12)
+        medians["recompute kernels"] = statistics.median(sum(run[k] for k in triton_kernels) for run in timings)
+        rows[name] = {k: dict(seconds=s, tflops=flops[k] * shape.n * shape.d * shape.vocab / s / 1e12)
                       for k, s in medians.items()}
     benchmark.extra_info.update(
         device=DEVICE, gpu=torch.cuda.get_device_name(), dtype=shape.dtype, n=shape.n, d=shape.d, vocab=shape.vocab,

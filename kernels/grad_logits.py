@@ -60,8 +60,9 @@ def grad_logits_launch(hidden, weight, targets, lse, coef, inv_temperature: floa
 
 
 def grad_logits(hidden, weight, targets, lse, coef, inv_temperature: float, out: torch.Tensor,
-                softcap: float | None = None) -> torch.Tensor:
-    """hidden (n, d), weight (V, d), targets (n,) int64, lse and coef (n,) fp32; fills out (n, V) in place."""
-    cfg = launch_config(hidden.dtype, hidden.device, "grad_logits", softcap is not None)
+                softcap: float | None = None, cfg: KernelConfig | None = None) -> torch.Tensor:
+    """hidden (n, d), weight (V, d), targets (n,) int64, lse and coef (n,) fp32; fills out (n, V) in place; cfg: the
+    tile (default `launch_config`'s)."""
+    cfg = cfg or launch_config(hidden.dtype, hidden.device, "grad_logits", softcap is not None)
     grad_logits_launch(hidden, weight, targets, lse, coef, inv_temperature, out, cfg, softcap=softcap)()
     return out

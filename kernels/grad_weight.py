@@ -69,8 +69,8 @@ def grad_weight_launch(grad_logits, hidden, grad_weight, cfg: KernelConfig, accu
 
 
 def accumulate_grad_weight(grad_logits: torch.Tensor, hidden: torch.Tensor, grad_weight: torch.Tensor,
-                           accumulate: bool = True) -> None:
+                           accumulate: bool = True, cfg: KernelConfig | None = None) -> None:
     """grad_logits (n, V) and hidden (n, d) in one float dtype; grad_weight (V, d) fp32, updated in place
-    (overwritten when accumulate=False)."""
-    cfg = launch_config(hidden.dtype, hidden.device, "grad_weight")
+    (overwritten when accumulate=False); cfg: the tile (default `launch_config`'s)."""
+    cfg = cfg or launch_config(hidden.dtype, hidden.device, "grad_weight")
     grad_weight_launch(grad_logits, hidden, grad_weight, cfg, accumulate)()

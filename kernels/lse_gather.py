@@ -132,13 +132,14 @@ def _resident_programs(hidden, weight, targets, inv_temperature: float, cfg: Ker
 
 
 def lse_gather(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
-               softcap: float | None = None):
-    """hidden (N, d), weight (V, d) same float dtype, targets (N,) int64 in [0, V).
+               softcap: float | None = None, cfg: KernelConfig | None = None):
+    """hidden (N, d), weight (V, d) same float dtype, targets (N,) int64 in [0, V); cfg: the tile (default
+    `launch_config`'s).
 
     Returns (lse, target_logit): (N,) float32 each, of logits = hidden @ weight.T * inv_temperature (with softcap:
     softcap * tanh(hidden @ weight.T / softcap) * inv_temperature).
     """
-    cfg = launch_config(hidden.dtype, hidden.device, "lse_gather", softcap is not None)
+    cfg = cfg or launch_config(hidden.dtype, hidden.device, "lse_gather", softcap is not None)
     sms = sm_count(hidden.device)
     if sms is None:
         launch, lse_parts, target_parts = lse_gather_launch(hidden, weight, targets, inv_temperature, cfg, None,
