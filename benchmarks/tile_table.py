@@ -34,6 +34,7 @@ from plan_table import write_between_markers
 from sdpo_fast.kernels import check
 from sdpo_fast.kernels.config import COMMON_TILE, KernelConfig, kernel_configs
 from sdpo_fast.kernels.gpus import arch_limits, gpu_for_arch
+from sdpo_fast.kernels.grad_weight import launch_meta as grad_weight_meta
 from sdpo_fast.kernels.model import EFFICIENCY, model_step
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -64,9 +65,10 @@ CANDIDATES = {"lse_gather": LOGITS_CANDIDATES, "grad_logits": LOGITS_CANDIDATES,
 
 def tile(kernel: str, cfg: KernelConfig) -> tuple[int, int, int]:
     """(rows, columns, reduction) of the kernel's product tile: (BLOCK_N, BLOCK_V, BLOCK_D), or grad_weight's
-    (BLOCK_V, BLOCK_D, BLOCK_K)."""
+    (BLOCK_V, BLOCK_D, BLOCK_K) as its `launch_meta` maps the config."""
     if kernel == "grad_weight":
-        return cfg.block_v, 2 * cfg.block_d, cfg.block_d
+        meta = grad_weight_meta(cfg)
+        return meta["BLOCK_V"], meta["BLOCK_D"], meta["BLOCK_K"]
     return cfg.block_n, cfg.block_v, cfg.block_d
 
 
@@ -181,10 +183,15 @@ def _config_key(row: dict) -> tuple:
     return row["kernel"], row["arch"], tuple(sorted(row["config"].items()))
 
 
+def passing_configs(table: list[dict]) -> set[tuple]:
+    """The (kernel, arch, config) of every row of a sweep that passes the criteria in that sweep."""
+    return {_config_key(r) for rows_ in _passing(table).values() for r in rows_}
+
+
 def choose(table: list[dict], others: list[dict] = ()) -> dict[tuple[str, int], dict]:
     """(kernel, arch) -> the row the criteria pick: the most preferred row of `table` that passes there and in every
     sweep of `others` (another Triton's rows, `sweep_record`), else the COMMON_TILE row."""
-    elsewhere = [{_config_key(r) for rows_ in _passing(other["rows"]).values() for r in rows_} for other in others]
+    elsewhere = [passing_configs(other["rows"]) for other in others]
     picks = {}
     for key, passing in _passing(table).items():
         passing = [r for r in passing if all(_config_key(r) in ok for ok in elsewhere)]
@@ -209,19 +216,19 @@ def dump_sweep(record: dict) -> str:
     return f'{{"triton": {json.dumps(record["triton"])}, "rows": [\n{rows_}\n]}}\n'
 
 
-def other_tritons(row: dict, others: list[dict]) -> str:
-    """How the row's config fared in each other Triton's sweep: ok (passes the criteria; the common tile: builds
-    cleanly), its spills, fails (another criterion), not compiled (shared memory), not swept."""
+def other_tritons(row: dict, others: list[dict], passing: list[set]) -> str:
+    """How the row's config fared in each other Triton's sweep (`passing`: each one's `passing_configs`): ok (passes
+    the criteria; the common tile: builds cleanly), its spills, fails (another criterion), not compiled (shared
+    memory), not swept."""
     out = []
-    for other in others:
-        passing = {_config_key(r) for rows_ in _passing(other["rows"]).values() for r in rows_}
+    for other, ok in zip(others, passing):
         found = next((r for r in other["rows"] if _config_key(r) == _config_key(row)), None)
         spilled = sum(b["stack_bytes"] + b["local_bytes"] for b in found["builds"]) if found else 0
         if found is None or not found["compiled"]:
             verdict = "not swept" if found is None else "not compiled"
         elif spilled:
             verdict = f"{spilled} B spilled"
-        elif _config_key(row) in passing or (row["previous"] and "step_ms" in found):
+        elif _config_key(row) in ok or (row["previous"] and "step_ms" in found):
             verdict = "ok"
         else:
             verdict = "fails"
@@ -235,6 +242,7 @@ def markdown(table: list[dict], shape, others: list[dict] = ()) -> str:
              "| other Tritons |",
              "|---|---|---|--:|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     skipped = []
+    passing = [passing_configs(other["rows"]) for other in others]
     for r in table:
         roles = ", ".join(role for role, key in (("before", "previous"), ("picked", "picked"), ("shipped", "shipped"))
                           if r[key])
@@ -257,11 +265,11 @@ def markdown(table: list[dict], shape, others: list[dict] = ()) -> str:
             f"| {'/'.join(str(b['stack_bytes'] + b['local_bytes']) for b in builds)} "
             f"| {joined('shared_bytes', lambda x: f'{x / 1024:.0f}')} | {joined('programs_per_sm')} "
             + (f"| {r['kernel_hbm_gb']:.1f} | {r['kernel_ms']:.1f} | {r['step_ms']:.1f} " if modelled
-               else "| – | – | – ") + f"| {other_tritons(r, others)} |")
+               else "| – | – | – ") + f"| {other_tritons(r, others, passing)} |")
     n, d, v = shape
-    notes = [f"Triton {triton.__version__}; other Tritons: the same config in the sweeps recorded in `benchmarks/tile_sweeps/` "
-             f"({', '.join(o['triton'] for o in others) or 'none'}): ok, passes the criteria there too (a tile is "
-             "picked only then); else its spills, or fails (another criterion). "
+    notes = [f"Triton {triton.__version__}; other Tritons: the same config in the sweeps recorded in "
+             f"`benchmarks/tile_sweeps/` ({', '.join(o['triton'] for o in others) or 'none'}): ok, passes the "
+             "criteria there too (a tile is picked only then); else its spills, or fails (another criterion). "
              f"bf16, N, d, V = {n}, {d}, {v}; the model on {', '.join(sorted({r['gpu'] for r in table}))} "
              f"(`gpus.GPU_OF_ARCH`). Tile: BLOCK_N x BLOCK_V x BLOCK_D (lse_gather, grad_logits) or grad_weight's "
              "BLOCK_V x BLOCK_D x BLOCK_K; a/b: grad_weight's first chunk / accumulating chunks. Tile is: before, "

@@ -35,8 +35,8 @@ WIDER_TILES = {
     ("grad_weight", 90): KernelConfig(128, 128, 64, 8, 3, "tf32"),
 }
 """(kernel, arch) -> the larger 16-bit tile that `benchmarks/tile_table.py`'s compiled sweep picks (BENCHMARKS.md,
-"Tile sweep"; its criteria: no build spills on Triton 3.6-3.9, the model predicts no more HBM bytes and no longer step, and a larger
-product tile, i.e. fewer operand bytes through shared memory per FLOP). sm_90: grad_logits HGMMA 64x128x16 ->
+"Tile sweep"; its criteria: no build spills on Triton 3.6-3.9, the model predicts no more HBM bytes and no longer
+step, and a larger product tile, i.e. fewer operand bytes through shared memory per FLOP). sm_90: grad_logits HGMMA 64x128x16 ->
 64x256x16 (113 -> 229 registers, 48 -> 144 KB shared, 2 -> 1 programs/SM); grad_weight 64x64x16 -> 64x128x16 (58/88
 -> 99/182 registers for the first / accumulating chunks, 36 -> 96 KB, 4/2 -> 2/1 programs/SM). sm_80: grad_logits
 256 rows (202 -> 247 registers, 32 -> 64 KB, 1 program/SM as before; 256x128x64 would spill 48 B on Triton 3.6

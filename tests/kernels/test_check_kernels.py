@@ -32,9 +32,10 @@ def hgmma_shape(kernel: str, dtype: str) -> str:
     import torch
 
     from sdpo_fast.kernels.config import kernel_config
+    from sdpo_fast.kernels.grad_weight import launch_meta
 
     cfg = kernel_config({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype], 90, kernel)
-    return f"64x{min(256, 2 * cfg.block_d if kernel == 'grad_weight' else cfg.block_v)}x16"
+    return f"64x{min(256, launch_meta(cfg)['BLOCK_D'] if kernel == 'grad_weight' else cfg.block_v)}x16"
 
 
 @pytest.mark.parametrize("arch,mma,dtypes", [("sm_90", "HGMMA", SIXTEEN_BIT), ("sm_80", "HMMA", SIXTEEN_BIT),

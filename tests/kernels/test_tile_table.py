@@ -48,7 +48,8 @@ def test_a_candidate_failing_a_criterion_leaves_the_common_tile(tile_table, lose
 def test_a_tile_is_picked_only_if_every_other_tritons_sweep_passes_it(tile_table):
     """Another Triton version that spills the best tile leaves the next one that passes in both sweeps."""
     def swept(row_, spilled=0):
-        builds = [dict(b, registers=255 if spilled else 200, stack_bytes=0, local_bytes=spilled) for b in row_["builds"]]
+        builds = [dict(b, registers=255 if spilled else 200, stack_bytes=0, local_bytes=spilled)
+                  for b in row_["builds"]]
         out = dict(row_, builds=builds)
         return {k: v for k, v in out.items() if k not in ("step_ms", "kernel_hbm_gb")} if spilled else out
 
@@ -59,8 +60,10 @@ def test_a_tile_is_picked_only_if_every_other_tritons_sweep_passes_it(tile_table
     assert tile_table.choose(here)[("grad_logits", 90)] is deep
     older = {"triton": "3.6.0", "rows": [swept(base), swept(wide), swept(deep, spilled=48)]}
     assert tile_table.choose(here, [older])[("grad_logits", 90)] is wide
-    assert tile_table.other_tritons(deep, [older]) == "3.6.0: 48 B spilled"
-    assert tile_table.other_tritons(wide, [older]) == tile_table.other_tritons(base, [older]) == "3.6.0: ok"
+    passing = [tile_table.passing_configs(older["rows"])]
+    assert tile_table.other_tritons(deep, [older], passing) == "3.6.0: 48 B spilled"
+    assert tile_table.other_tritons(wide, [older], passing) == tile_table.other_tritons(base, [older], passing) \
+        == "3.6.0: ok"
     assert tile_table.choose(here, [{"triton": "3.6.0", "rows": [swept(base)]}])[("grad_logits", 90)] is base
     record = tile_table.sweep_record([dict(r, builds=[dict(b, registers=1, stack_bytes=0, local_bytes=0)
                                                       for b in r["builds"]]) for r in here], "3.9.0")
