@@ -111,11 +111,17 @@ def test_gpu_check_dry_run(tmp_path):
     assert sorted(p.name for p in (out / "sass").iterdir())[0].endswith("_sm90.sass")
 
 
-def test_summarize_puts_measured_kernels_next_to_the_model():
+@pytest.fixture
+def summarize():
+    """benchmarks/summarize.py, loaded from its file."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("summarize", REPO / "benchmarks" / "summarize.py")
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summarize_puts_measured_kernels_next_to_the_model(summarize):
     kernels = {"lse_gather": dict(measured_s=0.05, tflops=816.0, cublas_s=0.04, predicted_s=0.0425,
                                   predicted_tflops=959.0),
                "grad_weight": dict(measured_s=0.03, tflops=680.0, cublas_s=0.02, predicted_s=None,
@@ -131,11 +137,7 @@ def test_summarize_puts_measured_kernels_next_to_the_model():
     assert f"| whole step (10·N·d·V) | 80.0 | {step:.0f} | 104.7 | 974 | 60.0 |" in md
 
 
-def test_summarize_names_each_loss_rows_path_head_and_flops():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("summarize", REPO / "benchmarks" / "summarize.py")
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+def test_summarize_names_each_loss_rows_path_head_and_flops(summarize):
     n, d, vocab = 16384, 4096, 151936
     shape = dict(device="cuda", dtype="bf16", n=n, d=d, vocab=vocab)
 
@@ -148,7 +150,7 @@ def test_summarize_names_each_loss_rows_path_head_and_flops():
                   tflops=2.0, x_cublas=1.05)]
     md = summarize.markdown([{"machine_info": {}, "commit_info": {}, "benchmarks": rows}])
     lines = [line for line in md.splitlines() if line.startswith("| cuda")]
-    assert lines[0].startswith("| cuda | bf16 | 16384 | 4096 | 151936 | triton | by budget | trained | 10·N·d·V | 0.2 |")
+    assert lines[0].startswith("| cuda | bf16 | 16384 | 4096 | 151936 | triton | by budget | trained | 10·N·d·V | "
+                               "0.2 |")
     assert lines[1].startswith("| cuda | bf16 | 16384 | 4096 | 151936 | triton | grad in forward | frozen | 6·N·d·V | "
                                "0.1 |") and "| 1.05 |" in lines[1]
-

@@ -83,7 +83,6 @@ def test_kernel_reads_stay_in_bounds(device):
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("arch", [80, 89, 90])
 def test_gpu_tiles_of_each_kernel(device, arch, monkeypatch):
     """The bf16 tiles `kernel_config` gives each kernel on sm_80/89/90, launched as configured (on CPU with the

@@ -41,7 +41,6 @@ def head_case(n, d, vocab, device, seed, head, teacher_head=None):
     return case, options
 
 
-
 def assert_matches_truth(case, backend, options):
     """Each output within FP32_TOL of the fp64 reference, or within twice the error of the plain fp32 reference
     (the rounding any fp32 computation of it suffers), whichever is larger."""
