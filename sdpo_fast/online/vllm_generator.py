@@ -12,10 +12,11 @@ a top_p below 1 is refused when log-probs are recorded.
 """
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from packaging.version import Version
 
 from ..model.generation import Sample, chat_prompt_ids, make_sample
 from .adapters import write_adapter
@@ -59,7 +60,7 @@ class VLLMGenerator:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization!r}")
         self._vllm, self._lora_request = vllm, LoRARequest
         self.behavior_logprobs = behavior_logprobs
-        self.top_p_logprobs = _release(getattr(vllm, "__version__", "0")) >= (0, 10, 2)
+        self.top_p_logprobs = Version(getattr(vllm, "__version__", "0")).release >= (0, 10, 2)
         if behavior_logprobs:
             if engine_options.setdefault("logprobs_mode", "processed_logprobs") != "processed_logprobs":
                 raise ValueError("behavior_logprobs needs logprobs_mode 'processed_logprobs' (the log-probs of the "
@@ -134,7 +135,3 @@ def sampled_logprobs(completion) -> list[float]:
         raise ValueError(f"vLLM's log-probs lack the sampled token at positions {missing[:5]}")
     return [min(float(entry[t].logprob), 0.0) for t, entry in zip(ids, per_token)]
 
-
-def _release(version: str) -> tuple[int, ...]:
-    """The release numbers of a version string ("0.10.2rc1+cu128" -> (0, 10, 2))."""
-    return tuple(int(part) for part in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
